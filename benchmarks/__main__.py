@@ -1,0 +1,3 @@
+"""`make bench`: no benchmarks yet (they arrive with the performance issue)."""
+
+print("no benchmarks yet")

@@ -1,0 +1,124 @@
+"""Architectural constants, named as in the Intel SDM and in KVM's headers."""
+
+from __future__ import annotations
+
+
+def BIT(n: int) -> int:  # noqa: N802 - KVM's name
+    return 1 << n
+
+
+def GENMASK(h: int, low: int) -> int:  # noqa: N802 - KVM's name
+    """Bits h..low inclusive; empty when h < low (a MAXPHYADDR of 52 leaves nothing reserved)."""
+    if h < low:
+        return 0
+    return ((1 << (h - low + 1)) - 1) << low
+
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = ~(PAGE_SIZE - 1) & ((1 << 64) - 1)
+U64 = (1 << 64) - 1
+
+# Page-table entry bits (IA-32 / PAE / IA-32e paging).
+PT_PRESENT_MASK = BIT(0)
+PT_WRITABLE_MASK = BIT(1)
+PT_USER_MASK = BIT(2)
+PT_PWT_MASK = BIT(3)
+PT_PCD_MASK = BIT(4)
+PT_ACCESSED_MASK = BIT(5)
+PT_DIRTY_MASK = BIT(6)
+PT_PAGE_SIZE_MASK = BIT(7)
+PT_PAT_MASK = BIT(7)  # in a 4 KiB PTE bit 7 is PAT, not PS
+PT_GLOBAL_MASK = BIT(8)
+PT64_NX_SHIFT = 63
+PT64_NX_MASK = BIT(63)
+PT64_PKEY_SHIFT = 59
+PT64_PKEY_MASK = GENMASK(62, 59)
+PT64_ADDR_MASK = GENMASK(51, 12)
+PT32_ADDR_MASK = GENMASK(31, 12)
+PT32_DIR_PSE36_SHIFT = 13
+PT32_DIR_PSE36_MASK = GENMASK(16, 13)
+
+# #PF error code (PFERR_*), plus KVM's synthetic bits.
+PFERR_PRESENT_MASK = BIT(0)
+PFERR_WRITE_MASK = BIT(1)
+PFERR_USER_MASK = BIT(2)
+PFERR_RSVD_MASK = BIT(3)
+PFERR_FETCH_MASK = BIT(4)
+PFERR_PK_MASK = BIT(5)
+PFERR_SS_MASK = BIT(6)
+PFERR_GUEST_FINAL_MASK = BIT(32)
+PFERR_GUEST_PAGE_MASK = BIT(33)
+PFERR_IMPLICIT_ACCESS = BIT(48)
+
+# KVM's ACC_* access bits (what a translation allows).
+ACC_EXEC_MASK = 1
+ACC_WRITE_MASK = PT_WRITABLE_MASK
+ACC_USER_MASK = PT_USER_MASK
+ACC_ALL = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
+
+# Control registers.
+X86_CR0_PE = BIT(0)
+X86_CR0_MP = BIT(1)
+X86_CR0_ET = BIT(4)
+X86_CR0_NE = BIT(5)
+X86_CR0_WP = BIT(16)
+X86_CR0_AM = BIT(18)
+X86_CR0_PG = BIT(31)
+
+X86_CR4_PSE = BIT(4)
+X86_CR4_PAE = BIT(5)
+X86_CR4_PGE = BIT(7)
+X86_CR4_LA57 = BIT(12)
+X86_CR4_PCIDE = BIT(17)
+X86_CR4_SMEP = BIT(20)
+X86_CR4_SMAP = BIT(21)
+X86_CR4_PKE = BIT(22)
+
+EFER_SCE = BIT(0)
+EFER_LME = BIT(8)
+EFER_LMA = BIT(10)
+EFER_NX = BIT(11)
+
+X86_EFLAGS_AC = BIT(18)
+
+# EPT entries (SDM Vol. 3C, "EPT paging-structure entries").
+VMX_EPT_READABLE_MASK = BIT(0)
+VMX_EPT_WRITABLE_MASK = BIT(1)
+VMX_EPT_EXECUTABLE_MASK = BIT(2)
+VMX_EPT_RWX_MASK = 0x7
+VMX_EPT_MT_SHIFT = 3
+VMX_EPT_MT_MASK = GENMASK(5, 3)
+VMX_EPT_IPAT_BIT = BIT(6)
+VMX_EPT_LARGE_PAGE = BIT(7)
+VMX_EPT_ACCESS_BIT = BIT(8)
+VMX_EPT_DIRTY_BIT = BIT(9)
+VMX_EPT_SUPPRESS_VE_BIT = BIT(63)
+VMX_EPTP_AD_ENABLE_BIT = BIT(6)
+VMX_EPTP_PWL_MASK = GENMASK(5, 3)
+VMX_EPTP_MT_WB = 6
+
+# EPT-violation exit qualification.
+EPT_VIOLATION_ACC_READ = BIT(0)
+EPT_VIOLATION_ACC_WRITE = BIT(1)
+EPT_VIOLATION_ACC_INSTR = BIT(2)
+EPT_VIOLATION_RWX_SHIFT = 3
+EPT_VIOLATION_GVA_IS_VALID = BIT(7)
+EPT_VIOLATION_GVA_TRANSLATED = BIT(8)
+
+# Exception vectors and VM-exit reasons the walker can report.
+PF_VECTOR = 14
+GP_VECTOR = 13
+EXIT_REASON_EPT_VIOLATION = 48
+EXIT_REASON_EPT_MISCONFIG = 49
+EXIT_REASON_NPF = 0x400  # AMD #NPF (VMEXIT_NPF)
+
+# Levels.
+PG_LEVEL_4K = 1
+PG_LEVEL_2M = 2
+PG_LEVEL_1G = 3
+PG_LEVEL_4M = 2  # 32-bit paging's large page lives at level 2 too
+PT32_ROOT_LEVEL = 2
+PT32E_ROOT_LEVEL = 3
+PT64_ROOT_4LEVEL = 4
+PT64_ROOT_5LEVEL = 5

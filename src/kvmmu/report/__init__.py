@@ -1,0 +1,1 @@
+"""People-facing output: tables, the demo, the cost model."""
