@@ -44,7 +44,7 @@ class SparseMemory:
         if fmt is None:
             raise InvalidArgument("size", size, "scalar accesses are 1, 2, 4 or 8 bytes")
         off = addr & _OFF
-        if off + size <= _PAGE and 0 <= addr and addr + size <= self.size:
+        if off + size <= _PAGE and addr >= 0 and addr + size <= self.size:
             page = self.pages.get(addr >> 12)
             return 0 if page is None else fmt.unpack_from(page, off)[0]
         return int.from_bytes(self.read_bytes(addr, size), "little")
@@ -55,7 +55,7 @@ class SparseMemory:
             raise InvalidArgument("size", size, "scalar accesses are 1, 2, 4 or 8 bytes")
         value &= (1 << (8 * size)) - 1
         off = addr & _OFF
-        if off + size <= _PAGE and 0 <= addr and addr + size <= self.size:
+        if off + size <= _PAGE and addr >= 0 and addr + size <= self.size:
             fmt.pack_into(self._page_for_write(addr >> 12), off, value)
             return
         self.write_bytes(addr, value.to_bytes(size, "little"))

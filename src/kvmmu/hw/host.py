@@ -1,0 +1,59 @@
+"""The modelled host machine: its physical memory, MAXPHYADDR, and who owns which frames.
+
+Host virtual and physical addresses coincide (one flat host), so a VMM's guest-RAM mapping at hva
+H is host frame H >> 12.  Each VMM process gets its own region; KVM's shadow tables come from a
+kernel region.  Nothing is allocated until written (SparseMemory).
+"""
+
+from __future__ import annotations
+
+from ..errors import InvalidArgument
+from .memory import SparseMemory
+
+_VMM_BASE = 1 << 32          # first VMM process region
+_VMM_REGION = 1 << 40        # address-space size given to each VMM process
+_KERNEL_BASE = 1 << 45       # KVM's own page tables live here
+
+
+class Host:
+    """A host with `maxphyaddr` physical address bits (46 by default, as on the machines here)."""
+
+    def __init__(self, maxphyaddr: int = 46, memory_limit: int | None = None) -> None:
+        if not 36 <= maxphyaddr <= 52:
+            raise InvalidArgument("host maxphyaddr", maxphyaddr, "the host's MAXPHYADDR is between 36 and 52")
+        self.maxphyaddr = maxphyaddr
+        self.mem = SparseMemory(1 << maxphyaddr, name="host physical memory")
+        self.memory_limit = memory_limit
+        self._next_vmm = 0
+        self._next_kernel_pfn = _KERNEL_BASE >> 12
+        self._free_kernel_pfns: list[int] = []
+        self.kernel_pages_in_use = 0
+        self.vms: list[object] = []
+
+    def new_vmm_region(self) -> tuple[int, int]:
+        """[start, end) of a fresh VMM process address space for one VM's guest RAM."""
+        start = _VMM_BASE + self._next_vmm * _VMM_REGION
+        self._next_vmm += 1
+        if start + _VMM_REGION > _KERNEL_BASE:
+            raise InvalidArgument("VMs on this host", self._next_vmm, "the host has room for 8191 VMMs")
+        return start, start + _VMM_REGION
+
+    def alloc_kernel_page(self) -> int:
+        """A zeroed 4 KiB kernel page (for a shadow page's spt); returns its host physical address."""
+        pfn = self._free_kernel_pfns.pop() if self._free_kernel_pfns else self._take_pfn()
+        self.kernel_pages_in_use += 1
+        return pfn << 12
+
+    def _take_pfn(self) -> int:
+        pfn = self._next_kernel_pfn
+        self._next_kernel_pfn += 1
+        return pfn
+
+    def free_kernel_page(self, hpa: int) -> None:
+        self.mem.drop_page(hpa >> 12)
+        self._free_kernel_pfns.append(hpa >> 12)
+        self.kernel_pages_in_use -= 1
+
+    @staticmethod
+    def is_kernel_address(hpa: int) -> bool:
+        return hpa >= _KERNEL_BASE

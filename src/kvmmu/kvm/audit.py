@@ -1,0 +1,123 @@
+"""vm.audit(): the invariants of a healthy KVM MMU, checked from the tables themselves.
+
+Raises AuditError naming the spte, the shadow page and the rule.  An unsync page may legitimately
+lag behind the guest's tables (the guest has not flushed yet), so only synced pages are compared
+with the guest's entries.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import AuditError
+from .mmu.page import ShadowPage
+from .mmu.spte import (
+    SPTE_MMU_PRESENT_MASK,
+    is_mmio_spte,
+    spte_access,
+    spte_to_pfn,
+)
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+
+def _fail(msg: str) -> None:
+    raise AuditError(msg)
+
+
+def audit_vm(vm: VM) -> None:
+    kvm = vm.mmu
+    m = kvm.masks
+    mem = vm.host.mem
+    pages = {0: 0, 1: 0, 2: 0}
+    rmap_seen: dict[tuple[int, int], set[int]] = {}
+    writable_gfns: set[tuple[int, int]] = set()
+    unsync = 0
+    for sp in list(kvm.pages_by_pfn.values()):
+        if sp.unsync:
+            unsync += 1
+            if sp.level != 1:
+                _fail(f"{sp!r} is unsync but not a 4 KiB page table")
+        for i in range(512):
+            sptep = sp.sptep(i)
+            spte = mem.read(sptep, 8)
+            if is_mmio_spte(m, spte):
+                if sp.level != 1:
+                    _fail(f"MMIO spte {spte:#x} at level {sp.level} of {sp!r} (MMIO sptes are 4 KiB leaves)")
+                if spte & SPTE_MMU_PRESENT_MASK:
+                    _fail(f"MMIO spte {spte:#x} has SPTE_MMU_PRESENT set")
+                continue
+            if not spte & SPTE_MMU_PRESENT_MASK:
+                continue
+            if sp.level > 1 and not spte & 0x80:
+                child = kvm.pages_by_pfn.get(spte_to_pfn(spte))
+                if child is None:
+                    _fail(f"non-leaf spte {spte:#x} in {sp!r}[{i}] points at no shadow page")
+                if sptep not in child.parent_ptes:
+                    _fail(f"{child!r} lacks the parent pointer {sptep:#x} from {sp!r}[{i}]")
+                continue
+            level = sp.level
+            pages[level - 1] += 1
+            gfn = sp.gfn_at(i)
+            rmap_seen.setdefault((sp.role >> 24, gfn), set()).add(sptep)
+            _check_leaf(vm, sp, i, spte, gfn)
+            if spte & 2:
+                writable_gfns.add((sp.role >> 24, gfn))
+        for parent in sp.parent_ptes:
+            pspte = mem.read(parent, 8)
+            if not pspte & SPTE_MMU_PRESENT_MASK or spte_to_pfn(pspte) != sp.hpa >> 12:
+                _fail(f"{sp!r} records parent {parent:#x} whose spte {pspte:#x} does not point at it")
+    for key, sptes in kvm.rmap.items():
+        if rmap_seen.get(key, set()) != sptes:
+            _fail(f"rmap of gfn {key[1]:#x} holds {sorted(map(hex, sptes))}, the tables map it from "
+                  f"{sorted(map(hex, rmap_seen.get(key, set())))}")
+    for key in rmap_seen:
+        if key not in kvm.rmap:
+            _fail(f"gfn {key[1]:#x} is mapped but has no rmap entry")
+    for _as_id, gfn in writable_gfns:
+        for sp in kvm.indirect_pages_for_gfn(gfn):
+            if sp.level > 1 or not sp.unsync:
+                _fail(f"gfn {gfn:#x} is shadowed by {sp!r} yet mapped writable")
+    for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), (pages[0], pages[1], pages[2]), strict=True):
+        if vm.stats[name] != n:
+            _fail(f"{name} says {vm.stats[name]} but the tables hold {n} such leaf sptes")
+    if vm.stats["mmu_unsync"] != unsync:
+        _fail(f"mmu_unsync says {vm.stats['mmu_unsync']} but {unsync} shadow pages are unsync")
+    if kvm.n_used_mmu_pages != len(kvm.active_mmu_pages):
+        _fail(f"n_used_mmu_pages {kvm.n_used_mmu_pages} != {len(kvm.active_mmu_pages)} active pages")
+    _check_tlbs(vm)
+
+
+def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
+    """A present leaf maps this VM's memory for gfn, with no more rights than slot and guest allow."""
+    slot = vm.memslots.spaces[sp.role >> 24].search(gfn)
+    if slot is None:
+        _fail(f"spte {spte:#x} in {sp!r}[{i}] maps gfn {gfn:#x}, which no memslot backs")
+    pfn = spte_to_pfn(spte)
+    span = 1 << (9 * (sp.level - 1))
+    if slot.invalid or pfn != slot.gfn_to_hva(gfn) >> 12 or gfn + span > slot.end_gfn:
+        _fail(f"spte {spte:#x} in {sp!r}[{i}] maps host frame {pfn:#x}, not gfn {gfn:#x}'s memory")
+    m = vm.mmu.masks
+    acc = spte_access(m, spte)
+    if slot.readonly and acc & 2:
+        _fail(f"spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
+    role_acc = (sp.role >> 8) & 7
+    wp_trick = not sp.role & (1 << 13) and not acc & 4      # CR0.WP=0: kernel-only writable
+    if acc & ~role_acc & 5 or (acc & 2 and not role_acc & 2 and not wp_trick):
+        _fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the role's {role_acc:03b}")
+    if sp.shadowed_translation is not None and not sp.unsync:
+        recorded = sp.shadowed_translation[i] & 7
+        if acc & ~recorded & 5 or (acc & 2 and not recorded & 2 and not wp_trick):
+            _fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the guest's {recorded:03b}")
+
+
+def _check_tlbs(vm: VM) -> None:
+    """No TLB entry reaches host memory outside this VM's memslots."""
+    ranges = [(s.userspace_addr >> 12, (s.userspace_addr >> 12) + s.npages) for s in vm.memslots.all_slots()
+              if not s.invalid]
+    for v in vm.vcpus:
+        for vpn, entry in v.cpu.tlb.items():
+            page = entry[0] >> 12
+            if not any(lo <= page < hi for lo, hi in ranges):
+                _fail(f"vcpu{v.id}'s TLB maps page {vpn:#x} to host frame {page:#x}, outside the VM's memslots")

@@ -1,0 +1,148 @@
+"""Emulation of a faulting access (x86_emulate_instruction / emulator_read_write) and the exit to
+userspace (KVM_EXIT_MMIO): gva->gpa via the MMIO cache or a guest walk, RAM or MMIO, the in-kernel
+io bus in <= 8-byte pieces, then fragments that exit to the VMM 8 bytes at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..arch.bits import PFERR_USER_MASK, PFERR_WRITE_MASK
+from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
+
+if TYPE_CHECKING:
+    from .vcpu import AccessResult, Vcpu
+
+APIC_DEFAULT_PHYS_BASE = 0xFEE00000
+KVM_EXIT_MMIO = 6
+
+
+@dataclass
+class MmioExit:
+    """One KVM_EXIT_MMIO: what userspace saw in kvm_run.mmio."""
+
+    phys_addr: int
+    len: int
+    is_write: bool
+    data: bytes
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data, "little")
+
+    def __repr__(self) -> str:
+        d = "W" if self.is_write else "R"
+        return f"MmioExit({d} {self.phys_addr:#x} len={self.len} data={self.data.hex()})"
+
+
+def vcpu_is_mmio_gpa(vcpu: Vcpu, gpa: int) -> bool:
+    return (gpa & ~0xFFF) == APIC_DEFAULT_PHYS_BASE or vcpu_match_mmio_gpa(vcpu, gpa)
+
+
+def _gva_to_gpa(vcpu: Vcpu, gva: int, write: bool, gpa_hint: int | None) -> tuple[int, bool] | None:
+    """vcpu_mmio_gva_to_gpa; None if a #PF was injected."""
+    if gpa_hint is not None and (gpa_hint & 0xFFF) == (gva & 0xFFF):
+        return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
+    mmu = vcpu.mmu
+    access = (PFERR_USER_MASK if vcpu.cpl == 3 else 0) | (PFERR_WRITE_MASK if write else 0)
+    ctx = mmu.cpu_role
+    if vcpu_match_mmio_gva(vcpu, gva):
+        idx = (access | (8 if vcpu.ac else 0)) >> 1
+        if ctx.mode.root_level == 0 or not (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
+            vcpu.counters["mmio_cache_hits"] += 1
+            gpa = (vcpu.mmio_gfn << 12) | (gva & 0xFFF)
+            vcpu.vm.trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=write, gva_match=True)
+            return gpa, True
+    if ctx.mode.root_level == 0:
+        gpa = gva
+    else:
+        from .mmu.paging import guest_walk
+        w = guest_walk(mmu, gva, access)
+        if w.fault:
+            vcpu.inject_page_fault(w.error_code, gva)
+            return None
+        gpa = w.gpa
+    return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
+
+
+def emulate_access(vcpu: Vcpu, gva: int, size: int, write: bool, data: bytes, cr2_or_gpa: int,
+                   direct: bool, result: AccessResult) -> None:
+    """Emulate one access that faulted with RET_PF_EMULATE; fills result.value / exits / fault."""
+    vm = vcpu.vm
+    vcpu.stats["insn_emulation"] += 1
+    vcpu.counters["emulated_accesses"] += 1
+    vm.trace.emit("kvm_emulate_insn", rip=gva, size=size, write=write)
+    pieces = [(gva, size)]
+    first = 0x1000 - (gva & 0xFFF)
+    if first < size:
+        pieces = [(gva, first), ((gva + first) & ((1 << 64) - 1), size - first)]
+    gpa_hint = cr2_or_gpa if direct and not vcpu.mmu_is_nested else None
+    out = bytearray(size)
+    fragments: list[tuple[int, int, int]] = []      # (gpa, offset into data, length)
+    offset = 0
+    for pgva, plen in pieces:
+        t = _gva_to_gpa(vcpu, pgva, write, gpa_hint)
+        gpa_hint = None
+        if t is None:
+            result.fault = vcpu.take_exception()
+            return
+        gpa, is_mmio = t
+        chunk = data[offset:offset + plen] if write else b""
+        if not is_mmio and _ram_access(vcpu, gpa, plen, write, chunk, out, offset):
+            offset += plen
+            continue
+        done = _iobus(vcpu, gpa, plen, write, chunk, out, offset)
+        if done < plen:
+            fragments.append((gpa + done, offset + done, plen - done))
+        offset += plen
+    if fragments:
+        vcpu.stats["mmio_exits"] += 1
+        for gpa, off, length in fragments:
+            pos = 0
+            while pos < length:
+                n = min(8, length - pos)
+                payload = data[off + pos:off + pos + n] if write else b""
+                exit_ = vm.vmm_mmio(vcpu, gpa + pos, n, write, payload)
+                result.exits.append(exit_)
+                if not write:
+                    out[off + pos:off + pos + n] = exit_.data
+                pos += n
+    if not write:
+        result.value = int.from_bytes(bytes(out), "little")
+
+
+def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray, at: int) -> bool:
+    """kvm_vcpu_read_guest / write_guest (+ kvm_mmu_track_write); False if no writable RAM is there."""
+    vm = vcpu.vm
+    slot = vcpu.gfn_to_memslot(gpa >> 12)
+    if slot is None or slot.invalid or (write and slot.readonly):
+        return False
+    hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+    vm.host_touch(hva)
+    if write:
+        vm.host.mem.write_bytes(hva, chunk)
+        vm.mark_page_dirty(slot, gpa >> 12)
+        vm.mmu.track_write(gpa, n)
+    else:
+        out[at:at + n] = vm.host.mem.read_bytes(hva, n)
+    return True
+
+
+def _iobus(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray, at: int) -> int:
+    """vcpu_mmio_read/write: in-kernel devices in <= 8-byte pieces; stops at the first unhandled one."""
+    vm = vcpu.vm
+    done = 0
+    while done < n:
+        k = min(8, n - done)
+        if write:
+            if not vm.iobus.write(gpa + done, k, int.from_bytes(chunk[done:done + k], "little")):
+                break
+        else:
+            v = vm.iobus.read(gpa + done, k)
+            if v is None:
+                break
+            out[at + done:at + done + k] = (v & ((1 << (8 * k)) - 1)).to_bytes(k, "little")
+        vcpu.counters["iobus_handled"] += 1
+        done += k
+    return done

@@ -1,0 +1,365 @@
+"""The per-vCPU MMU (`struct kvm_mmu`): roles, roots, cached roots, sync and INVLPG.
+
+Shadow paging builds PAE-or-wider tables: a 32-bit or PAE guest runs on a PAE root (four PDPTEs in
+`pae_root`, each pointing at a level-2 shadow page; a 32-bit guest's page directory is shadowed by
+four quadrants), 4- and 5-level guests on a root of the same depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ...arch.bits import PT64_ADDR_MASK
+from ...arch.modes import PagingContext
+from ...errors import KvmBug
+from .page import (
+    ROLE_ACCESS_SHIFT,
+    ROLE_DIRECT,
+    ROLE_INVALID,
+    ROLE_LEVEL_MASK,
+    ROLE_PASSTHROUGH,
+    ROLE_QUADRANT_SHIFT,
+    ShadowPage,
+    make_role,
+)
+from .spte import SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+
+KVM_MMU_NUM_PREV_ROOTS = 3
+# Role bits that may differ between an unsync page and the MMU syncing it (kvm_sync_page_check).
+_SYNC_ROLE_IGNORE = (ROLE_LEVEL_MASK | (7 << ROLE_ACCESS_SHIFT) | (3 << ROLE_QUADRANT_SHIFT) | ROLE_DIRECT
+                     | ROLE_INVALID | ROLE_PASSTHROUGH)
+
+
+class VcpuMmu:
+    """root_mmu of one vCPU for shadow paging or TDP (direct)."""
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu = vcpu
+        self.vm = vcpu.vm
+        self.kvm = vcpu.vm.mmu
+        self.masks = self.kvm.masks
+        self.cpu_role: PagingContext | None = None
+        self.cpu_key: tuple = ()
+        self.root_role = 0
+        self.direct = False
+        self.root_level = 0
+        self.root_sp: ShadowPage | None = None
+        self.pae_root = 0                       # host address of the 4-entry PAE root page, 0 if none
+        self.pae_sps: list[ShadowPage | None] = [None] * 4
+        self.root_hpa = 0                       # what the CPU's CR3 points at; 0 = no root loaded
+        self.pgd = 0
+        self.prev_roots: list[tuple[int, ShadowPage]] = []
+        self.pdptrs: tuple[int, ...] = (0, 0, 0, 0)
+        self.hw_ctx: PagingContext | None = None
+        self.shadow_zero_check = PagingContext(
+            "ept4" if self.masks.ept else "4level", maxphyaddr=self.vm.host.maxphyaddr, nxe=True)
+
+    # -- role computation (kvm_init_mmu) ----------------------------------------------------------
+    def init_context(self) -> None:
+        v = self.vcpu
+        ctx = PagingContext.from_regs(v.cr0, v.cr4, v.efer, maxphyaddr=self.vm.guest_maxphyaddr,
+                                      gbpages=self.vm.guest_gbpages, ad_policy="kvm")
+        self.cpu_role = ctx
+        self.cpu_key = ctx.key
+        if self.vm.tdp_enabled:
+            self._init_tdp(ctx)
+        else:
+            self._init_shadow(ctx)
+
+    def _init_shadow(self, ctx: PagingContext) -> None:
+        mode = ctx.mode
+        nonpaging = mode.root_level == 0
+        level = max(mode.root_level, 3)
+        self.direct = nonpaging
+        self.root_level = level
+        self.root_role = make_role(level, has_4_byte_gpte=mode.name == "32bit", direct=nonpaging,
+                                   cr0_wp=ctx.wp, smep_andnot_wp=ctx.smep and not ctx.wp,
+                                   smap_andnot_wp=ctx.smap and not ctx.wp)
+        hw_mode = {3: "pae", 4: "4level", 5: "5level"}[level]
+        # The CPU runs the guest with CR0.WP=1 and EFER.NX=1; SMEP/SMAP/PKE are the guest's.
+        self.hw_ctx = PagingContext(hw_mode, maxphyaddr=self.vm.host.maxphyaddr, nxe=True, wp=True,
+                                    smep=ctx.smep, smap=ctx.smap, pke=ctx.pke, ad_policy="hardware")
+
+    def _init_tdp(self, ctx: PagingContext) -> None:
+        self.direct = True
+        self.root_level = self.vm.tdp_level
+        self.root_role = make_role(self.root_level, direct=True, cr0_wp=True,
+                                   ad_disabled=not self.masks.accessed)
+        self.hw_ctx = None
+
+    @property
+    def role_key(self) -> tuple:
+        return self.cpu_key
+
+    # -- roots ---------------------------------------------------------------------------------------
+    @property
+    def root_valid(self) -> bool:
+        if not self.root_hpa:
+            return False
+        if self.root_sp is not None:
+            return not self.kvm.is_obsolete(self.root_sp)
+        return not any(sp is not None and self.kvm.is_obsolete(sp) for sp in self.pae_sps)
+
+    def load(self) -> None:
+        """kvm_mmu_load: allocate the root(s) for the current CR3 and sync them."""
+        if self.cpu_role is None:
+            self.init_context()
+        self.kvm.make_mmu_pages_available()
+        v = self.vcpu
+        if self.vm.tdp_enabled:
+            self.root_sp = self._get_root(0, self.root_role)
+            self.root_hpa = self.root_sp.hpa
+            self.pgd = 0
+            return
+        mode = self.cpu_role.mode
+        self.pgd = v.cr3
+        if self.root_level >= 4:
+            gfn = (v.cr3 & PT64_ADDR_MASK) >> 12
+            self.root_sp = self._get_root(gfn, self.root_role)
+            self.root_hpa = self.root_sp.hpa
+        else:
+            if not self.pae_root:
+                self.pae_root = self.vm.host.alloc_kernel_page()
+            for i in range(4):
+                if self.direct:
+                    gfn, role = i << 18, (self.root_role & ~ROLE_LEVEL_MASK) | 2
+                elif mode.name == "32bit":
+                    gfn = (v.cr3 & 0xFFFFF000) >> 12
+                    role = (self.root_role & ~ROLE_LEVEL_MASK) | 2 | (i << ROLE_QUADRANT_SHIFT)
+                else:
+                    pdpte = self.pdptrs[i]
+                    if not pdpte & 1:
+                        self.pae_sps[i] = None
+                        self.kvm.write_spte(self.pae_root + 8 * i, 0)
+                        continue
+                    gfn = (pdpte & PT64_ADDR_MASK) >> 12
+                    role = (self.root_role & ~ROLE_LEVEL_MASK) | 2
+                sp = self._get_root(gfn, role)
+                self.pae_sps[i] = sp
+                self.kvm.write_spte(self.pae_root + 8 * i, sp.hpa | 1)
+            self.root_hpa = self.pae_root
+        self.sync_roots()
+
+    def _get_root(self, gfn: int, role: int) -> ShadowPage:
+        sp = self.get_shadow_page(gfn, role)
+        sp.root_count += 1
+        return sp
+
+    def roots(self) -> list[ShadowPage]:
+        if self.root_sp is not None:
+            return [self.root_sp]
+        return [sp for sp in self.pae_sps if sp is not None]
+
+    def _put_root(self, sp: ShadowPage) -> None:
+        sp.root_count -= 1
+        if sp.root_count == 0 and sp.invalid:
+            invalid: list[ShadowPage] = []
+            self.kvm.prepare_zap_page(sp, invalid)
+            self.kvm.commit_zap_page(invalid)
+
+    def free_current_root(self) -> None:
+        for sp in self.roots():
+            self._put_root(sp)
+        self.root_sp = None
+        self.pae_sps = [None] * 4
+        self.root_hpa = 0
+
+    def unload(self) -> None:
+        """kvm_mmu_unload: drop the current and all cached roots."""
+        self.free_current_root()
+        for _, sp in self.prev_roots:
+            self._put_root(sp)
+        self.prev_roots.clear()
+        from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
+        vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
+
+    def free_obsolete_roots(self) -> None:
+        if self.root_hpa and not self.root_valid:
+            self.free_current_root()
+        keep = []
+        for pgd, sp in self.prev_roots:
+            if self.kvm.is_obsolete(sp):
+                self._put_root(sp)
+            else:
+                keep.append((pgd, sp))
+        self.prev_roots = keep
+
+    def new_pgd(self, new_pgd: int) -> bool:
+        """kvm_mmu_new_pgd: switch to a cached root if one matches (fast_pgd_switch); else drop it.
+
+        Returns True if a cached root was reused.
+        """
+        from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
+        vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
+        reused = False
+        if self.root_level >= 4 and self.root_sp is not None and not self.direct:
+            current = (self.pgd, self.root_sp)
+            for i, (pgd, sp) in enumerate(self.prev_roots):
+                if pgd == new_pgd and sp.role == self.root_role and not self.kvm.is_obsolete(sp):
+                    del self.prev_roots[i]
+                    self.prev_roots.insert(0, current)
+                    self.root_sp, self.root_hpa, self.pgd = sp, sp.hpa, new_pgd
+                    reused = True
+                    break
+            else:
+                self.prev_roots.insert(0, current)
+                if len(self.prev_roots) > KVM_MMU_NUM_PREV_ROOTS:
+                    _, old = self.prev_roots.pop()
+                    self._put_root(old)
+                self.root_sp = None
+                self.root_hpa = 0
+        else:
+            self.free_current_root()
+        return reused
+
+    # -- the shadow-page hash (kvm_mmu_get_shadow_page) ------------------------------------------------
+    def get_shadow_page(self, gfn: int, role: int) -> ShadowPage:
+        kvm = self.kvm
+        invalid: list[ShadowPage] = []
+        found = None
+        for sp in list(kvm.page_hash.get(gfn, ())):
+            if kvm.is_obsolete(sp) or sp not in kvm.active_mmu_pages:
+                continue
+            if sp.role != role:
+                # The gfn now also serves as an upper-level table: it must not stay unsync.
+                if role & ROLE_LEVEL_MASK > 1 and sp.unsync:
+                    kvm.prepare_zap_page(sp, invalid)
+                continue
+            if sp.unsync:
+                if self.sync_page(sp, invalid) < 0:
+                    kvm.prepare_zap_page(sp, invalid)
+                    continue
+                kvm.unlink_unsync_page(sp)
+            found = sp
+            break
+        kvm.commit_zap_page(invalid)
+        if found is not None:
+            self.vm.trace.emit("kvm_mmu_get_page", gfn=gfn, role=role, created=False)
+            return found
+        kvm.stats["mmu_cache_miss"] += 1
+        return kvm.alloc_page(gfn, role)
+
+    # -- walking KVM's own tables ------------------------------------------------------------------
+    def shadow_walk(self, addr: int, root_hpa: int | None = None) -> Iterator[tuple[int, int]]:
+        """(level, spte) from the root down, following non-leaf sptes (for_each_shadow_entry)."""
+        for level, sptep in self.shadow_walk_ptrs(addr, root_hpa):
+            yield level, self.kvm.read_spte(sptep)
+
+    def shadow_walk_ptrs(self, addr: int, root_hpa: int | None = None) -> Iterator[tuple[int, int]]:
+        kvm = self.kvm
+        table = self.root_hpa if root_hpa is None else root_hpa
+        if not table:
+            return
+        level = self.root_level
+        if level == 3:
+            pdpte = kvm.read_spte(table + 8 * ((addr >> 30) & 3))
+            if not pdpte & 1:
+                return
+            table = pdpte & PT64_ADDR_MASK
+            level = 2
+        while True:
+            sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
+            yield level, sptep
+            spte = kvm.read_spte(sptep)
+            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
+                return
+            table = spte & PT64_ADDR_MASK
+            level -= 1
+
+    # -- sync (kvm_mmu_sync_roots, mmu_sync_children, kvm_sync_page) ----------------------------------
+    def sync_roots(self) -> None:
+        if self.direct:
+            return
+        from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
+        vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
+        for sp in self.roots():
+            if sp.unsync_children:
+                self.sync_children(sp)
+
+    def sync_children(self, parent: ShadowPage) -> bool:
+        """Sync every unsync page below parent; False if the walk must be retried (a page was zapped)."""
+        kvm = self.kvm
+        pages: list[ShadowPage] = []
+        self._collect_unsync(parent, pages)
+        if not pages:
+            return True
+        protected = False
+        for sp in pages:
+            protected |= kvm.write_protect_gfn(sp.gfn, sp.role >> 24)
+        if protected:
+            kvm.flush_remote_tlbs()
+        invalid: list[ShadowPage] = []
+        flush = False
+        for sp in pages:
+            if sp.invalid:
+                continue
+            kvm.unlink_unsync_page(sp)
+            r = self.sync_page(sp, invalid)
+            if r < 0:
+                kvm.prepare_zap_page(sp, invalid)
+            else:
+                flush |= r > 0
+        if invalid:
+            kvm.commit_zap_page(invalid)
+        elif flush:
+            kvm.flush_remote_tlbs()
+        return True
+
+    def _collect_unsync(self, sp: ShadowPage, out: list[ShadowPage]) -> None:
+        kvm = self.kvm
+        for index in sorted(sp.unsync_children):
+            spte = kvm.read_spte(sp.sptep(index))
+            sp.unsync_children.discard(index)
+            if not spte & SPTE_MMU_PRESENT_MASK or (spte & 0x80 and sp.level > 1):
+                continue
+            child = kvm.pages_by_pfn.get(spte >> 12 & ((1 << 40) - 1))
+            if child is None:
+                raise KvmBug(f"unsync child bit {index} of {sp!r} points at no shadow page")
+            if child.unsync_children:
+                self._collect_unsync(child, out)
+            if child.unsync:
+                out.append(child)
+
+    def sync_page(self, sp: ShadowPage, invalid: list[ShadowPage]) -> int:
+        """kvm_sync_page: re-read every gpte of an unsync page; <0 means 'zap it', >0 'flush'."""
+        if sp.direct or (sp.role ^ self.root_role) & ~_SYNC_ROLE_IGNORE:
+            return -1
+        from .paging import sync_spte
+        flush = 0
+        for i in range(512):
+            r = sync_spte(self, sp, i)
+            if r < 0:
+                return -1
+            flush |= r
+        self.vm.trace.emit("kvm_mmu_sync_page", gfn=sp.gfn, role=sp.role)
+        return flush
+
+    def invalidate_addr(self, gva: int) -> None:
+        """The MMU half of INVLPG: resync the leaf spte for gva in every root whose page is unsync."""
+        from .mmio import vcpu_clear_mmio_info
+        from .paging import sync_spte
+        vcpu_clear_mmio_info(self.vcpu, gva)
+        if self.direct:
+            return
+        kvm = self.kvm
+        roots = [self.root_hpa] + [sp.hpa for _, sp in self.prev_roots]
+        for root in roots:
+            if not root:
+                continue
+            for _level, sptep in self.shadow_walk_ptrs(gva, root):
+                sp = kvm.sptep_to_sp(sptep)
+                if sp.unsync:
+                    r = sync_spte(self, sp, (sptep & 0xFFF) >> 3)
+                    if r < 0:
+                        kvm.mmu_page_zap_pte(sp, sptep, None)
+                    if r:
+                        kvm.flush_remote_tlbs()
+                if not sp.unsync_children:
+                    break
+
+    def clear_nonpresent(self, sptep: int) -> None:
+        self.kvm.write_spte(sptep, SHADOW_NONPRESENT_VALUE)

@@ -1,0 +1,82 @@
+"""Direct MMUs: TDP (EPT/NPT) and shadow paging with guest paging off.
+
+The fault address is a gpa; shadow pages are indexed by gfn; MMIO sptes are installed for gfns
+without a slot (on EPT they carry no access bits).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
+from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
+
+if TYPE_CHECKING:
+    from .context import VcpuMmu
+
+ACC_ALL = 7
+
+
+def direct_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
+    kvm = mmu.kvm
+    vcpu = mmu.vcpu
+    fault.gfn = fault.addr >> 12
+    fault.slot = vcpu.gfn_to_memslot(fault.gfn)
+    if not fault.rsvd and fault.present and fault.write and kvm.is_write_tracked(fault.gfn):
+        return RET_PF_EMULATE
+    kvm.make_mmu_pages_available()
+    r = faultin_pfn(mmu, fault, ACC_ALL)
+    if r != RET_PF_CONTINUE:
+        return r
+    if not mmu.root_valid:
+        return RET_PF_RETRY
+    return direct_map(mmu, fault)
+
+
+def _hugepage_level(mmu: VcpuMmu, fault: KvmPageFault) -> int:
+    """kvm_mmu_hugepage_adjust: the largest level the slot alignment and host backing allow."""
+    vm = mmu.vm
+    slot = fault.slot
+    if slot is None or not vm.tdp_enabled or slot.flags & 1:
+        return 1
+    level = 1
+    for lvl in (2, 3):
+        if lvl > min(fault.max_level, vm.host_hugepage_level):
+            break
+        pages = 1 << (9 * (lvl - 1))
+        base = fault.gfn & ~(pages - 1)
+        if base < slot.base_gfn or base + pages > slot.end_gfn:
+            break
+        if (slot.userspace_addr >> 12) % pages != slot.base_gfn % pages:
+            break                               # gfn and hva not congruent: no host huge page fits
+        level = lvl
+    return level
+
+
+def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:
+    kvm = mmu.kvm
+    addr = fault.gfn << 12
+    goal = _hugepage_level(mmu, fault)
+    fault.goal_level = goal
+    if mmu.root_level == 3:
+        sp = mmu.pae_sps[(addr >> 30) & 3]
+        if sp is None:
+            return RET_PF_RETRY
+        table, level = sp.hpa, 2
+    else:
+        table, level = mmu.root_hpa, mmu.root_level
+    while level > goal:
+        sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
+        base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
+        child, linked = get_child_sp(mmu, sptep, base_gfn, True, ACC_ALL)
+        if not linked:
+            kvm.link_shadow_page(sptep, child)
+        table = child.hpa
+        level -= 1
+    sptep = table + 8 * ((addr >> (12 + 9 * (goal - 1))) & 511)
+    gfn = fault.gfn & ~((1 << (9 * (goal - 1))) - 1)
+    pfn = fault.pfn & ~((1 << (9 * (goal - 1))) - 1) if fault.slot is not None else fault.pfn
+    ret = mmu_set_spte(mmu, fault.slot, sptep, ACC_ALL, gfn, pfn, fault, host_writable=fault.map_writable)
+    if ret != RET_PF_SPURIOUS and not mmu.vm.tdp_enabled:
+        direct_pte_prefetch(mmu, sptep)
+    return ret

@@ -1,0 +1,62 @@
+"""kvm_mmu_page_fault: the entry point for every MMU exit (#PF under shadow paging, EPT violation or
+misconfiguration, #NPF), with the MMIO fast path in front of the full handler.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...arch.bits import PFERR_RSVD_MASK
+from .direct import direct_page_fault
+from .mmio import handle_mmio_page_fault
+from .paging import page_fault
+from .pf import (
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_INVALID,
+    RET_PF_NAMES,
+    RET_PF_SPURIOUS,
+    RET_PF_WRITE_PROTECTED,
+    KvmPageFault,
+)
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+
+
+def kvm_mmu_do_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
+    mmu = vcpu.mmu
+    fault = KvmPageFault(addr, error_code, is_tdp=vcpu.vm.tdp_enabled and not vcpu.mmu_is_nested)
+    if mmu.direct:
+        r = direct_page_fault(mmu, fault)
+    else:
+        r = page_fault(mmu, fault)
+    if r == RET_PF_WRITE_PROTECTED:
+        r = RET_PF_EMULATE
+    stats = vcpu.stats
+    if r == RET_PF_FIXED:
+        stats["pf_fixed"] += 1
+    elif r == RET_PF_EMULATE:
+        stats["pf_emulate"] += 1
+    elif r == RET_PF_SPURIOUS:
+        stats["pf_spurious"] += 1
+    return r
+
+
+def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
+    """Returns RET_PF_EMULATE when the access must be emulated, anything else means 'resume'."""
+    vm = vcpu.vm
+    direct = vcpu.mmu.direct
+    vm.trace.emit("kvm_page_fault", addr=addr, error_code=error_code)
+    r = RET_PF_INVALID
+    if error_code & PFERR_RSVD_MASK:
+        r = handle_mmio_page_fault(vcpu, addr, direct)
+        if r == RET_PF_EMULATE:
+            return r                 # the fast path: no pf_* statistic moves
+    if r == RET_PF_INVALID:
+        vcpu.stats["pf_taken"] += 1
+        r = kvm_mmu_do_page_fault(vcpu, addr, error_code)
+        if r == RET_PF_INVALID:
+            raise AssertionError("the full fault path must not return RET_PF_INVALID")
+    vm.trace.emit("kvm_mmu_page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
+    return r

@@ -1,0 +1,58 @@
+"""How KVM reads the guest's page tables: through memslots, one gfn->hva lookup per gpte.
+
+This is the cost the 2011 discussion is about ("walking guest page table is slower, it needs to walk
+memslots many times"); every read and A/D write is counted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+
+
+class GuestPteReader:
+    """A page-walker reader over guest-physical memory, as seen by one vCPU."""
+
+    __slots__ = ("vcpu", "vm", "counters", "memslots", "mem", "hint", "as_id")
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu = vcpu
+        self.vm = vcpu.vm
+        self.counters = vcpu.counters
+        self.memslots = vcpu.vm.memslots
+        self.mem = vcpu.vm.host.mem
+        self.hint = vcpu.last_used_slot
+        self.as_id = 0
+
+    def _hva(self, gpa: int, write: bool) -> int:
+        c = self.counters
+        c["memslot_lookups"] += 1
+        before = self.memslots.searches
+        slot = self.memslots.gfn_to_memslot(gpa >> 12, self.as_id, self.hint)
+        c["memslot_searches"] += self.memslots.searches - before
+        if slot is None or slot.invalid:
+            return -1
+        if write and slot.readonly:
+            return -2
+        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+        if write:
+            self.vm.mark_page_dirty(slot, gpa >> 12)
+        self.vm.host_touch(hva)
+        return hva
+
+    def read_pte(self, gpa: int, size: int) -> int:
+        self.counters["guest_pte_reads"] += 1
+        hva = self._hva(gpa, False)
+        if hva < 0:
+            return -1
+        return self.mem.read(hva, size)
+
+    def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
+        hva = self._hva(gpa, True)
+        if hva == -2:
+            return True          # tables in a read-only slot keep their A/D bits unchanged
+        if hva < 0:
+            return True
+        return self.mem.cmpxchg_pte(hva, size, old, new)

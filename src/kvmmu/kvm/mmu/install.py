@@ -1,0 +1,159 @@
+"""Turning a resolved fault into sptes: kvm_faultin_pfn, make_spte's write-protection rules,
+mmu_set_spte, child-page linking and prefetch.  Shared by the shadow and the direct fault paths.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
+from .mmio import handle_noslot_fault
+from .page import ShadowPage, child_role
+from .pf import (
+    KVM_PFN_ERR_RO_FAULT,
+    KVM_PFN_NOSLOT,
+    RET_PF_CONTINUE,
+    RET_PF_EMULATE,
+    RET_PF_FIXED,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    KvmPageFault,
+)
+from .spte import (
+    SPTE_MMU_PRESENT_MASK,
+    is_large_pte,
+    make_mmio_spte,
+    make_spte,
+    spte_to_pfn,
+)
+
+if TYPE_CHECKING:
+    from .context import VcpuMmu
+
+
+def faultin_pfn(mmu: VcpuMmu, fault: KvmPageFault, access: int) -> int:
+    """kvm_faultin_pfn: from gfn to host frame, or the reason there is none."""
+    slot = fault.slot
+    if slot is not None and slot.invalid:
+        return RET_PF_RETRY           # the slot is being deleted or moved
+    if slot is None:
+        fault.pfn = KVM_PFN_NOSLOT
+        return handle_noslot_fault(mmu.vcpu, fault, access)
+    if fault.write and slot.readonly:
+        fault.pfn = KVM_PFN_ERR_RO_FAULT
+        return RET_PF_EMULATE         # ROM write: emulate, and cache nothing as MMIO
+    hva = slot.gfn_to_hva(fault.gfn)
+    mmu.vm.host_touch(hva)
+    fault.hva = hva
+    fault.pfn = hva >> 12
+    fault.map_writable = not slot.readonly
+    return RET_PF_CONTINUE
+
+
+def build_spte(mmu: VcpuMmu, sp: ShadowPage, slot: Memslot | None, pte_access: int, gfn: int, pfn: int,
+               old_spte: int, prefetch: bool, synchronizing: bool, host_writable: bool) -> tuple[int, bool]:
+    """make_spte with the unsync decision; returns (spte, write-protected-instead-of-writable)."""
+    kvm = mmu.kvm
+    wrprot = False
+    if not host_writable:
+        pte_access &= ~2
+    if pte_access & 2 and not (old_spte & SPTE_MMU_PRESENT_MASK and old_spte & 2) and \
+            not kvm.try_to_unsync_pages(gfn, synchronizing, prefetch):
+        wrprot = True
+        pte_access &= ~2
+    spte = make_spte(mmu.masks, sp.level, pte_access, pfn, host_writable, prefetch)
+    if wrprot:
+        spte |= 0   # host-writable stays; W and MMU-writable are clear (1/0/0: shadowed page table)
+    if spte & 2 and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        mmu.vm.mark_page_dirty(slot, gfn)
+    return spte, wrprot
+
+
+def mark_mmio_spte(mmu: VcpuMmu, sptep: int, gfn: int, access: int) -> None:
+    vcpu = mmu.vcpu
+    gen = mmu.vm.memslots.generation(vcpu.as_id)
+    spte = make_mmio_spte(mmu.masks, gfn, access, gen)
+    mmu.kvm.write_spte(sptep, spte)
+    mmu.vm.trace.emit("mark_mmio_spte", sptep=sptep, gfn=gfn, access=access & mmu.masks.mmio_access_mask,
+                      gen=gen & (mmu.masks.gen.mask if mmu.masks.gen else 0))
+
+
+def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int, gfn: int, pfn: int,
+                 fault: KvmPageFault | None, host_writable: bool = True) -> int:
+    kvm = mmu.kvm
+    vcpu = mmu.vcpu
+    if pfn == KVM_PFN_NOSLOT:
+        vcpu.stats["pf_mmio_spte_created"] += 1
+        mark_mmio_spte(mmu, sptep, gfn, pte_access)
+        return RET_PF_EMULATE
+    sp = kvm.sptep_to_sp(sptep)
+    index = (sptep & 0xFFF) >> 3
+    old = kvm.read_spte(sptep)
+    flush = False
+    was_rmapped = False
+    if old & SPTE_MMU_PRESENT_MASK:
+        if sp.level > 1 and not is_large_pte(old):
+            kvm.drop_parent_pte(kvm.spte_to_child_sp(old), sptep)
+            sp.unsync_children.discard(index)
+            flush = True
+        elif spte_to_pfn(old) != pfn:
+            kvm.drop_spte(sptep)
+            flush = True
+        else:
+            was_rmapped = True
+    prefetch = fault is None
+    new, wrprot = build_spte(mmu, sp, slot, pte_access, gfn, pfn, old if was_rmapped else 0, prefetch, False,
+                             host_writable)
+    ret = RET_PF_FIXED
+    if was_rmapped and new == old:
+        ret = RET_PF_SPURIOUS
+    else:
+        kvm.write_spte(sptep, new)
+        if was_rmapped and (old & ~new) & 0x7:
+            flush = True
+        vcpu.counters["spte_installs"] += 1
+        mmu.vm.trace.emit("kvm_mmu_set_spte", level=sp.level, gfn=gfn, spte=new, sptep=sptep)
+    if wrprot and fault is not None and fault.write:
+        ret = RET_PF_EMULATE
+    if sp.shadowed_translation is not None:
+        sp.shadowed_translation[index] = (gfn << 12) | pte_access
+    if not was_rmapped:
+        kvm.rmap_add(sp.role >> 24, gfn, sptep, sp.level)
+    if flush:
+        kvm.flush_remote_tlbs()
+    return ret
+
+
+def get_child_sp(mmu: VcpuMmu, sptep: int, gfn: int, direct: bool, access: int) -> tuple[ShadowPage, bool]:
+    """kvm_mmu_get_child_sp: (child, already linked)."""
+    kvm = mmu.kvm
+    spte = kvm.read_spte(sptep)
+    if spte & SPTE_MMU_PRESENT_MASK:
+        if not is_large_pte(spte):
+            return kvm.spte_to_child_sp(spte), True
+        kvm.drop_spte(sptep)            # a huge leaf is replaced by a table
+        kvm.flush_remote_tlbs()
+    parent = kvm.sptep_to_sp(sptep)
+    role = child_role(parent.role, (sptep & 0xFFF) >> 3, direct, access)
+    return mmu.get_shadow_page(gfn, role), False
+
+
+def direct_pte_prefetch(mmu: VcpuMmu, sptep: int) -> None:
+    """__direct_pte_prefetch: map the unmapped neighbours of a direct 4 KiB spte from the same slot."""
+    kvm = mmu.kvm
+    sp = kvm.sptep_to_sp(sptep)
+    if sp.level != 1:
+        return
+    base = (sptep & ~0x3F)
+    access = (sp.role >> 8) & 7
+    for ptr in range(base, base + 64, 8):
+        if ptr == sptep or kvm.read_spte(ptr) & SPTE_MMU_PRESENT_MASK:
+            continue
+        gfn = sp.gfn_at((ptr & 0xFFF) >> 3)
+        slot = mmu.vcpu.gfn_to_memslot(gfn)
+        if slot is None or slot.invalid or (slot.flags & KVM_MEM_LOG_DIRTY_PAGES and access & 2):
+            return
+        hva = slot.gfn_to_hva(gfn)
+        if not mmu.vm.host_resident(hva):
+            continue
+        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None, host_writable=not slot.readonly)

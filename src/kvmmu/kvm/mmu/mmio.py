@@ -1,0 +1,141 @@
+"""MMIO page-fault support: the per-vCPU MMIO cache, the no-slot decision and the fast path.
+
+`handle_mmio_page_fault` runs on a fault with PFERR_RSVD (EPT: a misconfiguration).  It never
+takes the MMU lock, allocates no shadow page, walks no guest table and searches no memslot: it
+checks the vCPU's cache, then walks KVM's own tables locklessly and validates the generation.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...errors import KvmBug
+from ..memslots import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
+from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmPageFault
+from .spte import (
+    SPTE_MMU_PRESENT_MASK,
+    get_mmio_spte_access,
+    get_mmio_spte_generation,
+    get_mmio_spte_gfn,
+    is_mmio_spte,
+)
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+
+MMIO_GVA_ANY = ~0
+
+
+# -- the per-vCPU cache (x86.h) --------------------------------------------------------------------
+def vcpu_cache_mmio_info(vcpu: Vcpu, gva: int, gfn: int, access: int) -> None:
+    gen = vcpu.vm.memslots.generation(0)
+    if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+        return                      # never cache a translation built from a set being replaced
+    vcpu.mmio_gva = 0 if vcpu.mmu_is_nested else gva & ~0xFFF
+    vcpu.mmio_access = access
+    vcpu.mmio_gfn = gfn
+    vcpu.mmio_gen = gen
+
+
+def vcpu_clear_mmio_info(vcpu: Vcpu, gva: int) -> None:
+    if gva == MMIO_GVA_ANY or vcpu.mmio_gva == gva & ~0xFFF:
+        vcpu.mmio_gva = 0
+
+
+def vcpu_match_mmio_gen(vcpu: Vcpu) -> bool:
+    if vcpu.vm.mmio_caching == "zap":
+        return True                 # the 2011 cache had no generation (added in 2014)
+    return vcpu.mmio_gen == vcpu.vm.memslots.generation(0)
+
+
+def vcpu_match_mmio_gva(vcpu: Vcpu, gva: int) -> bool:
+    return bool(vcpu_match_mmio_gen(vcpu) and vcpu.mmio_gva and vcpu.mmio_gva == gva & ~0xFFF)
+
+
+def vcpu_match_mmio_gpa(vcpu: Vcpu, gpa: int) -> bool:
+    return bool(vcpu_match_mmio_gen(vcpu) and vcpu.mmio_gfn and vcpu.mmio_gfn == gpa >> 12)
+
+
+def mmio_info_in_cache(vcpu: Vcpu, addr: int, direct: bool) -> bool:
+    """A nested guest's fault address is an L2 gpa: the cache (L1 gva/gfn) must not answer it."""
+    if vcpu.mmu_is_nested:
+        return False
+    if direct:
+        return vcpu_match_mmio_gpa(vcpu, addr)
+    return vcpu_match_mmio_gva(vcpu, addr)
+
+
+# -- the slow path's no-slot decision (kvm_handle_noslot_fault) -----------------------------------
+def handle_noslot_fault(vcpu: Vcpu, fault: KvmPageFault, access: int) -> int:
+    masks = vcpu.mmu.masks
+    vcpu_cache_mmio_info(vcpu, 0 if fault.is_tdp else fault.addr, fault.gfn, access & masks.mmio_access_mask)
+    if not masks.mmio_enabled:
+        return RET_PF_EMULATE
+    if fault.gfn > masks.max_gfn:
+        return RET_PF_EMULATE       # the gfn cannot be encoded in an spte
+    return RET_PF_CONTINUE
+
+
+def check_mmio_spte(vcpu: Vcpu, spte: int) -> bool:
+    vm = vcpu.vm
+    if vm.mmio_caching == "zap":
+        return True
+    gen = vm.memslots.generation(vcpu.as_id)
+    if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+        ok = False
+    else:
+        masks = vcpu.mmu.masks
+        ok = (gen & masks.gen.mask) == get_mmio_spte_generation(masks, spte)
+    vm.trace.emit("check_mmio_spte", spte=spte, kvm_gen=gen, spte_gen=get_mmio_spte_generation(vcpu.mmu.masks, spte),
+                  ok=ok)
+    return ok
+
+
+def handle_mmio_page_fault(vcpu: Vcpu, addr: int, direct: bool) -> int:
+    c = vcpu.counters
+    if mmio_info_in_cache(vcpu, addr, direct):
+        c["mmio_cache_hits"] += 1
+        vcpu.vm.trace.emit("vcpu_match_mmio", addr=addr, gpa=vcpu.mmio_gfn << 12, gva_match=not direct)
+        return RET_PF_EMULATE
+    reserved, spte = get_mmio_spte(vcpu, addr)
+    if reserved:
+        raise KvmBug(f"reserved bits set in a non-MMIO spte {spte:#x} on the walk for {addr:#x}")
+    masks = vcpu.mmu.masks
+    if is_mmio_spte(masks, spte):
+        gfn = get_mmio_spte_gfn(masks, spte)
+        access = get_mmio_spte_access(masks, spte)
+        if not check_mmio_spte(vcpu, spte):
+            c["mmio_fastpath_invalid"] += 1
+            return RET_PF_INVALID
+        if direct:
+            addr = 0
+        vcpu.vm.trace.emit("handle_mmio_page_fault", addr=addr, gfn=gfn, access=access)
+        vcpu_cache_mmio_info(vcpu, addr, gfn, access)
+        c["mmio_fastpath"] += 1
+        return RET_PF_EMULATE
+    return RET_PF_RETRY
+
+
+def get_mmio_spte(vcpu: Vcpu, addr: int) -> tuple[bool, int]:
+    """Lockless walk of the current root; check every present spte against KVM's reserved bits."""
+    mmu = vcpu.mmu
+    kvm = mmu.kvm
+    c = vcpu.counters
+    c["shadow_walks"] += 1
+    walked: list[tuple[int, int]] = []
+    for level, spte in mmu.shadow_walk(addr):
+        c["shadow_walk_steps"] += 1
+        walked.append((level, spte))
+        if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
+            break
+    if not walked:
+        return False, 0
+    rsvd0, rsvd1 = mmu.shadow_zero_check.rsvd
+    bad_mt = mmu.shadow_zero_check.bad_mt_xwr
+    for level, spte in walked:
+        if not spte & SPTE_MMU_PRESENT_MASK:
+            continue
+        if spte & (rsvd1 if spte & 0x80 else rsvd0)[level] or (bad_mt >> (spte & 0x3F)) & 1:
+            return True, spte
+    del kvm
+    return False, walked[-1][1]

@@ -1,0 +1,413 @@
+"""The VM-wide half of KVM's MMU (mmu.c): shadow pages, the gfn hash, rmaps, write protection,
+unsync, zapping, the page quota.  Per-vCPU state and the fault paths live in vcpu_mmu/paging/tdp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from ...errors import KvmBug
+from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage
+from .spte import (
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_MMU_PRESENT_MASK,
+    SpteMasks,
+    is_mmio_spte,
+    spte_to_pfn,
+)
+
+if TYPE_CHECKING:
+    from ..vm import VM
+
+_NONPRESENT_PAGE = SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512
+KVM_MIN_FREE_MMU_PAGES = 5
+KVM_REFILL_PAGES = 25
+
+
+class KvmMmu:
+    """Everything KVM's MMU keeps per VM (kvm->arch)."""
+
+    def __init__(self, vm: VM, masks: SpteMasks, max_mmu_pages: int | None = None) -> None:
+        self.vm = vm
+        self.host = vm.host
+        self.mem = vm.host.mem
+        self.masks = masks
+        self.stats = vm.stats
+        self.page_hash: dict[int, list[ShadowPage]] = {}
+        self.active_mmu_pages: dict[ShadowPage, None] = {}      # insertion order: oldest first
+        self.pages_by_pfn: dict[int, ShadowPage] = {}
+        self.rmap: dict[tuple[int, int], set[int]] = {}        # (as_id, gfn) -> leaf sptes
+        self.write_track: dict[int, int] = {}                    # gfn -> upper-level shadow pages
+        self.indirect_shadow_pages = 0
+        self.mmu_valid_gen = 0
+        self.n_used_mmu_pages = 0
+        self.n_max_mmu_pages = max_mmu_pages if max_mmu_pages is not None else 1 << 30
+
+    # -- spte access (KVM's tables are in host memory; the CPU walks them) ---------------------------
+    def read_spte(self, sptep: int) -> int:
+        return self.mem.read(sptep, 8)
+
+    def write_spte(self, sptep: int, value: int) -> None:
+        self.mem.write(sptep, 8, value)
+
+    def sptep_to_sp(self, sptep: int) -> ShadowPage:
+        return self.pages_by_pfn[sptep >> 12]
+
+    def spte_to_child_sp(self, spte: int) -> ShadowPage:
+        sp = self.pages_by_pfn.get(spte_to_pfn(spte))
+        if sp is None:
+            raise KvmBug(f"non-leaf spte {spte:#x} points at no shadow page")
+        return sp
+
+    # -- shadow page lifetime -------------------------------------------------------------------
+    def is_obsolete(self, sp: ShadowPage) -> bool:
+        return sp.invalid or sp.mmu_valid_gen != self.mmu_valid_gen
+
+    def pages_for_gfn(self, gfn: int) -> list[ShadowPage]:
+        return [sp for sp in self.page_hash.get(gfn, ()) if not self.is_obsolete(sp)]
+
+    def indirect_pages_for_gfn(self, gfn: int) -> Iterator[ShadowPage]:
+        """for_each_gfn_valid_sp_with_gptes."""
+        for sp in self.page_hash.get(gfn, ()):
+            if not self.is_obsolete(sp) and not sp.direct and not sp.role & ROLE_PASSTHROUGH:
+                yield sp
+
+    def alloc_page(self, gfn: int, role: int) -> ShadowPage:
+        hpa = self.host.alloc_kernel_page()
+        self.mem.write_bytes(hpa, _NONPRESENT_PAGE)
+        sp = ShadowPage(gfn, role, hpa, self.mmu_valid_gen)
+        self.pages_by_pfn[hpa >> 12] = sp
+        self.page_hash.setdefault(gfn, []).append(sp)
+        self.active_mmu_pages[sp] = None
+        self.n_used_mmu_pages += 1
+        if not sp.direct and not role & ROLE_PASSTHROUGH:
+            self.account_shadowed(sp)
+        self.vm.trace.emit("kvm_mmu_get_page", gfn=gfn, role=role, created=True)
+        return sp
+
+    def account_shadowed(self, sp: ShadowPage) -> None:
+        """A guest page table is shadowed: keep it write-protected (upper levels are write-tracked)."""
+        sp.accounted = True
+        self.indirect_shadow_pages += 1
+        if sp.level > 1:
+            self.write_track[sp.gfn] = self.write_track.get(sp.gfn, 0) + 1
+        if self.write_protect_gfn(sp.gfn):
+            self.flush_remote_tlbs()
+
+    def unaccount_shadowed(self, sp: ShadowPage) -> None:
+        sp.accounted = False
+        self.indirect_shadow_pages -= 1
+        if sp.level > 1:
+            n = self.write_track[sp.gfn] - 1
+            if n:
+                self.write_track[sp.gfn] = n
+            else:
+                del self.write_track[sp.gfn]
+
+    def is_write_tracked(self, gfn: int) -> bool:
+        return gfn in self.write_track
+
+    # -- rmaps and page statistics -------------------------------------------------------------
+    def rmap_add(self, as_id: int, gfn: int, sptep: int, level: int) -> None:
+        self.rmap.setdefault((as_id, gfn), set()).add(sptep)
+        self.stats[("pages_4k", "pages_2m", "pages_1g")[level - 1]] += 1
+
+    def rmap_remove(self, as_id: int, gfn: int, sptep: int, level: int) -> None:
+        sptes = self.rmap.get((as_id, gfn))
+        if sptes is None or sptep not in sptes:
+            raise KvmBug(f"rmap of gfn {gfn:#x} lacks spte at {sptep:#x}")
+        sptes.discard(sptep)
+        if not sptes:
+            del self.rmap[(as_id, gfn)]
+        self.stats[("pages_4k", "pages_2m", "pages_1g")[level - 1]] -= 1
+
+    def leaf_gfn(self, sp: ShadowPage, index: int) -> int:
+        return sp.gfn_at(index)
+
+    def drop_spte(self, sptep: int) -> None:
+        """Clear a present leaf spte and its rmap entry."""
+        sp = self.sptep_to_sp(sptep)
+        index = (sptep & 0xFFF) >> 3
+        self.rmap_remove(sp.role >> 24, sp.gfn_at(index), sptep, sp.level)
+        self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
+
+    def write_protect_gfn(self, gfn: int, as_id: int = 0) -> bool:
+        """Clear W in every spte mapping gfn; True if something changed (a TLB flush is due)."""
+        changed = False
+        for sptep in list(self.rmap.get((as_id, gfn), ())):
+            spte = self.read_spte(sptep)
+            if spte & 2:
+                self.write_spte(sptep, spte & ~(2 | self.masks.mmu_writable))
+                changed = True
+        return changed
+
+    # -- linking ----------------------------------------------------------------------------------
+    def link_shadow_page(self, sptep: int, child: ShadowPage) -> None:
+        m = self.masks
+        spte = child.hpa | SPTE_MMU_PRESENT_MASK | m.present | 2 | m.user | m.x | m.accessed
+        self.write_spte(sptep, spte)
+        child.parent_ptes.add(sptep)
+        if child.unsync or child.unsync_children:
+            self.mark_unsync(sptep)
+
+    def drop_parent_pte(self, child: ShadowPage, sptep: int) -> None:
+        child.parent_ptes.discard(sptep)
+        self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
+
+    # -- unsync ----------------------------------------------------------------------------------
+    def mark_unsync(self, sptep: int) -> None:
+        """Record in the parent of sptep (and upwards) that a child below has unsync pages."""
+        sp = self.sptep_to_sp(sptep)
+        index = (sptep & 0xFFF) >> 3
+        if index in sp.unsync_children:
+            return
+        sp.unsync_children.add(index)
+        if len(sp.unsync_children) == 1:
+            for parent in list(sp.parent_ptes):
+                self.mark_unsync(parent)
+
+    def clear_unsync_child_bit(self, sp: ShadowPage, index: int) -> None:
+        sp.unsync_children.discard(index)
+
+    def unsync_page(self, sp: ShadowPage) -> None:
+        sp.unsync = True
+        self.stats["mmu_unsync"] += 1
+        self.vm.trace.emit("kvm_mmu_unsync_page", gfn=sp.gfn, role=sp.role)
+        for parent in list(sp.parent_ptes):
+            self.mark_unsync(parent)
+
+    def unlink_unsync_page(self, sp: ShadowPage) -> None:
+        sp.unsync = False
+        self.stats["mmu_unsync"] -= 1
+
+    def try_to_unsync_pages(self, gfn: int, synchronizing: bool, prefetch: bool) -> bool:
+        """mmu_try_to_unsync_pages: True if the gfn may be mapped writable."""
+        if self.is_write_tracked(gfn):
+            return False
+        for sp in self.indirect_pages_for_gfn(gfn):
+            if synchronizing:
+                return False
+            if sp.unsync:
+                continue
+            if prefetch:
+                return False
+            if sp.level != 1:
+                raise KvmBug(f"unsyncing an upper-level shadow page {sp!r}")
+            self.unsync_page(sp)
+        return True
+
+    # -- zapping -----------------------------------------------------------------------------------
+    def mmu_page_zap_pte(self, sp: ShadowPage, sptep: int, invalid_list: list[ShadowPage] | None) -> bool:
+        """Clear one spte of sp; True if it was shadow-present (a flush is due)."""
+        spte = self.read_spte(sptep)
+        if spte & SPTE_MMU_PRESENT_MASK:
+            if sp.level == 1 or spte & 0x80:
+                self.drop_spte(sptep)
+            else:
+                child = self.spte_to_child_sp(spte)
+                self.drop_parent_pte(child, sptep)
+                sp.unsync_children.discard((sptep & 0xFFF) >> 3)
+                if (invalid_list is not None and child.role & (1 << 17) and not child.parent_ptes
+                        and self.vm.tdp_enabled):
+                    self.prepare_zap_page(child, invalid_list)
+            return True
+        if is_mmio_spte(self.masks, spte):
+            self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
+        return False
+
+    def prepare_zap_page(self, sp: ShadowPage, invalid_list: list[ShadowPage]) -> bool:
+        """__kvm_mmu_prepare_zap_page: unlink sp everywhere; returns True if it went to invalid_list."""
+        if sp.invalid and sp not in self.active_mmu_pages:
+            return False
+        self.stats["mmu_shadow_zapped"] += 1
+        self.vm.trace.emit("kvm_mmu_prepare_zap_page", gfn=sp.gfn, role=sp.role)
+        if sp.unsync_children:
+            self._zap_unsync_children(sp, invalid_list)
+        for i in range(512):
+            self.mmu_page_zap_pte(sp, sp.sptep(i), invalid_list)
+        for parent in list(sp.parent_ptes):
+            psp = self.sptep_to_sp(parent)
+            psp.unsync_children.discard((parent & 0xFFF) >> 3)
+            self.drop_parent_pte(sp, parent)
+        if not sp.invalid and sp.accounted:
+            self.unaccount_shadowed(sp)
+        if sp.unsync:
+            self.unlink_unsync_page(sp)
+        was_invalid = sp.invalid
+        sp.invalid = True
+        sp.role |= ROLE_INVALID
+        if sp.root_count == 0:
+            self._unhash(sp)
+            del self.active_mmu_pages[sp]
+            self.n_used_mmu_pages -= 1
+            invalid_list.append(sp)
+            return True
+        if not was_invalid:
+            # Still a root of some vCPU: it stays pinned (and invalid) until the vCPU drops it.
+            self.vm.request_all("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
+        return False
+
+    def _zap_unsync_children(self, sp: ShadowPage, invalid_list: list[ShadowPage]) -> None:
+        for child in self._unsync_descendants(sp):
+            self.prepare_zap_page(child, invalid_list)
+
+    def _unsync_descendants(self, sp: ShadowPage) -> list[ShadowPage]:
+        out: list[ShadowPage] = []
+        for index in sorted(sp.unsync_children):
+            spte = self.read_spte(sp.sptep(index))
+            if not spte & SPTE_MMU_PRESENT_MASK:
+                continue
+            child = self.pages_by_pfn.get(spte_to_pfn(spte))
+            if child is None:
+                continue
+            if child.unsync:
+                out.append(child)
+            if child.unsync_children:
+                out.extend(self._unsync_descendants(child))
+        return out
+
+    def _unhash(self, sp: ShadowPage) -> None:
+        bucket = self.page_hash.get(sp.gfn)
+        if bucket is not None and sp in bucket:
+            bucket.remove(sp)
+            if not bucket:
+                del self.page_hash[sp.gfn]
+
+    def commit_zap_page(self, invalid_list: list[ShadowPage]) -> None:
+        """kvm_mmu_commit_zap_page: flush every vCPU's TLB, then free the pages."""
+        if not invalid_list:
+            return
+        self.flush_remote_tlbs()
+        for sp in invalid_list:
+            self.pages_by_pfn.pop(sp.hpa >> 12, None)
+            self.host.free_kernel_page(sp.hpa)
+        invalid_list.clear()
+
+    def zap_page(self, sp: ShadowPage) -> None:
+        invalid: list[ShadowPage] = []
+        self.prepare_zap_page(sp, invalid)
+        self.commit_zap_page(invalid)
+
+    def zap_all(self) -> None:
+        """kvm_mmu_zap_all: every shadow page, now."""
+        invalid: list[ShadowPage] = []
+        for sp in list(self.active_mmu_pages):
+            if sp in self.active_mmu_pages:
+                self.prepare_zap_page(sp, invalid)
+        self.commit_zap_page(invalid)
+
+    def zap_all_fast(self) -> None:
+        """kvm_mmu_zap_all_fast: make every page obsolete, have vCPUs drop their roots, zap the rest."""
+        self.mmu_valid_gen ^= 1
+        self.vm.trace.emit("kvm_mmu_zap_all_fast", mmu_valid_gen=self.mmu_valid_gen)
+        self.vm.request_all("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
+        invalid: list[ShadowPage] = []
+        for sp in list(self.active_mmu_pages):
+            if sp in self.active_mmu_pages and sp.mmu_valid_gen != self.mmu_valid_gen:
+                self.prepare_zap_page(sp, invalid)
+        self.commit_zap_page(invalid)
+
+    def zap_gfn_range(self, as_id: int, start: int, end: int) -> None:
+        """Zap leaf mappings of gfns in [start, end) and the shadow pages of those gfns."""
+        invalid: list[ShadowPage] = []
+        flush = False
+        for (a, gfn), sptes in list(self.rmap.items()):
+            if a == as_id and start <= gfn < end:
+                for sptep in list(sptes):
+                    self.drop_spte(sptep)
+                    flush = True
+        for gfn in [g for g in self.page_hash if start <= g < end]:
+            for sp in list(self.page_hash.get(gfn, ())):
+                self.prepare_zap_page(sp, invalid)
+        if flush and not invalid:
+            self.flush_remote_tlbs()
+        self.commit_zap_page(invalid)
+
+    def make_mmu_pages_available(self) -> None:
+        """Recycle the oldest shadow pages when the quota runs low (mmu_recycled)."""
+        avail = self.n_max_mmu_pages - self.n_used_mmu_pages
+        if avail >= KVM_MIN_FREE_MMU_PAGES:
+            return
+        want = KVM_REFILL_PAGES - avail
+        invalid: list[ShadowPage] = []
+        zapped = 0
+        for sp in list(self.active_mmu_pages):
+            if zapped >= want:
+                break
+            if sp.root_count or sp not in self.active_mmu_pages:
+                continue
+            if self.prepare_zap_page(sp, invalid):
+                zapped += 1
+        self.stats["mmu_recycled"] += zapped
+        self.commit_zap_page(invalid)
+
+    # -- emulated writes to shadowed guest tables (kvm_mmu_track_write) --------------------------------
+    def track_write(self, gpa: int, nbytes: int, as_id: int = 0) -> None:
+        if not self.indirect_shadow_pages:
+            return
+        self.stats["mmu_pte_write"] += 1
+        gfn = gpa >> 12
+        invalid: list[ShadowPage] = []
+        flush = False
+        for sp in list(self.indirect_pages_for_gfn(gfn)):
+            if sp.invalid:
+                continue
+            if _write_misaligned(sp, gpa, nbytes) or _write_flooding(sp):
+                self.prepare_zap_page(sp, invalid)
+                self.stats["mmu_flooded"] += 1
+                continue
+            pte_size = 4 if sp.role & (1 << 4) else 8
+            gentry = self.vm.read_guest_quiet(gpa & ~(pte_size - 1), pte_size)
+            for sptep in _written_sptes(sp, gpa):
+                entry = self.read_spte(sptep)
+                self.mmu_page_zap_pte(sp, sptep, None)
+                if gentry and sp.level != 1:
+                    self.stats["mmu_pde_zapped"] += 1
+                if entry & SPTE_MMU_PRESENT_MASK:
+                    flush = True
+        self.vm.trace.emit("kvm_mmu_track_write", gpa=gpa, bytes=nbytes)
+        if invalid:
+            self.commit_zap_page(invalid)
+        elif flush:
+            self.flush_remote_tlbs()
+
+    # -- TLB flushing --------------------------------------------------------------------------
+    def flush_remote_tlbs(self) -> None:
+        self.stats["remote_tlb_flush_requests"] += 1
+        self.stats["remote_tlb_flush"] += 1
+        self.vm.request_all("KVM_REQ_TLB_FLUSH")
+
+
+def _write_misaligned(sp: ShadowPage, gpa: int, nbytes: int) -> bool:
+    """A write that is not one whole gpte (single-byte writes at a gpte start are allowed)."""
+    offset = gpa & 0xFFF
+    pte_size = 4 if sp.role & (1 << 4) else 8
+    if not offset & (pte_size - 1) and nbytes == 1:
+        return False
+    return bool((offset ^ (offset + nbytes - 1)) & ~(pte_size - 1)) or nbytes < 4
+
+
+def _write_flooding(sp: ShadowPage) -> bool:
+    """Three emulated writes to an upper-level table without a fault through it: stop shadowing it."""
+    if sp.level == 1:
+        return False
+    sp.write_flooding_count += 1
+    return sp.write_flooding_count >= 3
+
+
+def _written_sptes(sp: ShadowPage, gpa: int) -> list[int]:
+    """The sptes of sp that shadow the gpte at gpa (two for a 32-bit PDE: it maps 4 MiB)."""
+    offset = gpa & 0xFFF
+    n = 1
+    if sp.role & (1 << 4):
+        offset <<= 1
+        if sp.level == 2:
+            offset = (offset & ~7) << 1
+            n = 2
+        quadrant = offset >> 12
+        offset &= 0xFFF
+        if quadrant != (sp.role >> 5) & 3:
+            return []
+    first = sp.hpa + (offset & ~7)
+    return [first + 8 * i for i in range(n)]

@@ -1,0 +1,106 @@
+"""Shadow pages (`struct kvm_mmu_page`) and their role word (`union kvm_mmu_page_role`)."""
+
+from __future__ import annotations
+
+# Role bit positions (current layout).
+ROLE_LEVEL_MASK = 0xF
+ROLE_HAS_4_BYTE_GPTE = 1 << 4
+ROLE_QUADRANT_SHIFT = 5
+ROLE_DIRECT = 1 << 7
+ROLE_ACCESS_SHIFT = 8
+ROLE_INVALID = 1 << 11
+ROLE_EFER_NX = 1 << 12
+ROLE_CR0_WP = 1 << 13
+ROLE_SMEP_ANDNOT_WP = 1 << 14
+ROLE_SMAP_ANDNOT_WP = 1 << 15
+ROLE_AD_DISABLED = 1 << 16
+ROLE_GUEST_MODE = 1 << 17
+ROLE_PASSTHROUGH = 1 << 18
+ROLE_SMM_SHIFT = 24
+
+
+def make_role(level: int, *, has_4_byte_gpte: bool = False, quadrant: int = 0, direct: bool = False,
+              access: int = 7, efer_nx: bool = True, cr0_wp: bool = False, smep_andnot_wp: bool = False,
+              smap_andnot_wp: bool = False, ad_disabled: bool = False, guest_mode: bool = False,
+              passthrough: bool = False, smm: int = 0) -> int:
+    return (level | (ROLE_HAS_4_BYTE_GPTE if has_4_byte_gpte else 0) | (quadrant << ROLE_QUADRANT_SHIFT)
+            | (ROLE_DIRECT if direct else 0) | (access << ROLE_ACCESS_SHIFT) | (ROLE_EFER_NX if efer_nx else 0)
+            | (ROLE_CR0_WP if cr0_wp else 0) | (ROLE_SMEP_ANDNOT_WP if smep_andnot_wp else 0)
+            | (ROLE_SMAP_ANDNOT_WP if smap_andnot_wp else 0) | (ROLE_AD_DISABLED if ad_disabled else 0)
+            | (ROLE_GUEST_MODE if guest_mode else 0) | (ROLE_PASSTHROUGH if passthrough else 0)
+            | (smm << ROLE_SMM_SHIFT))
+
+
+def role_level(role: int) -> int:
+    return role & ROLE_LEVEL_MASK
+
+
+def role_access(role: int) -> int:
+    return (role >> ROLE_ACCESS_SHIFT) & 7
+
+
+def role_quadrant(role: int) -> int:
+    return (role >> ROLE_QUADRANT_SHIFT) & 3
+
+
+def child_role(parent: int, index: int, direct: bool, access: int) -> int:
+    """kvm_mmu_child_role: one level down, new access/direct, quadrant from the parent index."""
+    role = (parent & ~(ROLE_LEVEL_MASK | ROLE_DIRECT | (7 << ROLE_ACCESS_SHIFT) | ROLE_PASSTHROUGH
+                       | (3 << ROLE_QUADRANT_SHIFT)))
+    role |= (role_level(parent) - 1) | (ROLE_DIRECT if direct else 0) | (access << ROLE_ACCESS_SHIFT)
+    if parent & ROLE_HAS_4_BYTE_GPTE:
+        # A 4-byte PDE covers 4 MiB, i.e. two PAE page tables: which half is this child?
+        role |= (index & 1) << ROLE_QUADRANT_SHIFT
+    return role
+
+
+def describe_role(role: int) -> str:
+    parts = [f"level={role_level(role)}"]
+    for name, bit in (("direct", ROLE_DIRECT), ("4byte", ROLE_HAS_4_BYTE_GPTE), ("invalid", ROLE_INVALID),
+                      ("cr0_wp", ROLE_CR0_WP), ("guest_mode", ROLE_GUEST_MODE)):
+        if role & bit:
+            parts.append(name)
+    parts.append(f"access={role_access(role):o}")
+    if role & ROLE_HAS_4_BYTE_GPTE:
+        parts.append(f"quadrant={role_quadrant(role)}")
+    return " ".join(parts)
+
+
+class ShadowPage:
+    """One page of KVM's tables: 512 sptes in host memory at `hpa`, shadowing `gfn` under `role`."""
+
+    __slots__ = ("gfn", "role", "level", "direct", "hpa", "parent_ptes", "root_count", "unsync",
+                 "unsync_children", "write_flooding_count", "mmu_valid_gen", "shadowed_translation",
+                 "accounted", "invalid", "tdp")
+
+    def __init__(self, gfn: int, role: int, hpa: int, mmu_valid_gen: int) -> None:
+        self.gfn = gfn
+        self.role = role
+        self.level = role & ROLE_LEVEL_MASK
+        self.direct = bool(role & ROLE_DIRECT)
+        self.hpa = hpa
+        self.parent_ptes: set[int] = set()
+        self.root_count = 0
+        self.unsync = False
+        self.unsync_children: set[int] = set()
+        self.write_flooding_count = 0
+        self.mmu_valid_gen = mmu_valid_gen
+        # (gfn << 12) | access of what each leaf spte maps; indirect pages only.
+        self.shadowed_translation: list[int] | None = None if self.direct else [0] * 512
+        self.accounted = False
+        self.invalid = False
+        self.tdp = False
+
+    def sptep(self, index: int) -> int:
+        return self.hpa + 8 * index
+
+    def gfn_at(self, index: int) -> int:
+        """kvm_mmu_page_get_gfn."""
+        if self.shadowed_translation is not None:
+            return self.shadowed_translation[index] >> 12
+        if self.role & ROLE_PASSTHROUGH:
+            return self.gfn
+        return self.gfn + (index << (9 * (self.level - 1)))
+
+    def __repr__(self) -> str:
+        return f"<sp gfn={self.gfn:#x} {describe_role(self.role)}{' unsync' if self.unsync else ''}>"

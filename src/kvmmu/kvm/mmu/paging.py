@@ -1,0 +1,256 @@
+"""Shadow paging (paging_tmpl.h): the guest walk on a fault, FNAME(fetch), prefetch and sync.
+
+The guest walk is the arch walker reading guest memory through memslots (KVM's A/D rules:
+A/D only after a successful walk).  Shadow pages for guest tables carry, in their role, the access
+accumulated above them; guest large pages are mapped by direct shadow pages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK, PT32_ADDR_MASK, PT64_ADDR_MASK
+from ...arch.walker import Walk, walk
+from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
+from .page import ShadowPage
+from .pf import (
+    RET_PF_CONTINUE,
+    RET_PF_EMULATE,
+    RET_PF_RETRY,
+    RET_PF_SPURIOUS,
+    KvmPageFault,
+)
+from .spte import (
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_MMU_PRESENT_MASK,
+    get_mmio_spte_gfn,
+    is_mmio_spte,
+)
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+    from .context import VcpuMmu
+
+ACC_WRITE = 2
+
+
+def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
+    """walk_addr_generic over the guest's tables, with protect_clean_gpte for non-writes."""
+    vcpu = mmu.vcpu
+    vcpu.counters["guest_walks"] += 1
+    ctx = mmu.cpu_role
+    pdptrs = mmu.pdptrs if ctx.mode.pae_pdptes else None
+    w = walk(ctx, vcpu.pte_reader, vcpu.cr3, addr, access, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
+    vcpu.vm.trace.emit("kvm_mmu_pagetable_walk", addr=addr, pferr=access, fault=w.fault,
+                       error_code=w.error_code, gpa=w.gpa)
+    if not w.fault and not access & 2 and not w.ptes[w.level] & 0x40 and ctx.mode.root_level:
+        w.pte_access &= ~ACC_WRITE        # keep clean pages read-only so the first write sets D
+    return w
+
+
+def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
+    """FNAME(page_fault) for an indirect (shadow) MMU."""
+    vcpu = mmu.vcpu
+    kvm = mmu.kvm
+    access = fault.error_code & ~PFERR_RSVD_MASK & ((1 << 32) - 1 | PFERR_IMPLICIT_ACCESS)
+    w = guest_walk(mmu, fault.addr, access)
+    if w.fault:
+        if not fault.prefetch:
+            vcpu.inject_page_fault(w.error_code, fault.addr)
+        return RET_PF_RETRY
+    fault.gfn = w.gpa >> 12
+    fault.slot = vcpu.gfn_to_memslot(fault.gfn)
+    if not fault.rsvd and fault.present and fault.write and kvm.is_write_tracked(fault.gfn):
+        _clear_flood_along(mmu, fault.addr)
+        return RET_PF_EMULATE              # a write to a (write-tracked) upper-level guest table
+    kvm.make_mmu_pages_available()
+    fault.max_level = w.level
+    r = faultin_pfn(mmu, fault, w.pte_access)
+    if r != RET_PF_CONTINUE:
+        return r
+    pte_access = w.pte_access
+    ctx = mmu.cpu_role
+    if fault.write and not pte_access & ACC_WRITE and not ctx.wp and not fault.user and fault.slot is not None:
+        # CR0.WP=0: a supervisor write to a read-only page is allowed; map it writable for the
+        # kernel only (and not executable with SMEP), the role bits keep such pages apart.
+        pte_access = (pte_access | ACC_WRITE) & ~4
+        if ctx.smep:
+            pte_access &= ~1
+    if not mmu.root_valid:
+        return RET_PF_RETRY
+    return fetch(mmu, fault, w, pte_access)
+
+
+def _clear_flood_along(mmu: VcpuMmu, addr: int) -> None:
+    for _level, sptep in mmu.shadow_walk_ptrs(addr):
+        mmu.kvm.sptep_to_sp(sptep).write_flooding_count = 0
+
+
+def _top_table(mmu: VcpuMmu, addr: int) -> tuple[int, int]:
+    """(table host address, level) where FNAME(fetch) starts below any PAE root."""
+    if mmu.root_level == 3:
+        sp = mmu.pae_sps[(addr >> 30) & 3]
+        return (sp.hpa if sp is not None else 0), 2
+    return mmu.root_hpa, mmu.root_level
+
+
+def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
+    kvm = mmu.kvm
+    addr = fault.addr
+    table, level = _top_table(mmu, addr)
+    if not table:
+        return RET_PF_RETRY
+    while level > w.level:
+        sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
+        kvm.sptep_to_sp(sptep).write_flooding_count = 0
+        child, linked = get_child_sp(mmu, sptep, w.table_gfns[level - 1], False, w.pt_access[level - 1])
+        if not linked:
+            if child.unsync_children:
+                mmu.sync_children(child)
+            kvm.link_shadow_page(sptep, child)
+        table = child.hpa
+        level -= 1
+    goal = 1                                    # host memory is 4 KiB pages: no huge sptes
+    while level > goal:
+        sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
+        spte = kvm.read_spte(sptep)
+        if spte & SPTE_MMU_PRESENT_MASK and not spte & 0x80:
+            child = kvm.spte_to_child_sp(spte)
+            if (child.role >> 8) & 7 != pte_access:
+                kvm.drop_parent_pte(child, sptep)     # validate_direct_spte
+                kvm.flush_remote_tlbs()
+        base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
+        child, linked = get_child_sp(mmu, sptep, base_gfn, True, pte_access)
+        if not linked:
+            kvm.link_shadow_page(sptep, child)
+        table = child.hpa
+        level -= 1
+    sptep = table + 8 * ((addr >> 12) & 511)
+    ret = mmu_set_spte(mmu, fault.slot, sptep, pte_access, fault.gfn, fault.pfn, fault,
+                       host_writable=fault.map_writable)
+    if ret == RET_PF_SPURIOUS:
+        return ret
+    pte_prefetch(mmu, w, sptep)
+    return ret
+
+
+# -- guest pte helpers ---------------------------------------------------------------------------
+def _gpte_size(mmu: VcpuMmu) -> int:
+    return mmu.cpu_role.mode.entry_size
+
+
+def _gpte_access(mmu: VcpuMmu, gpte: int) -> int:
+    return (gpte & 6) | (1 ^ (gpte >> 63) if mmu.cpu_role.mode.has_nx else 1)
+
+
+def _gpte_gfn(mmu: VcpuMmu, gpte: int) -> int:
+    return (gpte & (PT32_ADDR_MASK if _gpte_size(mmu) == 4 else PT64_ADDR_MASK)) >> 12
+
+
+def _prefetch_invalid_gpte(mmu: VcpuMmu, gpte: int) -> bool:
+    """Not present, not accessed, or with reserved bits: such a gpte is never mapped ahead."""
+    if gpte < 0 or not gpte & 1 or not gpte & 0x20:
+        return True
+    return bool(gpte & mmu.cpu_role.rsvd[0][1])
+
+
+def _first_gpte_gpa(mmu: VcpuMmu, sp: ShadowPage) -> int:
+    size = _gpte_size(mmu)
+    offset = ((sp.role >> 5) & 3) << 9 if size == 4 else 0
+    return (sp.gfn << 12) + offset * size
+
+
+def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
+    """FNAME(pte_prefetch): map the accessed neighbours of a just-mapped 4 KiB gpte."""
+    kvm = mmu.kvm
+    sp = kvm.sptep_to_sp(sptep)
+    if sp.level != 1:
+        return
+    if sp.direct:
+        direct_pte_prefetch(mmu, sptep)
+        return
+    vcpu = mmu.vcpu
+    size = _gpte_size(mmu)
+    first = _first_gpte_gpa(mmu, sp)
+    base_index = ((sptep & 0xFFF) >> 3) & ~7
+    reader = vcpu.pte_reader
+    vcpu.counters["memslot_lookups"] += 1     # the group is read with one atomic guest read
+    for i in range(base_index, base_index + 8):
+        ptr = sp.sptep(i)
+        if ptr == sptep:
+            continue
+        spte = kvm.read_spte(ptr)
+        if spte & SPTE_MMU_PRESENT_MASK:
+            continue
+        hva = _hva_or(vcpu, first + i * size)
+        gpte = reader.mem.read(hva, size) if hva >= 0 else -1
+        if _prefetch_invalid_gpte(mmu, gpte):
+            if is_mmio_spte(mmu.masks, spte):
+                kvm.write_spte(ptr, SHADOW_NONPRESENT_VALUE)
+            continue
+        gfn = _gpte_gfn(mmu, gpte)
+        access = ((sp.role >> 8) & 7) & _gpte_access(mmu, gpte)
+        if not gpte & 0x40:
+            access &= ~ACC_WRITE
+        slot = vcpu.gfn_to_memslot(gfn)
+        if slot is None or slot.invalid or (slot.flags & 1 and access & ACC_WRITE):
+            continue
+        hva = slot.gfn_to_hva(gfn)
+        if not mmu.vm.host_resident(hva):
+            continue
+        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None, host_writable=not slot.readonly)
+
+
+def _hva_or(vcpu: Vcpu, gpa: int) -> int:
+    slot = vcpu.vm.memslots.spaces[0].search(gpa >> 12)
+    if slot is None or slot.invalid:
+        return -1
+    return slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+
+
+def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
+    """FNAME(sync_spte): re-read one gpte of an unsync page; <0 zap the page, 1 flush, 0 nothing."""
+    kvm = mmu.kvm
+    sptep = sp.sptep(i)
+    spte = kvm.read_spte(sptep)
+    mmio = is_mmio_spte(mmu.masks, spte)
+    if not spte & SPTE_MMU_PRESENT_MASK and not mmio:
+        return 0
+    size = _gpte_size(mmu)
+    gpte = mmu.vcpu.pte_reader.read_pte(_first_gpte_gpa(mmu, sp) + i * size, size)
+    if gpte < 0:
+        return -1
+    if _prefetch_invalid_gpte(mmu, gpte):
+        if mmio:
+            kvm.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
+            return 0
+        kvm.drop_spte(sptep)
+        return 1
+    gfn = _gpte_gfn(mmu, gpte)
+    access = ((sp.role >> 8) & 7) & _gpte_access(mmu, gpte)
+    if not gpte & 0x40:
+        access &= ~ACC_WRITE
+    if mmio:
+        # sync_mmio_spte: a different gfn now means the cached MMIO translation is dead.
+        if gfn != get_mmio_spte_gfn(mmu.masks, spte):
+            kvm.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
+        else:
+            from .install import mark_mmio_spte
+            mark_mmio_spte(mmu, sptep, gfn, access)
+        return 0
+    if gfn != sp.gfn_at(i):
+        kvm.drop_spte(sptep)
+        return 1
+    sp.shadowed_translation[i] = (gfn << 12) | access
+    from .install import build_spte
+    slot = mmu.vcpu.gfn_to_memslot(gfn)
+    host_writable = bool(spte & mmu.masks.host_writable)
+    new, _ = build_spte(mmu, sp, slot, access, gfn, (spte >> 12) & ((1 << 40) - 1), spte, False, True,
+                        host_writable)
+    if new == spte:
+        return 0
+    kvm.write_spte(sptep, new)
+    return 1 if (spte & ~new) & 0x7 or (new & ~spte) & (1 << 63) else 0
+
+
+__all__ = ["RET_PF_EMULATE", "fetch", "guest_walk", "page_fault", "pte_prefetch", "sync_spte"]

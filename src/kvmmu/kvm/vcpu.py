@@ -1,0 +1,370 @@
+"""A vCPU: the register state the MMU needs, the run loop of one guest access, and KVM's requests.
+
+`access()` is the life of one guest memory access: the modelled CPU translates it (TLB, then KVM's
+tables); an exit runs KVM (`kvm_mmu_page_fault`), which fixes the tables and resumes, injects a #PF
+into the guest, or emulates the access (in-kernel device, RAM, or KVM_EXIT_MMIO to the VMM).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..arch.bits import (
+    EFER_LMA,
+    EFER_LME,
+    EFER_NX,
+    PF_VECTOR,
+    PFERR_FETCH_MASK,
+    PFERR_IMPLICIT_ACCESS,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    PT64_ADDR_MASK,
+    X86_CR0_PG,
+    X86_CR0_WP,
+    X86_CR4_LA57,
+    X86_CR4_PAE,
+    X86_CR4_PKE,
+    X86_CR4_PSE,
+    X86_CR4_SMAP,
+    X86_CR4_SMEP,
+    X86_EFLAGS_AC,
+)
+from ..errors import InvalidArgument, KvmBug
+from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu
+from .emulate import MmioExit, emulate_access
+from .memslots import Memslot
+from .mmu.context import VcpuMmu
+from .mmu.fault import kvm_mmu_page_fault
+from .mmu.guest_reader import GuestPteReader
+from .mmu.pf import RET_PF_EMULATE
+from .stats import MODEL_COUNTERS, VCPU_STATS, Stats
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+ACCESS_KINDS = ("read", "write", "fetch")
+ACCESS_SIZES = (1, 2, 4, 8, 16)
+_CR0_ROLE_BITS = X86_CR0_PG | X86_CR0_WP
+_CR4_ROLE_BITS = X86_CR4_PSE | X86_CR4_PAE | X86_CR4_SMEP | X86_CR4_SMAP | X86_CR4_PKE | X86_CR4_LA57
+_EFER_ROLE_BITS = EFER_NX | EFER_LMA
+_MAX_ENTRIES = 64
+
+
+@dataclass(frozen=True)
+class GuestFault:
+    """An exception delivered to the guest: what its handler would see."""
+
+    vector: int
+    error_code: int = 0
+    cr2: int | None = None
+
+    def __repr__(self) -> str:
+        if self.vector == PF_VECTOR:
+            return f"#PF(error_code={self.error_code:#x}, cr2={self.cr2:#x})"
+        return f"exception(vector={self.vector}, error_code={self.error_code:#x})"
+
+
+@dataclass
+class AccessResult:
+    value: int | None = None
+    fault: GuestFault | None = None
+    exits: list[MmioExit] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.fault is None
+
+
+class Vcpu:
+    def __init__(self, vm: VM, vcpu_id: int) -> None:
+        self.vm = vm
+        self.id = vcpu_id
+        self.cr0 = 0
+        self.cr3 = 0
+        self.cr4 = 0
+        self.efer = 0
+        self.cr2 = 0
+        self.cpl = 0
+        self.rflags = 0x2
+        self.pkru = 0
+        self.stats = Stats(VCPU_STATS)
+        self.counters = Stats(MODEL_COUNTERS)
+        self.mmio_gva = 0
+        self.mmio_gfn = 0
+        self.mmio_access = 0
+        self.mmio_gen = 0
+        self.as_id = 0
+        self.mmu_is_nested = False
+        self.last_used_slot: list[Memslot | None] = [None]
+        # kvm_vcpu_reset flushes the guest TLB: the real /dev/kvm shows tlb_flush=1 on a first run.
+        self.requests: set[str] = {"KVM_REQ_TLB_FLUSH_GUEST"}
+        self.pending_exception: GuestFault | None = None
+        self.pte_reader = GuestPteReader(self)
+        self.mmu = VcpuMmu(self)
+        self.cpu = Cpu(self)
+
+    # -- state -----------------------------------------------------------------------------------
+    @property
+    def ac(self) -> bool:
+        return bool(self.rflags & X86_EFLAGS_AC)
+
+    def set_sregs(self, *, cr0: int | None = None, cr3: int | None = None, cr4: int | None = None,
+                  efer: int | None = None, cpl: int | None = None, rflags: int | None = None,
+                  pkru: int | None = None) -> None:
+        """KVM_SET_SREGS (+ the PKRU/RFLAGS the MMU reads): validated first, applied all at once."""
+        new = {"cr0": self.cr0 if cr0 is None else cr0, "cr3": self.cr3 if cr3 is None else cr3,
+               "cr4": self.cr4 if cr4 is None else cr4, "efer": self.efer if efer is None else efer}
+        for name, value in new.items():
+            if not isinstance(value, int) or value < 0 or value >> 64:
+                raise InvalidArgument(name, value, "control registers are unsigned 64-bit integers")
+        if cpl is not None and cpl not in (0, 1, 2, 3):
+            raise InvalidArgument("cpl", cpl, "CPL is 0, 1, 2 or 3")
+        if pkru is not None and not 0 <= pkru < 1 << 32:
+            raise InvalidArgument("pkru", pkru, "PKRU is a 32-bit register")
+        efer_v = new["efer"]
+        if new["cr0"] & X86_CR0_PG and efer_v & EFER_LME:
+            if not new["cr4"] & X86_CR4_PAE:
+                raise InvalidArgument("cr4", new["cr4"], "long mode paging (EFER.LME, CR0.PG) needs CR4.PAE")
+            efer_v |= EFER_LMA
+        else:
+            efer_v &= ~EFER_LMA
+        if new["cr4"] & X86_CR4_LA57 and not efer_v & EFER_LMA:
+            raise InvalidArgument("cr4", new["cr4"], "CR4.LA57 is only valid in long mode")
+        pdptrs = self._load_pdptrs(new["cr3"]) if new["cr0"] & X86_CR0_PG and new["cr4"] & X86_CR4_PAE \
+            and not efer_v & EFER_LMA else None
+        self.cr0, self.cr3, self.cr4, self.efer = new["cr0"], new["cr3"], new["cr4"], efer_v
+        if cpl is not None:
+            self.cpl = cpl
+        if rflags is not None:
+            self.rflags = rflags | 2
+        if pkru is not None:
+            self.pkru = pkru
+        if pdptrs is not None:
+            self.mmu.pdptrs = pdptrs
+        self.reset_mmu_context()
+
+    def _load_pdptrs(self, cr3: int) -> tuple[int, ...]:
+        """load_pdptrs: PAE's four PDPTEs are read at CR3 load; reserved bits there are a #GP."""
+        base = cr3 & 0xFFFFFFE0
+        ptes = tuple(self.vm.read_guest_quiet(base + 8 * i, 8) for i in range(4))
+        rsvd = (1 << 63) | (((1 << 63) - 1) & ~((1 << self.vm.guest_maxphyaddr) - 1)) | 0x1E6
+        for i, pte in enumerate(ptes):
+            if pte & 1 and pte & rsvd:
+                raise InvalidArgument("pdpte", pte, f"PDPTE {i} has reserved bits set (MOV CR3 would #GP)")
+        return ptes
+
+    def reset_mmu_context(self) -> None:
+        """kvm_mmu_reset_context: drop every root; the next entry builds them for the new role."""
+        self.mmu.unload()
+        self.mmu.init_context()
+        self.cpu.flush()
+
+    # -- guest-side control-register writes (intercepted under shadow paging) -----------------------
+    def write_cr0(self, value: int) -> None:
+        self._exit()
+        old = self.cr0
+        self.set_sregs(cr0=value) if (old ^ value) & _CR0_ROLE_BITS else setattr(self, "cr0", value)
+
+    def write_cr4(self, value: int) -> None:
+        self._exit()
+        if (self.cr4 ^ value) & _CR4_ROLE_BITS:
+            self.set_sregs(cr4=value)
+        else:
+            self.cr4 = value
+            self.cpu.flush()
+
+    def write_efer(self, value: int) -> None:
+        self._exit()
+        if (self.efer ^ value) & (_EFER_ROLE_BITS | EFER_LME):
+            self.set_sregs(efer=value)
+        else:
+            self.efer = value
+
+    def write_cr3(self, value: int, flush: bool = True) -> None:
+        """MOV to CR3 (kvm_set_cr3): reuse a cached root if one matches, resync, flush the TLB."""
+        if not isinstance(value, int) or value < 0 or value >> 64:
+            raise InvalidArgument("cr3", value, "CR3 is an unsigned 64-bit register")
+        self._exit()
+        paging = self.cr0 & X86_CR0_PG
+        pae_legacy = paging and self.cr4 & X86_CR4_PAE and not self.efer & EFER_LMA
+        if pae_legacy:
+            self.mmu.pdptrs = self._load_pdptrs(value)
+        if value != self.cr3:
+            if pae_legacy:
+                self.cr3 = value
+                self.mmu.free_current_root()
+            else:
+                self.mmu.new_pgd(value)
+                self.cr3 = value
+        if flush or not self.vm.tdp_enabled:
+            self.requests.add("KVM_REQ_MMU_SYNC")
+            self.requests.add("KVM_REQ_TLB_FLUSH_CURRENT")
+        self.vm.trace.emit("kvm_cr3", cr3=value, reused=self.mmu.root_hpa != 0)
+
+    def invlpg(self, gva: int) -> None:
+        """INVLPG: under shadow paging KVM intercepts it and resyncs the spte if its page is unsync."""
+        if not isinstance(gva, int) or gva < 0 or gva >> 64:
+            raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
+        if self.vm.tdp_enabled and not self.mmu_is_nested:
+            self.cpu.flush_gva(gva)          # not intercepted with TDP: the CPU handles it
+            return
+        self._exit()
+        self.stats["invlpg"] += 1
+        self.cpu.flush_gva(gva)
+        self.mmu.invalidate_addr(gva)
+        self.vm.trace.emit("kvm_invlpg", gva=gva)
+
+    def _exit(self) -> None:
+        self.stats["exits"] += 1
+
+    # -- KVM's side of an exit -------------------------------------------------------------------
+    def inject_page_fault(self, error_code: int, cr2: int) -> None:
+        self.stats["pf_guest"] += 1
+        self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
+        self.cr2 = cr2
+        self.vm.trace.emit("kvm_inj_exception", vector=PF_VECTOR, error_code=error_code & 0xFFFF, cr2=cr2)
+
+    def take_exception(self) -> GuestFault | None:
+        exc, self.pending_exception = self.pending_exception, None
+        return exc
+
+    def gfn_to_memslot(self, gfn: int) -> Memslot | None:
+        """kvm_vcpu_gfn_to_memslot (counted; uses the vCPU's last-used-slot cache)."""
+        c = self.counters
+        c["memslot_lookups"] += 1
+        ms = self.vm.memslots
+        before = ms.searches
+        slot = ms.gfn_to_memslot(gfn, self.as_id, self.last_used_slot)
+        c["memslot_searches"] += ms.searches - before
+        return slot
+
+    def process_requests(self) -> None:
+        """vcpu_enter_guest's request handling, then kvm_mmu_reload."""
+        req = self.requests
+        if req:
+            if "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS" in req:
+                req.discard("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
+                self.mmu.free_obsolete_roots()
+            if "KVM_REQ_MMU_SYNC" in req:
+                req.discard("KVM_REQ_MMU_SYNC")
+                if self.mmu.root_valid:
+                    self.mmu.sync_roots()
+            if "KVM_REQ_TLB_FLUSH" in req:
+                req.discard("KVM_REQ_TLB_FLUSH")
+                self.stats["tlb_flush"] += 1
+                self.cpu.flush()
+            if "KVM_REQ_TLB_FLUSH_GUEST" in req:
+                req.discard("KVM_REQ_TLB_FLUSH_GUEST")
+                self.stats["tlb_flush"] += 1
+                if self.mmu.root_valid:
+                    self.mmu.sync_roots()
+                self.cpu.flush()
+            if "KVM_REQ_TLB_FLUSH_CURRENT" in req:
+                req.discard("KVM_REQ_TLB_FLUSH_CURRENT")
+                self.cpu.flush()
+        if not self.mmu.root_valid:
+            if self.mmu.root_hpa:
+                self.mmu.free_current_root()
+            self.mmu.load()
+            self.cpu.flush()
+
+    # -- one guest access ---------------------------------------------------------------------------
+    def access(self, gva: int, size: int, kind: str = "read", value: int | bytes | None = None,
+               cpl: int | None = None, implicit: bool = False) -> AccessResult:
+        """The guest performs one memory access of `size` bytes at linear address `gva`."""
+        if kind not in ACCESS_KINDS:
+            raise InvalidArgument("kind", kind, f"an access is one of {ACCESS_KINDS}")
+        if size not in ACCESS_SIZES:
+            raise InvalidArgument("size", size, f"an access is {', '.join(map(str, ACCESS_SIZES))} bytes")
+        if not isinstance(gva, int) or gva < 0 or gva >> 64:
+            raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
+        if cpl is None:
+            cpl = self.cpl
+        elif cpl not in (0, 1, 2, 3):
+            raise InvalidArgument("cpl", cpl, "CPL is 0, 1, 2 or 3")
+        write = kind == "write"
+        if write:
+            if isinstance(value, (bytes, bytearray)):
+                if len(value) != size:
+                    raise InvalidArgument("value", value, f"a {size}-byte write needs {size} bytes of data")
+                data = bytes(value)
+            elif isinstance(value, int) and 0 <= value < 1 << (8 * size):
+                data = value.to_bytes(size, "little")
+            else:
+                raise InvalidArgument("value", value, f"a {size}-byte write needs an int in [0, 2^{8 * size})")
+        else:
+            if value is not None:
+                raise InvalidArgument("value", value, "only writes carry a value")
+            data = b""
+        pfec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if kind == "fetch" else 0)
+        if cpl == 3 and not implicit:
+            pfec |= PFERR_USER_MASK
+        if implicit:
+            pfec |= PFERR_IMPLICIT_ACCESS
+        saved_cpl, self.cpl = self.cpl, cpl
+        try:
+            return self._access(gva, size, write, data, pfec)
+        finally:
+            self.cpl = saved_cpl
+
+    def _access(self, gva: int, size: int, write: bool, data: bytes, pfec: int) -> AccessResult:
+        vm = self.vm
+        vm.trace.current_vcpu = self.id
+        result = AccessResult()
+        first = 0x1000 - (gva & 0xFFF)
+        pieces = [(gva, size)] if first >= size else [(gva, first), ((gva + first) & ((1 << 64) - 1), size - first)]
+        translate = self.cpu.translate
+        for _ in range(_MAX_ENTRIES):
+            self.process_requests()
+            hpas: list[int] = []
+            emulate_at: int | None = None
+            for pgva, _plen in pieces:
+                for _retry in range(_MAX_ENTRIES):
+                    hpa, addr, err = translate(pgva, pfec)
+                    if hpa >= 0:
+                        hpas.append(hpa)
+                        break
+                    if hpa == GP_FAULT:
+                        result.fault = GuestFault(13, 0, None)
+                        return result
+                    if hpa == GUEST_FAULT:       # delivered to the guest without an exit (TDP)
+                        result.fault = self.take_exception()
+                        return result
+                    self.stats["exits"] += 1
+                    r = kvm_mmu_page_fault(self, addr, err)
+                    if self.pending_exception is not None:
+                        result.fault = self.take_exception()
+                        return result
+                    if r == RET_PF_EMULATE:
+                        emulate_at = addr
+                        break
+                    self.process_requests()
+                else:
+                    raise KvmBug(f"access to {pgva:#x} faulted {_MAX_ENTRIES} times without progress")
+                if emulate_at is not None:
+                    break
+            if emulate_at is not None:
+                emulate_access(self, gva, size, write, data, emulate_at, self.mmu.direct, result)
+                return result
+            self._do_access(pieces, hpas, write, data, result)
+            return result
+        raise KvmBug(f"access to {gva:#x} did not complete")
+
+    def _do_access(self, pieces: list[tuple[int, int]], hpas: list[int], write: bool, data: bytes,
+                   result: AccessResult) -> None:
+        mem = self.vm.host.mem
+        if write:
+            pos = 0
+            for (_, n), hpa in zip(pieces, hpas, strict=True):
+                mem.write_bytes(hpa, data[pos:pos + n])
+                pos += n
+            return
+        out = b"".join(mem.read_bytes(hpa, n) for (_, n), hpa in zip(pieces, hpas, strict=True))
+        result.value = int.from_bytes(out, "little")
+
+    def __repr__(self) -> str:
+        return f"<vcpu {self.id} cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x}>"
+
+
+__all__ = ["AccessResult", "GuestFault", "Vcpu", "PT64_ADDR_MASK"]

@@ -1,0 +1,248 @@
+"""The VM: memslots, vCPUs, the MMU shared by all of them, the io bus and the VMM's MMIO handler.
+
+    vm = VM(mmu="shadow", mmio_caching="generation")
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=64 << 20)
+    vcpu = vm.create_vcpu()
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from ..errors import InvalidArgument, MemslotError
+from ..hw.host import Host
+from .emulate import MmioExit
+from .iobus import CoalescedMmio, IoBus, IoDevice
+from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
+from .mmu.mmu import KvmMmu
+from .mmu.spte import TODAY_GEN_LAYOUT, MmioGenLayout, ept_masks, shadow_masks
+from .stats import VM_STATS, Stats, delta
+from .trace import Trace
+from .vcpu import Vcpu
+
+MMU_FLAVOURS = ("shadow", "ept", "npt")
+MMIO_POLICIES = ("off", "zap", "generation")
+MmioHandler = Callable[[MmioExit], int | bytes | None]
+
+
+class VM:
+    """A KVM virtual machine on a modelled host."""
+
+    def __init__(self, mmu: str = "shadow", mmio_caching: str = "generation", *, host: Host | None = None,
+                 address_spaces: int = 2, initial_generation: int = 0, guest_maxphyaddr: int = 46,
+                 guest_gbpages: bool = True, max_mmu_pages: int | None = None,
+                 mmio_gen_layout: MmioGenLayout | None = None, tdp_level: int = 4,
+                 host_hugepage_level: int = 1, ept_ad: bool = True) -> None:
+        if mmu not in MMU_FLAVOURS:
+            raise InvalidArgument("mmu", mmu, f"the MMU flavour is one of {MMU_FLAVOURS}")
+        if mmio_caching not in MMIO_POLICIES:
+            raise InvalidArgument("mmio_caching", mmio_caching, f"the MMIO policy is one of {MMIO_POLICIES}")
+        if address_spaces not in (1, 2):
+            raise InvalidArgument("address_spaces", address_spaces, "x86 KVM has 1 or 2 (SMM) address spaces")
+        if not isinstance(initial_generation, int) or initial_generation < 0 or initial_generation >> 62 \
+                or initial_generation % address_spaces:
+            raise InvalidArgument("initial_generation", initial_generation,
+                                  "a generation is a non-negative multiple of the number of address spaces")
+        if not 32 <= guest_maxphyaddr <= 52:
+            raise InvalidArgument("guest_maxphyaddr", guest_maxphyaddr, "MAXPHYADDR is between 32 and 52")
+        if tdp_level not in (4, 5):
+            raise InvalidArgument("tdp_level", tdp_level, "TDP tables have 4 or 5 levels")
+        if host_hugepage_level not in (1, 2, 3):
+            raise InvalidArgument("host_hugepage_level", host_hugepage_level, "1 (4 KiB), 2 (2 MiB) or 3 (1 GiB)")
+        self.host = host if host is not None else Host()
+        self.flavour = mmu
+        self.mmio_caching = mmio_caching
+        self.tdp_enabled = mmu != "shadow"
+        self.tdp_level = tdp_level
+        self.guest_maxphyaddr = guest_maxphyaddr
+        self.guest_gbpages = guest_gbpages
+        self.host_hugepage_level = host_hugepage_level
+        self.stats = Stats(VM_STATS)
+        self.trace = Trace()
+        gen = None if mmio_caching == "zap" else (mmio_gen_layout or TODAY_GEN_LAYOUT)
+        caching = mmio_caching != "off"
+        if mmu == "ept":
+            masks = ept_masks(self.host.maxphyaddr, gen, caching, ad=ept_ad)
+        else:
+            masks = shadow_masks(self.host.maxphyaddr, gen, caching)
+        max_gfn = masks.max_gfn if self.tdp_enabled else (1 << (self.host.maxphyaddr - 12)) - 1
+        self.memslots = Memslots(address_spaces, initial_generation, max_gfn=max_gfn)
+        self.memslots.on_flush_slot = self._flush_shadow_memslot
+        self.memslots.on_updated = self._memslots_updated
+        self.mmu = KvmMmu(self, masks, max_mmu_pages)
+        self.vcpus: list[Vcpu] = []
+        self.iobus = IoBus()
+        self.coalesced_ring: deque = deque()
+        self.mmio_handler: MmioHandler | None = None
+        self.mmio_log: list[MmioExit] = []
+        self._hva_base, self._hva_end = self.host.new_vmm_region()
+        self._hva_next = self._hva_base
+        self.host.vms.append(self)
+
+    # -- memslots ---------------------------------------------------------------------------------
+    def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, flags: int = 0,
+                               userspace_addr: int | None = None,
+                               during_update: Callable[[], None] | None = None) -> None:
+        """KVM_SET_USER_MEMORY_REGION.  Without userspace_addr the VMM maps fresh anonymous memory.
+
+        `during_update` runs while the new memslots are published but the generation still carries
+        the update-in-progress flag (what a vCPU racing with the ioctl would see).
+        """
+        fresh = userspace_addr is None
+        if fresh:
+            old = None
+            if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0:
+                old = self.memslots.slot(slot & 0xFFFF, min(slot >> 16, self.memslots.nr_as - 1))
+            userspace_addr = old.userspace_addr if old is not None else self._hva_next
+        change, old = self.memslots.validate(slot, flags, guest_phys_addr, memory_size, userspace_addr)
+        if memory_size and not self._hva_base <= userspace_addr <= self._hva_end - memory_size:
+            raise MemslotError("userspace_addr", userspace_addr,
+                               f"must lie in this VMM's address space [{self._hva_base:#x}, {self._hva_end:#x})")
+        if change == "none":
+            return
+        if fresh and change == "create":
+            self._hva_next = userspace_addr + memory_size
+        policy_zap = self.mmio_caching == "zap" and change in ("create", "move")
+        new = self.memslots.apply(change, slot, flags, guest_phys_addr, memory_size, userspace_addr, old,
+                                  during_update)
+        if policy_zap:
+            # 2011: no generation in MMIO sptes, so any new or moved slot zaps every shadow page.
+            self.mmu.zap_all()
+        if change == "flags" and new is not None and new.flags & KVM_MEM_LOG_DIRTY_PAGES and \
+                not old.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            self._write_protect_slot(new)
+        self.trace.emit("kvm_set_user_memory_region", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
+                        memory_size=memory_size, change=change)
+
+    def _flush_shadow_memslot(self, slot: Memslot) -> None:
+        """kvm_arch_flush_shadow_memslot with the default quirk: zap everything, fast."""
+        self.mmu.zap_all_fast()
+
+    def _memslots_updated(self, as_id: int, gen: int) -> None:
+        """kvm_mmu_invalidate_mmio_sptes: only a wrap of the spte's generation field needs a zap."""
+        masks = self.mmu.masks
+        if masks.gen is None:
+            return
+        g = gen & masks.gen.mask & ~(self.memslots.nr_as - 1)
+        if g == 0:
+            self.trace.emit("kvm_mmu_invalidate_mmio_sptes", gen=gen, wrapped=True)
+            self.mmu.zap_all_fast()
+
+    def _write_protect_slot(self, slot: Memslot) -> None:
+        changed = False
+        for gfn in range(slot.base_gfn, slot.end_gfn):
+            if (slot.as_id, gfn) in self.mmu.rmap:
+                changed |= self.mmu.write_protect_gfn(gfn, slot.as_id)
+        if changed:
+            self.mmu.flush_remote_tlbs()
+
+    def get_dirty_log(self, slot: int) -> set[int]:
+        """KVM_GET_DIRTY_LOG: page indexes dirtied since the last call; re-arms write protection."""
+        s = self.memslots.slot(slot & 0xFFFF, slot >> 16) if isinstance(slot, int) and slot >= 0 else None
+        if s is None:
+            raise InvalidArgument("slot", slot, "KVM_GET_DIRTY_LOG needs an existing slot")
+        if not s.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            raise InvalidArgument("slot", slot, "dirty logging (KVM_MEM_LOG_DIRTY_PAGES) is off for this slot")
+        dirty, s.dirty_bitmap = set(s.dirty_bitmap), set()
+        changed = False
+        for index in dirty:
+            changed |= self.mmu.write_protect_gfn(s.base_gfn + index, s.as_id)
+        if changed:
+            self.mmu.flush_remote_tlbs()
+        return dirty
+
+    def mark_page_dirty(self, slot: Memslot, gfn: int) -> None:
+        if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+            slot.dirty_bitmap.add(gfn - slot.base_gfn)
+
+    # -- the VMM's view of guest RAM (its mmap) -------------------------------------------------------
+    def _phys_pieces(self, gpa: int, length: int) -> list[tuple[int, int]]:
+        if not isinstance(gpa, int) or gpa < 0 or length < 0:
+            raise InvalidArgument("gpa", gpa, "a guest-physical address is a non-negative integer")
+        out = []
+        while length:
+            slot = self.memslots.spaces[0].search(gpa >> 12)
+            if slot is None or slot.invalid:
+                raise InvalidArgument("gpa", gpa, "no memslot backs this guest-physical address")
+            n = min(length, 0x1000 - (gpa & 0xFFF))
+            out.append((slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF), n))
+            gpa += n
+            length -= n
+        return out
+
+    def write_phys(self, gpa: int, data: bytes | bytearray) -> None:
+        pieces = self._phys_pieces(gpa, len(data))
+        pos = 0
+        for hva, n in pieces:
+            self.host.mem.write_bytes(hva, data[pos:pos + n])
+            pos += n
+
+    def read_phys(self, gpa: int, length: int) -> bytes:
+        return b"".join(self.host.mem.read_bytes(hva, n) for hva, n in self._phys_pieces(gpa, length))
+
+    def read_guest_quiet(self, gpa: int, size: int) -> int:
+        """A read by KVM itself that the model does not count (e.g. re-reading a just-written gpte)."""
+        slot = self.memslots.spaces[0].search(gpa >> 12)
+        if slot is None:
+            return 0
+        return self.host.mem.read(slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF), size)
+
+    def host_touch(self, hva: int) -> None:
+        """Hook for host memory pressure (a swapped-out page is faulted back in here)."""
+
+    def host_resident(self, hva: int) -> bool:
+        return True
+
+    # -- vCPUs, devices, the VMM ---------------------------------------------------------------------
+    def create_vcpu(self) -> Vcpu:
+        vcpu = Vcpu(self, len(self.vcpus))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def request_all(self, req: str) -> None:
+        for v in self.vcpus:
+            v.requests.add(req)
+
+    def register_io_device(self, addr: int, length: int, device: IoDevice) -> None:
+        """An in-kernel device on KVM_MMIO_BUS (ioeventfd, in-kernel LAPIC/IOAPIC/HPET...)."""
+        self.iobus.register(addr, length, device)
+
+    def register_coalesced_mmio(self, addr: int, size: int) -> None:
+        """KVM_REGISTER_COALESCED_MMIO: writes inside the zone are queued in the ring, no exit."""
+        self.iobus.register(addr, size, CoalescedMmio(self.coalesced_ring))
+
+    def vmm_mmio(self, vcpu: Vcpu, gpa: int, length: int, is_write: bool, data: bytes) -> MmioExit:
+        """One KVM_EXIT_MMIO round trip to userspace (the VMM drains the coalesced ring first)."""
+        vcpu.counters["userspace_exits"] += 1
+        self.coalesced_ring.clear()
+        exit_ = MmioExit(gpa, length, is_write, data)
+        reply = self.mmio_handler(exit_) if self.mmio_handler is not None else None
+        if not is_write:
+            if isinstance(reply, (bytes, bytearray)):
+                value = int.from_bytes(bytes(reply)[:length].ljust(length, b"\0"), "little")
+            elif isinstance(reply, int):
+                value = reply
+            else:
+                value = (1 << (8 * length)) - 1      # nothing there: the bus floats to all ones
+            exit_.data = (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
+        self.mmio_log.append(exit_)
+        self.trace.emit("kvm_mmio", type="write" if is_write else "read", len=length, gpa=gpa,
+                        val=int.from_bytes(exit_.data, "little"))
+        return exit_
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {"vm": self.stats.snapshot()}
+        for v in self.vcpus:
+            out[f"vcpu{v.id}"] = v.stats.snapshot()
+            out[f"vcpu{v.id}.model"] = v.counters.snapshot()
+        return out
+
+    @staticmethod
+    def delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+        return {k: delta(before.get(k, {}), v) for k, v in after.items()}
+
+    def audit(self) -> None:
+        from .audit import audit_vm
+        audit_vm(self)
