@@ -13,6 +13,7 @@ from .memory import SparseMemory
 _VMM_BASE = 1 << 32          # first VMM process region
 _VMM_REGION = 1 << 40        # address-space size given to each VMM process
 _KERNEL_BASE = 1 << 45       # KVM's own page tables live here
+_DMA32_BASE = 0x80000000     # ... except pages that a 32-bit CR3 must reach (PAE roots)
 
 
 class Host:
@@ -27,6 +28,8 @@ class Host:
         self._next_vmm = 0
         self._next_kernel_pfn = _KERNEL_BASE >> 12
         self._free_kernel_pfns: list[int] = []
+        self._next_dma32_pfn = _DMA32_BASE >> 12
+        self._free_dma32_pfns: list[int] = []
         self.kernel_pages_in_use = 0
         self.vms: list[object] = []
 
@@ -38,9 +41,19 @@ class Host:
             raise InvalidArgument("VMs on this host", self._next_vmm, "the host has room for 8191 VMMs")
         return start, start + _VMM_REGION
 
-    def alloc_kernel_page(self) -> int:
-        """A zeroed 4 KiB kernel page (for a shadow page's spt); returns its host physical address."""
-        pfn = self._free_kernel_pfns.pop() if self._free_kernel_pfns else self._take_pfn()
+    def alloc_kernel_page(self, dma32: bool = False) -> int:
+        """A zeroed 4 KiB kernel page; returns its host physical address.
+
+        dma32 pages lie below 4 GiB: KVM's PAE root must, because the CPU loads a 32-bit CR3.
+        """
+        if dma32:
+            if self._free_dma32_pfns:
+                pfn = self._free_dma32_pfns.pop()
+            else:
+                pfn = self._next_dma32_pfn
+                self._next_dma32_pfn += 1
+        else:
+            pfn = self._free_kernel_pfns.pop() if self._free_kernel_pfns else self._take_pfn()
         self.kernel_pages_in_use += 1
         return pfn << 12
 
@@ -51,9 +64,9 @@ class Host:
 
     def free_kernel_page(self, hpa: int) -> None:
         self.mem.drop_page(hpa >> 12)
-        self._free_kernel_pfns.append(hpa >> 12)
+        (self._free_dma32_pfns if hpa < _VMM_BASE else self._free_kernel_pfns).append(hpa >> 12)
         self.kernel_pages_in_use -= 1
 
     @staticmethod
     def is_kernel_address(hpa: int) -> bool:
-        return hpa >= _KERNEL_BASE
+        return hpa >= _KERNEL_BASE or _DMA32_BASE <= hpa < _VMM_BASE

@@ -123,7 +123,7 @@ class VcpuMmu:
             self.root_hpa = self.root_sp.hpa
         else:
             if not self.pae_root:
-                self.pae_root = self.vm.host.alloc_kernel_page()
+                self.pae_root = self.vm.host.alloc_kernel_page(dma32=True)
             for i in range(4):
                 if self.direct:
                     gfn, role = i << 18, (self.root_role & ~ROLE_LEVEL_MASK) | 2
