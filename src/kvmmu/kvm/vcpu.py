@@ -32,6 +32,7 @@ from ..arch.bits import (
 )
 from ..errors import InvalidArgument, KvmBug
 from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu
+from ..hw.tdp import TdpCpu
 from .emulate import MmioExit, emulate_access
 from .memslots import Memslot
 from .mmu.context import VcpuMmu
@@ -102,7 +103,7 @@ class Vcpu:
         self.pending_exception: GuestFault | None = None
         self.pte_reader = GuestPteReader(self)
         self.mmu = VcpuMmu(self)
-        self.cpu = Cpu(self)
+        self.cpu: Cpu | TdpCpu = TdpCpu(self) if vm.tdp_enabled else Cpu(self)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -185,9 +186,17 @@ class Vcpu:
         """MOV to CR3 (kvm_set_cr3): reuse a cached root if one matches, resync, flush the TLB."""
         if not isinstance(value, int) or value < 0 or value >> 64:
             raise InvalidArgument("cr3", value, "CR3 is an unsigned 64-bit register")
-        self._exit()
         paging = self.cr0 & X86_CR0_PG
         pae_legacy = paging and self.cr4 & X86_CR4_PAE and not self.efer & EFER_LMA
+        if self.vm.tdp_enabled and not self.mmu_is_nested:
+            # With EPT/NPT, MOV CR3 does not exit: the CPU loads it (and PAE PDPTEs) and flushes.
+            if pae_legacy:
+                self.mmu.pdptrs = self._load_pdptrs(value)
+            self.cr3 = value
+            if flush:
+                self.cpu.flush()
+            return
+        self._exit()
         if pae_legacy:
             self.mmu.pdptrs = self._load_pdptrs(value)
         if value != self.cr3:
@@ -197,7 +206,7 @@ class Vcpu:
             else:
                 self.mmu.new_pgd(value)
                 self.cr3 = value
-        if flush or not self.vm.tdp_enabled:
+        if flush:
             self.requests.add("KVM_REQ_MMU_SYNC")
             self.requests.add("KVM_REQ_TLB_FLUSH_CURRENT")
         self.vm.trace.emit("kvm_cr3", cr3=value, reused=self.mmu.root_hpa != 0)
@@ -224,6 +233,11 @@ class Vcpu:
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
         self.vm.trace.emit("kvm_inj_exception", vector=PF_VECTOR, error_code=error_code & 0xFFFF, cr2=cr2)
+
+    def deliver_guest_fault(self, error_code: int, cr2: int) -> None:
+        """A #PF the CPU delivers to the guest by itself (TDP): KVM never sees it."""
+        self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
+        self.cr2 = cr2
 
     def take_exception(self) -> GuestFault | None:
         exc, self.pending_exception = self.pending_exception, None

@@ -54,7 +54,8 @@ class VcpuMmu:
         self.pgd = 0
         self.prev_roots: list[tuple[int, ShadowPage]] = []
         self.pdptrs: tuple[int, ...] = (0, 0, 0, 0)
-        self.hw_ctx: PagingContext | None = None
+        self.hw_ctx: PagingContext | None = None         # the CPU's view of KVM's shadow tables
+        self.hw_guest_ctx: PagingContext | None = None   # the CPU's view of the guest's tables (TDP)
         self.shadow_zero_check = PagingContext(
             "ept4" if self.masks.ept else "4level", maxphyaddr=self.vm.host.maxphyaddr, nxe=True)
 
@@ -90,6 +91,9 @@ class VcpuMmu:
         self.root_role = make_role(self.root_level, direct=True, cr0_wp=True,
                                    ad_disabled=not self.masks.accessed)
         self.hw_ctx = None
+        v = self.vcpu
+        self.hw_guest_ctx = PagingContext.from_regs(v.cr0, v.cr4, v.efer, maxphyaddr=self.vm.guest_maxphyaddr,
+                                                    gbpages=self.vm.guest_gbpages, ad_policy="hardware")
 
     @property
     def role_key(self) -> tuple:

@@ -77,6 +77,6 @@ def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     gfn = fault.gfn & ~((1 << (9 * (goal - 1))) - 1)
     pfn = fault.pfn & ~((1 << (9 * (goal - 1))) - 1) if fault.slot is not None else fault.pfn
     ret = mmu_set_spte(mmu, fault.slot, sptep, ACC_ALL, gfn, pfn, fault, host_writable=fault.map_writable)
-    if ret != RET_PF_SPURIOUS and not mmu.vm.tdp_enabled:
+    if ret != RET_PF_SPURIOUS:
         direct_pte_prefetch(mmu, sptep)
     return ret

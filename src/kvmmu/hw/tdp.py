@@ -1,0 +1,147 @@
+"""The modelled CPU with two-dimensional paging (EPT or NPT).
+
+The CPU walks the guest's own tables, translating every table access and the final gpa through
+KVM's TDP tables.  A guest #PF goes straight to the guest (no exit, so KVM never counts it); a
+problem in KVM's tables is an EPT violation / misconfiguration (or an NPT #NPF) exit with the gpa.
+Guest A/D bits are set by this walk, the way hardware does it (A on upper levels even when the
+walk then faults).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..arch.bits import (
+    EXIT_REASON_EPT_MISCONFIG,
+    EXIT_REASON_EPT_VIOLATION,
+    PFERR_FETCH_MASK,
+    PFERR_GUEST_FINAL_MASK,
+    PFERR_GUEST_PAGE_MASK,
+    PFERR_IMPLICIT_ACCESS,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+)
+from ..arch.modes import PagingContext
+from ..arch.walker import walk
+from .cpu import GP_FAULT, GUEST_FAULT, VM_EXIT
+
+if TYPE_CHECKING:
+    from ..kvm.vcpu import Vcpu
+
+_ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
+
+
+class _TdpExit(Exception):
+    def __init__(self, gpa: int, error_code: int) -> None:
+        self.gpa, self.error_code = gpa, error_code
+
+
+def ept_violation_to_pfec(qual: int, final: bool) -> int:
+    """__vmx_handle_ept_violation: the exit qualification as a PFEC (a read is reported as U)."""
+    code = (PFERR_USER_MASK if qual & 1 else 0) | (PFERR_WRITE_MASK if qual & 2 else 0)
+    code |= PFERR_FETCH_MASK if qual & 4 else 0
+    code |= PFERR_PRESENT_MASK if qual & 0x38 else 0
+    return code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK)
+
+
+class TdpCpu:
+    """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
+
+    __slots__ = ("vcpu", "tlb", "mem", "counters", "ept", "tdp_ctx", "_reader")
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu = vcpu
+        self.tlb: dict[int, tuple[int, int, bool, int]] = {}
+        self.mem = vcpu.vm.host.mem
+        self.counters = vcpu.counters
+        vm = vcpu.vm
+        self.ept = vm.flavour == "ept"
+        level = vm.tdp_level
+        if self.ept:
+            self.tdp_ctx = PagingContext(f"ept{level}", maxphyaddr=vm.host.maxphyaddr,
+                                         ept_ad=bool(vm.mmu.masks.accessed), ad_policy="hardware")
+        else:
+            self.tdp_ctx = PagingContext(f"{level}level", maxphyaddr=vm.host.maxphyaddr, nxe=True, wp=True,
+                                         ad_policy="hardware")
+        self._reader = _GuestTableReader(self)
+
+    def flush(self) -> None:
+        self.tlb.clear()
+
+    def flush_gva(self, gva: int) -> None:
+        self.tlb.pop(gva >> 12, None)
+
+    def gpa_to_hpa(self, gpa: int, pfec: int, final: bool) -> int:
+        """Translate through KVM's TDP tables or raise the exit the hardware would take."""
+        vcpu = self.vcpu
+        root = vcpu.mmu.root_hpa
+        if self.ept:
+            w = walk(self.tdp_ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            if w.fault == EXIT_REASON_EPT_MISCONFIG:
+                raise _TdpExit(gpa, PFERR_RSVD_MASK)
+            if w.fault == EXIT_REASON_EPT_VIOLATION:
+                raise _TdpExit(gpa, ept_violation_to_pfec(w.error_code, final))
+        else:
+            # NPT: every access through the nested tables is a user access.
+            w = walk(self.tdp_ctx, self.mem, root, gpa, (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK)
+            if w.fault:
+                raise _TdpExit(gpa, w.error_code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
+        return w.gpa
+
+    def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
+        vcpu = self.vcpu
+        vpn = gva >> 12
+        write = pfec & PFERR_WRITE_MASK
+        entry = self.tlb.get(vpn)
+        ctx = vcpu.mmu.cpu_role
+        if entry is not None:
+            # An entry filled by a read never serves a write: the write re-walks (guest D bit, and
+            # KVM's TDP spte may be write-protected for dirty logging).
+            page, acc, dirty, pkey = entry
+            not_smap = vcpu.ac and not pfec & PFERR_IMPLICIT_ACCESS
+            idx = ((pfec & _ACCESS_BITS) | (8 if not_smap else 0)) >> 1
+            ok = not (ctx.permissions[idx] >> acc) & 1 and (dirty or not write)
+            if ok and ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK:
+                kbits = (vcpu.pkru >> (2 * pkey)) & 3
+                ok = not (kbits & 1 or (kbits & 2 and write and (pfec & PFERR_USER_MASK or ctx.wp)))
+            if ok:
+                self.counters["tlb_hits"] += 1
+                return page | (gva & 0xFFF), gva, 0
+            del self.tlb[vpn]
+        self.counters["hw_walks"] += 1
+        hw_ctx = vcpu.mmu.hw_guest_ctx
+        try:
+            if hw_ctx.mode.root_level == 0:
+                gpa, acc, pkey = gva, 7, 0
+            else:
+                pdptrs = vcpu.mmu.pdptrs if hw_ctx.mode.pae_pdptes else None
+                w = walk(hw_ctx, self._reader, vcpu.cr3, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
+                if w.fault == 13:
+                    return GP_FAULT, gva, 0
+                if w.fault:
+                    vcpu.deliver_guest_fault(w.error_code, gva)
+                    return GUEST_FAULT, gva, 0
+                gpa, acc, pkey = w.gpa, w.pte_access, w.pkey
+            hpa = self.gpa_to_hpa(gpa, pfec, True)
+        except _TdpExit as e:
+            return VM_EXIT, e.gpa, e.error_code
+        self.tlb[vpn] = (hpa & ~0xFFF, acc, bool(write), pkey)
+        return hpa, gva, 0
+
+
+class _GuestTableReader:
+    """Guest page-table accesses during a 2-D walk: each goes through KVM's TDP tables."""
+
+    __slots__ = ("cpu", "mem")
+
+    def __init__(self, cpu: TdpCpu) -> None:
+        self.cpu = cpu
+        self.mem = cpu.mem
+
+    def read_pte(self, gpa: int, size: int) -> int:
+        return self.mem.read(self.cpu.gpa_to_hpa(gpa, 0, False), size)
+
+    def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
+        return self.mem.cmpxchg_pte(self.cpu.gpa_to_hpa(gpa, PFERR_WRITE_MASK, False), size, old, new)
