@@ -85,7 +85,8 @@ class TdpCpu:
                 raise _TdpExit(gpa, ept_violation_to_pfec(w.error_code, final))
         else:
             # NPT: every access through the nested tables is a user access.
-            w = walk(self.tdp_ctx, self.mem, root, gpa, (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK)
+            kind = (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
+            w = walk(self.tdp_ctx, self.mem, root, gpa, kind)
             if w.fault:
                 raise _TdpExit(gpa, w.error_code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
         return w.gpa
