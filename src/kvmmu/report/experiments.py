@@ -98,6 +98,7 @@ def driver_loop(flavour: str, policy: str, iterations: int = 2000, seed: int = 1
                      model.cycles(stats, counters))
 
 
-def policy_matrix(flavours: tuple[str, ...] = ("shadow", "ept"), policies: tuple[str, ...] = ("off", "zap", "generation"),
+def policy_matrix(flavours: tuple[str, ...] = ("shadow", "ept"),
+                  policies: tuple[str, ...] = ("off", "zap", "generation"),
                   iterations: int = 2000, seed: int = 1) -> list[RunResult]:
     return [driver_loop(f, p, iterations, seed) for f in flavours for p in policies]
