@@ -63,6 +63,7 @@ class Cpu:
         if w.fault:
             if w.fault == 13:
                 return GP_FAULT, gva, 0
-            return VM_EXIT, gva, w.error_code
+            # The real error code cannot say "implicit"; the model tells KVM (docs/ARCHITECTURE.md).
+            return VM_EXIT, gva, w.error_code | (pfec & PFERR_IMPLICIT_ACCESS)
         self.tlb[vpn] = (w.gpa & ~0xFFF, w.pte_access, bool(write), w.pkey)
         return w.gpa, gva, 0

@@ -234,10 +234,14 @@ class VcpuMmu:
                     kvm.prepare_zap_page(sp, invalid)
                 continue
             if sp.unsync:
-                if self.sync_page(sp, invalid) < 0:
+                # Bring the page up to date but leave it unsync (and its gfn writable): the
+                # write protection waits until the guest flushes its TLB (mmu_sync_children).
+                r = self.sync_page(sp, invalid)
+                if r < 0:
                     kvm.prepare_zap_page(sp, invalid)
                     continue
-                kvm.unlink_unsync_page(sp)
+                if r > 0:
+                    kvm.flush_remote_tlbs()
             found = sp
             break
         kvm.commit_zap_page(invalid)
