@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 import kvmmu
-from kvmmu.guest.pagetables import P, RW
+from kvmmu.guest.pagetables import RW, P
 from tests.oracle import access_rules as R
 from tests.oracle.access_cases import random_cases
 
