@@ -42,7 +42,11 @@ def audit_vm(vm: VM) -> None:
         for i in range(512):
             sptep = sp.sptep(i)
             spte = mem.read(sptep, 8)
+            if not m.mmio_enabled and spte & m.present and not spte & SPTE_MMU_PRESENT_MASK and spte & (1 << 51):
+                _fail(f"spte {spte:#x} in {sp!r}[{i}] looks like an MMIO spte while MMIO caching is off")
             if is_mmio_spte(m, spte):
+                if m.gen is not None and (spte & ~m.gen.spte_mask) >> 52:
+                    _fail(f"MMIO spte {spte:#x} has bits above 51 outside the generation field")
                 if sp.level != 1:
                     _fail(f"MMIO spte {spte:#x} at level {sp.level} of {sp!r} (MMIO sptes are 4 KiB leaves)")
                 if spte & SPTE_MMU_PRESENT_MASK:
@@ -87,6 +91,16 @@ def audit_vm(vm: VM) -> None:
     if kvm.n_used_mmu_pages != len(kvm.active_mmu_pages):
         _fail(f"n_used_mmu_pages {kvm.n_used_mmu_pages} != {len(kvm.active_mmu_pages)} active pages")
     _check_tlbs(vm)
+    _check_mmio_caches(vm)
+
+
+def _check_mmio_caches(vm: VM) -> None:
+    """The per-vCPU MMIO cache: page-aligned gva, never a gva for a nested guest."""
+    for v in vm.vcpus:
+        if v.mmio_gva & 0xFFF:
+            _fail(f"vcpu{v.id}'s mmio_gva {v.mmio_gva:#x} is not page aligned")
+        if v.mmu_is_nested and v.mmio_gva:
+            _fail(f"vcpu{v.id} caches mmio_gva {v.mmio_gva:#x} while running a nested guest")
 
 
 def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
