@@ -14,7 +14,10 @@ from ..errors import InvalidArgument
 
 P, RW, US, PWT, PCD, A, D, PS, G = 1, 2, 4, 8, 16, 32, 64, 128, 256
 NX = PT64_NX_MASK
-_LEVELS = {"32bit": 2, "pae": 3, "4level": 4, "5level": 5}
+_LEVELS = {"32bit": 2, "pae": 3, "4level": 4, "5level": 5, "ept4": 4, "ept5": 5}
+EPT_R, EPT_W, EPT_X = 1, 2, 4
+EPT_RWX = 7
+EPT_WB = 6 << 3             # memory type write-back, in a leaf EPT entry
 _PAGE_LEVEL = {4096: 1, 2 << 20: 2, 4 << 20: 2, 1 << 30: 3}
 
 Writer = Callable[[int, int, int], None]       # (gpa, size, value)
@@ -35,6 +38,8 @@ class GuestPageTables:
         self.next = pool
         self.pool_end = pool_end if pool_end is not None else pool + (64 << 20)
         self.tables: list[int] = []
+        self.ept = mode.startswith("ept")
+        self.present = EPT_RWX if self.ept else P
         self.root = self.alloc_table()
 
     def alloc_table(self) -> int:
@@ -49,18 +54,24 @@ class GuestPageTables:
     def cr3(self) -> int:
         return self.root
 
+    def eptp(self, ad: bool = False) -> int:
+        """The EPT pointer for these tables: page-walk length, memory type WB, optional A/D."""
+        return self.root | ((self.levels - 1) << 3) | 6 | ((1 << 6) if ad else 0)
+
     def index(self, gva: int, level: int) -> int:
         if self.mode == "pae" and level == 3:
             return (gva >> 30) & 3
         return (gva >> (12 + self.bits * (level - 1))) & ((1 << self.bits) - 1)
 
-    def entry_addr(self, gva: int, level: int, create: bool = True, upper: int = P | RW | US) -> int:
+    def entry_addr(self, gva: int, level: int, create: bool = True, upper: int | None = None) -> int:
         """Guest-physical address of the entry that maps gva at `level` (tables created on the way)."""
+        if upper is None:
+            upper = EPT_RWX if self.ept else P | RW | US
         table = self.root
         for lvl in range(self.levels, level, -1):
             addr = table + self.esize * self.index(gva, lvl)
             entry = self.read(addr, self.esize)
-            if not entry & P or (lvl <= 3 and entry & PS and not (self.mode == "pae" and lvl == 3)):
+            if not entry & self.present or (lvl <= 3 and entry & PS and not (self.mode == "pae" and lvl == 3)):
                 if not create:
                     raise InvalidArgument("gva", gva, f"no table below level {lvl}")
                 child = self.alloc_table()
@@ -70,9 +81,11 @@ class GuestPageTables:
             table = entry & (0xFFFFF000 if self.esize == 4 else 0x000FFFFFFFFFF000)
         return table + self.esize * self.index(gva, level)
 
-    def map(self, gva: int, gpa: int, page_size: int = 4096, flags: int = P | RW | US, *,
-            upper: int = P | RW | US, pkey: int = 0) -> int:
-        """Map one page; returns the address of its leaf entry."""
+    def map(self, gva: int, gpa: int, page_size: int = 4096, flags: int | None = None, *,
+            upper: int | None = None, pkey: int = 0) -> int:
+        """Map one page; returns the address of its leaf entry (EPT: flags default to RWX, WB)."""
+        if flags is None:
+            flags = EPT_RWX | EPT_WB if self.ept else P | RW | US
         level = _PAGE_LEVEL.get(page_size)
         if level is None or (page_size == 4 << 20) != (self.mode == "32bit" and level == 2) and level == 2:
             raise InvalidArgument("page_size", page_size, f"{self.mode} paging has no such page size")
@@ -85,7 +98,7 @@ class GuestPageTables:
         self.write(addr, self.esize, value)
         return addr
 
-    def map_range(self, gva: int, gpa: int, length: int, flags: int = P | RW | US, page_size: int = 4096) -> None:
+    def map_range(self, gva: int, gpa: int, length: int, flags: int | None = None, page_size: int = 4096) -> None:
         for off in range(0, length, page_size):
             self.map(gva + off, gpa + off, page_size, flags)
 

@@ -46,6 +46,12 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, write: bool, gpa_hint: int | None) -> tupl
         return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
     mmu = vcpu.mmu
     access = (PFERR_USER_MASK if vcpu.cpl == 3 else 0) | (PFERR_WRITE_MASK if write else 0)
+    if vcpu.mmu_is_nested:
+        from .nested import nested_gva_to_gpa
+        gpa = nested_gva_to_gpa(vcpu, gva, access)
+        if gpa is None:
+            return None
+        return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
     ctx = mmu.cpu_role
     if vcpu_match_mmio_gva(vcpu, gva):
         idx = (access | (8 if vcpu.ac else 0)) >> 1
@@ -86,7 +92,7 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, write: bool, data: bytes, cr
         gpa_hint = None
         if t is None:
             result.fault = vcpu.take_exception()
-            return
+            return                      # (or a nested exit to L1, which the caller reports)
         gpa, is_mmio = t
         chunk = data[offset:offset + plen] if write else b""
         if not is_mmio and _ram_access(vcpu, gpa, plen, write, chunk, out, offset):

@@ -71,6 +71,7 @@ class AccessResult:
     value: int | None = None
     fault: GuestFault | None = None
     exits: list[MmioExit] = field(default_factory=list)
+    l1_exit: object | None = None       # NestedExit: the access by L2 ended in a VM exit to L1
 
     @property
     def ok(self) -> bool:
@@ -101,6 +102,9 @@ class Vcpu:
         # kvm_vcpu_reset flushes the guest TLB: the real /dev/kvm shows tlb_flush=1 on a first run.
         self.requests: set[str] = {"KVM_REQ_TLB_FLUSH_GUEST"}
         self.pending_exception: GuestFault | None = None
+        self.pending_nested_exit = None                 # NestedExit for L1, while L2 runs
+        self.guest_mmu: VcpuMmu | None = None           # shadows L1's EPT (nested TDP)
+        self.l1_state: tuple = ()
         self.pte_reader = GuestPteReader(self)
         self.mmu = VcpuMmu(self)
         self.cpu: Cpu | TdpCpu = TdpCpu(self) if vm.tdp_enabled else Cpu(self)
@@ -188,8 +192,8 @@ class Vcpu:
             raise InvalidArgument("cr3", value, "CR3 is an unsigned 64-bit register")
         paging = self.cr0 & X86_CR0_PG
         pae_legacy = paging and self.cr4 & X86_CR4_PAE and not self.efer & EFER_LMA
-        if self.vm.tdp_enabled and not self.mmu_is_nested:
-            # With EPT/NPT, MOV CR3 does not exit: the CPU loads it (and PAE PDPTEs) and flushes.
+        if self.vm.tdp_enabled:
+            # With EPT/NPT (L1's or L2's), MOV CR3 does not exit: the CPU loads it (and PAE PDPTEs) and flushes.
             if pae_legacy:
                 self.mmu.pdptrs = self._load_pdptrs(value)
             self.cr3 = value
@@ -215,7 +219,7 @@ class Vcpu:
         """INVLPG: under shadow paging KVM intercepts it and resyncs the spte if its page is unsync."""
         if not isinstance(gva, int) or gva < 0 or gva >> 64:
             raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
-        if self.vm.tdp_enabled and not self.mmu_is_nested:
+        if self.vm.tdp_enabled:
             self.cpu.flush_gva(gva)          # not intercepted with TDP: the CPU handles it
             return
         self._exit()
@@ -238,6 +242,24 @@ class Vcpu:
         """A #PF the CPU delivers to the guest by itself (TDP): KVM never sees it."""
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
+
+    def reflect_nested_ept_fault(self, ngpa: int, w: object) -> None:
+        from .nested import reflect_ept_fault
+        reflect_ept_fault(self, ngpa, w)
+
+    def enter_guest_mode(self, eptp: int, *, cr0: int, cr3: int, cr4: int, efer: int) -> None:
+        """Run L2 (nested EPT rooted at `eptp`, which L1 keeps in its memory) from now on."""
+        from .nested import enter_guest_mode
+        enter_guest_mode(self, eptp, cr0, cr3, cr4, efer)
+
+    def leave_guest_mode(self) -> None:
+        from .nested import leave_guest_mode
+        leave_guest_mode(self)
+
+    def _nested_exit(self, result: AccessResult) -> AccessResult:
+        result.l1_exit, self.pending_nested_exit = self.pending_nested_exit, None
+        self.leave_guest_mode()
+        return result
 
     def take_exception(self) -> GuestFault | None:
         exc, self.pending_exception = self.pending_exception, None
@@ -347,6 +369,8 @@ class Vcpu:
                         return result
                     self.stats["exits"] += 1
                     r = kvm_mmu_page_fault(self, addr, err)
+                    if self.pending_nested_exit is not None:
+                        return self._nested_exit(result)
                     if self.pending_exception is not None:
                         result.fault = self.take_exception()
                         return result
@@ -360,6 +384,8 @@ class Vcpu:
                     break
             if emulate_at is not None:
                 emulate_access(self, gva, size, write, data, emulate_at, self.mmu.direct, result)
+                if self.pending_nested_exit is not None:
+                    return self._nested_exit(result)
                 return result
             self._do_access(pieces, hpas, write, data, result)
             return result

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ...arch.bits import PT64_ADDR_MASK
 from ...arch.modes import PagingContext
 from ...errors import KvmBug
+from .gpte import GuestFormat, guest_format
 from .page import (
     ROLE_ACCESS_SHIFT,
     ROLE_DIRECT,
@@ -37,8 +38,9 @@ _SYNC_ROLE_IGNORE = (ROLE_LEVEL_MASK | (7 << ROLE_ACCESS_SHIFT) | (3 << ROLE_QUA
 class VcpuMmu:
     """root_mmu of one vCPU for shadow paging or TDP (direct)."""
 
-    def __init__(self, vcpu: Vcpu) -> None:
+    def __init__(self, vcpu: Vcpu, nested_eptp: int | None = None) -> None:
         self.vcpu = vcpu
+        self.nested_eptp = nested_eptp          # set: this is guest_mmu, shadowing L1's EPT for L2
         self.vm = vcpu.vm
         self.kvm = vcpu.vm.mmu
         self.masks = self.kvm.masks
@@ -56,6 +58,8 @@ class VcpuMmu:
         self.pdptrs: tuple[int, ...] = (0, 0, 0, 0)
         self.hw_ctx: PagingContext | None = None         # the CPU's view of KVM's shadow tables
         self.hw_guest_ctx: PagingContext | None = None   # the CPU's view of the guest's tables (TDP)
+        self.walk_ctx: PagingContext | None = None       # the tables this MMU shadows (guest or L1 EPT)
+        self.gfmt: GuestFormat | None = None
         self.shadow_zero_check = PagingContext(
             "ept4" if self.masks.ept else "4level", maxphyaddr=self.vm.host.maxphyaddr, nxe=True)
 
@@ -66,10 +70,32 @@ class VcpuMmu:
                                       gbpages=self.vm.guest_gbpages, ad_policy="kvm")
         self.cpu_role = ctx
         self.cpu_key = ctx.key
-        if self.vm.tdp_enabled:
+        self.walk_ctx = ctx
+        if self.nested_eptp is not None:
+            self._init_nested_ept(ctx)
+        elif self.vm.tdp_enabled:
             self._init_tdp(ctx)
         else:
             self._init_shadow(ctx)
+        self.gfmt = guest_format(self.walk_ctx)
+
+    def walk_root(self) -> int:
+        return self.nested_eptp if self.nested_eptp is not None else self.vcpu.cr3
+
+    def _init_nested_ept(self, ctx: PagingContext) -> None:
+        """guest_mmu: an indirect MMU over L1's EPT; faults arrive with an L2 physical address."""
+        eptp = self.nested_eptp
+        levels = ((eptp >> 3) & 7) + 1
+        ad = bool(eptp & (1 << 6))
+        self.walk_ctx = PagingContext(f"ept{levels}", maxphyaddr=self.vm.guest_maxphyaddr, ept_ad=ad,
+                                      gbpages=self.vm.guest_gbpages, ad_policy="kvm")
+        self.direct = False
+        self.root_level = levels
+        self.root_role = make_role(levels, direct=False, guest_mode=True, cr0_wp=True, ad_disabled=not ad)
+        self.hw_ctx = None
+        v = self.vcpu
+        self.hw_guest_ctx = PagingContext.from_regs(v.cr0, v.cr4, v.efer, maxphyaddr=self.vm.guest_maxphyaddr,
+                                                    gbpages=self.vm.guest_gbpages, ad_policy="hardware")
 
     def _init_shadow(self, ctx: PagingContext) -> None:
         mode = ctx.mode
@@ -114,6 +140,12 @@ class VcpuMmu:
             self.init_context()
         self.kvm.make_mmu_pages_available()
         v = self.vcpu
+        if self.nested_eptp is not None:
+            self.root_sp = self._get_root((self.nested_eptp & PT64_ADDR_MASK) >> 12, self.root_role)
+            self.root_hpa = self.root_sp.hpa
+            self.pgd = self.nested_eptp
+            self.sync_roots()
+            return
         if self.vm.tdp_enabled:
             self.root_sp = self._get_root(0, self.root_role)
             self.root_hpa = self.root_sp.hpa

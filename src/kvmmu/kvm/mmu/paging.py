@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK, PT32_ADDR_MASK, PT64_ADDR_MASK
+from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK
 from ...arch.walker import Walk, walk
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
+from .gpte import EPT_TO_ACC
 from .page import ShadowPage
 from .pf import (
     RET_PF_CONTINUE,
@@ -35,15 +36,23 @@ ACC_WRITE = 2
 
 
 def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
-    """walk_addr_generic over the guest's tables, with protect_clean_gpte for non-writes."""
+    """walk_addr_generic over the tables this MMU shadows, with protect_clean_gpte for non-writes.
+
+    For a shadow MMU that is the guest's own page tables (from CR3); for the MMU that shadows L1's
+    EPT it is L1's EPT (from the EPTP), whose R/W/X rights are returned as ACC_* bits.
+    """
     vcpu = mmu.vcpu
     vcpu.counters["guest_walks"] += 1
-    ctx = mmu.cpu_role
+    ctx = mmu.walk_ctx
     pdptrs = mmu.pdptrs if ctx.mode.pae_pdptes else None
-    w = walk(ctx, vcpu.pte_reader, vcpu.cr3, addr, access, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
+    w = walk(ctx, vcpu.pte_reader, mmu.walk_root(), addr, access, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
     vcpu.vm.trace.emit("kvm_mmu_pagetable_walk", addr=addr, pferr=access, fault=w.fault,
                        error_code=w.error_code, gpa=w.gpa)
-    if not w.fault and not access & 2 and not w.ptes[w.level] & 0x40 and ctx.mode.root_level:
+    if ctx.mode.ept:
+        w.pte_access = EPT_TO_ACC[w.pte_access & 7]
+        w.pt_access = [EPT_TO_ACC[a & 7] for a in w.pt_access]
+    dirty = mmu.gfmt.dirty
+    if not w.fault and not access & 2 and dirty and not w.ptes[w.level] & dirty and ctx.mode.root_level:
         w.pte_access &= ~ACC_WRITE        # keep clean pages read-only so the first write sets D
     return w
 
@@ -56,7 +65,10 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     w = guest_walk(mmu, fault.addr, access)
     if w.fault:
         if not fault.prefetch:
-            vcpu.inject_page_fault(w.error_code, fault.addr)
+            if mmu.nested_eptp is not None:
+                vcpu.reflect_nested_ept_fault(fault.addr, w)     # L1's EPT says no: L1 handles it
+            else:
+                vcpu.inject_page_fault(w.error_code, fault.addr)
         return RET_PF_RETRY
     fault.gfn = w.gpa >> 12
     fault.slot = vcpu.gfn_to_memslot(fault.gfn)
@@ -69,8 +81,9 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     if r != RET_PF_CONTINUE:
         return r
     pte_access = w.pte_access
-    ctx = mmu.cpu_role
-    if fault.write and not pte_access & ACC_WRITE and not ctx.wp and not fault.user and fault.slot is not None:
+    ctx = mmu.walk_ctx
+    if not ctx.mode.ept and fault.write and not pte_access & ACC_WRITE and not ctx.wp and not fault.user \
+            and fault.slot is not None:
         # CR0.WP=0: a supervisor write to a read-only page is allowed; map it writable for the
         # kernel only (and not executable with SMEP), the role bits keep such pages apart.
         pte_access = (pte_access | ACC_WRITE) & ~4
@@ -135,27 +148,16 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
 
 
 # -- guest pte helpers ---------------------------------------------------------------------------
-def _gpte_size(mmu: VcpuMmu) -> int:
-    return mmu.cpu_role.mode.entry_size
-
-
-def _gpte_access(mmu: VcpuMmu, gpte: int) -> int:
-    return (gpte & 6) | (1 ^ (gpte >> 63) if mmu.cpu_role.mode.has_nx else 1)
-
-
-def _gpte_gfn(mmu: VcpuMmu, gpte: int) -> int:
-    return (gpte & (PT32_ADDR_MASK if _gpte_size(mmu) == 4 else PT64_ADDR_MASK)) >> 12
-
-
 def _prefetch_invalid_gpte(mmu: VcpuMmu, gpte: int) -> bool:
-    """Not present, not accessed, or with reserved bits: such a gpte is never mapped ahead."""
-    if gpte < 0 or not gpte & 1 or not gpte & 0x20:
+    """Not present, not accessed (when the format has A), or with reserved bits: never mapped ahead."""
+    f = mmu.gfmt
+    if gpte < 0 or not f.present(gpte) or (f.accessed and not gpte & f.accessed):
         return True
-    return bool(gpte & mmu.cpu_role.rsvd[0][1])
+    return f.rsvd_leaf(gpte)
 
 
 def _first_gpte_gpa(mmu: VcpuMmu, sp: ShadowPage) -> int:
-    size = _gpte_size(mmu)
+    size = mmu.gfmt.esize
     offset = ((sp.role >> 5) & 3) << 9 if size == 4 else 0
     return (sp.gfn << 12) + offset * size
 
@@ -170,7 +172,7 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
         direct_pte_prefetch(mmu, sptep)
         return
     vcpu = mmu.vcpu
-    size = _gpte_size(mmu)
+    size = mmu.gfmt.esize
     first = _first_gpte_gpa(mmu, sp)
     base_index = ((sptep & 0xFFF) >> 3) & ~7
     reader = vcpu.pte_reader
@@ -188,9 +190,9 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
             if is_mmio_spte(mmu.masks, spte):
                 kvm.write_spte(ptr, SHADOW_NONPRESENT_VALUE)
             continue
-        gfn = _gpte_gfn(mmu, gpte)
-        access = ((sp.role >> 8) & 7) & _gpte_access(mmu, gpte)
-        if not gpte & 0x40:
+        gfn = mmu.gfmt.gfn(gpte)
+        access = ((sp.role >> 8) & 7) & mmu.gfmt.access(gpte)
+        if mmu.gfmt.dirty and not gpte & mmu.gfmt.dirty:
             access &= ~ACC_WRITE
         slot = vcpu.gfn_to_memslot(gfn)
         if slot is None or slot.invalid or (slot.flags & 1 and access & ACC_WRITE):
@@ -216,7 +218,7 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
     mmio = is_mmio_spte(mmu.masks, spte)
     if not spte & SPTE_MMU_PRESENT_MASK and not mmio:
         return 0
-    size = _gpte_size(mmu)
+    size = mmu.gfmt.esize
     gpte = mmu.vcpu.pte_reader.read_pte(_first_gpte_gpa(mmu, sp) + i * size, size)
     if gpte < 0:
         return -1
@@ -226,9 +228,9 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
             return 0
         kvm.drop_spte(sptep)
         return 1
-    gfn = _gpte_gfn(mmu, gpte)
-    access = ((sp.role >> 8) & 7) & _gpte_access(mmu, gpte)
-    if not gpte & 0x40:
+    gfn = mmu.gfmt.gfn(gpte)
+    access = ((sp.role >> 8) & 7) & mmu.gfmt.access(gpte)
+    if mmu.gfmt.dirty and not gpte & mmu.gfmt.dirty:
         access &= ~ACC_WRITE
     if mmio:
         # sync_mmio_spte: a different gfn now means the cached MMIO translation is dead.
