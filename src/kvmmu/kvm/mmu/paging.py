@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK
 from ...arch.walker import Walk, walk
-from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .gpte import EPT_TO_ACC
+from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .page import ShadowPage
 from .pf import (
     RET_PF_CONTINUE,
