@@ -189,8 +189,11 @@ def _walk_once(ctx: PagingContext, mem: PteReader, root: int, addr: int, access:
             acc &= (pte & 6) | (1 ^ (pte >> 63))
         if level == 1 or (pte & 0x80 and is_large[level]):
             break
-        if hw_ad and use_ad and not pte & a_bit and not mem.cmpxchg_pte(pte_addr, esize, pte, pte | a_bit):
-            return False
+        if hw_ad and use_ad and not pte & a_bit:
+            if not mem.cmpxchg_pte(pte_addr, esize, pte, pte | a_bit):
+                return False
+            pte |= a_bit
+            ptes[level] = pte
         table = pte & addr_mask
         level -= 1
 

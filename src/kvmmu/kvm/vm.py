@@ -133,7 +133,7 @@ class VM:
         changed = False
         for gfn in range(slot.base_gfn, slot.end_gfn):
             if (slot.as_id, gfn) in self.mmu.rmap:
-                changed |= self.mmu.write_protect_gfn(gfn, slot.as_id)
+                changed |= self.mmu.write_protect_gfn(gfn, slot.as_id, for_dirty_log=True)
         if changed:
             self.mmu.flush_remote_tlbs()
 
@@ -147,7 +147,7 @@ class VM:
         dirty, s.dirty_bitmap = set(s.dirty_bitmap), set()
         changed = False
         for index in dirty:
-            changed |= self.mmu.write_protect_gfn(s.base_gfn + index, s.as_id)
+            changed |= self.mmu.write_protect_gfn(s.base_gfn + index, s.as_id, for_dirty_log=True)
         if changed:
             self.mmu.flush_remote_tlbs()
         return dirty

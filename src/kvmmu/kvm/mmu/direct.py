@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
-from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
+from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
+from .spte import SPTE_MMU_PRESENT_MASK
 
 if TYPE_CHECKING:
     from .context import VcpuMmu
@@ -24,6 +25,9 @@ def direct_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     fault.slot = vcpu.gfn_to_memslot(fault.gfn)
     if not fault.rsvd and fault.present and fault.write and kvm.is_write_tracked(fault.gfn):
         return RET_PF_EMULATE
+    r = fast_page_fault(mmu, fault)
+    if r is not None:
+        return r
     kvm.make_mmu_pages_available()
     r = faultin_pfn(mmu, fault, ACC_ALL)
     if r != RET_PF_CONTINUE:
@@ -31,6 +35,35 @@ def direct_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     if not mmu.root_valid:
         return RET_PF_RETRY
     return direct_map(mmu, fault)
+
+
+def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
+    """Without the MMU lock, make a write-protected (dirty-logged) spte writable again.
+
+    Only a write fault on a present leaf that KVM itself may make writable (MMU-writable set)
+    qualifies; never an RSVD fault.  Counts pf_fast.
+    """
+    if fault.rsvd or not fault.present or not fault.write or not mmu.root_hpa:
+        return None
+    kvm = mmu.kvm
+    m = mmu.masks
+    for level, sptep in mmu.shadow_walk_ptrs(fault.gfn << 12):
+        spte = kvm.read_spte(sptep)
+        if not spte & SPTE_MMU_PRESENT_MASK:
+            return None
+        if level == 1 or spte & 0x80:
+            if spte & 2:
+                mmu.vcpu.stats["pf_fast"] += 1
+                return RET_PF_SPURIOUS
+            if not spte & m.mmu_writable:
+                return None
+            kvm.write_spte(sptep, spte | 2 | m.dirty)
+            if fault.slot is not None:
+                mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
+            mmu.vcpu.stats["pf_fast"] += 1
+            mmu.vm.trace.emit("fast_page_fault", gfn=fault.gfn, old=spte, new=spte | 2 | m.dirty)
+            return RET_PF_FIXED
+    return None
 
 
 def _hugepage_level(mmu: VcpuMmu, fault: KvmPageFault) -> int:

@@ -132,14 +132,19 @@ class KvmMmu:
         self.rmap_remove(sp.role >> 24, sp.gfn_at(index), sptep, sp.level)
         self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
 
-    def write_protect_gfn(self, gfn: int, as_id: int = 0) -> bool:
-        """Clear W in every spte mapping gfn; True if something changed (a TLB flush is due)."""
+    def write_protect_gfn(self, gfn: int, as_id: int = 0, for_dirty_log: bool = False) -> bool:
+        """Clear W in every spte mapping gfn; True if something changed (a TLB flush is due).
+
+        Dirty logging keeps MMU-writable set (1/1/0: fast_page_fault may restore W); protecting a
+        shadowed guest page table clears it too (1/0/0: only the full path, via unsync, may).
+        """
         changed = False
+        clear = 2 if for_dirty_log else 2 | self.masks.mmu_writable
         for sptep in list(self.rmap.get((as_id, gfn), ())):
             spte = self.read_spte(sptep)
-            if spte & 2:
-                self.write_spte(sptep, spte & ~(2 | self.masks.mmu_writable))
-                changed = True
+            if spte & clear:
+                self.write_spte(sptep, spte & ~clear)
+                changed |= bool(spte & 2)
         return changed
 
     # -- linking ----------------------------------------------------------------------------------
