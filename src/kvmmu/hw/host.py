@@ -11,8 +11,6 @@ from ..errors import InvalidArgument
 from .memory import SparseMemory
 
 _VMM_BASE = 1 << 32          # first VMM process region
-_VMM_REGION = 1 << 40        # address-space size given to each VMM process
-_KERNEL_BASE = 1 << 45       # KVM's own page tables live here
 _DMA32_BASE = 0x80000000     # ... except pages that a 32-bit CR3 must reach (PAE roots)
 
 
@@ -23,10 +21,13 @@ class Host:
         if not 36 <= maxphyaddr <= 52:
             raise InvalidArgument("host maxphyaddr", maxphyaddr, "the host's MAXPHYADDR is between 36 and 52")
         self.maxphyaddr = maxphyaddr
+        # KVM's own page tables live in the top half of host memory; VMM processes share the rest.
+        self.kernel_base = 1 << (maxphyaddr - 1)
+        self.vmm_region = min(1 << 40, (self.kernel_base - _VMM_BASE) // 8) & ~0xFFFFF
         self.mem = SparseMemory(1 << maxphyaddr, name="host physical memory")
         self.memory_limit = memory_limit
         self._next_vmm = 0
-        self._next_kernel_pfn = _KERNEL_BASE >> 12
+        self._next_kernel_pfn = self.kernel_base >> 12
         self._free_kernel_pfns: list[int] = []
         self._next_dma32_pfn = _DMA32_BASE >> 12
         self._free_dma32_pfns: list[int] = []
@@ -35,11 +36,13 @@ class Host:
 
     def new_vmm_region(self) -> tuple[int, int]:
         """[start, end) of a fresh VMM process address space for one VM's guest RAM."""
-        start = _VMM_BASE + self._next_vmm * _VMM_REGION
+        start = _VMM_BASE + self._next_vmm * self.vmm_region
         self._next_vmm += 1
-        if start + _VMM_REGION > _KERNEL_BASE:
-            raise InvalidArgument("VMs on this host", self._next_vmm, "the host has room for 8191 VMMs")
-        return start, start + _VMM_REGION
+        if start + self.vmm_region > self.kernel_base:
+            raise InvalidArgument("VMs on this host", self._next_vmm,
+                                  f"a host with MAXPHYADDR {self.maxphyaddr} has room for "
+                                  f"{(self.kernel_base - _VMM_BASE) // self.vmm_region} VMM address spaces")
+        return start, start + self.vmm_region
 
     def alloc_kernel_page(self, dma32: bool = False) -> int:
         """A zeroed 4 KiB kernel page; returns its host physical address.
@@ -67,6 +70,5 @@ class Host:
         (self._free_dma32_pfns if hpa < _VMM_BASE else self._free_kernel_pfns).append(hpa >> 12)
         self.kernel_pages_in_use -= 1
 
-    @staticmethod
-    def is_kernel_address(hpa: int) -> bool:
-        return hpa >= _KERNEL_BASE or _DMA32_BASE <= hpa < _VMM_BASE
+    def is_kernel_address(self, hpa: int) -> bool:
+        return hpa >= self.kernel_base or _DMA32_BASE <= hpa < _VMM_BASE
