@@ -61,9 +61,9 @@ def build_spte(mmu: VcpuMmu, sp: ShadowPage, slot: Memslot | None, pte_access: i
             not kvm.try_to_unsync_pages(gfn, synchronizing, prefetch):
         wrprot = True
         pte_access &= ~2
+    # When write-protected, host-writable stays and W/MMU-writable are clear (1/0/0): only the
+    # full path may make it writable again, by unsyncing the shadowed page table.
     spte = make_spte(mmu.masks, sp.level, pte_access, pfn, host_writable, prefetch)
-    if wrprot:
-        spte |= 0   # host-writable stays; W and MMU-writable are clear (1/0/0: shadowed page table)
     if spte & 2 and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         mmu.vm.mark_page_dirty(slot, gfn)
     return spte, wrprot
