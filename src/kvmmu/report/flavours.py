@@ -1,0 +1,81 @@
+"""One guest workload under shadow paging, EPT, NPT and nested EPT (as L2), side by side.
+
+The workload is the driver loop of `experiments.py` (RAM accesses, a doorbell write, a status read
+on another device page).  Under nested EPT the same loop runs as L2: L1 maps L2's physical memory
+with its own EPT tables (L2 RAM at L1 gpa 64 MiB, the device at an L1 gpa without a memslot), so
+KVM shadows L1's EPT and every L2 fault arrives with an L2 physical address.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
+from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
+from ..guest.program import run_program
+from ..kvm.vm import VM
+from .cost import CostModel
+from .experiments import DIRECT_MAP, DOORBELL_GPA, IOREMAP, RAM, RunResult
+
+FLAVOURS = ("shadow", "ept", "npt", "nested-ept")
+L2_BASE = 64 << 20
+CR0 = X86_CR0_PG | X86_CR0_PE | X86_CR0_WP
+
+
+def _program(vm: VM, iterations: int, seed: int):
+    rng = random.Random(seed)
+    working_set = [rng.randrange(0x800000, RAM, 4096) for _ in range(256)]
+    for i in range(iterations):
+        if i == iterations // 2:
+            vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=16 << 20)
+        for _ in range(4):
+            page = rng.choice(working_set)
+            if rng.random() < 0.5:
+                yield ("write", DIRECT_MAP + page + 8 * rng.randrange(512), 8, rng.getrandbits(64))
+            else:
+                yield ("read", DIRECT_MAP + page + 8 * rng.randrange(512), 8)
+        yield ("write", IOREMAP, 4, i & 0xFFFFFFFF)
+        yield ("read", IOREMAP + 0x1004, 4)
+
+
+def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000, seed: int = 1) -> RunResult:
+    nested = flavour == "nested-ept"
+    vm = VM(mmu="ept" if nested else flavour, mmio_caching=policy)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=2 * L2_BASE if nested else RAM)
+    vm.mmio_handler = lambda e: None if e.is_write else 0
+    write, read = vm_writer(vm)
+    offset = L2_BASE if nested else 0
+
+    def w2(gpa: int, size: int, value: int) -> None:
+        write(offset + gpa, size, value)
+
+    def r2(gpa: int, size: int) -> int:
+        return read(offset + gpa, size)
+    pt = GuestPageTables("4level", w2, r2, pool=0x100000)
+    for off in range(0, RAM, 2 << 20):
+        pt.map(DIRECT_MAP + off, off, 2 << 20, P | RW)
+    pt.map(IOREMAP, DOORBELL_GPA, 4096, P | RW | PCD)
+    pt.map(IOREMAP + 0x1000, DOORBELL_GPA + 0x1000, 4096, P | RW | PCD)
+    vcpu = vm.create_vcpu()
+    if nested:
+        ept = GuestPageTables("ept4", write, read, pool=0x200000)
+        for off in range(0, RAM, 2 << 20):
+            ept.map(off, L2_BASE + off, 2 << 20)
+        ept.map(DOORBELL_GPA, 0xD0000000)
+        ept.map(DOORBELL_GPA + 0x1000, 0xD0001000)
+        vcpu.set_sregs(cr0=X86_CR0_PE)
+        vcpu.enter_guest_mode(ept.eptp(), cr0=CR0, cr3=pt.cr3, cr4=X86_CR4_PAE, efer=EFER_LME | EFER_NX)
+    else:
+        vcpu.set_sregs(cr0=CR0, cr3=pt.cr3, cr4=X86_CR4_PAE, efer=EFER_LME | EFER_NX)
+    result = run_program(vcpu, _program(vm, iterations, seed))
+    if any(r.l1_exit is not None for r in result.faults):
+        raise AssertionError("the nested workload exited to L1")
+    vm.audit()
+    stats, counters = vcpu.stats.snapshot(), vcpu.counters.snapshot()
+    return RunResult(flavour, policy, stats, counters, vm.stats.snapshot(), 2 * iterations,
+                     CostModel().cycles(stats, counters))
+
+
+def flavour_matrix(policy: str = "generation", iterations: int = 1000, seed: int = 1,
+                   flavours: tuple[str, ...] = FLAVOURS) -> list[RunResult]:
+    return [run_flavour(f, policy, iterations, seed) for f in flavours]
