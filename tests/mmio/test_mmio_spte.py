@@ -112,8 +112,10 @@ def test_reserved_bit_in_a_present_spte_is_a_kvm_bug() -> None:
 
 
 def test_zap_policy_stores_no_generation() -> None:
-    """The 2011 design: MMIO sptes carry gfn and access only."""
+    """The 2011 design: one mask (PA bits MAXPHYADDR..62 plus P), then access and gfn, no generation."""
     vm, vcpu = _vm(mmu="shadow", mmio_caching="zap", initial_generation=0x12344)
     vcpu.access(0xD0000000, 4, "read")
     spte = list(vcpu.mmu.shadow_walk(0xD0000000))[-1][1]
-    assert spte & 0x7F8 == 0 and spte >> 52 == 0
+    mask_2011 = (((1 << (62 - 46 + 1)) - 1) << 46) | 1
+    assert spte & 0x7F8 == 0                          # no generation in bits 3-10
+    assert spte & mask_2011 == mask_2011 and (spte & ~mask_2011) >> 12 == 0xD0000

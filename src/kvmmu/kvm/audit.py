@@ -131,6 +131,8 @@ def _check_tlbs(vm: VM) -> None:
     ranges = [(s.userspace_addr >> 12, (s.userspace_addr >> 12) + s.npages) for s in vm.memslots.all_slots()
               if not s.invalid]
     for v in vm.vcpus:
+        if v.requests & {"KVM_REQ_TLB_FLUSH", "KVM_REQ_TLB_FLUSH_GUEST", "KVM_REQ_TLB_FLUSH_CURRENT"}:
+            continue            # flushed before this vCPU can enter the guest again
         for vpn, entry in v.cpu.tlb.items():
             page = entry[0] >> 12
             if not any(lo <= page < hi for lo, hi in ranges):

@@ -6,7 +6,7 @@ devices may share a range and are tried in order until one handles the access.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 from collections import deque
 from typing import Protocol
 
@@ -30,7 +30,7 @@ class IoBus:
         if addr < 0 or length < 0 or addr + length > 1 << 64:
             raise InvalidArgument("io device range", addr, "must lie inside the 64-bit address space")
         keys = [(a, n) for a, n, _ in self.ranges]
-        i = bisect_left(keys, (addr, length))
+        i = bisect_right(keys, (addr, length))     # after equal ranges: registration order
         self.ranges.insert(i, (addr, length, dev))
 
     def unregister(self, dev: IoDevice) -> None:

@@ -55,13 +55,26 @@ class VcpuMmu:
         self.root_hpa = 0                       # what the CPU's CR3 points at; 0 = no root loaded
         self.pgd = 0
         self.prev_roots: list[tuple[int, ShadowPage]] = []
-        self.pdptrs: tuple[int, ...] = (0, 0, 0, 0)
+        self._pdptrs: tuple[int, ...] = (0, 0, 0, 0)
         self.hw_ctx: PagingContext | None = None         # the CPU's view of KVM's shadow tables
         self.hw_guest_ctx: PagingContext | None = None   # the CPU's view of the guest's tables (TDP)
         self.walk_ctx: PagingContext | None = None       # the tables this MMU shadows (guest or L1 EPT)
         self.gfmt: GuestFormat | None = None
         self.shadow_zero_check = PagingContext(
             "ept4" if self.masks.ept else "4level", maxphyaddr=self.vm.host.maxphyaddr, nxe=True)
+
+    @property
+    def pdptrs(self) -> tuple[int, ...]:
+        """PAE's PDPTEs as loaded at the last CR3 load (KVM's cached PDPTRs)."""
+        return self._pdptrs
+
+    @pdptrs.setter
+    def pdptrs(self, value: tuple[int, ...]) -> None:
+        # load_pdptrs: new PDPTEs invalidate the PAE root built from the old ones.
+        if value != self._pdptrs:
+            self._pdptrs = value
+            if self.root_level == 3 and not self.direct and self.root_hpa:
+                self.free_current_root()
 
     # -- role computation (kvm_init_mmu) ----------------------------------------------------------
     def init_context(self) -> None:

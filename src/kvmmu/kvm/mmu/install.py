@@ -82,10 +82,6 @@ def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int
                  fault: KvmPageFault | None, host_writable: bool = True) -> int:
     kvm = mmu.kvm
     vcpu = mmu.vcpu
-    if pfn == KVM_PFN_NOSLOT:
-        vcpu.stats["pf_mmio_spte_created"] += 1
-        mark_mmio_spte(mmu, sptep, gfn, pte_access)
-        return RET_PF_EMULATE
     sp = kvm.sptep_to_sp(sptep)
     index = (sptep & 0xFFF) >> 3
     old = kvm.read_spte(sptep)
@@ -101,6 +97,16 @@ def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int
             flush = True
         else:
             was_rmapped = True
+    if pfn == KVM_PFN_NOSLOT:
+        # The old mapping (if any) is gone first: an MMIO spte must never replace a present one.
+        if was_rmapped:
+            kvm.drop_spte(sptep)
+            flush = True
+        vcpu.stats["pf_mmio_spte_created"] += 1
+        mark_mmio_spte(mmu, sptep, gfn, pte_access)
+        if flush:
+            kvm.flush_remote_tlbs()
+        return RET_PF_EMULATE
     prefetch = fault is None
     new, wrprot = build_spte(mmu, sp, slot, pte_access, gfn, pfn, old if was_rmapped else 0, prefetch, False,
                              host_writable)

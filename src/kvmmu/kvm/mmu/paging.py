@@ -189,17 +189,17 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
         if _prefetch_invalid_gpte(mmu, gpte):
             if is_mmio_spte(mmu.masks, spte):
                 kvm.write_spte(ptr, SHADOW_NONPRESENT_VALUE)
-            continue
+            break                                  # FNAME(pte_prefetch) stops at the first failure
         gfn = mmu.gfmt.gfn(gpte)
         access = ((sp.role >> 8) & 7) & mmu.gfmt.access(gpte)
         if mmu.gfmt.dirty and not gpte & mmu.gfmt.dirty:
             access &= ~ACC_WRITE
         slot = vcpu.gfn_to_memslot(gfn)
         if slot is None or slot.invalid or (slot.flags & 1 and access & ACC_WRITE):
-            continue
+            break
         hva = slot.gfn_to_hva(gfn)
         if not mmu.vm.host_resident(hva):
-            continue
+            break
         mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None, host_writable=not slot.readonly)
 
 

@@ -85,22 +85,37 @@ class SpteMasks:
 
 def shadow_masks(host_maxphyaddr: int = 46, gen: MmioGenLayout | None = TODAY_GEN_LAYOUT,
                  mmio_caching: bool = True) -> SpteMasks:
-    """Shadow paging / NPT: MMIO sptes are present with reserved PA bit 51 (needs MAXPHYADDR < 52)."""
+    """Shadow paging / NPT: MMIO sptes are present with reserved PA bit 51 (needs MAXPHYADDR < 52).
+
+    Without a generation layout the 2011 encoding is used: one mask, every PA bit from MAXPHYADDR to
+    62 plus P, and MMIO <=> (spte & mask) == mask.
+    """
     enabled = mmio_caching and host_maxphyaddr < 52
-    value = (BIT(51) | BIT(0)) if enabled else 0
+    if gen is None:
+        value = (GENMASK(62, host_maxphyaddr) | BIT(0)) if enabled else 0
+    else:
+        value = (BIT(51) | BIT(0)) if enabled else 0
     return SpteMasks(ept=False, present=BIT(0), user=BIT(2), x=0, nx=BIT(63), accessed=BIT(5),
                      dirty=BIT(6), host_writable=BIT(9), mmu_writable=BIT(10), memtype=0,
                      mmio_mask=value, mmio_value=value, mmio_access_mask=ACC_WRITE | ACC_USER, gen=gen,
-                     max_gfn=(1 << (52 - 12)) - 1, mmio_enabled=enabled)
+                     max_gfn=(1 << (min(host_maxphyaddr, 52) - 12)) - 1 if gen is None else (1 << (52 - 12)) - 1,
+                     mmio_enabled=enabled)
 
 
 def ept_masks(host_maxphyaddr: int = 46, gen: MmioGenLayout | None = TODAY_GEN_LAYOUT,
               mmio_caching: bool = True, ad: bool = True) -> SpteMasks:
-    """EPT: MMIO sptes are W+X without R, an EPT misconfiguration (no reserved PA bit needed)."""
+    """EPT: MMIO sptes are W+X without R, an EPT misconfiguration (no reserved PA bit needed).
+
+    Without a generation layout the 2011 encoding is used: mask = value = W+X plus bits 49-56.
+    """
+    if gen is None:
+        mask = value = (0xFF << 49) | 0x6 if mmio_caching else 0
+    else:
+        mask, value = ((0x7 | BIT(63)), 0x6) if mmio_caching else (0, 0)
     return SpteMasks(ept=True, present=BIT(0) | BIT(63), user=BIT(0), x=BIT(2), nx=0,
                      accessed=BIT(8) if ad else 0, dirty=BIT(9) if ad else 0, host_writable=BIT(57),
-                     mmu_writable=BIT(58), memtype=6 << 3, mmio_mask=(0x7 | BIT(63)) if mmio_caching else 0,
-                     mmio_value=0x6 if mmio_caching else 0, mmio_access_mask=0, gen=gen,
+                     mmu_writable=BIT(58), memtype=6 << 3, mmio_mask=mask,
+                     mmio_value=value, mmio_access_mask=0, gen=gen,
                      max_gfn=(1 << (host_maxphyaddr - 12)) - 1, mmio_enabled=mmio_caching)
 
 
