@@ -269,35 +269,46 @@ def trace_text(records: Iterable[TraceRecord], description: str | None = None) -
 class RecordedValues:
     """Stands in for every device of a recording: it answers each read with the value the recorded
     guest read.  Register it as an in-kernel io-bus device (`vm.register_io_device`) and/or use it
-    as the VMM's KVM_EXIT_MMIO handler (`vm.mmio_handler`); `replay` tells it which access is
-    in flight.  Writes are accepted and compared with the recorded value.
+    as the VMM's KVM_EXIT_MMIO handler (`vm.mmio_handler`); `replay` tells it which access is in
+    flight.  It also checks the routing: every piece must arrive at the access's recorded gpa
+    (`misrouted` counts those that do not) and written data must be the recorded data
+    (`write_mismatches`).
     """
 
     def __init__(self) -> None:
         self._data = b""
+        self._gpa = -1
         self._page_offset = 0
         self._first = 0
+        self.delivered = 0            # pieces that reached a device
+        self.misrouted = 0            # ... at an address other than the recorded gpa
         self.write_mismatches = 0
-        self.unexpected = 0           # device pieces that fall outside the access in flight
+        self.unexpected = 0           # pieces that fall outside the access in flight
 
     def begin(self, rec: TraceRecord | None) -> None:
         self._data = b"" if rec is None or rec.value is None else rec.value.to_bytes(rec.size, "little")
         if rec is not None:
             self._page_offset = rec.gva & 0xFFF
             self._first = min(rec.size, 0x1000 - self._page_offset)
+            self._gpa = -1 if rec.gpa is None else rec.gpa
+        else:
+            self._gpa = -1
 
     def _offset(self, addr: int) -> int:
         """Where the piece at guest-physical `addr` starts inside the access in flight: pieces on the
         access's first page keep its page offset; a page-crossing access continues at offset 0."""
+        self.delivered += 1
         off = addr & 0xFFF
         if off >= self._page_offset:
+            if self._gpa >= 0 and addr >> 12 != self._gpa >> 12:
+                self.misrouted += 1
             return off - self._page_offset
         return self._first + off
 
     def read(self, addr: int, length: int) -> int | None:
+        off = self._offset(addr)
         if not self._data:
             return (1 << (8 * length)) - 1       # nothing recorded: a floating bus reads all ones
-        off = self._offset(addr)
         piece = self._data[off:off + length]
         if len(piece) != length:
             self.unexpected += 1
@@ -305,10 +316,9 @@ class RecordedValues:
         return int.from_bytes(piece, "little")
 
     def write(self, addr: int, length: int, value: int) -> bool:
-        if self._data:
-            off = self._offset(addr)
-            if self._data[off:off + length] != value.to_bytes(length, "little"):
-                self.write_mismatches += 1
+        off = self._offset(addr)
+        if self._data and self._data[off:off + length] != value.to_bytes(length, "little"):
+            self.write_mismatches += 1
         return True
 
     def __call__(self, exit_: MmioExit) -> int | None:
@@ -363,7 +373,9 @@ class ReplayResult:
     value_mismatches: list[tuple[int, int | None, int, int | None]]   # (line, seq, recorded, seen)
     mismatch_count: int
     values_checked: int
-    write_mismatches: int
+    write_mismatches: int             # device writes whose data differed from the record
+    misrouted: int                    # device pieces at a gpa other than the record's
+    undelivered: int                  # device-region accesses that reached no device (e.g. RAM)
     unknown_writes: int
 
     def phase(self, name: str | None) -> PhaseResult:
@@ -406,7 +418,7 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
     order: list[PhaseResult] = []
     faults: list[tuple[int, int | None, GuestFault]] = []
     mismatches: list[tuple[int, int | None, int, int | None]] = []
-    fault_count = mismatch_count = checked = unknown_writes = 0
+    fault_count = mismatch_count = checked = unknown_writes = undelivered = 0
     start = _totals(setup)
     mark = start
     cur: PhaseResult | None = None
@@ -421,7 +433,7 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
             _add(p.vm_stats, now[2], mark[2])
         mark = now
 
-    for rec in records:
+    for index, rec in enumerate(records, 1):
         if limit is not None and done >= limit and rec.op != "invlpg":
             break
         if cur is None or rec.phase != cur.phase:
@@ -431,7 +443,9 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
                 cur = phases[rec.phase] = PhaseResult(rec.phase)
                 order.append(cur)
         if rec.vcpu >= len(vcpus):
-            raise _error("replay", rec.line, "vcpu", f"={rec.vcpu}", f"the VM has {len(vcpus)} vCPUs")
+            err = ScenarioError(f"replay {_at(rec, index)}: vcpu={rec.vcpu}: the VM has {len(vcpus)} vCPUs")
+            err.line, err.field, err.rule = rec.line, "vcpu", f"the VM has {len(vcpus)} vCPUs"  # type: ignore
+            raise err
         vcpu = vcpus[rec.vcpu]
         cur.records += 1
         if rec.has_sregs:
@@ -443,6 +457,7 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
         done += 1
         cur.accesses += 1
         values.begin(rec)
+        delivered = values.delivered
         stats = vcpu.stats
         taken = stats["pf_taken"]
         try:
@@ -455,11 +470,13 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
                 cur.reads += 1
                 r = vcpu.access(rec.gva, rec.size, rec.op, cpl=rec.cpl)
         except KvmmuError as exc:
-            raise ScenarioError(f"replay line {rec.line} (seq {rec.seq}): {exc}") from exc
+            raise ScenarioError(f"replay {_at(rec, index)}: {exc}") from exc
         if rec.region is not None:
             cur.mmio_accesses += 1
             if stats["pf_taken"] != taken:
                 cur.mmio_full_path += 1
+            if values.delivered == delivered:
+                undelivered += 1
         if r.fault is not None:
             fault_count += 1
             if len(faults) < keep:
@@ -481,7 +498,13 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
     _add(total.counters, end[1], start[1])
     _add(total.vm_stats, end[2], start[2])
     return ReplayResult(order, total, faults, fault_count, mismatches, mismatch_count, checked,
-                        values.write_mismatches, unknown_writes)
+                        values.write_mismatches, values.misrouted, undelivered, unknown_writes)
+
+
+def _at(rec: TraceRecord, index: int) -> str:
+    """How an error names a record: its line in the trace file (else its position in the stream)."""
+    at = f"line {rec.line}" if rec.line else f"record {index}"
+    return at if rec.seq is None else f"{at} (seq {rec.seq})"
 
 
 def _apply_regs(vcpu: Vcpu, rec: TraceRecord) -> None:
