@@ -3,9 +3,20 @@
 Host virtual and physical addresses coincide (one flat host), so a VMM's guest-RAM mapping at hva
 H is host frame H >> 12.  Each VMM process gets its own region; KVM's shadow tables come from a
 kernel region.  Nothing is allocated until written (SparseMemory).
+
+Host memory pressure (`Host(memory_limit=...)`): the host then tracks which guest-RAM pages are
+resident.  A page becomes resident when KVM first touches it (`VM.host_touch`: a fault-in, a read of
+a guest PTE, an emulated RAM access); when the resident guest pages plus KVM's own (unswappable)
+kernel pages plus `reserved` bytes exceed the limit, the host reclaims the least recently touched
+guest pages, giving a second chance to pages whose sptes KVM reports young (accessed bit set, as
+`kvm_age_gfn` does), and swaps them out.  A swapped-out page keeps its contents (the model's swap
+is bookkeeping); touching it again is a swap-in.  Without a limit nothing is tracked and every page
+counts as resident, as before.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 from ..errors import InvalidArgument
 from .memory import SparseMemory
@@ -17,9 +28,25 @@ _DMA32_BASE = 0x80000000     # ... except pages that a 32-bit CR3 must reach (PA
 class Host:
     """A host with `maxphyaddr` physical address bits (46 by default, as on the machines here)."""
 
-    def __init__(self, maxphyaddr: int = 46, memory_limit: int | None = None) -> None:
+    def __init__(self, maxphyaddr: int = 46, memory_limit: int | None = None, reserved: int = 0,
+                 cores: int = 4) -> None:
         if not 36 <= maxphyaddr <= 52:
             raise InvalidArgument("host maxphyaddr", maxphyaddr, "the host's MAXPHYADDR is between 36 and 52")
+        if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit < 1 << 20):
+            raise InvalidArgument("host memory_limit", memory_limit, "a host memory limit is at least 1 MiB")
+        if not isinstance(reserved, int) or reserved < 0 or (memory_limit is not None and reserved >= memory_limit):
+            raise InvalidArgument("host reserved", reserved,
+                                  "memory reserved for the host itself is >= 0 and below the memory limit")
+        if not isinstance(cores, int) or cores < 1:
+            raise InvalidArgument("host cores", cores, "a host has at least one CPU core")
+        self.reserved = reserved
+        self.cores = cores
+        # Host memory pressure: resident guest pages in LRU order (oldest first) and swapped-out pages.
+        self.resident: OrderedDict[int, None] = OrderedDict()
+        self.swapped: set[int] = set()
+        self.swapins = 0
+        self.swapouts = 0
+        self.second_chances = 0
         self.maxphyaddr = maxphyaddr
         # KVM's own page tables live in the top half of host memory; VMM processes share the rest.
         self.kernel_base = 1 << (maxphyaddr - 1)
@@ -70,5 +97,127 @@ class Host:
         (self._free_dma32_pfns if hpa < _VMM_BASE else self._free_kernel_pfns).append(hpa >> 12)
         self.kernel_pages_in_use -= 1
 
+    # -- host memory pressure -------------------------------------------------------------------------
+    def is_resident(self, pfn: int) -> bool:
+        """A page the host can map without sleeping (what a non-sleeping get_user_pages finds)."""
+        return self.memory_limit is None or pfn in self.resident
+
+    def touch(self, pfn: int) -> bool:
+        """KVM touches guest page `pfn` (sleeping fault-in allowed); True if that was a swap-in."""
+        resident = self.resident
+        if pfn in resident:
+            resident.move_to_end(pfn)
+            return False
+        resident[pfn] = None
+        if pfn in self.swapped:
+            self.swapped.discard(pfn)
+            self.swapins += 1
+            return True
+        return False
+
+    def pages_in_use(self) -> int:
+        return len(self.resident) + self.kernel_pages_in_use + (self.reserved >> 12)
+
+    def over_limit(self) -> int:
+        """How many pages must be reclaimed to get back under the limit."""
+        if self.memory_limit is None:
+            return 0
+        return max(0, self.pages_in_use() - (self.memory_limit >> 12))
+
+    def reclaim(self, keep: int | None = None) -> int:
+        """Swap out least recently touched pages until the host is under its limit; returns pages reclaimed.
+
+        Second chance: a page some VM's sptes say is young (accessed since the last look) has its
+        accessed bits cleared (kvm_age_gfn) and moves to the young end, at most once per page per call.
+        """
+        need = self.over_limit()
+        done = 0
+        looked: set[int] = set()
+        while need > 0 and len(self.resident) > 1:
+            pfn = next(iter(self.resident))
+            if pfn == keep:                  # the page being faulted in right now stays
+                self.resident.move_to_end(pfn)
+                continue
+            if pfn not in looked:
+                looked.add(pfn)
+                if any(kvm_age_hva(vm, pfn << 12) for vm in self.vms):
+                    self.second_chances += 1
+                    self.resident.move_to_end(pfn)
+                    continue
+            self.swap_out_pages([pfn])
+            need -= 1
+            done += 1
+        return done
+
+    def swap_out_pages(self, pfns: list[int]) -> int:
+        """Swap out these guest pages now (an experiment's knob, or reclaim): every VM mapping them first
+        drops its sptes (the mmu notifier), then the page leaves memory.  Returns how many were resident."""
+        n = 0
+        for pfn in pfns:
+            if self.memory_limit is None or pfn in self.resident:
+                for vm in self.vms:
+                    kvm_unmap_hva(vm, pfn << 12)
+                if self.memory_limit is None:
+                    continue           # no residency tracking: nothing to swap
+                del self.resident[pfn]
+                self.swapped.add(pfn)
+                self.swapouts += 1
+                n += 1
+        return n
+
     def is_kernel_address(self, hpa: int) -> bool:
         return hpa >= self.kernel_base or _DMA32_BASE <= hpa < _VMM_BASE
+
+
+# -- KVM's mmu-notifier callbacks, as the host's memory management invokes them ---------------------
+def _hva_to_gfns(vm: object, hva: int) -> list[tuple[int, int]]:
+    """(as_id, gfn) of every memslot of `vm` that maps host page `hva` (hva_to_gfn_memslot)."""
+    out = []
+    for slot in vm.memslots.all_slots():  # type: ignore[attr-defined]
+        start = slot.userspace_addr
+        if start <= hva < start + (slot.npages << 12) and not slot.invalid:
+            out.append((slot.as_id, slot.base_gfn + ((hva - start) >> 12)))
+    return out
+
+
+def _leaf_sptes(vm: object, as_id: int, gfn: int) -> list[int]:
+    """Leaf sptes that map gfn: 4 KiB ones on its rmap, huge ones on the rmap of their base gfn."""
+    mmu = vm.mmu  # type: ignore[attr-defined]
+    out = list(mmu.rmap.get((as_id, gfn), ()))
+    for level in (2, 3):
+        base = gfn & ~((1 << (9 * (level - 1))) - 1)
+        if base != gfn:
+            out.extend(p for p in mmu.rmap.get((as_id, base), ()) if mmu.sptep_to_sp(p).level == level)
+    return out
+
+
+def kvm_unmap_hva(vm: object, hva: int) -> bool:
+    """kvm_mmu_notifier_invalidate_range_start -> kvm_unmap_gfn_range for one host page: drop every
+    leaf spte mapping it (shadow pages of the gfn stay), then flush remote TLBs.  True if any was dropped."""
+    mmu = vm.mmu  # type: ignore[attr-defined]
+    dropped = False
+    for as_id, gfn in _hva_to_gfns(vm, hva):
+        for sptep in _leaf_sptes(vm, as_id, gfn):
+            mmu.drop_spte(sptep)
+            dropped = True
+    if dropped:
+        vm.trace.emit("kvm_unmap_hva_range", start=hva & ~0xFFF, end=(hva & ~0xFFF) + 0x1000)  # type: ignore
+        mmu.flush_remote_tlbs()
+    return dropped
+
+
+def kvm_age_hva(vm: object, hva: int) -> bool:
+    """kvm_mmu_notifier_clear_young -> kvm_age_gfn: True if an spte mapping the page has its accessed
+    bit set; the bit is cleared.  (No flush, as in KVM: a TLB entry may hide the next access.)"""
+    mmu = vm.mmu  # type: ignore[attr-defined]
+    abit = mmu.masks.accessed
+    if not abit:
+        return False
+    young = False
+    for as_id, gfn in _hva_to_gfns(vm, hva):
+        for sptep in _leaf_sptes(vm, as_id, gfn):
+            spte = mmu.read_spte(sptep)
+            if spte & abit:
+                mmu.write_spte(sptep, spte & ~abit)
+                young = True
+    return young

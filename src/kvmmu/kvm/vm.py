@@ -33,7 +33,7 @@ class VM:
                  address_spaces: int = 2, initial_generation: int = 0, guest_maxphyaddr: int = 46,
                  guest_gbpages: bool = True, max_mmu_pages: int | None = None,
                  mmio_gen_layout: MmioGenLayout | None = None, tdp_level: int = 4,
-                 host_hugepage_level: int = 1, ept_ad: bool = True) -> None:
+                 host_hugepage_level: int = 1, ept_ad: bool = True, mmio_log_size: int = 10_000) -> None:
         if mmu not in MMU_FLAVOURS:
             raise InvalidArgument("mmu", mmu, f"the MMU flavour is one of {MMU_FLAVOURS}")
         if mmio_caching not in MMIO_POLICIES:
@@ -75,7 +75,7 @@ class VM:
         self.iobus = IoBus()
         self.coalesced_ring: deque = deque()
         self.mmio_handler: MmioHandler | None = None
-        self.mmio_log: list[MmioExit] = []
+        self.mmio_log: deque[MmioExit] = deque(maxlen=mmio_log_size)   # the most recent exits only
         self._hva_base, self._hva_end = self.host.new_vmm_region()
         self._hva_next = self._hva_base
         self.host.vms.append(self)
@@ -190,9 +190,20 @@ class VM:
 
     def host_touch(self, hva: int) -> None:
         """Hook for host memory pressure (a swapped-out page is faulted back in here)."""
+        host = self.host
+        if host.memory_limit is None:
+            return
+        if host.touch(hva >> 12):
+            # KVM (get_user_pages / copy_from_user) slept on a swap-in of this host page.
+            vcpu_id = self.trace.current_vcpu
+            if 0 <= vcpu_id < len(self.vcpus):
+                self.vcpus[vcpu_id].counters["host_swapins"] += 1
+            self.trace.emit("host_swapin", hva=hva & ~0xFFF)
+        if host.over_limit():
+            host.reclaim(keep=hva >> 12)      # swap out the coldest pages; the mmu notifier zaps their sptes first
 
     def host_resident(self, hva: int) -> bool:
-        return True
+        return self.host.is_resident(hva >> 12)
 
     # -- vCPUs, devices, the VMM ---------------------------------------------------------------------
     def create_vcpu(self) -> Vcpu:
