@@ -80,7 +80,7 @@ def test_in_kernel_device_completes_without_an_exit() -> None:
                  f'"gpa": "{KDEV:#x}", "region": "ioapic"}}')
     r = replay(setup, recs)
     assert (r.mismatch_count, r.write_mismatches, r.misrouted) == (0, 0, 0)
-    assert setup.vm.mmio_log == []
+    assert list(setup.vm.mmio_log) == []
     assert r.total.counters["iobus_handled"] == 2 and r.total.counters.get("userspace_exits", 0) == 0
 
 
