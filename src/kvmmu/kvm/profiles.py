@@ -1,0 +1,549 @@
+"""Host profiles: what kind of KVM host runs the guest's machine code.
+
+The MMU model (VM, vCPU, shadow/TDP MMU) is the same everywhere; what differs between hosts is *how
+guest instructions reach it*.  A profile is that difference, made explicit:
+
+``"kvm-pvm"`` — the nested kvm_pvm hosts this project runs on (docs/real-kvm-on-these-machines.md):
+
+- CPL0 code never runs on hardware: KVM's instruction emulator executes every instruction
+  (``insn_emulation`` counts each decode).  Its accesses use KVM's software walker (A/D bits set
+  only by a walk that succeeds; no A bit on a faulting walk), so there is **no TLB at CPL0**: a PTE
+  edit is seen by the very next access, INVLPG or not.  Emulated writes to guest RAM go through
+  ``kvm_mmu_track_write`` (``mmu_pte_write``) and MMIO leaves as KVM_EXIT_MMIO without any #PF
+  (``pf_*`` stay 0 at CPL0).  kvm_pvm emulates up to ``pvm_emul_batch`` = 1024 instructions per
+  entry: ``exits`` counts one per entry — an entry ends at its first exit to userspace (MMIO, HLT),
+  at an IRETQ (KVM's emulator cannot do IRET in long mode: ``insn_emulation_fail`` + 1 and kvm_pvm
+  finishes it), or after 1024 instructions.  Further MMIO exits made while KVM completes an
+  instruction (the 2nd fragment, the write of a read-modify-write, the next iteration of a REP
+  read) do not enter the guest and are not counted.
+- CPL3 64-bit code runs natively under KVM's **shadow MMU with mmio_caching=N**: every MMIO access
+  is a #PF exit that takes the full fault path and is emulated; the rest of that instruction is then
+  done by the emulator (a REP string instruction continues in the emulator after an MMIO read, and
+  returns to the guest without advancing RIP after each MMIO write, so the next iteration faults
+  again).  A #GP at CPL3 is intercepted and the instruction emulated first (``insn_emulation``);
+  #UD and other exceptions are a plain exit.
+- Exceptions are delivered by KVM in software: IDT, GDT, TSS and the frame on the stack are
+  accessed through the software walker (A/D bits set), the frame writes are not tracked writes.
+- Guest MAXPHYADDR 48, no 1 GiB pages; 32-bit/PAE paging is refused (the runtime is 64-bit only).
+- Not modelled (quirks of §6 that the runtime avoids): CS/DS selectors read at CPL3, RFLAGS.IF at
+  CPL3 (the runtime starts CPL3 code with IF=1), PIO at CPL3, int n / int3 at CPL0, vmcall,
+  SYSCALL at CPL3, and the host's own interrupts (timer ticks add ``exits`` on the real host; the
+  differential runner takes the minimum over repeated real runs).
+
+``"vmx-ept"`` / ``"vmx-shadow"`` — a plain KVM host with VMX: every ring runs natively (TLB and all),
+EPT (today's MMIO caching) or shadow paging; the CPU delivers exceptions itself with implicit
+supervisor accesses.  These profiles are the model's prediction only: no such host is at hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..arch.bits import (
+    PF_VECTOR,
+    PFERR_FETCH_MASK,
+    PFERR_IMPLICIT_ACCESS,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+)
+from ..arch.walker import walk
+from ..errors import InvalidArgument
+from ..hw.x86cpu import GP, UD, CpuFault, Stop, X86Cpu
+from .emulate import vcpu_is_mmio_gpa
+from .mmu.mmio import vcpu_match_mmio_gva
+from .mmu.paging import guest_walk
+
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
+    from .vm import VM
+
+_ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
+
+
+@dataclass(frozen=True)
+class HostProfile:
+    """A KVM host, as far as a guest can tell: see the module docstring for the three profiles."""
+
+    name: str
+    summary: str
+    mmu: str                       # VM(mmu=...)
+    mmio_caching: str              # VM(mmio_caching=...)
+    cpl0: str                      # "native" (hardware, TLB) or "emulated" (KVM's emulator, no TLB)
+    delivery: str                  # "hardware" or "kvm" (exceptions delivered by KVM in software)
+    emul_batch: int | None = None  # kvm_pvm.pvm_emul_batch: instructions per emulation entry
+    iret_fails_emulation: bool = False
+    gp_at_cpl3_emulated: bool = False
+    guest_maxphyaddr: int = 46
+    guest_gbpages: bool = True
+    quirks: tuple[str, ...] = field(default_factory=tuple)
+
+    def make_vm(self) -> VM:
+        from .vm import VM
+        return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=self.guest_maxphyaddr,
+                  guest_gbpages=self.guest_gbpages)
+
+    def make_bus(self, vcpu: Vcpu) -> ModelBus:
+        return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)
+
+
+PROFILES: dict[str, HostProfile] = {
+    "kvm-pvm": HostProfile(
+        name="kvm-pvm",
+        summary="nested kvm_pvm host: CPL0 in KVM's emulator (no TLB), CPL3 native on shadow paging, "
+                "mmio_caching=N",
+        mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
+        iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=48, guest_gbpages=False,
+        quirks=(
+            "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",
+            "no A bit on a walk that ends in a fault (KVM's software walker at every ring)",
+            "CPL0 has no TLB; CPL3 sees shadow-spte staleness for host-side PTE edits",
+            "int3 / int n / icebp and many SSE/AVX instructions at CPL0 are emulation failures",
+            "vmcall/vmmcall at CPL0 spin inside KVM_RUN",
+            "CPL3: CS/DS read as host selectors, RFLAGS.IF reads 1, PIO exits, SYSCALL stays at CPL3",
+            "CR4.SMEP/SMAP/PKE accepted without CPUID; LA57/PCIDE rejected",
+            "KVM_TRANSLATE sets A bits and reports writeable=1/usermode=0",
+            "IRETQ in the emulator counts insn_emulation_fail and ends the emulation batch",
+            "pvm_emul_batch=1024 instructions per emulation entry (exits)",
+        )),
+    "vmx-ept": HostProfile(
+        name="vmx-ept", summary="plain KVM on VMX with EPT and today's MMIO caching; every ring native",
+        mmu="ept", mmio_caching="generation", cpl0="native", delivery="hardware"),
+    "vmx-shadow": HostProfile(
+        name="vmx-shadow", summary="plain KVM on VMX with ept=0 (shadow paging) and today's MMIO caching",
+        mmu="shadow", mmio_caching="generation", cpl0="native", delivery="hardware"),
+}
+
+
+def get_profile(name: str | HostProfile) -> HostProfile:
+    if isinstance(name, HostProfile):
+        return name
+    if name not in PROFILES:
+        raise InvalidArgument("profile", name, f"host profiles are {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def _without_exit_count(vcpu: Vcpu, fn: object, *args: int) -> None:
+    """Run a vCPU method that models a VMX intercept (it counts an exit) for an *emulated*
+    instruction, which does not exit.  Stop-gap until vcpu.write_cr3/invlpg take `exit=False`."""
+    before = vcpu.stats["exits"]
+    fn(*args)  # type: ignore[operator]
+    vcpu.stats["exits"] = before
+
+
+class Emulator:
+    """The memory side of KVM's x86 emulator (emulator_read_write, kvm_fetch_guest_virt, the
+    kvm_{read,write}_guest_virt_system accesses of event delivery) over the model's vCPU."""
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self.vcpu = vcpu
+        self.vm = vcpu.vm
+        self.inject = True         # a failed walk injects #PF (pf_guest); not while delivering an event
+
+    def translate(self, gva: int, write: bool, fetch: bool, cpl: int, implicit: bool) -> tuple[int, bool]:
+        """vcpu_mmio_gva_to_gpa / kvm_mmu_gva_to_gpa_*: (gpa, is_mmio); a #PF is injected on failure."""
+        vcpu = self.vcpu
+        access = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if fetch else 0)
+        if cpl == 3 and not implicit:
+            access |= PFERR_USER_MASK
+        if not fetch and not implicit and vcpu_match_mmio_gva(vcpu, gva):
+            ctx = vcpu.mmu.cpu_role
+            idx = ((access & (PFERR_WRITE_MASK | PFERR_USER_MASK)) | (8 if vcpu.ac else 0)) >> 1
+            if ctx.mode.root_level == 0 or not (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
+                vcpu.counters["mmio_cache_hits"] += 1
+                return (vcpu.mmio_gfn << 12) | (gva & 0xFFF), True
+        if implicit:
+            access |= PFERR_IMPLICIT_ACCESS
+        w = guest_walk(vcpu.mmu, gva, access)
+        if w.fault:
+            if self.inject:
+                vcpu.inject_page_fault(w.error_code, gva)
+                vcpu.take_exception()
+            raise CpuFault(PF_VECTOR, w.error_code & 0xFFFF, gva)
+        return w.gpa, vcpu_is_mmio_gpa(vcpu, w.gpa)
+
+    def _ram(self, gpa: int, n: int, write: bool) -> int:
+        """Host address of guest RAM at gpa, or -1 if no (writable) memslot is there."""
+        slot = self.vcpu.gfn_to_memslot(gpa >> 12)
+        if slot is None or slot.invalid or (write and slot.readonly):
+            return -1
+        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+        self.vm.host_touch(hva)
+        return hva
+
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, on_exit: object = None) -> int:
+        out = bytearray(size)
+        frags: list[tuple[int, int, int]] = []
+        for pgva, off, n in _pieces(gva, size):
+            gpa, mmio = self.translate(pgva, False, False, cpl, implicit)
+            hva = -1 if mmio else self._ram(gpa, n, False)
+            if hva >= 0:
+                out[off:off + n] = self.vm.host.mem.read_bytes(hva, n)
+            else:
+                done = self._iobus(gpa, n, False, b"", out, off)
+                if done < n:
+                    frags.append((gpa + done, off + done, n - done))
+        if frags:
+            self._exit_to_vmm(frags, False, b"", out, on_exit)
+        return int.from_bytes(out, "little")
+
+    def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False, tracked: bool = True,
+              on_exit: object = None) -> bool:
+        """Returns True when (part of) the write left as KVM_EXIT_MMIO."""
+        data = value.to_bytes(size, "little")
+        frags: list[tuple[int, int, int]] = []
+        vm = self.vm
+        for pgva, off, n in _pieces(gva, size):
+            gpa, mmio = self.translate(pgva, True, False, cpl, implicit)
+            hva = -1 if mmio else self._ram(gpa, n, True)
+            if hva >= 0:
+                vm.host.mem.write_bytes(hva, data[off:off + n])
+                slot = self.vcpu.gfn_to_memslot(gpa >> 12)
+                if slot is not None:
+                    vm.mark_page_dirty(slot, gpa >> 12)
+                if tracked:
+                    vm.mmu.track_write(gpa, n)
+            else:
+                done = self._iobus(gpa, n, True, data[off:off + n], None, off)
+                if done < n:
+                    frags.append((gpa + done, off + done, n - done))
+        if frags:
+            self._exit_to_vmm(frags, True, data, None, on_exit)
+            return True
+        return False
+
+    def fetch(self, gva: int, n: int, cpl: int) -> bytes:
+        """kvm_fetch_guest_virt: instruction bytes from RAM; from MMIO KVM cannot emulate."""
+        gpa, mmio = self.translate(gva, False, True, cpl, False)
+        hva = -1 if mmio else self._ram(gpa, n, False)
+        if hva < 0:
+            self.vcpu.stats["insn_emulation_fail"] += 1
+            raise Stop("internal_error", f"instruction fetch from MMIO at gva {gva:#x} (gpa {gpa:#x})")
+        return self.vm.host.mem.read_bytes(hva, n)
+
+    def _iobus(self, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:
+        """In-kernel devices (KVM_MMIO_BUS) in <= 8-byte pieces; stops at the first unclaimed piece."""
+        vm = self.vm
+        done = 0
+        while done < n:
+            k = min(8, n - done)
+            if write:
+                if not vm.iobus.write(gpa + done, k, int.from_bytes(chunk[done:done + k], "little")):
+                    break
+            else:
+                v = vm.iobus.read(gpa + done, k)
+                if v is None:
+                    break
+                assert out is not None
+                out[at + done:at + done + k] = (v & ((1 << (8 * k)) - 1)).to_bytes(k, "little")
+            done += k
+        return done
+
+    def _exit_to_vmm(self, frags: list[tuple[int, int, int]], write: bool, data: bytes, out: bytearray | None,
+                     on_exit: object) -> None:
+        """One x86_emulate_instruction ending with mmio_needed: mmio_exits + 1, then <= 8-byte exits."""
+        vcpu = self.vcpu
+        vcpu.stats["mmio_exits"] += 1
+        for gpa, off, length in frags:
+            pos = 0
+            while pos < length:
+                k = min(8, length - pos)
+                if on_exit is not None:
+                    on_exit()  # type: ignore[operator]
+                ex = self.vm.vmm_mmio(vcpu, gpa + pos, k, write, data[off + pos:off + pos + k] if write else b"")
+                if not write:
+                    assert out is not None
+                    out[off + pos:off + pos + k] = ex.data
+                pos += k
+
+
+class _QuietReader:
+    """Guest page-table reads through the memslots with no side effect (no A/D update, no count)."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+
+    def read_pte(self, gpa: int, size: int) -> int:
+        slot = self.vm.memslots.spaces[0].search(gpa >> 12)
+        if slot is None or slot.invalid:
+            return -1
+        return self.vm.read_guest_quiet(gpa, size)
+
+    def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
+        return True
+
+
+def _pieces(gva: int, size: int) -> list[tuple[int, int, int]]:
+    first = 0x1000 - (gva & 0xFFF)
+    if first >= size:
+        return [(gva, 0, size)]
+    return [(gva, 0, first), ((gva + first) & ((1 << 64) - 1), first, size - first)]
+
+
+def _fault(vector: int, error_code: int, cr2: int | None) -> CpuFault:
+    return CpuFault(vector, error_code if vector in _ERROR_CODE_VECTORS else None, cr2)
+
+
+class ModelBus:
+    """The CPU's bus on the model: hardware accesses through ``vcpu.access``; once KVM emulated an
+    access, the rest of that instruction goes through KVM's emulator (as in x86_emulate_instruction)."""
+
+    def __init__(self, profile: HostProfile, vcpu: Vcpu) -> None:
+        self.profile = profile
+        self.vcpu = vcpu
+        self.stats = vcpu.stats
+        self.emu = Emulator(vcpu)
+        self.emulating = False         # KVM's emulator is executing the current instruction
+        self.delivering = False        # KVM (not the CPU) is delivering an exception
+        self.iter_mmio_write = False   # the current string iteration wrote to MMIO (emulated)
+        self.cpu: X86Cpu | None = None
+
+    # -- instruction boundaries ---------------------------------------------------------------
+    def begin(self, cpu: X86Cpu) -> None:
+        self.emulating = False
+        self.iter_mmio_write = False
+        self.vcpu.rflags = cpu.rflags           # EFLAGS.AC for SMAP
+
+    def commit(self, cpu: X86Cpu) -> None:
+        pass
+
+    def abort(self, cpu: X86Cpu, fault: CpuFault) -> None:
+        pass
+
+    # -- memory ---------------------------------------------------------------------------------
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+        vcpu = self.vcpu
+        before = self.stats["insn_emulation"]
+        r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
+        if r.fault is not None:
+            raise _fault(r.fault.vector, r.fault.error_code, r.fault.cr2)
+        if self.stats["insn_emulation"] != before:
+            self.emulating = True          # KVM emulated it; the emulator finishes the instruction
+            if kind == "write" and r.exits:
+                self.iter_mmio_write = True
+        return r.value if r.value is not None else 0
+
+    def _in_emulator(self, cpl: int) -> bool:
+        return self.emulating or self.delivering
+
+    def fetch(self, gva: int, n: int, cpl: int) -> bytes:
+        if self._in_emulator(cpl):
+            try:
+                return self.emu.fetch(gva, n, cpl)
+            except Stop:
+                self._userspace_exit()          # KVM_EXIT_INTERNAL_ERROR ends the entry
+                raise
+        out = bytearray()
+        addr = gva
+        while len(out) < n:
+            left = n - len(out)
+            k = 16 if left >= 16 else 8 if left >= 8 else 4 if left >= 4 else 2 if left >= 2 else 1
+            out += self._hw(addr, k, "fetch", None, cpl, False).to_bytes(k, "little")
+            addr += k
+        return bytes(out)
+
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False) -> int:
+        if rmw and not self._in_emulator(cpl):
+            self._write_intent(gva, size, cpl)      # may hand the instruction to KVM's emulator
+        if self._in_emulator(cpl):
+            return self.emu.read(gva, size, cpl, implicit, self._userspace_exit)
+        return self._hw(gva, size, "read", None, cpl, implicit)
+
+    def _write_intent(self, gva: int, size: int, cpl: int) -> None:
+        """The read of a read-modify-write is translated for writing: it faults with W=1 and KVM maps
+        the page writable (and sets D) before the load.  ``vcpu.access`` has no such access kind, so
+        a page that is not writable yet gets a write of its current bytes first (found through the
+        guest tables without side effects: exactly what KVM's fault path is about to map); if KVM
+        emulates that write (a write-protected page table), the emulator does the rest of the
+        instruction, as it would after the real write fault.  MMIO and read-only slots are left to
+        the read, which KVM emulates with the whole instruction."""
+        vcpu = self.vcpu
+        pfec = PFERR_WRITE_MASK | (PFERR_USER_MASK if cpl == 3 else 0)
+        for pgva, _off, n in _pieces(gva, size):
+            if self.profile.mmu == "shadow":
+                vcpu.process_requests()          # as vcpu.access does before the CPU translates
+                hpa, _, _ = vcpu.cpu.translate(pgva, pfec)
+                if hpa >= 0:
+                    continue                     # already writable: the RMW hits the TLB
+            ctx = vcpu.mmu.cpu_role
+            w = walk(ctx, _QuietReader(vcpu.vm), vcpu.cr3, pgva, pfec, ac=vcpu.ac, pkru=vcpu.pkru)
+            if w.fault:
+                current = 0                      # the write-intent access faults before writing
+            else:
+                slot = vcpu.vm.memslots.spaces[0].search(w.gpa >> 12)
+                if slot is None or slot.invalid or slot.readonly or vcpu_is_mmio_gpa(vcpu, w.gpa):
+                    continue
+                current = int.from_bytes(vcpu.vm.read_phys(w.gpa, n), "little")
+            self._hw(pgva, n, "write", current, cpl, False)
+            if self.emulating:
+                return
+
+    def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False) -> None:
+        if self._in_emulator(cpl):
+            if self.emu.write(gva, size, value, cpl, implicit, tracked=not self.delivering,
+                              on_exit=self._userspace_exit):
+                self.iter_mmio_write = True
+            return
+        self._hw(gva, size, "write", value, cpl, implicit)
+
+    def _userspace_exit(self) -> None:
+        pass
+
+    def rep_yield(self, cpu: X86Cpu) -> bool:
+        """KVM's emulator after one REP iteration: re-enter the guest without advancing RIP after an
+        MMIO write, or when RCX reaches a multiple of 1024 — zero included, since the emulator tests
+        RCX == 0 only when an iteration starts (so the instruction is decoded once more to finish
+        it); otherwise it restarts the next iteration (EMULATION_RESTART)."""
+        wrote, self.iter_mmio_write = self.iter_mmio_write, False
+        if not self.emulating:
+            return False
+        return wrote or cpu.regs[1] & 0x3FF == 0
+
+    # -- privileged operations ------------------------------------------------------------------
+    def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
+        vcpu = self.vcpu
+        fn = {0: vcpu.write_cr0, 3: vcpu.write_cr3, 4: vcpu.write_cr4}[cr]
+        fn(value)
+
+    def soft_int(self, cpu: X86Cpu, vector: int) -> bool:
+        return False
+
+    def unemulatable(self, cpu: X86Cpu, what: str) -> None:
+        pass
+
+    def invlpg(self, cpu: X86Cpu, gva: int) -> None:
+        self.vcpu.invlpg(gva)
+
+    def halt(self, cpu: X86Cpu) -> None:
+        self.stats["exits"] += 1
+        self.stats["halt_exits"] += 1
+        raise Stop("hlt")
+
+    def iret(self, cpu: X86Cpu, new_cpl: int) -> None:
+        pass
+
+    def deliver_begin(self, cpu: X86Cpu, vector: int) -> None:
+        self.emulating = False
+        self.delivering = self.profile.delivery == "kvm"
+        self.emu.inject = not self.delivering
+
+    def deliver_end(self, cpu: X86Cpu, vector: int) -> None:
+        self.delivering = False
+        self.emu.inject = True
+
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None:
+        self.delivering = False
+        self.emu.inject = True
+        if vector == 8:
+            self.stats["exits"] += 1          # triple fault: KVM_EXIT_SHUTDOWN
+
+
+class NativeBus(ModelBus):
+    """A VMX host: every ring on hardware; the CPU delivers exceptions with implicit accesses."""
+
+    def abort(self, cpu: X86Cpu, fault: CpuFault) -> None:
+        if fault.vector == UD and not self.emulating:
+            # VMX intercepts #UD (handle_ud decodes the instruction, then reflects #UD).
+            self.stats["exits"] += 1
+            self.stats["insn_emulation"] += 1
+
+
+class PvmBus(ModelBus):
+    """kvm_pvm: CPL0 in KVM's emulator (batches of emul_batch instructions), CPL3 native."""
+
+    def __init__(self, profile: HostProfile, vcpu: Vcpu) -> None:
+        super().__init__(profile, vcpu)
+        self.in_entry = False      # an emulation entry is running (counted in `exits` when it ends)
+        self.batch = 0
+        self.batch_limit = profile.emul_batch or 1024
+
+    def begin(self, cpu: X86Cpu) -> None:
+        self.iter_mmio_write = False
+        self.delivering = False
+        self.vcpu.rflags = cpu.rflags           # EFLAGS.AC for SMAP
+        if cpu.cpl != 0:
+            self.emulating = False
+            return
+        self.emulating = True
+        if not self.in_entry:
+            self.in_entry, self.batch = True, 0
+            self.vcpu.process_requests()      # vcpu_enter_guest: requests, then kvm_mmu_reload
+        elif self.batch >= self.batch_limit:
+            self.stats["exits"] += 1          # the batch is used up: back to the host, re-enter
+            self.batch = 0
+            self.vcpu.process_requests()
+        self.batch += 1
+        self.stats["insn_emulation"] += 1
+
+    def _in_emulator(self, cpl: int) -> bool:
+        return self.emulating or self.delivering or cpl == 0
+
+    def _end_entry(self) -> None:
+        if self.in_entry:
+            self.stats["exits"] += 1
+            self.in_entry = False
+
+    def _userspace_exit(self) -> None:
+        self._end_entry()
+
+    def abort(self, cpu: X86Cpu, fault: CpuFault) -> None:
+        if cpu.cpl != 3 or self.emulating:
+            return                               # raised inside KVM (emulator): injected, no exit
+        if fault.vector == PF_VECTOR:
+            return                               # the #PF exit was counted by the MMU (pf_taken)
+        self.stats["exits"] += 1                 # exception exit from native user mode
+        if fault.vector == GP and self.profile.gp_at_cpl3_emulated:
+            self.stats["insn_emulation"] += 1    # #GP intercept: the instruction is emulated first
+
+    def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
+        vcpu = self.vcpu
+        fn = {0: vcpu.write_cr0, 3: vcpu.write_cr3, 4: vcpu.write_cr4}[cr]
+        _without_exit_count(vcpu, fn, value)
+        if not vcpu.mmu.root_valid:
+            self._end_entry()       # no usable root (a new CR3, a new role): loaded at the next entry
+
+    def soft_int(self, cpu: X86Cpu, vector: int) -> bool:
+        """INT3/INT n.  CPL0: KVM's emulator cannot deliver it (emulation failure, internal error).
+        CPL3 (measured): INT3 and INT 3 reach the IDT whatever the gate's DPL; any other INT n is
+        #UD after a failed emulation (hardware: #GP(vector*8+2) through a DPL0 gate)."""
+        if cpu.cpl == 0 or vector != 3:
+            self.unemulatable(cpu, f"int {vector}")
+        self.stats["exits"] += 1
+        return True
+
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None:
+        """kvm_pvm gives up on an event whose delivery faults and re-enters to deliver the next one
+        (#DF, then the triple fault): each attempt is an exit, no #PF is counted as injected."""
+        super().deliver_failed(cpu, vector)
+        if vector != 8:
+            self.stats["exits"] += 1
+        self.in_entry = False
+
+    def unemulatable(self, cpu: X86Cpu, what: str) -> None:
+        """An instruction KVM's emulator fails on: at CPL0 KVM_EXIT_INTERNAL_ERROR; at CPL3 it faults
+        natively and kvm_pvm's attempt to emulate it fails too: #UD."""
+        self.stats["insn_emulation_fail"] += 1
+        if cpu.cpl == 0:
+            self._end_entry()
+            raise Stop("internal_error", f"KVM's emulator cannot execute {what!r}")
+        self.stats["insn_emulation"] += 1
+        self.stats["exits"] += 1
+        self.emulating = True
+        raise CpuFault(UD)
+
+    def invlpg(self, cpu: X86Cpu, gva: int) -> None:
+        _without_exit_count(self.vcpu, self.vcpu.invlpg, gva)
+
+    def halt(self, cpu: X86Cpu) -> None:
+        self.in_entry = False
+        self.stats["exits"] += 1
+        self.stats["halt_exits"] += 1
+        raise Stop("hlt")
+
+    def iret(self, cpu: X86Cpu, new_cpl: int) -> None:
+        if self.profile.iret_fails_emulation:
+            self.stats["insn_emulation_fail"] += 1
+            self._end_entry()
+
+
+__all__ = ["PROFILES", "Emulator", "HostProfile", "ModelBus", "NativeBus", "PvmBus", "get_profile"]
