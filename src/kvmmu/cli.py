@@ -200,6 +200,35 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_flavours(args: argparse.Namespace) -> int:
+    from .report.experiments import METRICS
+    from .report.flavours import FLAVOURS as ALL_FLAVOURS
+    from .report.flavours import flavour_matrix
+    from .report.table import format_table
+    flavours = tuple(_csv_list(args.mmus, ALL_FLAVOURS, "--mmus"))
+    policy = _csv_list(args.policy, POLICIES, "--policy")[0]
+    if args.iterations <= 0:
+        raise ScenarioError(f"--iterations {args.iterations}: must be a positive number of loop iterations")
+    results = flavour_matrix(policy, args.iterations, args.seed, flavours)
+    rows = [[label, *[r.metric(where, name) for r in results]] for label, where, name in METRICS]
+    rows.append(["modelled cycles per MMIO access", *[r.cycles / r.mmio_accesses for r in results]])
+    head = (f"The driver loop ({args.iterations} iterations, MMIO policy {policy!r}) under each MMU; "
+            "nested-ept runs it as L2 on L1's EPT.\n\n")
+    _emit(args, head + format_table(["", *[r.flavour for r in results]], rows) + "\n")
+    return 0
+
+
+def _cmd_linux_boot(args: argparse.Namespace) -> int:
+    from .report.linux_boot import format_linux_boot, run_linux_boot
+    if args.limit is not None and args.limit <= 0:
+        raise ScenarioError(f"--limit {args.limit}: must be a positive number of MMIO accesses")
+    flavours = tuple(_csv_list(args.mmus, FLAVOURS, "--mmus"))
+    policies = tuple(_csv_list(args.policies, POLICIES, "--policies"))
+    report = run_linux_boot(flavours, policies, args.limit, profile=args.profile)
+    _emit(args, format_linux_boot(report) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="kvmmu", description="An executable model of the KVM x86 MMU: run guests, compare MMU "
                 "flavours and MMIO policies, explain one access, trace, plot.")
@@ -279,6 +308,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=_cmd_demo)
+
+    fl = sub.add_parser("flavours", help="one workload under shadow, EPT, NPT and nested EPT, side by side")
+    fl.add_argument("--mmus", default="shadow,ept,npt,nested-ept")
+    fl.add_argument("--policy", default="generation")
+    fl.add_argument("--iterations", type=int, default=1000)
+    fl.add_argument("--seed", type=int, default=1)
+    fl.add_argument("-o", "--output")
+    fl.set_defaults(func=_cmd_flavours)
+
+    lb = sub.add_parser("linux-boot", help="replay the recorded Linux-boot MMIO trace (docs/workloads.md)")
+    lb.add_argument("--limit", type=int, default=None, help="replay only the first N MMIO accesses")
+    lb.add_argument("--mmus", default="shadow,ept")
+    lb.add_argument("--policies", default="off,zap,generation")
+    lb.add_argument("--profile", default="irqchip", choices=("irqchip", "qemu"))
+    lb.add_argument("-o", "--output")
+    lb.set_defaults(func=_cmd_linux_boot)
+
+    from .report.realdiff import add_cli as add_real_diff
+    add_real_diff(sub)
     return p
 
 
