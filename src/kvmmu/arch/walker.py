@@ -14,6 +14,8 @@ A/D policy (`PagingContext.ad_policy`):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from struct import Struct
 from typing import Protocol
 
 from ..errors import InvalidArgument
@@ -43,9 +45,18 @@ ACCESSED = 1 << 5
 DIRTY = 1 << 6
 _ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
 _MAX_RESTARTS = 8
+_UNPACK_Q = Struct("<Q").unpack_from
+_UNPACK_I = Struct("<I").unpack_from
 
 
 class PteReader(Protocol):
+    """What the walker reads entries through.
+
+    A reader that is plain memory may say so with `direct_pte_reads = True` and offer `pages` (page
+    frame number -> 4 KiB little-endian bytearray) and `size`: the walker then reads an entry itself
+    where `read_pte` would, an absent page reading as 0 below `size` and -1 above (SparseMemory).
+    """
+
     def read_pte(self, addr: int, size: int) -> int: ...
     def cmpxchg_pte(self, addr: int, size: int, old: int, new: int) -> bool: ...
 
@@ -72,10 +83,10 @@ class Walk:
         self.pte_access = 0
         self.pkey = 0
         self.root_level = root_level
-        self.ptes = [0] * 6
-        self.pte_addrs = [-1] * 6
-        self.pt_access = [0] * 6
-        self.table_gfns = [0] * 6
+        self.ptes = [0, 0, 0, 0, 0, 0]
+        self.pte_addrs = [-1, -1, -1, -1, -1, -1]
+        self.pt_access = [0, 0, 0, 0, 0, 0]
+        self.table_gfns = [0, 0, 0, 0, 0, 0]
 
     @property
     def ok(self) -> bool:
@@ -103,53 +114,75 @@ def walk(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int =
     root is CR3 (or the EPTP); `ac` is EFLAGS.AC; `pkru` the PKRU register; `pdptrs` the PAE PDPTEs
     cached at the last CR3 load (None: read them from memory).
     """
-    mode = ctx.mode
-    w = Walk(addr, access, mode.root_level)
+    plan = _PLANS.get(id(ctx))
+    if plan is None or plan[0] is not ctx:
+        plan = _plan(ctx)
+    root_level = plan[1]
+    w = Walk(addr, access, root_level)
     if addr < 0:
         raise InvalidArgument("address", addr, "addresses are unsigned")
-    bits = mode.la_bits
+    bits = plan[2]
     if bits > 32:
-        if addr >> 64 or not canonical(addr, bits):
+        top = addr >> (bits - 1)          # canonical(): bits 63..bits-1 all 0 or all 1
+        if addr >> 64 or (top and top != plan[18]):
             w.fault = GP_VECTOR          # SDM: a non-canonical linear address raises #GP, not #PF
             return w
     elif bits == 32:
         if addr >> 32:
-            raise InvalidArgument("address", addr, f"{mode.name} linear addresses are 32 bits wide")
-    elif addr >> (12 + 9 * mode.root_level):
-        raise InvalidArgument("gpa", addr, f"{mode.name} translates {12 + 9 * mode.root_level}-bit addresses")
-    if mode.root_level == 0:
+            raise InvalidArgument("address", addr, f"{ctx.mode.name} linear addresses are 32 bits wide")
+    elif addr >> (12 + 9 * root_level):
+        raise InvalidArgument("gpa", addr, f"{ctx.mode.name} translates {12 + 9 * root_level}-bit addresses")
+    if root_level == 0:
         w.gpa = addr
         w.pte_access = 7
         return w
     for _ in range(_MAX_RESTARTS):
-        if _walk_once(ctx, mem, root, addr, access, ac, pkru, pdptrs, w):
+        if _walk_once(plan, ctx, mem, root, addr, access, ac, pkru, pdptrs, w):
             return w
     raise InvalidArgument("page tables", addr, "entries kept changing under the walker (A/D cmpxchg lost)")
 
 
-def _walk_once(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int, ac: bool,
-               pkru: int, pdptrs: tuple[int, ...] | None, w: Walk) -> bool:
-    """One attempt; False means an A/D cmpxchg lost a race and the walk must restart."""
+# What _walk_once needs of a PagingContext, gathered once per context (contexts never change).
+_PLANS: dict[int, tuple] = {}
+
+
+def _plan(ctx: PagingContext) -> tuple:
     mode = ctx.mode
-    ept = mode.ept
-    esize = mode.entry_size
-    ibits = mode.index_bits
-    imask = (1 << ibits) - 1
-    addr_mask = mode.addr_mask
-    rsvd0, rsvd1 = ctx.rsvd
-    is_large = ctx.is_large
-    hw_ad = ctx.ad_policy == "hardware"
-    if ept:
+    if mode.ept:
         a_bit, d_bit, use_ad = VMX_EPT_ACCESS_BIT, VMX_EPT_DIRTY_BIT, ctx.ept_ad
     else:
         a_bit, d_bit, use_ad = ACCESSED, DIRTY, True
-    ptes, pte_addrs, pt_access, table_gfns = w.ptes, w.pte_addrs, w.pt_access, w.table_gfns
-    level = mode.root_level
-    acc = 7
-    fault_code = 0
-    misconfig = False
+    addr_mask = mode.addr_mask
+    plan = (ctx, mode.root_level, mode.la_bits, mode.ept, mode.entry_size, mode.index_bits,
+            (1 << mode.index_bits) - 1, addr_mask, ctx.rsvd[0], ctx.rsvd[1], ctx.is_large,
+            ctx.ad_policy == "hardware", a_bit, d_bit, use_ad, mode.pae_pdptes, ctx.bad_mt_xwr,
+            addr_mask if mode.entry_size == 4 else PT64_ADDR_MASK,
+            (1 << (65 - mode.la_bits)) - 1 if mode.la_bits > 32 else 0)
+    if len(_PLANS) >= 256:
+        _PLANS.clear()
+    _PLANS[id(ctx)] = plan
+    return plan
 
-    if mode.pae_pdptes:
+
+def _walk_once(plan: tuple, ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int, ac: bool,
+               pkru: int, pdptrs: tuple[int, ...] | None, w: Walk) -> bool:
+    """One attempt; False means an A/D cmpxchg lost a race and the walk must restart."""
+    (_, root_level, _, ept, esize, ibits, imask, addr_mask, rsvd0, rsvd1, is_large, hw_ad, a_bit, d_bit, use_ad,
+     pae_pdptes, bad_mt_xwr, root_mask, _) = plan
+    ptes, pte_addrs, pt_access, table_gfns = w.ptes, w.pte_addrs, w.pt_access, w.table_gfns
+    # A reader over plain host memory lets the walker read entries itself (see PteReader).
+    if getattr(mem, "direct_pte_reads", False):
+        pages_get = mem.pages.get
+        limit = mem.size
+        unpack = _UNPACK_Q if esize == 8 else _UNPACK_I
+    else:
+        pages_get = None
+        read_pte = mem.read_pte
+    level = root_level
+    acc = 7
+    missing_a = False                     # an entry used above the leaf has no A bit (yet)
+
+    if pae_pdptes:
         table = root & 0xFFFFFFE0
         idx = (addr >> 30) & 3
         pte_addr = table + 8 * idx
@@ -163,37 +196,48 @@ def _walk_once(ctx: PagingContext, mem: PteReader, root: int, addr: int, access:
         table = pte & PT64_ADDR_MASK
         level = 2
     else:
-        table = root & (addr_mask if esize == 4 else PT64_ADDR_MASK)
+        table = root & root_mask
 
     while True:
-        shift = 12 + ibits * (level - 1)
-        pte_addr = table + esize * ((addr >> shift) & imask)
-        pte = mem.read_pte(pte_addr, esize)
+        off = esize * ((addr >> (12 + ibits * (level - 1))) & imask)     # tables are page aligned
+        pte_addr = table + off
+        gfn = table >> 12
+        if pages_get is not None:
+            page = pages_get(gfn)
+            if page is None:
+                pte = 0 if 0 <= pte_addr < limit else -1
+            else:
+                pte = unpack(page, off)[0]
+        else:
+            pte = read_pte(pte_addr, esize)
         ptes[level], pte_addrs[level], pt_access[level] = pte, pte_addr, acc
-        table_gfns[level] = table >> 12
+        table_gfns[level] = gfn
         w.level = level
         if pte < 0:                       # nothing backs the table: KVM injects a not-present #PF
             return _fault(ctx, w, access, 0, 0)
+        low = pte & 0xFFF                 # (one operation on the 64-bit entry instead of several)
         if ept:
-            if not pte & 7:
+            if not low & 7:
                 return _fault(ctx, w, access, 0, 0)
-            if pte & (rsvd1 if pte & 0x80 else rsvd0)[level] or (ctx.bad_mt_xwr >> (pte & 0x3F)) & 1:
-                misconfig = True
-                return _fault(ctx, w, access, 0, acc, misconfig)
-            acc &= pte & 7
+            if pte & (rsvd1 if low & 0x80 else rsvd0)[level] or (bad_mt_xwr >> (low & 0x3F)) & 1:
+                return _fault(ctx, w, access, 0, acc, True)
+            acc &= low & 7
         else:
-            if not pte & 1:
+            if not low & 1:
                 return _fault(ctx, w, access, 0, acc)
-            if pte & (rsvd1 if pte & 0x80 else rsvd0)[level]:
+            if pte & (rsvd1 if low & 0x80 else rsvd0)[level]:
                 return _fault(ctx, w, access, PFERR_RSVD_MASK | PFERR_PRESENT_MASK, acc)
-            acc &= (pte & 6) | (1 ^ (pte >> 63))
-        if level == 1 or (pte & 0x80 and is_large[level]):
+            acc &= (low & 6) | (1 ^ (pte >> 63))
+        if level == 1 or (low & 0x80 and is_large[level]):
             break
-        if hw_ad and use_ad and not pte & a_bit:
-            if not mem.cmpxchg_pte(pte_addr, esize, pte, pte | a_bit):
-                return False
-            pte |= a_bit
-            ptes[level] = pte
+        if not low & a_bit:
+            if hw_ad and use_ad:
+                if not mem.cmpxchg_pte(pte_addr, esize, pte, pte | a_bit):
+                    return False
+                pte |= a_bit
+                ptes[level] = pte
+            else:
+                missing_a = True
         table = pte & addr_mask
         level -= 1
 
@@ -225,11 +269,11 @@ def _walk_once(ctx: PagingContext, mem: PteReader, root: int, addr: int, access:
         if fault_code:
             return _fault(ctx, w, access, fault_code, acc)
 
-    # Success: A on every entry used, D on the leaf for a write.
-    if use_ad:
-        for lvl in range(mode.root_level, level - 1, -1):
+    # Success: A on every entry used, D on the leaf for a write (nothing to do if all are set).
+    if use_ad and (missing_a or not low & a_bit or (write and not low & d_bit)):
+        for lvl in range(root_level, level - 1, -1):
             old = ptes[lvl]
-            if lvl == 3 and mode.pae_pdptes:
+            if lvl == 3 and pae_pdptes:
                 continue
             new = old | a_bit
             if lvl == level and write:
@@ -265,3 +309,160 @@ def _fault(ctx: PagingContext, w: Walk, access: int, code: int, acc: int, miscon
     w.fault = PF_VECTOR
     w.error_code = code
     return True
+
+
+# -- probes: walk() for the common cases of the hardware walks, without a Walk and writing nothing -----
+# A probe reads the same entries walk() would read, and answers only when walk() would write nothing
+# (no A/D bit to set, no restart) - the answer is then walk()'s.  Otherwise it answers "ask walk()",
+# having changed nothing, so calling walk() next is exactly calling it in the first place.
+PROBE_WALK = -1            # probe_ept: ask walk()
+PROBE_MISCONFIG = -2       # probe_ept: walk() would report EXIT_REASON_EPT_MISCONFIG
+
+
+def _probe_plan(ctx: PagingContext) -> tuple:
+    """What the probes need of a context (cached like _plan); field 1 says whether they can run."""
+    mode = ctx.mode
+    if mode.ept:
+        a_bit, d_bit, use_ad = VMX_EPT_ACCESS_BIT, VMX_EPT_DIRTY_BIT, ctx.ept_ad
+    else:
+        a_bit, d_bit, use_ad = ACCESSED, DIRTY, True
+    bits = mode.la_bits
+    if mode.ept:
+        ok = True
+        canon_shift, canon_top = 12 + 9 * mode.root_level, 0     # probe_ept: gpa >> shift must be 0
+    else:
+        ok = mode.entry_size == 8 and not mode.pae_pdptes and bits > 32
+        canon_shift, canon_top = (bits - 1, (1 << (65 - bits)) - 1) if ok else (0, 0)
+    plan = (ctx, ok, mode.root_level, canon_shift, canon_top, mode.addr_mask, ctx.rsvd[0], ctx.rsvd[1],
+            ctx.is_large, ctx.ad_policy == "hardware", a_bit, d_bit, use_ad, ctx.bad_mt_xwr, mode.ept)
+    if len(_PROBE_PLANS) >= 256:
+        _PROBE_PLANS.clear()
+    _PROBE_PLANS[id(ctx)] = plan
+    return plan
+
+
+_PROBE_PLANS: dict[int, tuple] = {}
+
+
+def probe(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int, ac: bool = False,
+          pkru: int = 0, table_hpa: Callable[[int], int] | None = None) -> tuple[int, int, int] | int | None:
+    """4- and 5-level paging: (gpa, pte_access, pkey) when walk() would translate, the #PF error code
+    (an int) when walk() would raise a #PF, None when walk() must run (it would set an A or D bit or
+    raise #GP, or the mode is another).  `mem` is plain memory (`direct_pte_reads`).
+
+    With `table_hpa` the tables are in guest-physical memory (the guest walk of a 2-D walk):
+    table_hpa(entry address) is where the entry is in `mem`, or negative if translating the
+    address would do more than read (then None); any fault also answers None.
+    """
+    plan = _PROBE_PLANS.get(id(ctx))
+    if plan is None or plan[0] is not ctx:
+        plan = _probe_plan(ctx)
+    (_, ok, level, canon_shift, canon_top, addr_mask, rsvd0, rsvd1, is_large, hw_ad, a_bit, d_bit, use_ad, _,
+     ept) = plan
+    if not ok or ept:
+        return None
+    top = addr >> canon_shift
+    if addr < 0 or (top and top != canon_top):
+        return None
+    pages_get = mem.pages.get
+    table = root & PT64_ADDR_MASK
+    acc = 7
+    missing_a = False                     # an entry above the leaf without A (the "kvm" policy sets it)
+    code = -1
+    while True:
+        off = 8 * ((addr >> (3 + 9 * level)) & 511)
+        if table_hpa is None:
+            page = pages_get(table >> 12)
+        else:
+            hpa = table_hpa(table + off)
+            if hpa < 0:
+                return None
+            page = pages_get(hpa >> 12)
+            off = hpa & 0xFFF
+        if page is None:                  # reads as 0 (or -1 beyond memory): not present either way
+            code = 0
+            break
+        pte = _UNPACK_Q(page, off)[0]
+        low = pte & 0xFFF
+        if not low & 1:
+            code = 0
+            break
+        if pte & (rsvd1 if low & 0x80 else rsvd0)[level]:
+            code = PFERR_RSVD_MASK | PFERR_PRESENT_MASK
+            break
+        acc &= (low & 6) | (1 ^ (pte >> 63))
+        if level == 1 or (low & 0x80 and is_large[level]):
+            break
+        if not low & a_bit:
+            if hw_ad:
+                return None               # walk() sets A here
+            missing_a = True
+        table = pte & addr_mask
+        level -= 1
+    pkey = 0
+    if code < 0:
+        not_smap = ac and not access & PFERR_IMPLICIT_ACCESS
+        if (ctx.permissions[((access & _ACCESS_BITS) | (PFERR_RSVD_MASK if not_smap else 0)) >> 1] >> acc) & 1:
+            code = PFERR_PRESENT_MASK
+        if ctx.pkeys_active and acc & 4 and not access & PFERR_FETCH_MASK:
+            pkey = (pte >> 59) & 15
+            kbits = (pkru >> (2 * pkey)) & 3
+            if kbits & 1 or (kbits & 2 and access & PFERR_WRITE_MASK and (access & PFERR_USER_MASK or ctx.wp)):
+                code = PFERR_PRESENT_MASK | PFERR_PK_MASK
+    if code >= 0:                         # walk()'s _fault(), with nothing written on the way
+        if table_hpa is not None:
+            return None
+        code |= access & (PFERR_WRITE_MASK | PFERR_USER_MASK)
+        if access & PFERR_FETCH_MASK and ctx.id_on_fetch:
+            code |= PFERR_FETCH_MASK
+        return code
+    if use_ad and (missing_a or not low & a_bit or (access & PFERR_WRITE_MASK and not low & d_bit)):
+        return None                       # walk() sets A or D now
+    if level == 1:
+        return (pte & addr_mask) | (addr & 0xFFF), acc, pkey
+    off = (1 << (3 + 9 * level)) - 1
+    return (pte & addr_mask & ~off) | (addr & off), acc, pkey
+
+
+def probe_ept(ctx: PagingContext, mem: PteReader, root: int, gpa: int, access: int) -> int:
+    """EPT: the host physical address when walk() would translate, PROBE_MISCONFIG when it would
+    report a misconfiguration, PROBE_WALK when walk() must run (an A/D bit to set, a violation, an
+    out-of-range gpa, or another mode).  `mem` is plain memory (`direct_pte_reads`)."""
+    plan = _PROBE_PLANS.get(id(ctx))
+    if plan is None or plan[0] is not ctx:
+        plan = _probe_plan(ctx)
+    (_, _, level, canon_shift, _, addr_mask, rsvd0, rsvd1, is_large, hw_ad, a_bit, d_bit, use_ad, bad_mt_xwr,
+     ept) = plan
+    if not ept or gpa < 0 or gpa >> canon_shift:
+        return PROBE_WALK
+    pages_get = mem.pages.get
+    table = root & PT64_ADDR_MASK
+    acc = 7
+    missing_a = False
+    while True:
+        page = pages_get(table >> 12)
+        if page is None:
+            return PROBE_WALK             # a zero entry (a violation) or nothing there
+        pte = _UNPACK_Q(page, 8 * ((gpa >> (3 + 9 * level)) & 511))[0]
+        low = pte & 0xFFF
+        if not low & 7:
+            return PROBE_WALK
+        if pte & (rsvd1 if low & 0x80 else rsvd0)[level] or (bad_mt_xwr >> (low & 0x3F)) & 1:
+            return PROBE_MISCONFIG
+        acc &= low
+        if level == 1 or (low & 0x80 and is_large[level]):
+            break
+        if not low & a_bit:
+            if hw_ad and use_ad:
+                return PROBE_WALK
+            missing_a = True
+        table = pte & addr_mask
+        level -= 1
+    write = access & PFERR_WRITE_MASK
+    need = (2 if write else 0) | (4 if access & PFERR_FETCH_MASK else 0) or 1
+    if acc & need != need or (use_ad and (missing_a or not low & a_bit or (write and not low & d_bit))):
+        return PROBE_WALK
+    if level == 1:
+        return (pte & addr_mask) | (gpa & 0xFFF)
+    off = (1 << (3 + 9 * level)) - 1
+    return (pte & addr_mask & ~off) | (gpa & off)

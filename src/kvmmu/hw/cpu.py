@@ -8,10 +8,19 @@ a guest page-table change is invisible until KVM zaps the spte and flushes, or t
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from itertools import islice
 from typing import TYPE_CHECKING
 
-from ..arch.bits import PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS, PFERR_USER_MASK, PFERR_WRITE_MASK
-from ..arch.walker import walk
+from ..arch.bits import (
+    PFERR_FETCH_MASK,
+    PFERR_IMPLICIT_ACCESS,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+    X86_EFLAGS_AC,
+)
+from ..arch.walker import probe, walk
+from .memory import PACK_INTO, UNPACK_FROM
 
 if TYPE_CHECKING:
     from ..kvm.vcpu import Vcpu
@@ -23,7 +32,188 @@ GUEST_FAULT = -2    # an exception went straight to the guest (vcpu.pending_exce
 GP_FAULT = -3       # non-canonical address: #GP
 
 
-class Cpu:
+class TlbCpu:
+    """What the CPU does without leaving the TLB: accesses whose translation is cached.
+
+    Shared by the shadow-paging CPU (permissions from KVM's `hw_ctx`) and the TDP CPU (the guest's
+    `cpu_role`).  Each method decides exactly as `translate()` decides on a TLB hit, and changes
+    nothing but memory and the tlb_hits counter, and only when the access completes; anything else
+    (a miss, a permission failure, protection keys, memory outside the host) is left to translate().
+    """
+
+    __slots__ = ()
+    two_dimensional = False           # True: permissions come from the guest's role (TdpCpu)
+
+    def tlb_hit(self, gva: int, pfec: int) -> int:
+        """The host physical address if the TLB alone translates this access, else -1."""
+        entry = self.tlb.get(gva >> 12)
+        if entry is None:
+            return -1
+        page, acc, dirty, _ = entry
+        if pfec & PFERR_WRITE_MASK and not dirty:
+            return -1
+        vcpu = self.vcpu
+        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
+        idx = ((pfec & _ACCESS_BITS) | (8 if vcpu.rflags & X86_EFLAGS_AC and not pfec & PFERR_IMPLICIT_ACCESS
+                                        else 0)) >> 1
+        if (ctx.permissions[idx] >> acc) & 1 or (ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK):
+            return -1
+        self.counters["tlb_hits"] += 1
+        return page | (gva & 0xFFF)
+
+    def tlb_access(self, gva: int, size: int, pfec: int, value: int) -> int:
+        """A 1/2/4/8-byte access inside one page, completed from the TLB: the value read (0 for a
+        write), or -1 if translate() must run.  pfec has no IMPLICIT bit; a write's value fits."""
+        entry = self.tlb.get(gva >> 12)
+        if entry is None:
+            return -1
+        page, acc, dirty, _ = entry
+        vcpu = self.vcpu
+        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
+        if (ctx.permissions[((pfec & _ACCESS_BITS) | (8 if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1] >> acc) & 1 \
+                or (ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK):
+            return -1
+        hpa = page | (gva & 0xFFF)
+        mem = self.mem
+        if hpa + size > mem.size:
+            return -1
+        host_page = mem.pages.get(hpa >> 12)
+        if pfec & PFERR_WRITE_MASK:
+            if not dirty:
+                return -1
+            if host_page is None:
+                host_page = mem.pages[hpa >> 12] = bytearray(0x1000)
+            PACK_INTO[size](host_page, hpa & 0xFFF, value)
+            value = 0
+        else:
+            value = 0 if host_page is None else UNPACK_FROM[size](host_page, hpa & 0xFFF)[0]
+        self.counters["tlb_hits"] += 1
+        return value
+
+    def run_decoded(self, batch: DecodedAccesses, i: int, stop: int, cpl: int, values: list | None) -> int:
+        """Run the accesses batch[i:stop] while each one is a RAM access that the CPU completes
+        without an exit (a TLB hit, or a miss whose walk only reads: `refill`); returns the index of
+        the first one that needs more (or stop).
+
+        The caller has made the checks KVM makes before entering the guest (no request pending, a
+        valid root); nothing done here can change them, nor the CPL, EFLAGS.AC or PKRU read here
+        once.  A read whose value nobody asked for (values is None) is not carried out: it would
+        change nothing but the counters, which count it.
+        """
+        tlb_get = self.tlb.get
+        refill = self.refill
+        vcpu = self.vcpu
+        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
+        perms = ctx.permissions
+        pkeys = ctx.pkeys_active
+        ac = vcpu.rflags & X86_EFLAGS_AC
+        not_smap = 8 if ac else 0
+        pkru = vcpu.pkru
+        user = PFERR_USER_MASK if cpl == 3 else 0
+        mem = self.mem
+        pages = mem.pages
+        pages_get = pages.get
+        last_page = mem.size - 0x1000
+        start = i
+        walks = 0
+        try:
+            for d in islice(batch.decoded, i, stop):
+                if d is None:
+                    break
+                vpn, off, size, pfec, umask, value, fn = d
+                pfec |= user & umask
+                entry = tlb_get(vpn)
+                if entry is not None:
+                    page, acc, dirty, _ = entry
+                    if (perms[(pfec | not_smap) >> 1] >> acc) & 1 or (pfec & PFERR_WRITE_MASK and not dirty):
+                        # translate() drops such an entry and walks again (a write through an entry
+                        # filled by a read, say): the same here, unless the walk needs more.
+                        del self.tlb[vpn]
+                        entry = None
+                    elif page > last_page or (pkeys and acc & 4 and not pfec & PFERR_FETCH_MASK):
+                        break
+                if entry is None:
+                    page = refill((vpn << 12) | off, pfec, ac, pkru)
+                    if page < 0:
+                        break
+                    walks += 1
+                if pfec & PFERR_WRITE_MASK:
+                    host_page = pages_get(page >> 12)
+                    if host_page is None:
+                        host_page = pages[page >> 12] = bytearray(0x1000)
+                    fn(host_page, off, value)
+                    if values is not None:
+                        values.append(None)
+                elif values is not None:
+                    host_page = pages_get(page >> 12)
+                    values.append(0 if host_page is None else fn(host_page, off)[0])
+                i += 1
+        finally:
+            if i - start > walks:
+                self.counters["tlb_hits"] += i - start - walks
+        return i
+
+
+class DecodedAccesses:
+    """Guest accesses decoded once for the CPU (as a CPU keeps decoded instructions in a uop cache).
+
+    `ops` are access() argument tuples, (gva, size, kind[, value[, cpl[, implicit]]]).  Each one
+    that can possibly complete from the TLB (a 1/2/4/8-byte access inside one page, valid
+    arguments, not implicit) is decoded to (vpn, page offset, size, pfec, CPL-inherit mask, value,
+    struct function); the others decode to None and always take access().  Decoding checks nothing
+    the run does not check again: it only saves doing it for every replay of the same accesses.
+    """
+
+    __slots__ = ("ops", "decoded")
+
+    def __init__(self, ops: Iterable[Sequence]) -> None:
+        self.ops = ops if isinstance(ops, (list, tuple)) else list(ops)
+        self.decoded = [_decode(op) for op in self.ops]
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+
+def _decode(op: Sequence) -> tuple | None:
+    try:
+        k = len(op)
+    except TypeError:
+        return None
+    cpl = implicit = None
+    if k == 4:
+        gva, size, kind, value = op
+    elif k == 5:
+        gva, size, kind, value, cpl = op
+    elif k == 3:
+        gva, size, kind = op
+        value = None
+    elif k == 6:
+        gva, size, kind, value, cpl, implicit = op
+    else:
+        return None
+    if implicit or type(gva) is not int or type(size) is not int or not 0 <= gva <= 0xFFFF_FFFF_FFFF_FFFF \
+            or not (size == 8 or size == 4 or size == 1 or size == 2) or (gva & 0xFFF) + size > 0x1000:
+        return None
+    if kind == "write":
+        if type(value) is not int or not 0 <= value < 1 << (size << 3):
+            return None
+        pfec, fn = PFERR_WRITE_MASK, PACK_INTO[size]
+    elif kind == "read" or kind == "fetch":
+        if value is not None:
+            return None
+        pfec, fn = (0 if kind == "read" else PFERR_FETCH_MASK), UNPACK_FROM[size]
+    else:
+        return None
+    if cpl is None:
+        return (gva >> 12, gva & 0xFFF, size, pfec, PFERR_USER_MASK, value, fn)
+    if type(cpl) is not int or not 0 <= cpl <= 3:
+        return None
+    if cpl == 3:
+        pfec |= PFERR_USER_MASK
+    return (gva >> 12, gva & 0xFFF, size, pfec, 0, value, fn)
+
+
+class Cpu(TlbCpu):
     __slots__ = ("vcpu", "tlb", "mem", "counters")
 
     def __init__(self, vcpu: Vcpu) -> None:
@@ -37,6 +227,20 @@ class Cpu:
 
     def flush_gva(self, gva: int) -> None:
         self.tlb.pop(gva >> 12, None)
+
+    def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int:
+        """translate() on a TLB miss whose walk of KVM's tables only reads and allows the access:
+        the walk is counted and the TLB filled, and the host page is returned; else -1, and nothing
+        changed (translate() will do the whole miss)."""
+        mmu = self.vcpu.mmu
+        r = probe(mmu.hw_ctx, self.mem, mmu.root_hpa, gva, pfec, ac, pkru)
+        if type(r) is not tuple or r[0] + 0x1000 > self.mem.size:
+            return -1
+        gpa, acc, pkey = r
+        self.counters["hw_walks"] += 1
+        page = gpa & ~0xFFF
+        self.tlb[gva >> 12] = (page, acc, bool(pfec & PFERR_WRITE_MASK), pkey)
+        return page
 
     def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
         """(host physical address, gva, 0), or (VM_EXIT, gva, #PF error code), or (GP_FAULT, ...)."""
@@ -59,6 +263,13 @@ class Cpu:
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]      # a fault through a TLB entry invalidates it; the CPU re-walks
         self.counters["hw_walks"] += 1
+        r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec, vcpu.rflags & X86_EFLAGS_AC, vcpu.pkru)
+        if r is not None:                # walk()'s answer, where walk() would have written nothing
+            if type(r) is int:
+                return VM_EXIT, gva, r | (pfec & PFERR_IMPLICIT_ACCESS)
+            gpa, acc, pkey = r
+            self.tlb[vpn] = (gpa & ~0xFFF, acc, bool(write), pkey)
+            return gpa, gva, 0
         w = walk(ctx, self.mem, mmu.root_hpa, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru)
         if w.fault:
             if w.fault == 13:

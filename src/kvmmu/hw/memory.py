@@ -13,6 +13,10 @@ from ..errors import InvalidArgument
 _PAGE = 4096
 _OFF = _PAGE - 1
 _FMT = {1: Struct("<B"), 2: Struct("<H"), 4: Struct("<I"), 8: Struct("<Q")}
+# size -> the bound struct functions, for the hot paths (here and in the modelled CPU).
+UNPACK_FROM = {n: f.unpack_from for n, f in _FMT.items()}
+PACK_INTO = {n: f.pack_into for n, f in _FMT.items()}
+_UNPACK_Q = UNPACK_FROM[8]
 _ZERO_PAGE = bytes(_PAGE)
 
 
@@ -20,6 +24,7 @@ class SparseMemory:
     """Byte-addressed memory of `size` bytes backed by a dict of 4 KiB bytearrays."""
 
     __slots__ = ("pages", "size", "name")
+    direct_pte_reads = True       # the page walker may read entries from `pages` itself (arch.walker)
 
     def __init__(self, size: int = 1 << 52, name: str = "memory") -> None:
         self.pages: dict[int, bytearray] = {}
@@ -40,23 +45,26 @@ class SparseMemory:
 
     # -- scalar accesses (1/2/4/8 bytes, little endian) ------------------------------------------
     def read(self, addr: int, size: int) -> int:
-        fmt = _FMT.get(size)
-        if fmt is None:
+        unpack = _UNPACK_Q if size == 8 else UNPACK_FROM.get(size)
+        if unpack is None:
             raise InvalidArgument("size", size, "scalar accesses are 1, 2, 4 or 8 bytes")
         off = addr & _OFF
         if off + size <= _PAGE and addr >= 0 and addr + size <= self.size:
             page = self.pages.get(addr >> 12)
-            return 0 if page is None else fmt.unpack_from(page, off)[0]
+            return 0 if page is None else unpack(page, off)[0]
         return int.from_bytes(self.read_bytes(addr, size), "little")
 
     def write(self, addr: int, size: int, value: int) -> None:
-        fmt = _FMT.get(size)
-        if fmt is None:
+        pack = PACK_INTO.get(size)
+        if pack is None:
             raise InvalidArgument("size", size, "scalar accesses are 1, 2, 4 or 8 bytes")
         value &= (1 << (8 * size)) - 1
         off = addr & _OFF
         if off + size <= _PAGE and addr >= 0 and addr + size <= self.size:
-            fmt.pack_into(self._page_for_write(addr >> 12), off, value)
+            page = self.pages.get(addr >> 12)
+            if page is None:
+                page = self.pages[addr >> 12] = bytearray(_PAGE)
+            pack(page, off, value)
             return
         self.write_bytes(addr, value.to_bytes(size, "little"))
 
@@ -90,7 +98,9 @@ class SparseMemory:
         page = self.pages.get(addr >> 12)
         if page is None:
             return 0 if 0 <= addr < self.size else -1
-        return _FMT[size].unpack_from(page, addr & _OFF)[0]
+        if size == 8:
+            return _UNPACK_Q(page, addr & _OFF)[0]
+        return UNPACK_FROM[size](page, addr & _OFF)[0]
 
     def cmpxchg_pte(self, addr: int, size: int, old: int, new: int) -> bool:
         fmt = _FMT[size]

@@ -22,10 +22,11 @@ from ..arch.bits import (
     PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_EFLAGS_AC,
 )
 from ..arch.modes import PagingContext
-from ..arch.walker import walk
-from .cpu import GP_FAULT, GUEST_FAULT, VM_EXIT
+from ..arch.walker import PROBE_MISCONFIG, probe, probe_ept, walk
+from .cpu import GP_FAULT, GUEST_FAULT, VM_EXIT, TlbCpu
 
 if TYPE_CHECKING:
     from ..kvm.vcpu import Vcpu
@@ -46,10 +47,11 @@ def ept_violation_to_pfec(qual: int, final: bool) -> int:
     return code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK)
 
 
-class TdpCpu:
+class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
     __slots__ = ("vcpu", "tlb", "mem", "counters", "ept", "tdp_ctx", "_reader")
+    two_dimensional = True
 
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
@@ -78,6 +80,11 @@ class TdpCpu:
         vcpu = self.vcpu
         root = vcpu.mmu.root_hpa
         if self.ept:
+            hpa = probe_ept(self.tdp_ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            if hpa >= 0:
+                return hpa
+            if hpa == PROBE_MISCONFIG:
+                raise _TdpExit(gpa, PFERR_RSVD_MASK)
             w = walk(self.tdp_ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
             if w.fault == EXIT_REASON_EPT_MISCONFIG:
                 raise _TdpExit(gpa, PFERR_RSVD_MASK)
@@ -86,10 +93,50 @@ class TdpCpu:
         else:
             # NPT: every access through the nested tables is a user access.
             kind = (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
+            r = probe(self.tdp_ctx, self.mem, root, gpa, kind)
+            if r is not None:
+                if type(r) is int:
+                    raise _TdpExit(gpa, r | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
+                return r[0]
             w = walk(self.tdp_ctx, self.mem, root, gpa, kind)
             if w.fault:
                 raise _TdpExit(gpa, w.error_code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
         return w.gpa
+
+    def _table_hpa(self, gpa: int) -> int:
+        """Where a guest page-table entry is in host memory, if reading it through KVM's tables
+        takes no exit and sets no A/D bit (gpa_to_hpa(gpa, 0, False) would only read); else -1."""
+        vcpu = self.vcpu
+        if self.ept:
+            return probe_ept(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, 0)
+        r = probe(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, PFERR_USER_MASK)
+        return r[0] if type(r) is tuple else -1
+
+    def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int:
+        """translate() on a TLB miss whose 2-D walk only reads and allows the access: the walk is
+        counted and the TLB filled, and the host page is returned; else -1, and nothing changed."""
+        vcpu = self.vcpu
+        mmu = vcpu.mmu
+        hw_ctx = mmu.hw_guest_ctx
+        if hw_ctx.mode.root_level == 0:
+            gpa, acc, pkey = gva, 7, 0
+        else:
+            r = probe(hw_ctx, self.mem, vcpu.cr3, gva, pfec, ac, pkru, self._table_hpa)
+            if r is None:
+                return -1
+            gpa, acc, pkey = r
+        if self.ept:
+            hpa = probe_ept(self.tdp_ctx, self.mem, mmu.root_hpa, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+        else:
+            r = probe(self.tdp_ctx, self.mem, mmu.root_hpa, gpa,
+                      (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK)
+            hpa = r[0] if type(r) is tuple else -1
+        if hpa < 0 or hpa + 0x1000 > self.mem.size:
+            return -1
+        self.counters["hw_walks"] += 1
+        page = hpa & ~0xFFF
+        self.tlb[gva >> 12] = (page, acc, bool(pfec & PFERR_WRITE_MASK), pkey)
+        return page
 
     def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
         vcpu = self.vcpu
@@ -117,14 +164,22 @@ class TdpCpu:
             if hw_ctx.mode.root_level == 0:
                 gpa, acc, pkey = gva, 7, 0
             else:
-                pdptrs = vcpu.mmu.pdptrs if hw_ctx.mode.pae_pdptes else None
-                w = walk(hw_ctx, self._reader, vcpu.cr3, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
-                if w.fault == 13:
-                    return GP_FAULT, gva, 0
-                if w.fault:
-                    vcpu.deliver_guest_fault(w.error_code, gva)
-                    return GUEST_FAULT, gva, 0
-                gpa, acc, pkey = w.gpa, w.pte_access, w.pkey
+                # The guest walk without a Walk when it would only read (see walker.probe); its
+                # table reads went through KVM's tables without exit or A/D update, so what follows
+                # is what follows walk().
+                r = probe(hw_ctx, self.mem, vcpu.cr3, gva, pfec, vcpu.rflags & X86_EFLAGS_AC, vcpu.pkru,
+                          self._table_hpa)
+                if r is not None:
+                    gpa, acc, pkey = r
+                else:
+                    pdptrs = vcpu.mmu.pdptrs if hw_ctx.mode.pae_pdptes else None
+                    w = walk(hw_ctx, self._reader, vcpu.cr3, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
+                    if w.fault == 13:
+                        return GP_FAULT, gva, 0
+                    if w.fault:
+                        vcpu.deliver_guest_fault(w.error_code, gva)
+                        return GUEST_FAULT, gva, 0
+                    gpa, acc, pkey = w.gpa, w.pte_access, w.pkey
             hpa = self.gpa_to_hpa(gpa, pfec, True)
         except _TdpExit as e:
             return VM_EXIT, e.gpa, e.error_code

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..arch.bits import PFERR_USER_MASK, PFERR_WRITE_MASK
+from ..arch.bits import PFERR_USER_MASK, PFERR_WRITE_MASK, X86_EFLAGS_AC
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 
 if TYPE_CHECKING:
@@ -54,11 +54,13 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, write: bool, gpa_hint: int | None) -> tupl
         return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
     ctx = mmu.cpu_role
     if vcpu_match_mmio_gva(vcpu, gva):
-        idx = (access | (8 if vcpu.ac else 0)) >> 1
+        idx = (access | (8 if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1
         if ctx.mode.root_level == 0 or not (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
             vcpu.counters["mmio_cache_hits"] += 1
             gpa = (vcpu.mmio_gfn << 12) | (gva & 0xFFF)
-            vcpu.vm.trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=write, gva_match=True)
+            trace = vcpu.vm.trace
+            if trace.enabled:
+                trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=write, gva_match=True)
             return gpa, True
     if ctx.mode.root_level == 0:
         gpa = gva
@@ -78,13 +80,15 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, write: bool, data: bytes, cr
     vm = vcpu.vm
     vcpu.stats["insn_emulation"] += 1
     vcpu.counters["emulated_accesses"] += 1
-    vm.trace.emit("kvm_emulate_insn", rip=gva, size=size, write=write)
-    pieces = [(gva, size)]
+    if vm.trace.enabled:
+        vm.trace.emit("kvm_emulate_insn", rip=gva, size=size, write=write)
     first = 0x1000 - (gva & 0xFFF)
-    if first < size:
-        pieces = [(gva, first), ((gva + first) & ((1 << 64) - 1), size - first)]
+    if first >= size:
+        pieces: tuple[tuple[int, int], ...] = ((gva, size),)
+    else:
+        pieces = ((gva, first), ((gva + first) & ((1 << 64) - 1), size - first))
     gpa_hint = cr2_or_gpa if direct and not vcpu.mmu_is_nested else None
-    out = bytearray(size)
+    out = None if write else bytearray(size)          # (a write never fills it)
     fragments: list[tuple[int, int, int]] = []      # (gpa, offset into data, length)
     offset = 0
     for pgva, plen in pieces:
@@ -98,7 +102,8 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, write: bool, data: bytes, cr
         if not is_mmio and _ram_access(vcpu, gpa, plen, write, chunk, out, offset):
             offset += plen
             continue
-        done = _iobus(vcpu, gpa, plen, write, chunk, out, offset)
+        # With no in-kernel device registered the io bus handles nothing (_iobus would return 0).
+        done = _iobus(vcpu, gpa, plen, write, chunk, out, offset) if vm.iobus.ranges else 0
         if done < plen:
             fragments.append((gpa + done, offset + done, plen - done))
         offset += plen
@@ -107,18 +112,18 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, write: bool, data: bytes, cr
         for gpa, off, length in fragments:
             pos = 0
             while pos < length:
-                n = min(8, length - pos)
+                n = length - pos if length - pos < 8 else 8
                 payload = data[off + pos:off + pos + n] if write else b""
                 exit_ = vm.vmm_mmio(vcpu, gpa + pos, n, write, payload)
                 result.exits.append(exit_)
-                if not write:
+                if out is not None:
                     out[off + pos:off + pos + n] = exit_.data
                 pos += n
-    if not write:
-        result.value = int.from_bytes(bytes(out), "little")
+    if out is not None:
+        result.value = int.from_bytes(out, "little")
 
 
-def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray, at: int) -> bool:
+def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> bool:
     """kvm_vcpu_read_guest / write_guest (+ kvm_mmu_track_write); False if no writable RAM is there."""
     vm = vcpu.vm
     slot = vcpu.gfn_to_memslot(gpa >> 12)
@@ -135,7 +140,7 @@ def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: by
     return True
 
 
-def _iobus(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray, at: int) -> int:
+def _iobus(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:
     """vcpu_mmio_read/write: in-kernel devices in <= 8-byte pieces; stops at the first unhandled one."""
     vm = vcpu.vm
     done = 0

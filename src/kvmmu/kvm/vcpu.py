@@ -309,6 +309,112 @@ class Vcpu:
     def access(self, gva: int, size: int, kind: str = "read", value: int | bytes | None = None,
                cpl: int | None = None, implicit: bool = False) -> AccessResult:
         """The guest performs one memory access of `size` bytes at linear address `gva`."""
+        c = self.cpl if cpl is None else cpl
+        # The common arguments (plain ints and the three kinds) are checked here, and a RAM access
+        # that the TLB completes is done here (no request pending, a valid root: the run loop would
+        # have nothing else to do, and the CPL swap would be invisible).  Anything else, invalid
+        # arguments included, takes _access_full, which holds the argument checks of the API.
+        if (not implicit and type(gva) is int and 0 <= gva <= 0xFFFF_FFFF_FFFF_FFFF and type(size) is int
+                and (size == 8 or size == 4 or size == 1 or size == 2) and type(c) is int and 0 <= c <= 3):
+            if kind == "read" or kind == "fetch":
+                write = False
+                pfec = 0 if kind == "read" else PFERR_FETCH_MASK
+                valid = value is None
+            else:
+                write = True
+                pfec = PFERR_WRITE_MASK
+                valid = kind == "write" and type(value) is int and 0 <= value < 1 << (size << 3)
+            if valid:
+                if c == 3:
+                    pfec |= PFERR_USER_MASK
+                mmu = self.mmu
+                sp = mmu.root_sp
+                if (gva & 0xFFF) + size <= 0x1000 and not self.requests and sp is not None and mmu.root_hpa \
+                        and not sp.invalid and sp.mmu_valid_gen == mmu.kvm.mmu_valid_gen:
+                    v = self.cpu.tlb_access(gva, size, pfec, value)
+                    if v >= 0:
+                        self.vm.trace.current_vcpu = self.id
+                        return AccessResult() if write else AccessResult(v)
+                saved_cpl, self.cpl = self.cpl, c
+                try:
+                    return self._access(gva, size, write, value.to_bytes(size, "little") if write else b"", pfec)
+                finally:
+                    self.cpl = saved_cpl
+        return self._access_full(gva, size, kind, value, cpl, implicit)
+
+    def _access(self, gva: int, size: int, write: bool, data: bytes, pfec: int) -> AccessResult:
+        vm = self.vm
+        vm.trace.current_vcpu = self.id
+        result = AccessResult()
+        first = 0x1000 - (gva & 0xFFF)
+        if first >= size:
+            pieces: tuple[tuple[int, int], ...] = ((gva, size),)
+        else:
+            pieces = ((gva, first), ((gva + first) & ((1 << 64) - 1), size - first))
+        translate = self.cpu.translate
+        mmu = self.mmu
+        sp = mmu.root_sp
+        if self.requests or sp is None or not mmu.root_hpa or sp.invalid or sp.mmu_valid_gen != mmu.kvm.mmu_valid_gen:
+            self.process_requests()       # (otherwise it would find nothing to do)
+        hpas: list[int] = []
+        for pgva, _plen in pieces:
+            attempts = 0
+            while True:
+                hpa, addr, err = translate(pgva, pfec)
+                if hpa >= 0:
+                    hpas.append(hpa)
+                    break
+                if hpa == GP_FAULT:
+                    result.fault = GuestFault(13, 0, None)
+                    return result
+                if hpa == GUEST_FAULT:       # delivered to the guest without an exit (TDP)
+                    result.fault = self.take_exception()
+                    return result
+                self.stats["exits"] += 1
+                r = kvm_mmu_page_fault(self, addr, err)
+                if self.pending_nested_exit is not None:
+                    return self._nested_exit(result)
+                if self.pending_exception is not None:
+                    result.fault = self.take_exception()
+                    return result
+                if r == RET_PF_EMULATE:
+                    emulate_access(self, gva, size, write, data, addr, self.mmu.direct, result)
+                    if self.pending_nested_exit is not None:
+                        return self._nested_exit(result)
+                    return result
+                mmu = self.mmu
+                sp = mmu.root_sp
+                if self.requests or sp is None or not mmu.root_hpa or sp.invalid \
+                        or sp.mmu_valid_gen != mmu.kvm.mmu_valid_gen:
+                    self.process_requests()
+                attempts += 1
+                if attempts == _MAX_ENTRIES:
+                    raise KvmBug(f"access to {pgva:#x} faulted {_MAX_ENTRIES} times without progress")
+        self._do_access(pieces, hpas, write, data, result)
+        return result
+
+    def _do_access(self, pieces: tuple[tuple[int, int], ...], hpas: list[int], write: bool, data: bytes,
+                   result: AccessResult) -> None:
+        mem = self.vm.host.mem
+        if len(hpas) == 1:
+            if write:
+                mem.write_bytes(hpas[0], data)
+            else:
+                result.value = int.from_bytes(mem.read_bytes(hpas[0], pieces[0][1]), "little")
+            return
+        if write:
+            pos = 0
+            for (_, n), hpa in zip(pieces, hpas, strict=True):
+                mem.write_bytes(hpa, data[pos:pos + n])
+                pos += n
+            return
+        out = b"".join(mem.read_bytes(hpa, n) for (_, n), hpa in zip(pieces, hpas, strict=True))
+        result.value = int.from_bytes(out, "little")
+
+    # -- performance (issue 7): the full path of access(), and many accesses in one call ---------------
+    def _access_full(self, gva: int, size: int, kind: str, value: int | bytes | None, cpl: int | None,
+                     implicit: bool) -> AccessResult:
+        """access() in general: argument checks, then the run loop with the access's CPL in force."""
         if kind not in ACCESS_KINDS:
             raise InvalidArgument("kind", kind, f"an access is one of {ACCESS_KINDS}")
         if size not in ACCESS_SIZES:
@@ -344,64 +450,44 @@ class Vcpu:
         finally:
             self.cpl = saved_cpl
 
-    def _access(self, gva: int, size: int, write: bool, data: bytes, pfec: int) -> AccessResult:
-        vm = self.vm
-        vm.trace.current_vcpu = self.id
-        result = AccessResult()
-        first = 0x1000 - (gva & 0xFFF)
-        pieces = [(gva, size)] if first >= size else [(gva, first), ((gva + first) & ((1 << 64) - 1), size - first)]
-        translate = self.cpu.translate
-        for _ in range(_MAX_ENTRIES):
-            self.process_requests()
-            hpas: list[int] = []
-            emulate_at: int | None = None
-            for pgva, _plen in pieces:
-                for _retry in range(_MAX_ENTRIES):
-                    hpa, addr, err = translate(pgva, pfec)
-                    if hpa >= 0:
-                        hpas.append(hpa)
-                        break
-                    if hpa == GP_FAULT:
-                        result.fault = GuestFault(13, 0, None)
-                        return result
-                    if hpa == GUEST_FAULT:       # delivered to the guest without an exit (TDP)
-                        result.fault = self.take_exception()
-                        return result
-                    self.stats["exits"] += 1
-                    r = kvm_mmu_page_fault(self, addr, err)
-                    if self.pending_nested_exit is not None:
-                        return self._nested_exit(result)
-                    if self.pending_exception is not None:
-                        result.fault = self.take_exception()
-                        return result
-                    if r == RET_PF_EMULATE:
-                        emulate_at = addr
-                        break
-                    self.process_requests()
-                else:
-                    raise KvmBug(f"access to {pgva:#x} faulted {_MAX_ENTRIES} times without progress")
-                if emulate_at is not None:
-                    break
-            if emulate_at is not None:
-                emulate_access(self, gva, size, write, data, emulate_at, self.mmu.direct, result)
-                if self.pending_nested_exit is not None:
-                    return self._nested_exit(result)
-                return result
-            self._do_access(pieces, hpas, write, data, result)
-            return result
-        raise KvmBug(f"access to {gva:#x} did not complete")
+    def run_accesses(self, ops: list | tuple, values: list | None = None, start: int = 0,
+                     stop: int | None = None) -> tuple[int, AccessResult | None]:
+        """Many guest accesses in one call: ops[start:stop], each run exactly as `access(*op)` would
+        run it, in order.  An op is the argument tuple of access(): (gva, size, kind[, value[, cpl[,
+        implicit]]]); a DecodedAccesses (kvmmu.hw.cpu) holds ops decoded once for many replays.
 
-    def _do_access(self, pieces: list[tuple[int, int]], hpas: list[int], write: bool, data: bytes,
-                   result: AccessResult) -> None:
-        mem = self.vm.host.mem
-        if write:
-            pos = 0
-            for (_, n), hpa in zip(pieces, hpas, strict=True):
-                mem.write_bytes(hpa, data[pos:pos + n])
-                pos += n
-            return
-        out = b"".join(mem.read_bytes(hpa, n) for (_, n), hpa in zip(pieces, hpas, strict=True))
-        result.value = int.from_bytes(out, "little")
+        Returns (stop, None); or, at the first access that ends in a fault delivered to the guest or
+        in an exit to L1, (its index, its AccessResult), and the ops after it are not run.  With
+        `values` (a list), the value of every completed access is appended (None for writes).
+        MMIO exits reach vm.mmio_handler as usual; their records are not returned.
+
+        Runs of TLB hits are left to the CPU, with KVM's entry checks (no request pending, a valid
+        root) made once per run: nothing that happens in a run of TLB hits can change them.
+        """
+        from ..hw.cpu import DecodedAccesses
+        batch = ops if isinstance(ops, DecodedAccesses) else DecodedAccesses(ops)
+        raw = batch.ops
+        n = len(raw) if stop is None else min(stop, len(raw))
+        i = start
+        cpu = self.cpu
+        while i < n:
+            mmu = self.mmu
+            sp = mmu.root_sp
+            if not self.requests and sp is not None and mmu.root_hpa and not sp.invalid \
+                    and sp.mmu_valid_gen == mmu.kvm.mmu_valid_gen:
+                j = cpu.run_decoded(batch, i, n, self.cpl, values)
+                if j > i:
+                    self.vm.trace.current_vcpu = self.id
+                    i = j
+                    if i == n:
+                        break
+            r = self.access(*raw[i])
+            if r.fault is not None or r.l1_exit is not None:
+                return i, r
+            if values is not None:
+                values.append(r.value)
+            i += 1
+        return n, None
 
     def __repr__(self) -> str:
         return f"<vcpu {self.id} cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x}>"

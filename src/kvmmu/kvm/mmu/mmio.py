@@ -43,17 +43,20 @@ def vcpu_clear_mmio_info(vcpu: Vcpu, gva: int) -> None:
 
 
 def vcpu_match_mmio_gen(vcpu: Vcpu) -> bool:
-    if vcpu.vm.mmio_caching == "zap":
+    vm = vcpu.vm
+    if vm.mmio_caching == "zap":
         return True                 # the 2011 cache had no generation (added in 2014)
-    return vcpu.mmio_gen == vcpu.vm.memslots.generation(0)
+    return vcpu.mmio_gen == vm.memslots.spaces[0].generation
 
 
 def vcpu_match_mmio_gva(vcpu: Vcpu, gva: int) -> bool:
-    return bool(vcpu_match_mmio_gen(vcpu) and vcpu.mmio_gva and vcpu.mmio_gva == gva & ~0xFFF)
+    mmio_gva = vcpu.mmio_gva
+    return bool(mmio_gva) and mmio_gva == gva & ~0xFFF and vcpu_match_mmio_gen(vcpu)
 
 
 def vcpu_match_mmio_gpa(vcpu: Vcpu, gpa: int) -> bool:
-    return bool(vcpu_match_mmio_gen(vcpu) and vcpu.mmio_gfn and vcpu.mmio_gfn == gpa >> 12)
+    mmio_gfn = vcpu.mmio_gfn
+    return bool(mmio_gfn) and mmio_gfn == gpa >> 12 and vcpu_match_mmio_gen(vcpu)
 
 
 def mmio_info_in_cache(vcpu: Vcpu, addr: int, direct: bool) -> bool:
@@ -86,8 +89,9 @@ def check_mmio_spte(vcpu: Vcpu, spte: int) -> bool:
     else:
         masks = vcpu.mmu.masks
         ok = (gen & masks.gen.mask) == get_mmio_spte_generation(masks, spte)
-    vm.trace.emit("check_mmio_spte", spte=spte, kvm_gen=gen, spte_gen=get_mmio_spte_generation(vcpu.mmu.masks, spte),
-                  ok=ok)
+    if vm.trace.enabled:
+        vm.trace.emit("check_mmio_spte", spte=spte, kvm_gen=gen,
+                      spte_gen=get_mmio_spte_generation(vcpu.mmu.masks, spte), ok=ok)
     return ok
 
 
@@ -95,7 +99,9 @@ def handle_mmio_page_fault(vcpu: Vcpu, addr: int, direct: bool) -> int:
     c = vcpu.counters
     if mmio_info_in_cache(vcpu, addr, direct):
         c["mmio_cache_hits"] += 1
-        vcpu.vm.trace.emit("vcpu_match_mmio", addr=addr, gpa=vcpu.mmio_gfn << 12, gva_match=not direct)
+        trace = vcpu.vm.trace
+        if trace.enabled:
+            trace.emit("vcpu_match_mmio", addr=addr, gpa=vcpu.mmio_gfn << 12, gva_match=not direct)
         return RET_PF_EMULATE
     reserved, spte = get_mmio_spte(vcpu, addr)
     if reserved:
@@ -109,7 +115,9 @@ def handle_mmio_page_fault(vcpu: Vcpu, addr: int, direct: bool) -> int:
             return RET_PF_INVALID
         if direct:
             addr = 0
-        vcpu.vm.trace.emit("handle_mmio_page_fault", addr=addr, gfn=gfn, access=access)
+        trace = vcpu.vm.trace
+        if trace.enabled:
+            trace.emit("handle_mmio_page_fault", addr=addr, gfn=gfn, access=access)
         vcpu_cache_mmio_info(vcpu, addr, gfn, access)
         c["mmio_fastpath"] += 1
         return RET_PF_EMULATE
