@@ -159,11 +159,11 @@ def test_guest_fault_does_not_consume_the_retry(guest: Guest) -> None:
 def test_small_quota_recycles_oldest_pages_and_stays_correct() -> None:
     """§2.1 / §4: when fewer than KVM_MIN_FREE_MMU_PAGES shadow pages are available the oldest are zapped
     (mmu_recycled); every access still translates to the right memory and the audit stays clean."""
-    vm = kvmmu.VM(mmu="shadow", mmio_caching="generation", max_mmu_pages=30)
-    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=32 << 20)
+    vm = kvmmu.VM(mmu="shadow", mmio_caching="generation", max_mmu_pages=64)        # KVM_MIN_ALLOC_MMU_PAGES
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=256 << 20)
     w, r = vm_writer(vm)
     pt = GuestPageTables("4level", w, r, pool=0x10_0000, pool_end=0x20_0000)
-    regions = 40                                     # one guest page table each: more than the quota
+    regions = 100                                    # one guest page table each: more than the quota
     for i in range(regions):
         pt.map(i << 21, 0x40_0000 + (i % 16) * PAGE)
     for i in range(16):

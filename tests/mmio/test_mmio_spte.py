@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import kvmmu
-from kvmmu.arch.bits import X86_CR0_PE
+from kvmmu.arch.bits import EFER_LME, X86_CR0_PE, X86_CR0_PG, X86_CR4_PAE
+from kvmmu.guest.pagetables import GuestPageTables, vm_writer
 from kvmmu.kvm.mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
     MmioGenLayout,
@@ -91,10 +92,14 @@ def test_ept_keeps_caching_at_maxphyaddr_52() -> None:
 
 def test_gfn_beyond_max_gfn_is_emulated_without_an_spte() -> None:
     """A gfn too large to encode is emulated, no MMIO spte (kvm_handle_noslot_fault, §3.8)."""
-    vm, vcpu = _vm(mmu="ept", host=kvmmu.Host(maxphyaddr=39), guest_maxphyaddr=46)
-    big = 1 << 40                         # above the host's 39 physical address bits
-    vcpu.access(big, 4, "read")
-    vcpu.access(big, 4, "read")
+    vm = kvmmu.VM(mmu="ept", host=kvmmu.Host(maxphyaddr=39), guest_maxphyaddr=46)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=1 << 20)
+    pt = GuestPageTables("4level", *vm_writer(vm), pool=0x10000)
+    pt.map(0x400000, 1 << 40)             # a gpa above the host's 39 physical address bits
+    vcpu = vm.create_vcpu()
+    vcpu.set_sregs(cr0=X86_CR0_PG | X86_CR0_PE, cr3=pt.cr3, cr4=X86_CR4_PAE, efer=EFER_LME)
+    vcpu.access(0x400000, 4, "read")
+    vcpu.access(0x400000, 4, "read")
     assert vcpu.stats["pf_mmio_spte_created"] == 0 and vcpu.stats["pf_emulate"] == 2
 
 

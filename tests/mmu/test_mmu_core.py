@@ -28,15 +28,15 @@ def _vcpu(vm: kvmmu.VM, pt: GuestPageTables) -> kvmmu.Vcpu:
 
 def test_quota_recycles_the_oldest_pages() -> None:
     """With a small quota, KVM zaps the oldest shadow pages before allocating (mmu_recycled)."""
-    vm, pt = _vm(max_mmu_pages=16)
-    for i in range(40):                      # 40 page tables: one per 2 MiB region
+    vm, pt = _vm(max_mmu_pages=64)           # KVM_MIN_ALLOC_MMU_PAGES
+    for i in range(100):                     # 100 page tables: one per 2 MiB region
         pt.map(0x40000000 + (i << 21), 0x1000000 + (i << 12))
     vcpu = _vcpu(vm, pt)
-    for i in range(40):
+    for i in range(100):
         assert vcpu.access(0x40000000 + (i << 21), 8, "write", i).ok
     assert vm.stats["mmu_recycled"] > 0
-    assert vm.mmu.n_used_mmu_pages <= 16
-    for i in range(40):                      # the guest still sees its memory
+    assert vm.mmu.n_used_mmu_pages <= 64
+    for i in range(100):                      # the guest still sees its memory
         assert vcpu.access(0x40000000 + (i << 21), 8, "read").value == i
     vm.audit()
 

@@ -73,7 +73,9 @@ class TdpCpu(TlbCpu):
         self.tlb.clear()
 
     def flush_gva(self, gva: int) -> None:
-        self.tlb.pop(gva >> 12, None)
+        # The guest's translation may be a 2 MiB or 1 GiB page cached here as 4 KiB pieces; INVLPG
+        # (and a #PF) must drop every piece.  Dropping more than asked is always allowed.
+        self.tlb.clear()
 
     def gpa_to_hpa(self, gpa: int, pfec: int, final: bool) -> int:
         """Translate through KVM's TDP tables or raise the exit the hardware would take."""
@@ -119,6 +121,8 @@ class TdpCpu(TlbCpu):
         mmu = vcpu.mmu
         hw_ctx = mmu.hw_guest_ctx
         if hw_ctx.mode.root_level == 0:
+            if gva >> 32:
+                return -1                 # paging off: 32-bit linear addresses (the vCPU refuses more)
             gpa, acc, pkey = gva, 7, 0
         else:
             r = probe(hw_ctx, self.mem, vcpu.cr3, gva, pfec, ac, pkru, self._table_hpa)

@@ -16,6 +16,7 @@ from ..arch.bits import (
     EFER_NX,
     PF_VECTOR,
     PFERR_FETCH_MASK,
+    PFERR_GUEST_PAGE_MASK,
     PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
@@ -30,6 +31,7 @@ from ..arch.bits import (
     X86_CR4_SMEP,
     X86_EFLAGS_AC,
 )
+from ..arch.walker import canonical
 from ..errors import InvalidArgument, KvmBug
 from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu
 from ..hw.tdp import TdpCpu
@@ -76,6 +78,11 @@ class AccessResult:
     @property
     def ok(self) -> bool:
         return self.fault is None
+
+
+def _check_u64(name: str, value: object) -> None:
+    if type(value) is not int or not 0 <= value < 1 << 64:
+        raise InvalidArgument(name, value, f"{name} is an unsigned 64-bit register")
 
 
 class Vcpu:
@@ -125,7 +132,9 @@ class Vcpu:
                 raise InvalidArgument(name, value, "control registers are unsigned 64-bit integers")
         if cpl is not None and cpl not in (0, 1, 2, 3):
             raise InvalidArgument("cpl", cpl, "CPL is 0, 1, 2 or 3")
-        if pkru is not None and not 0 <= pkru < 1 << 32:
+        if rflags is not None:
+            _check_u64("rflags", rflags)
+        if pkru is not None and (type(pkru) is not int or not 0 <= pkru < 1 << 32):
             raise InvalidArgument("pkru", pkru, "PKRU is a 32-bit register")
         efer_v = new["efer"]
         if new["cr0"] & X86_CR0_PG and efer_v & EFER_LME:
@@ -167,11 +176,13 @@ class Vcpu:
 
     # -- guest-side control-register writes (intercepted under shadow paging) -----------------------
     def write_cr0(self, value: int) -> None:
+        _check_u64("cr0", value)
         self._exit()
         old = self.cr0
         self.set_sregs(cr0=value) if (old ^ value) & _CR0_ROLE_BITS else setattr(self, "cr0", value)
 
     def write_cr4(self, value: int) -> None:
+        _check_u64("cr4", value)
         self._exit()
         if (self.cr4 ^ value) & _CR4_ROLE_BITS:
             self.set_sregs(cr4=value)
@@ -180,6 +191,7 @@ class Vcpu:
             self.cpu.flush()
 
     def write_efer(self, value: int) -> None:
+        _check_u64("efer", value)
         self._exit()
         if (self.efer ^ value) & (_EFER_ROLE_BITS | EFER_LME):
             self.set_sregs(efer=value)
@@ -234,12 +246,14 @@ class Vcpu:
     # -- KVM's side of an exit -------------------------------------------------------------------
     def inject_page_fault(self, error_code: int, cr2: int) -> None:
         self.stats["pf_guest"] += 1
+        self.cpu.flush_gva(cr2)              # a #PF invalidates the TLB entries for its address
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
         self.vm.trace.emit("kvm_inj_exception", vector=PF_VECTOR, error_code=error_code & 0xFFFF, cr2=cr2)
 
     def deliver_guest_fault(self, error_code: int, cr2: int) -> None:
         """A #PF the CPU delivers to the guest by itself (TDP): KVM never sees it."""
+        self.cpu.flush_gva(cr2)
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
 
@@ -356,6 +370,18 @@ class Vcpu:
         sp = mmu.root_sp
         if self.requests or sp is None or not mmu.root_hpa or sp.invalid or sp.mmu_valid_gen != mmu.kvm.mmu_valid_gen:
             self.process_requests()       # (otherwise it would find nothing to do)
+        bits = self.mmu.cpu_role.mode.la_bits
+        last = gva + size - 1
+        if bits > 32:
+            # Canonical checks come before paging: #GP, with nothing translated or written.
+            if not canonical(gva, bits) or not canonical(last & ((1 << 64) - 1), bits):
+                result.fault = GuestFault(13, 0, None)
+                return result
+        elif gva >> 32:
+            raise InvalidArgument("gva", gva, f"{self.mmu.cpu_role.mode.name} linear addresses are 32 bits wide")
+        elif last >> 32:
+            result.fault = GuestFault(13, 0, None)     # wraps past the 4 GiB segment limit
+            return result
         hpas: list[int] = []
         for pgva, _plen in pieces:
             attempts = 0
@@ -378,7 +404,10 @@ class Vcpu:
                     result.fault = self.take_exception()
                     return result
                 if r == RET_PF_EMULATE:
-                    emulate_access(self, gva, size, write, data, addr, self.mmu.direct, result)
+                    # A direct MMU's fault address is the data gpa only for a fault on the final
+                    # translation, not for one on a guest page-table access (GUEST_PAGE).
+                    emulate_access(self, gva, size, write, data, addr,
+                                   self.mmu.direct and not err & PFERR_GUEST_PAGE_MASK, result)
                     if self.pending_nested_exit is not None:
                         return self._nested_exit(result)
                     return result
@@ -417,7 +446,7 @@ class Vcpu:
         """access() in general: argument checks, then the run loop with the access's CPL in force."""
         if kind not in ACCESS_KINDS:
             raise InvalidArgument("kind", kind, f"an access is one of {ACCESS_KINDS}")
-        if size not in ACCESS_SIZES:
+        if type(size) is not int or size not in ACCESS_SIZES:
             raise InvalidArgument("size", size, f"an access is {', '.join(map(str, ACCESS_SIZES))} bytes")
         if not isinstance(gva, int) or gva < 0 or gva >> 64:
             raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")

@@ -44,8 +44,12 @@ class VM:
                 or initial_generation % address_spaces:
             raise InvalidArgument("initial_generation", initial_generation,
                                   "a generation is a non-negative multiple of the number of address spaces")
-        if not 32 <= guest_maxphyaddr <= 52:
+        if type(guest_maxphyaddr) is not int or not 32 <= guest_maxphyaddr <= 52:
             raise InvalidArgument("guest_maxphyaddr", guest_maxphyaddr, "MAXPHYADDR is between 32 and 52")
+        if not isinstance(host, (Host, type(None))):
+            raise InvalidArgument("host", host, "host must be a kvmmu.Host")
+        if max_mmu_pages is not None and (type(max_mmu_pages) is not int or max_mmu_pages < 64):
+            raise InvalidArgument("max_mmu_pages", max_mmu_pages, "the shadow-page quota is an int of at least 64")
         if tdp_level not in (4, 5):
             raise InvalidArgument("tdp_level", tdp_level, "TDP tables have 4 or 5 levels")
         if host_hugepage_level not in (1, 2, 3):
@@ -89,6 +93,8 @@ class VM:
         `during_update` runs while the new memslots are published but the generation still carries
         the update-in-progress flag (what a vCPU racing with the ioctl would see).
         """
+        if during_update is not None and not callable(during_update):
+            raise InvalidArgument("during_update", during_update, "must be a callable (or None)")
         fresh = userspace_addr is None
         if fresh:
             old = None
@@ -158,8 +164,10 @@ class VM:
 
     # -- the VMM's view of guest RAM (its mmap) -------------------------------------------------------
     def _phys_pieces(self, gpa: int, length: int) -> list[tuple[int, int]]:
-        if not isinstance(gpa, int) or gpa < 0 or length < 0:
+        if type(gpa) is not int or gpa < 0:
             raise InvalidArgument("gpa", gpa, "a guest-physical address is a non-negative integer")
+        if type(length) is not int or length < 0:
+            raise InvalidArgument("length", length, "a length is a non-negative integer")
         out = []
         while length:
             slot = self.memslots.spaces[0].search(gpa >> 12)
@@ -172,6 +180,8 @@ class VM:
         return out
 
     def write_phys(self, gpa: int, data: bytes | bytearray) -> None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument("data", data, "write_phys takes bytes")
         pieces = self._phys_pieces(gpa, len(data))
         pos = 0
         for hva, n in pieces:
@@ -217,6 +227,9 @@ class VM:
 
     def register_io_device(self, addr: int, length: int, device: IoDevice) -> None:
         """An in-kernel device on KVM_MMIO_BUS (ioeventfd, in-kernel LAPIC/IOAPIC/HPET...)."""
+        for v in (addr, length):
+            if type(v) is not int or v < 0:
+                raise InvalidArgument("io device range", v, "io-bus ranges are non-negative integers")
         self.iobus.register(addr, length, device)
 
     def register_coalesced_mmio(self, addr: int, size: int) -> None:
