@@ -27,5 +27,9 @@ test-full: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks
 
+# The long fuzz profile (docs/reliability.md): FUZZ_SECONDS=600 make fuzz [FUZZ_SEED=n]
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz.long $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache

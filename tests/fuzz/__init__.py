@@ -1,0 +1,1 @@
+"""Stateful fuzzing of kvmmu against an architectural reference (docs/reliability.md)."""

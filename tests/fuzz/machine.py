@@ -1,0 +1,207 @@
+"""The stateful fuzzer: random interleavings of guest and VMM operations on two VMs sharing one host.
+
+`machine_for(flavour, policy)` builds a hypothesis `RuleBasedStateMachine` whose first VM runs that
+MMU flavour and MMIO policy; `initialize` draws the rest (guest paging mode, which VM starts near
+the memslot-generation wrap, a small shadow-page quota or not, a host short of memory or not, the
+initial page tables, the second VM's flavour / policy / mode).  Every rule is one operation, on
+both the model and the reference (see world.py); after every step `vm.audit()` must be clean for
+both VMs, every live TLB entry must map memory of its own VM for a translation the guest may still
+use, and guest memory must equal the reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+import kvmmu
+from tests.fuzz import world as W
+
+FLAVOURS = ("shadow", "ept", "npt")
+POLICIES = ("off", "zap", "generation")
+MODES = ("4level", "4level", "5level", "pae", "32bit")
+CONTROLS = ("wp", "nx", "smep", "smap", "pke", "pge", "pse")
+ENTRY_KINDS = ("leaf", "leaf", "leaf", "leaf", "table", "table", "zero", "rsvd", "random")
+MEMSLOT_OPS = ("create", "create", "delete", "delete", "move", "move", "flags", "resize", "toggle_ro")
+SIZES = (1, 2, 4, 8, 16)
+
+worlds = st.sampled_from((0, 0, 0, 1))
+vcpus = st.sampled_from((0, 1, 1, 2, 2))
+offsets = st.one_of(st.just(0), st.integers(0, 0xFFF), st.integers(0xFF0, 0xFFF), st.sampled_from((8, 0x800)))
+
+
+def _linear_target(w: W.World, where: int, noncanonical: bool = True) -> int:
+    """Mostly the linear pool; sometimes the direct map of the page tables, or a non-canonical address."""
+    lay = w.lay
+    if where < 176:
+        return lay.gva_pool[where % len(lay.gva_pool)]
+    extra = lay.direct_map + (lay.noncanonical if noncanonical else [])
+    return extra[where % len(extra)]
+
+
+def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
+    """A state machine whose VM A runs `flavour` / `policy`."""
+
+    class KvmmuMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w: list[W.World] = []
+            self.steps = 0
+
+        @initialize(mode=st.sampled_from(MODES), seed=st.integers(0, 2 ** 32 - 1), near_wrap=st.booleans(),
+                    quota=st.sampled_from((None, None, 24)), b_flavour=st.sampled_from(FLAVOURS),
+                    b_policy=st.sampled_from(POLICIES), b_mode=st.sampled_from(MODES),
+                    host_pages=st.sampled_from((None, None, None, 16, 48)))
+        def setup(self, mode: str, seed: int, near_wrap: bool, quota: int | None, b_flavour: str, b_policy: str,
+                  b_mode: str, host_pages: int | None) -> None:
+            # host_pages: a host with only that many 4 KiB pages for guest RAM and KVM's tables, so
+            # guest pages are swapped out (their sptes zapped by the mmu notifier) all the time.
+            host = kvmmu.Host() if host_pages is None else \
+                kvmmu.Host(memory_limit=4 << 20, reserved=(4 << 20) - (host_pages << 12))
+            self.w = [W.World("A", host, flavour, policy, mode, seed, near_wrap, quota),
+                      W.World("B", host, b_flavour, b_policy, b_mode, seed ^ 0x5A5A, not near_wrap, None)]
+
+        def _step(self) -> bool:
+            """Count a step (False only before setup, which hypothesis never lets happen)."""
+            if not self.w:
+                return False
+            self.steps += 1
+            W.COUNTERS.steps += 1
+            return True
+
+        # -- guest accesses ------------------------------------------------------------------------
+        @rule(wi=worlds, vi=vcpus, where=st.integers(0, 255), off=offsets, size=st.sampled_from(SIZES),
+              kind=st.sampled_from(("read", "read", "write", "write", "fetch")), cpl=st.sampled_from((0, 0, 3, 3, 1)),
+              implicit=st.sampled_from((False, False, False, False, True)), value=st.integers(0, 2 ** 128 - 1))
+        def access(self, wi: int, vi: int, where: int, off: int, size: int, kind: str, cpl: int, implicit: bool,
+                   value: int) -> None:
+            if not self._step():
+                return
+            w = self.w[wi]
+            if vi == 0:
+                gpas = w.frames() + [W.POOL + 0x1000 * i for i in range(W.NPOOL)]
+                gpas = [g for g in gpas if g < 1 << 32]
+                base = gpas[where % len(gpas)]
+            else:
+                base = _linear_target(w, where)
+            gva = (base + off) & W.R.U64
+            if (vi == 0 or w.mode in ("32bit", "pae")) and gva >> 32:
+                gva &= 0xFFFF_FFFF
+            w.access(vi, gva, size, kind, cpl, implicit, value)
+
+        @rule(wi=worlds, writer=vcpus, k=st.integers(0, 2), where=st.integers(0, 255), level=st.integers(1, 5),
+              kind=st.sampled_from(ENTRY_KINDS), frame=st.integers(0, 255), flags=st.integers(0, 0xFFF),
+              pkey=st.sampled_from((0, 0, 1, 2, 15)), nx=st.sampled_from((False, False, False, True)),
+              rsvd=st.integers(0, 7), raw=st.integers(0, 2 ** 64 - 1), part=st.sampled_from((0, 0, 0, 0, 1, 2, 3, 4)))
+        def pte_write(self, wi: int, writer: int, k: int, where: int, level: int, kind: str, frame: int, flags: int,
+                      pkey: int, nx: bool, rsvd: int, raw: int, part: int) -> None:
+            if not self._step():
+                return
+            w = self.w[wi]
+            gva = _linear_target(w, where, noncanonical=False)
+            lvl = min(level, w.lay.levels)
+            present = 1 if kind in ("leaf", "rsvd") and not flags & 0x800 else 0     # mostly present
+            value = w.make_entry(lvl, kind, frame, flags | present, pkey, nx, rsvd, raw)
+            w.pte_write(writer, k, gva, lvl, value, part)
+
+        # Rules with many arguments sort last and are drawn least by hypothesis's simplest-first bias;
+        # accesses and page-table writes get a second entry point to make up for it.
+        @rule(wi=worlds, vi=vcpus, where=st.integers(0, 255), off=offsets, size=st.sampled_from(SIZES),
+              kind=st.sampled_from(("read", "write", "fetch")), cpl=st.sampled_from((0, 3)),
+              implicit=st.just(False), value=st.integers(0, 2 ** 128 - 1))
+        def access_again(self, wi: int, vi: int, where: int, off: int, size: int, kind: str, cpl: int,
+                         implicit: bool, value: int) -> None:
+            self.access(wi, vi, where, off, size, kind, cpl, implicit, value)
+
+        @rule(wi=worlds, back=st.integers(0, 15), other_vcpu=st.sampled_from((False, False, False, True)),
+              off=st.sampled_from((0, 0, 4, 0xFF8, 0xFFC)), size=st.sampled_from(SIZES),
+              kind=st.sampled_from(("read", "read", "write", "fetch")), cpl=st.sampled_from((0, 3)),
+              value=st.integers(0, 2 ** 128 - 1))
+        def access_repeat(self, wi: int, back: int, other_vcpu: bool, off: int, size: int, kind: str, cpl: int,
+                          value: int) -> None:
+            """Locality: touch a recently used page again (TLB hits, the MMIO fast path and cache)."""
+            w = self.w[wi] if self.w else None
+            if w is None or not w.recent:
+                self.access(wi, 1, back, off, size, kind, cpl, False, value)
+                return
+            if not self._step():
+                return
+            vi, gva = w.recent[-1 - back % len(w.recent)]
+            if other_vcpu and vi:
+                vi = 3 - vi
+            gva = (gva & ~0xFFF) | off
+            if (vi == 0 or w.mode in ("32bit", "pae")) and gva >> 32:
+                gva &= 0xFFFF_FFFF
+            w.access(vi, gva, size, kind, cpl, False, value)
+
+        @rule(wi=worlds, writer=vcpus, k=st.integers(0, 2), where=st.integers(0, 255), level=st.integers(1, 5),
+              kind=st.sampled_from(ENTRY_KINDS), frame=st.integers(0, 255), flags=st.integers(0, 0xFFF),
+              pkey=st.sampled_from((0, 1)), nx=st.booleans(), rsvd=st.integers(0, 7), raw=st.integers(0, 2 ** 64 - 1),
+              part=st.just(0))
+        def pte_write_again(self, wi: int, writer: int, k: int, where: int, level: int, kind: str, frame: int,
+                            flags: int, pkey: int, nx: bool, rsvd: int, raw: int, part: int) -> None:
+            self.pte_write(wi, writer, k, where, level, kind, frame, flags, pkey, nx, rsvd, raw, part)
+
+        @rule(wi=worlds, vi=st.sampled_from((1, 2)), op=st.sampled_from(("invlpg", "invlpg", "cr3")),
+              where=st.integers(0, 255))
+        def tlb_control(self, wi: int, vi: int, op: str, where: int) -> None:
+            """INVLPG of a pool address, or MOV CR3 to one of the three address spaces."""
+            if not self._step():
+                return
+            w = self.w[wi]
+            if op == "cr3":
+                w.write_cr3(vi, where % 3)
+                return
+            w.invlpg(vi, _linear_target(w, where))
+
+        @rule(wi=worlds, vi=st.sampled_from((1, 2)), op=st.sampled_from(CONTROLS + ("pkru", "ac")),
+              arg=st.integers(0, 7))
+        def cpu_control(self, wi: int, vi: int, op: str, arg: int) -> None:
+            """Toggle CR0.WP / CR4.SMEP/SMAP/PKE/PGE/PSE / EFER.NXE, WRPKRU, STAC/CLAC."""
+            if not self._step():
+                return
+            w = self.w[wi]
+            if op == "pkru":
+                w.set_pkru(vi, (0, 0x4, 0x8, 0xC, 0x10, 0x55555554, 0xFFFFFFFC, 0xFFFFFFFF)[arg])
+            elif op == "ac":
+                w.set_ac(vi, bool(arg & 1))
+            else:
+                w.control(vi, op)
+
+        # -- the VMM ----------------------------------------------------------------------------------
+        @rule(wi=worlds, op=st.sampled_from(MEMSLOT_OPS), sid=st.sampled_from((1, 1, 2, 2, 3, 3, 0)),
+              placement=st.integers(0, 7), flags=st.integers(0, 3))
+        def memslot(self, wi: int, op: str, sid: int, placement: int, flags: int) -> None:
+            if not self._step():
+                return
+            self.w[wi].memslot(op, sid, placement, flags)
+
+        # -- invariants -----------------------------------------------------------------------------
+        @invariant()
+        def mmu_is_healthy(self) -> None:
+            for w in self.w:
+                w.audit()
+
+        @invariant()
+        def tlbs_stay_inside_their_vm(self) -> None:
+            if len(self.w) == 2:
+                self.w[0].check_tlbs(self.w[1])
+                self.w[1].check_tlbs(self.w[0])
+
+        @invariant()
+        def memory_matches(self) -> None:
+            for w in self.w:
+                w.compare_memory(everything=self.steps % 8 == 0)
+
+        def teardown(self) -> None:
+            for w in self.w:
+                w.compare_memory(everything=True)
+
+    KvmmuMachine.__name__ = KvmmuMachine.__qualname__ = f"KvmmuMachine_{flavour}_{policy}"
+    return KvmmuMachine
+
+
+def profile() -> str:
+    return os.environ.get("KVMMU_FUZZ_PROFILE", "fast")
