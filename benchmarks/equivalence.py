@@ -149,6 +149,8 @@ def _ops(rng: random.Random, n: int) -> list[tuple]:
         gva = 0x4000_0000 + rng.randrange(52) * 0x1000 + rng.randrange(0x1000)
         if rng.random() < 0.05:
             gva = MMIO_GVA + 0x10_0000 + rng.randrange(16)
+        elif rng.random() < 0.03:
+            gva = 0x1_0000_0000 + rng.randrange(4) * 0x1000 + rng.randrange(0x1000)   # beyond 32 bits
         kind = rng.choice(("read", "write", "fetch", "read", "write", "bogus" if rng.random() < 0.01 else "read"))
         value = None
         if kind == "write":
@@ -176,7 +178,7 @@ def _check_batches(rng: random.Random, rounds: int) -> int:
     for r in range(rounds):
         mmu = ("shadow", "ept", "npt")[r % 3]
         (vm1, v1, cr3s), (vm2, v2, _) = _vm(mmu), _vm(mmu)
-        for step in range(6):
+        for step in range(7):
             ops = _ops(rng, 300)
             if step % 2:
                 cpl = rng.choice((0, 3))
@@ -187,6 +189,9 @@ def _check_batches(rng: random.Random, rounds: int) -> int:
             if step == 4:
                 for v in (v1, v2):
                     v.set_sregs(cr4=LONG_MODE["cr4"] | X86_CR4_SMEP | X86_CR4_SMAP | X86_CR4_PKE, pkru=0x0C)
+            if step == 5:
+                for v in (v1, v2):                  # paging off: gva = gpa, 32-bit addresses
+                    v.set_sregs(cr0=LONG_MODE["cr0"] & ~(1 << 31), cr4=0, efer=0)
             i = 0
             while i < len(ops):
                 values1: list = []
