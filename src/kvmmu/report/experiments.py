@@ -55,6 +55,23 @@ class RunResult:
         return {"stats": self.stats, "counters": self.counters, "vm": self.vm_stats}[where][name]
 
 
+def driver_program(vm: VM, iterations: int, seed: int):
+    """The driver loop's operations: RAM accesses, a doorbell write, a status read; a hot-plug halfway."""
+    rng = random.Random(seed)
+    working_set = [rng.randrange(0x800000, RAM, 4096) for _ in range(256)]
+    for i in range(iterations):
+        if i == iterations // 2:
+            vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=16 << 20)
+        for _ in range(4):
+            page = rng.choice(working_set)
+            if rng.random() < 0.5:
+                yield ("write", DIRECT_MAP + page + 8 * rng.randrange(512), 8, rng.getrandbits(64))
+            else:
+                yield ("read", DIRECT_MAP + page + 8 * rng.randrange(512), 8)
+        yield ("write", IOREMAP, 4, i & 0xFFFFFFFF)
+        yield ("read", IOREMAP + 0x1004, 4)
+
+
 def driver_loop(flavour: str, policy: str, iterations: int = 2000, seed: int = 1,
                 cost: CostModel | None = None) -> RunResult:
     vm = VM(mmu=flavour, mmio_caching=policy)
@@ -75,22 +92,7 @@ def driver_loop(flavour: str, policy: str, iterations: int = 2000, seed: int = 1
     pt.map(IOREMAP + 0x1000, DOORBELL_GPA + 0x1000, 4096, P | RW | PCD)
     vcpu = vm.create_vcpu()
     vcpu.set_sregs(cr0=X86_CR0_PG | X86_CR0_PE | X86_CR0_WP, cr3=pt.cr3, cr4=X86_CR4_PAE, efer=EFER_LME | EFER_NX)
-    rng = random.Random(seed)
-    working_set = [rng.randrange(0x800000, RAM, 4096) for _ in range(256)]
-
-    def program():
-        for i in range(iterations):
-            if i == iterations // 2:
-                vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=16 << 20)
-            for _ in range(4):
-                page = rng.choice(working_set)
-                if rng.random() < 0.5:
-                    yield ("write", DIRECT_MAP + page + 8 * rng.randrange(512), 8, rng.getrandbits(64))
-                else:
-                    yield ("read", DIRECT_MAP + page + 8 * rng.randrange(512), 8)
-            yield ("write", IOREMAP, 4, i & 0xFFFFFFFF)
-            yield ("read", IOREMAP + 0x1004, 4)
-    run_program(vcpu, program())
+    run_program(vcpu, driver_program(vm, iterations, seed))
     vm.audit()
     model = cost or CostModel()
     stats, counters = vcpu.stats.snapshot(), vcpu.counters.snapshot()

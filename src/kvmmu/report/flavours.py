@@ -8,34 +8,16 @@ KVM shadows L1's EPT and every L2 fault arrives with an L2 physical address.
 
 from __future__ import annotations
 
-import random
-
 from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
 from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
 from ..guest.program import run_program
 from ..kvm.vm import VM
 from .cost import CostModel
-from .experiments import DIRECT_MAP, DOORBELL_GPA, IOREMAP, RAM, RunResult
+from .experiments import DIRECT_MAP, DOORBELL_GPA, IOREMAP, RAM, RunResult, driver_program
 
 FLAVOURS = ("shadow", "ept", "npt", "nested-ept")
 L2_BASE = 64 << 20
 CR0 = X86_CR0_PG | X86_CR0_PE | X86_CR0_WP
-
-
-def _program(vm: VM, iterations: int, seed: int):
-    rng = random.Random(seed)
-    working_set = [rng.randrange(0x800000, RAM, 4096) for _ in range(256)]
-    for i in range(iterations):
-        if i == iterations // 2:
-            vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=16 << 20)
-        for _ in range(4):
-            page = rng.choice(working_set)
-            if rng.random() < 0.5:
-                yield ("write", DIRECT_MAP + page + 8 * rng.randrange(512), 8, rng.getrandbits(64))
-            else:
-                yield ("read", DIRECT_MAP + page + 8 * rng.randrange(512), 8)
-        yield ("write", IOREMAP, 4, i & 0xFFFFFFFF)
-        yield ("read", IOREMAP + 0x1004, 4)
 
 
 def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000, seed: int = 1) -> RunResult:
@@ -67,7 +49,7 @@ def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000
         vcpu.enter_guest_mode(ept.eptp(), cr0=CR0, cr3=pt.cr3, cr4=X86_CR4_PAE, efer=EFER_LME | EFER_NX)
     else:
         vcpu.set_sregs(cr0=CR0, cr3=pt.cr3, cr4=X86_CR4_PAE, efer=EFER_LME | EFER_NX)
-    result = run_program(vcpu, _program(vm, iterations, seed))
+    result = run_program(vcpu, driver_program(vm, iterations, seed))
     if any(r.l1_exit is not None for r in result.faults):
         raise AssertionError("the nested workload exited to L1")
     vm.audit()
