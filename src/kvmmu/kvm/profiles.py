@@ -50,6 +50,7 @@ from ..arch.bits import (
 from ..arch.walker import walk
 from ..errors import InvalidArgument
 from ..hw.x86cpu import GP, UD, CpuFault, Stop, X86Cpu
+from .emulate import _iobus as _emulator_iobus
 from .emulate import vcpu_is_mmio_gpa
 from .mmu.mmio import vcpu_match_mmio_gva
 from .mmu.paging import guest_walk
@@ -222,22 +223,8 @@ class Emulator:
         return self.vm.host.mem.read_bytes(hva, n)
 
     def _iobus(self, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:
-        """In-kernel devices (KVM_MMIO_BUS) in <= 8-byte pieces; stops at the first unclaimed piece."""
-        vm = self.vm
-        done = 0
-        while done < n:
-            k = min(8, n - done)
-            if write:
-                if not vm.iobus.write(gpa + done, k, int.from_bytes(chunk[done:done + k], "little")):
-                    break
-            else:
-                v = vm.iobus.read(gpa + done, k)
-                if v is None:
-                    break
-                assert out is not None
-                out[at + done:at + done + k] = (v & ((1 << (8 * k)) - 1)).to_bytes(k, "little")
-            done += k
-        return done
+        """In-kernel devices (KVM_MMIO_BUS) in <= 8-byte pieces: the emulator's own loop."""
+        return _emulator_iobus(self.vcpu, gpa, n, write, chunk, out, at)
 
     def _exit_to_vmm(self, frags: list[tuple[int, int, int]], write: bool, data: bytes, out: bytearray | None,
                      on_exit: object) -> None:
