@@ -493,6 +493,15 @@ def _op(*mnemonics: int) -> Callable[[Handler], Handler]:
     return deco
 
 
+def _write_dest(cpu: X86Cpu, instr: ix.Instruction, r: int, size: int, saved_flags: int) -> None:
+    """Write an arithmetic result to operand 0; a faulting write leaves RFLAGS as they were."""
+    try:
+        cpu.write_op(instr, 0, r, size)
+    except CpuFault:
+        cpu.rflags = saved_flags
+        raise
+
+
 @_op(_I.NOP, _I.PAUSE, _I.LFENCE, _I.MFENCE, _I.SFENCE, _I.PREFETCHT0, _I.PREFETCHNTA)
 def _nop(cpu: X86Cpu, instr: ix.Instruction) -> None:
     cpu.advance()
@@ -600,11 +609,7 @@ def _alu(cpu: X86Cpu, instr: ix.Instruction) -> None:
     else:
         r = cpu.flags_logic(a ^ b, size)
     if op not in ("cmp", "test"):
-        try:
-            cpu.write_op(instr, 0, r, size)
-        except CpuFault:
-            cpu.rflags = saved
-            raise
+        _write_dest(cpu, instr, r, size, saved)
     cpu.advance()
 
 
@@ -616,11 +621,7 @@ def _incdec(cpu: X86Cpu, instr: ix.Instruction) -> None:
     carry = cpu.rflags & CF
     r = cpu.flags_add(a, 1, 0, size) if instr.mnemonic == _I.INC else cpu.flags_sub(a, 1, 0, size)
     cpu.rflags = (cpu.rflags & ~CF) | carry
-    try:
-        cpu.write_op(instr, 0, r, size)
-    except CpuFault:
-        cpu.rflags = saved
-        raise
+    _write_dest(cpu, instr, r, size, saved)
     cpu.advance()
 
 
@@ -630,11 +631,7 @@ def _neg(cpu: X86Cpu, instr: ix.Instruction) -> None:
     a = cpu.read_op(instr, 0, size, rmw=True)
     saved = cpu.rflags
     r = cpu.flags_sub(0, a, 0, size)
-    try:
-        cpu.write_op(instr, 0, r, size)
-    except CpuFault:
-        cpu.rflags = saved
-        raise
+    _write_dest(cpu, instr, r, size, saved)
     cpu.advance()
 
 
@@ -1141,11 +1138,7 @@ def _xadd(cpu: X86Cpu, instr: ix.Instruction) -> None:
     a, b = cpu.read_op(instr, 0, size, rmw=True), cpu.read_op(instr, 1, size)
     saved = cpu.rflags
     r = cpu.flags_add(a, b, 0, size)
-    try:
-        cpu.write_op(instr, 0, r, size)
-    except CpuFault:
-        cpu.rflags = saved
-        raise
+    _write_dest(cpu, instr, r, size, saved)
     cpu.write_op(instr, 1, a, size)
     cpu.advance()
 
