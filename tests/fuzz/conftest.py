@@ -12,17 +12,6 @@ import pytest
 OPEN_BUGS = {
     "test_injected_page_fault_invalidates_the_faulting_page": "bug 1: a KVM-injected #PF on a page-crossing "
     "access does not invalidate the first page's TLB entry",
-    "test_pae_pdptes_are_not_reloaded_by_unrelated_control_bits": "bug 2: guest CR0/CR4/EFER writes reload "
-    "PAE PDPTEs even when no PDPTE-reloading bit changes",
-    "test_pae_reserved_pdpte_in_memory_does_not_fault_a_cr0_wp_write": "bug 2 (PDPTE reload on CR0.WP)",
-    "test_pae_cr4_pge_change_reloads_the_pdptes": "bug 2 (CR4.PGE must reload the PDPTEs)",
-    "test_pae_pdpt_without_memslot_is_a_gp": "bug 2 (a PDPT without a memslot must be #GP)",
-    "test_mmio_implicit_access_at_cpl3_is_a_supervisor_access": "bug 4: the emulator ignores implicit accesses",
-    "test_mmio_smap_applies_to_implicit_accesses_even_with_ac": "bug 4 (SMAP for implicit accesses)",
-    "test_mmio_fetch_respects_nx": "bug 4 (the MMIO cache path ignores the fetch kind)",
-    "test_mmio_access_respects_pkru": "bug 4 (the MMIO cache path ignores PKRU)",
-    "test_page_crossing_fetch_fault_reports_the_fetch": "bug 4 (emulated page-crossing fetch error code)",
-    "test_page_crossing_implicit_access_at_cpl3_is_a_supervisor_access": "bug 4 (implicit page-crossing)",
     "test_faulting_page_crossing_store_writes_nothing": "bug 5: KVM's emulator writes the first page "
     "before the second faults; the model does the same (SDM says no side effect)",
     "test_shadow_pages_are_not_shared_between_vcpus_with_different_efer_nxe": "bug 8: root_role.efer_nx is "

@@ -8,7 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..arch.bits import PFERR_USER_MASK, PFERR_WRITE_MASK, X86_EFLAGS_AC
+from ..arch.bits import (
+    ACC_USER_MASK,
+    PFERR_FETCH_MASK,
+    PFERR_IMPLICIT_ACCESS,
+    PFERR_RSVD_MASK,
+    PFERR_USER_MASK,
+    PFERR_WRITE_MASK,
+)
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 
 if TYPE_CHECKING:
@@ -16,6 +23,7 @@ if TYPE_CHECKING:
 
 APIC_DEFAULT_PHYS_BASE = 0xFEE00000
 KVM_EXIT_MMIO = 6
+_EMULATOR_ACCESS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK | PFERR_IMPLICIT_ACCESS
 
 
 @dataclass
@@ -40,29 +48,47 @@ def vcpu_is_mmio_gpa(vcpu: Vcpu, gpa: int) -> bool:
     return (gpa & ~0xFFF) == APIC_DEFAULT_PHYS_BASE or vcpu_match_mmio_gpa(vcpu, gpa)
 
 
-def _gva_to_gpa(vcpu: Vcpu, gva: int, write: bool, gpa_hint: int | None) -> tuple[int, bool] | None:
-    """vcpu_mmio_gva_to_gpa; None if a #PF was injected."""
+def cached_mmio_gpa(vcpu: Vcpu, gva: int, access: int) -> int | None:
+    """The MMIO gva cache's answer in vcpu_mmio_gva_to_gpa: the gpa if the cache holds `gva` and its
+    cached rights allow `access` (PFERR_* bits), else None (the caller walks the guest tables).
+
+    Only data accesses ask the cache: KVM's instruction fetches and implicit (system) accesses
+    always walk.  KVM checks the cached rights with protection key 0, which is right for KVM (it
+    offers PKU only with TDP, where the gva cache is unused); the model also lets a shadow-paging
+    guest set CR4.PKE, so a user page under active protection keys is walked too (its key is not
+    cached)."""
+    if access & (PFERR_FETCH_MASK | PFERR_IMPLICIT_ACCESS) or not vcpu_match_mmio_gva(vcpu, gva):
+        return None
+    ctx = vcpu.mmu.cpu_role
+    if ctx.mode.root_level:
+        if ctx.pkeys_active and vcpu.mmio_access & ACC_USER_MASK:
+            return None
+        idx = ((access & (PFERR_WRITE_MASK | PFERR_USER_MASK)) | (PFERR_RSVD_MASK if vcpu.ac else 0)) >> 1
+        if (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
+            return None
+    vcpu.counters["mmio_cache_hits"] += 1
+    return (vcpu.mmio_gfn << 12) | (gva & 0xFFF)
+
+
+def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tuple[int, bool] | None:
+    """vcpu_mmio_gva_to_gpa (kvm_fetch_guest_virt / the system accesses for fetch and implicit
+    `access`); None if a #PF was injected."""
     if gpa_hint is not None and (gpa_hint & 0xFFF) == (gva & 0xFFF):
         return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
     mmu = vcpu.mmu
-    access = (PFERR_USER_MASK if vcpu.cpl == 3 else 0) | (PFERR_WRITE_MASK if write else 0)
     if vcpu.mmu_is_nested:
         from .nested import nested_gva_to_gpa
         gpa = nested_gva_to_gpa(vcpu, gva, access)
         if gpa is None:
             return None
         return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
-    ctx = mmu.cpu_role
-    if vcpu_match_mmio_gva(vcpu, gva):
-        idx = (access | (8 if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1
-        if ctx.mode.root_level == 0 or not (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
-            vcpu.counters["mmio_cache_hits"] += 1
-            gpa = (vcpu.mmio_gfn << 12) | (gva & 0xFFF)
-            trace = vcpu.vm.trace
-            if trace.enabled:
-                trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=write, gva_match=True)
-            return gpa, True
-    if ctx.mode.root_level == 0:
+    gpa = cached_mmio_gpa(vcpu, gva, access)
+    if gpa is not None:
+        trace = vcpu.vm.trace
+        if trace.enabled:
+            trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=bool(access & PFERR_WRITE_MASK), gva_match=True)
+        return gpa, True
+    if mmu.cpu_role.mode.root_level == 0:
         gpa = gva
     else:
         from .mmu.paging import guest_walk
@@ -74,9 +100,12 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, write: bool, gpa_hint: int | None) -> tupl
     return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
 
 
-def emulate_access(vcpu: Vcpu, gva: int, size: int, write: bool, data: bytes, cr2_or_gpa: int,
+def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_or_gpa: int,
                    direct: bool, result: AccessResult) -> None:
-    """Emulate one access that faulted with RET_PF_EMULATE; fills result.value / exits / fault."""
+    """Emulate one access (PFERR_* bits `pfec`) that faulted with RET_PF_EMULATE; fills
+    result.value / exits / fault."""
+    write = bool(pfec & PFERR_WRITE_MASK)
+    access = pfec & _EMULATOR_ACCESS
     vm = vcpu.vm
     vcpu.stats["insn_emulation"] += 1
     vcpu.counters["emulated_accesses"] += 1
@@ -92,7 +121,7 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, write: bool, data: bytes, cr
     fragments: list[tuple[int, int, int]] = []      # (gpa, offset into data, length)
     offset = 0
     for pgva, plen in pieces:
-        t = _gva_to_gpa(vcpu, pgva, write, gpa_hint)
+        t = _gva_to_gpa(vcpu, pgva, access, gpa_hint)
         gpa_hint = None
         if t is None:
             result.fault = vcpu.take_exception()

@@ -51,8 +51,7 @@ from ..arch.walker import walk
 from ..errors import InvalidArgument
 from ..hw.x86cpu import GP, UD, CpuFault, Stop, X86Cpu
 from .emulate import _iobus as _emulator_iobus
-from .emulate import vcpu_is_mmio_gpa
-from .mmu.mmio import vcpu_match_mmio_gva
+from .emulate import cached_mmio_gpa, vcpu_is_mmio_gpa
 from .mmu.paging import guest_walk
 
 if TYPE_CHECKING:
@@ -147,14 +146,11 @@ class Emulator:
         access = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if fetch else 0)
         if cpl == 3 and not implicit:
             access |= PFERR_USER_MASK
-        if not fetch and not implicit and vcpu_match_mmio_gva(vcpu, gva):
-            ctx = vcpu.mmu.cpu_role
-            idx = ((access & (PFERR_WRITE_MASK | PFERR_USER_MASK)) | (8 if vcpu.ac else 0)) >> 1
-            if ctx.mode.root_level == 0 or not (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
-                vcpu.counters["mmio_cache_hits"] += 1
-                return (vcpu.mmio_gfn << 12) | (gva & 0xFFF), True
         if implicit:
             access |= PFERR_IMPLICIT_ACCESS
+        gpa = cached_mmio_gpa(vcpu, gva, access)
+        if gpa is not None:
+            return gpa, True
         w = guest_walk(vcpu.mmu, gva, access)
         if w.fault:
             if self.inject:

@@ -21,10 +21,13 @@ from ..arch.bits import (
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
     PT64_ADDR_MASK,
+    X86_CR0_CD,
+    X86_CR0_NW,
     X86_CR0_PG,
     X86_CR0_WP,
     X86_CR4_LA57,
     X86_CR4_PAE,
+    X86_CR4_PGE,
     X86_CR4_PKE,
     X86_CR4_PSE,
     X86_CR4_SMAP,
@@ -51,6 +54,8 @@ ACCESS_SIZES = (1, 2, 4, 8, 16)
 _CR0_ROLE_BITS = X86_CR0_PG | X86_CR0_WP
 _CR4_ROLE_BITS = X86_CR4_PSE | X86_CR4_PAE | X86_CR4_SMEP | X86_CR4_SMAP | X86_CR4_PKE | X86_CR4_LA57
 _EFER_ROLE_BITS = EFER_NX | EFER_LMA
+_CR0_PDPTR_BITS = X86_CR0_CD | X86_CR0_NW | X86_CR0_PG
+_CR4_PDPTR_BITS = X86_CR4_PGE | X86_CR4_PSE | X86_CR4_PAE | X86_CR4_SMEP
 _MAX_ENTRIES = 64
 
 
@@ -124,18 +129,34 @@ class Vcpu:
     def set_sregs(self, *, cr0: int | None = None, cr3: int | None = None, cr4: int | None = None,
                   efer: int | None = None, cpl: int | None = None, rflags: int | None = None,
                   pkru: int | None = None) -> None:
-        """KVM_SET_SREGS (+ the PKRU/RFLAGS the MMU reads): validated first, applied all at once."""
-        new = {"cr0": self.cr0 if cr0 is None else cr0, "cr3": self.cr3 if cr3 is None else cr3,
-               "cr4": self.cr4 if cr4 is None else cr4, "efer": self.efer if efer is None else efer}
-        for name, value in new.items():
-            if not isinstance(value, int) or value < 0 or value >> 64:
-                raise InvalidArgument(name, value, "control registers are unsigned 64-bit integers")
+        """KVM_SET_SREGS (+ the PKRU/RFLAGS the MMU reads): validated first, applied all at once.
+
+        Like KVM's __set_sregs, PAE PDPTEs are (re)loaded whenever the result is PAE paging."""
         if cpl is not None and cpl not in (0, 1, 2, 3):
             raise InvalidArgument("cpl", cpl, "CPL is 0, 1, 2 or 3")
         if rflags is not None:
             _check_u64("rflags", rflags)
         if pkru is not None and (type(pkru) is not int or not 0 <= pkru < 1 << 32):
             raise InvalidArgument("pkru", pkru, "PKRU is a 32-bit register")
+        self._set_control(cr0, cr3, cr4, efer, reload_pdptrs=True, after=lambda: self._set_rest(cpl, rflags, pkru))
+
+    def _set_rest(self, cpl: int | None, rflags: int | None, pkru: int | None) -> None:
+        if cpl is not None:
+            self.cpl = cpl
+        if rflags is not None:
+            self.rflags = rflags | 2
+        if pkru is not None:
+            self.pkru = pkru
+
+    def _set_control(self, cr0: int | None, cr3: int | None, cr4: int | None, efer: int | None, *,
+                     reload_pdptrs: bool, after: object = None) -> None:
+        """Validate the new control registers, load PDPTEs if asked (a failure changes nothing), apply,
+        and reset the MMU context."""
+        new = {"cr0": self.cr0 if cr0 is None else cr0, "cr3": self.cr3 if cr3 is None else cr3,
+               "cr4": self.cr4 if cr4 is None else cr4, "efer": self.efer if efer is None else efer}
+        for name, value in new.items():
+            if not isinstance(value, int) or value < 0 or value >> 64:
+                raise InvalidArgument(name, value, "control registers are unsigned 64-bit integers")
         efer_v = new["efer"]
         if new["cr0"] & X86_CR0_PG and efer_v & EFER_LME:
             if not new["cr4"] & X86_CR4_PAE:
@@ -145,22 +166,22 @@ class Vcpu:
             efer_v &= ~EFER_LMA
         if new["cr4"] & X86_CR4_LA57 and not efer_v & EFER_LMA:
             raise InvalidArgument("cr4", new["cr4"], "CR4.LA57 is only valid in long mode")
-        pdptrs = self._load_pdptrs(new["cr3"]) if new["cr0"] & X86_CR0_PG and new["cr4"] & X86_CR4_PAE \
-            and not efer_v & EFER_LMA else None
+        pae_legacy = new["cr0"] & X86_CR0_PG and new["cr4"] & X86_CR4_PAE and not efer_v & EFER_LMA
+        pdptrs = self._load_pdptrs(new["cr3"]) if reload_pdptrs and pae_legacy else None
         self.cr0, self.cr3, self.cr4, self.efer = new["cr0"], new["cr3"], new["cr4"], efer_v
-        if cpl is not None:
-            self.cpl = cpl
-        if rflags is not None:
-            self.rflags = rflags | 2
-        if pkru is not None:
-            self.pkru = pkru
+        if after is not None:
+            after()  # type: ignore[operator]
         if pdptrs is not None:
             self.mmu.pdptrs = pdptrs
         self.reset_mmu_context()
 
     def _load_pdptrs(self, cr3: int) -> tuple[int, ...]:
-        """load_pdptrs: PAE's four PDPTEs are read at CR3 load; reserved bits there are a #GP."""
+        """load_pdptrs: PAE's four PDPTEs are read from the PDPT; an unreadable PDPT (no memslot) or a
+        reserved bit in a present PDPTE makes the load fail, which is a #GP for MOV CR0/CR3/CR4."""
         base = cr3 & 0xFFFFFFE0
+        if self.vm.memslots.spaces[self.as_id].search(base >> 12) is None:
+            raise InvalidArgument("cr3", cr3, f"the PAE PDPT at gpa {base:#x} is in no memslot "
+                                  "(load_pdptrs fails: MOV to CR3 would #GP)")
         ptes = tuple(self.vm.read_guest_quiet(base + 8 * i, 8) for i in range(4))
         rsvd = (1 << 63) | (((1 << 63) - 1) & ~((1 << self.vm.guest_maxphyaddr) - 1)) | 0x1E6
         for i, pte in enumerate(ptes):
@@ -175,28 +196,33 @@ class Vcpu:
         self.cpu.flush()
 
     # -- guest-side control-register writes (intercepted under shadow paging) -----------------------
+    # SDM Vol. 3A 4.4.1 (KVM's X86_CR0_PDPTR_BITS / X86_CR4_PDPTR_BITS): with PAE paging, MOV to CR0
+    # or CR4 reloads the PDPTEs only when it changes one of these bits; the MMU role is reset only
+    # when a role bit changes (KVM_MMU_CR0_ROLE_BITS / KVM_MMU_CR4_ROLE_BITS / EFER).
     def write_cr0(self, value: int) -> None:
         _check_u64("cr0", value)
         self._exit()
-        old = self.cr0
-        self.set_sregs(cr0=value) if (old ^ value) & _CR0_ROLE_BITS else setattr(self, "cr0", value)
+        self._write_control("cr0", self.cr0, value, _CR0_PDPTR_BITS, _CR0_ROLE_BITS)
 
     def write_cr4(self, value: int) -> None:
         _check_u64("cr4", value)
         self._exit()
-        if (self.cr4 ^ value) & _CR4_ROLE_BITS:
-            self.set_sregs(cr4=value)
-        else:
-            self.cr4 = value
-            self.cpu.flush()
+        self._write_control("cr4", self.cr4, value, _CR4_PDPTR_BITS, _CR4_ROLE_BITS)
 
     def write_efer(self, value: int) -> None:
         _check_u64("efer", value)
         self._exit()
-        if (self.efer ^ value) & (_EFER_ROLE_BITS | EFER_LME):
-            self.set_sregs(efer=value)
+        self._write_control("efer", self.efer, value, 0, _EFER_ROLE_BITS | EFER_LME)
+
+    def _write_control(self, name: str, old: int, value: int, pdptr_bits: int, role_bits: int) -> None:
+        changed = old ^ value
+        if changed & (pdptr_bits | role_bits):
+            self._set_control(**{"cr0": None, "cr3": None, "cr4": None, "efer": None, name: value},
+                              reload_pdptrs=bool(changed & pdptr_bits))
         else:
-            self.efer = value
+            setattr(self, name, value)
+        if name == "cr4" and changed & X86_CR4_PGE:
+            self.cpu.flush()                 # MOV to CR4 changing PGE flushes global entries too
 
     def write_cr3(self, value: int, flush: bool = True) -> None:
         """MOV to CR3 (kvm_set_cr3): reuse a cached root if one matches, resync, flush the TLB."""
@@ -406,7 +432,7 @@ class Vcpu:
                 if r == RET_PF_EMULATE:
                     # A direct MMU's fault address is the data gpa only for a fault on the final
                     # translation, not for one on a guest page-table access (GUEST_PAGE).
-                    emulate_access(self, gva, size, write, data, addr,
+                    emulate_access(self, gva, size, pfec, data, addr,
                                    self.mmu.direct and not err & PFERR_GUEST_PAGE_MASK, result)
                     if self.pending_nested_exit is not None:
                         return self._nested_exit(result)
