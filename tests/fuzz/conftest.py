@@ -10,12 +10,6 @@ from __future__ import annotations
 import pytest
 
 OPEN_BUGS = {
-    "test_injected_page_fault_invalidates_the_faulting_page": "bug 1: a KVM-injected #PF on a page-crossing "
-    "access does not invalidate the first page's TLB entry",
-    "test_faulting_page_crossing_store_writes_nothing": "bug 5: KVM's emulator writes the first page "
-    "before the second faults; the model does the same (SDM says no side effect)",
-    "test_shadow_pages_are_not_shared_between_vcpus_with_different_efer_nxe": "bug 8: root_role.efer_nx is "
-    "forced to 1 as in KVM, so vCPUs with different EFER.NXE share shadow pages",
     "test_tdp_guest_makes_progress_under_host_memory_pressure": "bug 9: host reclaim can evict a page the "
     "2-D walk needs, a livelock under extreme pressure",
     "test_guest_cannot_tell_escape_or_crash": "the state machine reaches open bugs 1, 2, 4, 5, 8 within its "

@@ -51,7 +51,7 @@ def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
             self.steps = 0
 
         @initialize(mode=st.sampled_from(MODES), seed=st.integers(0, 2 ** 32 - 1), near_wrap=st.booleans(),
-                    quota=st.sampled_from((None, None, 24)), b_flavour=st.sampled_from(FLAVOURS),
+                    quota=st.sampled_from((None, None, 64)), b_flavour=st.sampled_from(FLAVOURS),
                     b_policy=st.sampled_from(POLICIES), b_mode=st.sampled_from(MODES),
                     host_pages=st.sampled_from((None, None, None, 16, 48)))
         def setup(self, mode: str, seed: int, near_wrap: bool, quota: int | None, b_flavour: str, b_policy: str,

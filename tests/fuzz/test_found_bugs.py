@@ -217,6 +217,24 @@ def test_page_table_without_memslot_never_becomes_an_mmio_data_access(mmu: str) 
     assert pf(r) == 0x0 and not r.exits, f"expected #PF(not present), no exit; got {r}"
 
 
+@pytest.mark.parametrize("mmu", ["ept", "npt"])
+def test_page_table_behind_an_mmio_spte_never_becomes_the_data_address(mmu: str) -> None:
+    """The same rule when the table's gpa already has an MMIO spte: the CPU's read of the PML4 takes
+    an EPT misconfiguration (whose exit does not say it was a page-table access), KVM's fast path
+    sends it to the emulator, and the model's emulator took the table's gpa as the data's (the
+    offsets agree: gva 0, PML4 at offset 0), reporting KVM_EXIT_MMIO at the PML4 instead of #PF.
+    Found by the fuzzer (a second vCPU, after the first had faulted on the deleted table slot)."""
+    g = Guest(mmu)
+    g.pt.map(0x0, 0x50_0000, flags=P | RW | A | D)
+    a, b = g.vcpu, g.vm.create_vcpu()
+    for v in (a, b):
+        v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
+    g.vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0)   # the tables are gone
+    assert pf(a.access(0x10, 4, "read")) == 0x0
+    r = b.access(0x0, 1, "read")
+    assert pf(r) == 0x0 and not r.exits, f"expected #PF(not present), no exit; got {r}"
+
+
 def _shadow_mmio(flags: int, pkey: int = 0) -> Guest:
     g = Guest("shadow")
     g.pt.map(0x40_0000, MMIO, flags=flags, pkey=pkey)

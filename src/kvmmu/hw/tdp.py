@@ -35,8 +35,8 @@ _ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
 
 
 class _TdpExit(Exception):
-    def __init__(self, gpa: int, error_code: int) -> None:
-        self.gpa, self.error_code = gpa, error_code
+    def __init__(self, gpa: int, error_code: int, final: bool = True) -> None:
+        self.gpa, self.error_code, self.final = gpa, error_code, final
 
 
 def ept_violation_to_pfec(qual: int, final: bool) -> int:
@@ -50,7 +50,7 @@ def ept_violation_to_pfec(qual: int, final: bool) -> int:
 class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
-    __slots__ = ("vcpu", "tlb", "mem", "counters", "ept", "tdp_ctx", "_reader")
+    __slots__ = ("vcpu", "tlb", "mem", "counters", "ept", "tdp_ctx", "_reader", "exit_final")
     two_dimensional = True
 
     def __init__(self, vcpu: Vcpu) -> None:
@@ -68,6 +68,10 @@ class TdpCpu(TlbCpu):
             self.tdp_ctx = PagingContext(f"{level}level", maxphyaddr=vm.host.maxphyaddr, nxe=True, wp=True,
                                          ad_policy="hardware")
         self._reader = _GuestTableReader(self)
+        # Whether the last exit was on the final translation (not a guest page-table access).  An EPT
+        # misconfiguration does not say so in its error code (VMX reports nothing); KVM then takes
+        # the fault address as the data's gpa, which only the kvm_deviations mode does.
+        self.exit_final = True
 
     def flush(self) -> None:
         self.tlb.clear()
@@ -86,10 +90,10 @@ class TdpCpu(TlbCpu):
             if hpa >= 0:
                 return hpa
             if hpa == PROBE_MISCONFIG:
-                raise _TdpExit(gpa, PFERR_RSVD_MASK)
+                raise _TdpExit(gpa, PFERR_RSVD_MASK, final)
             w = walk(self.tdp_ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
             if w.fault == EXIT_REASON_EPT_MISCONFIG:
-                raise _TdpExit(gpa, PFERR_RSVD_MASK)
+                raise _TdpExit(gpa, PFERR_RSVD_MASK, final)
             if w.fault == EXIT_REASON_EPT_VIOLATION:
                 raise _TdpExit(gpa, ept_violation_to_pfec(w.error_code, final))
         else:
@@ -186,6 +190,7 @@ class TdpCpu(TlbCpu):
                     gpa, acc, pkey = w.gpa, w.pte_access, w.pkey
             hpa = self.gpa_to_hpa(gpa, pfec, True)
         except _TdpExit as e:
+            self.exit_final = e.final
             return VM_EXIT, e.gpa, e.error_code
         self.tlb[vpn] = (hpa & ~0xFFF, acc, bool(write), pkey)
         return hpa, gva, 0

@@ -119,23 +119,23 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     gpa_hint = cr2_or_gpa if direct and not vcpu.mmu_is_nested else None
     out = None if write else bytearray(size)          # (a write never fills it)
     fragments: list[tuple[int, int, int]] = []      # (gpa, offset into data, length)
-    offset = 0
-    for pgva, plen in pieces:
+    # KVM's emulator_read_write translates and performs one page at a time, so when the second page
+    # faults the first has already been written (RAM, in-kernel devices).  The SDM gives a faulting
+    # access no effect; unless kvm_deviations, every page is translated before anything is done.
+    interleave = vm.kvm_deviations
+    translated: list[tuple[int, bool]] = []
+    for pgva, _plen in pieces:
         t = _gva_to_gpa(vcpu, pgva, access, gpa_hint)
         gpa_hint = None
         if t is None:
             result.fault = vcpu.take_exception()
             return                      # (or a nested exit to L1, which the caller reports)
-        gpa, is_mmio = t
-        chunk = data[offset:offset + plen] if write else b""
-        if not is_mmio and _ram_access(vcpu, gpa, plen, write, chunk, out, offset):
-            offset += plen
-            continue
-        # With no in-kernel device registered the io bus handles nothing (_iobus would return 0).
-        done = _iobus(vcpu, gpa, plen, write, chunk, out, offset) if vm.iobus.ranges else 0
-        if done < plen:
-            fragments.append((gpa + done, offset + done, plen - done))
-        offset += plen
+        translated.append(t)
+        if interleave:
+            _perform(vcpu, t, pieces, len(translated) - 1, write, data, out, fragments)
+    if not interleave:
+        for i, t in enumerate(translated):
+            _perform(vcpu, t, pieces, i, write, data, out, fragments)
     if fragments:
         vcpu.stats["mmio_exits"] += 1
         for gpa, off, length in fragments:
@@ -150,6 +150,22 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
                 pos += n
     if out is not None:
         result.value = int.from_bytes(out, "little")
+
+
+def _perform(vcpu: Vcpu, t: tuple[int, bool], pieces: tuple[tuple[int, int], ...], i: int, write: bool,
+             data: bytes, out: bytearray | None, fragments: list[tuple[int, int, int]]) -> None:
+    """Do piece i of an emulated access at its gpa: RAM, then in-kernel devices; the rest becomes
+    KVM_EXIT_MMIO fragments."""
+    gpa, is_mmio = t
+    plen = pieces[i][1]
+    offset = pieces[0][1] if i else 0
+    chunk = data[offset:offset + plen] if write else b""
+    if not is_mmio and _ram_access(vcpu, gpa, plen, write, chunk, out, offset):
+        return
+    # With no in-kernel device registered the io bus handles nothing (_iobus would return 0).
+    done = _iobus(vcpu, gpa, plen, write, chunk, out, offset) if vcpu.vm.iobus.ranges else 0
+    if done < plen:
+        fragments.append((gpa + done, offset + done, plen - done))
 
 
 def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> bool:

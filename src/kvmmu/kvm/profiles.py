@@ -80,8 +80,9 @@ class HostProfile:
 
     def make_vm(self) -> VM:
         from .vm import VM
+        # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=self.guest_maxphyaddr,
-                  guest_gbpages=self.guest_gbpages)
+                  guest_gbpages=self.guest_gbpages, kvm_deviations=True)
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)

@@ -18,6 +18,8 @@ from ..arch.bits import (
     PFERR_FETCH_MASK,
     PFERR_GUEST_PAGE_MASK,
     PFERR_IMPLICIT_ACCESS,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
     PT64_ADDR_MASK,
@@ -272,6 +274,13 @@ class Vcpu:
     # -- KVM's side of an exit -------------------------------------------------------------------
     def inject_page_fault(self, error_code: int, cr2: int) -> None:
         self.stats["pf_guest"] += 1
+        # kvm_inject_emulated_page_fault.  SDM 4.10.4.1: a #PF invalidates the TLB entries of its
+        # page, and under shadow paging KVM's sptes are part of that TLB (an unsync spte may still
+        # map it).  KVM invalidates only for P=1, non-RSVD faults (the P=0 case leaves a stale unsync
+        # spte, a guest-visible departure kept behind kvm_deviations).
+        if not self.mmu_is_nested and (not self.vm.kvm_deviations
+                                       or error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK) == PFERR_PRESENT_MASK):
+            self.mmu.invalidate_addr(cr2, current_only=True)
         self.cpu.flush_gva(cr2)              # a #PF invalidates the TLB entries for its address
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
@@ -430,10 +439,7 @@ class Vcpu:
                     result.fault = self.take_exception()
                     return result
                 if r == RET_PF_EMULATE:
-                    # A direct MMU's fault address is the data gpa only for a fault on the final
-                    # translation, not for one on a guest page-table access (GUEST_PAGE).
-                    emulate_access(self, gva, size, pfec, data, addr,
-                                   self.mmu.direct and not err & PFERR_GUEST_PAGE_MASK, result)
+                    emulate_access(self, gva, size, pfec, data, addr, self._gpa_available(err), result)
                     if self.pending_nested_exit is not None:
                         return self._nested_exit(result)
                     return result
@@ -447,6 +453,16 @@ class Vcpu:
                     raise KvmBug(f"access to {pgva:#x} faulted {_MAX_ENTRIES} times without progress")
         self._do_access(pieces, hpas, write, data, result)
         return result
+
+    def _gpa_available(self, err: int) -> bool:
+        """x86_emulate_instruction: may the emulator take a direct MMU's fault address as the gpa of
+        the data?  Mainline KVM always does; that is wrong when the fault was on a guest page-table
+        access (the address is the table's), which only kvm_deviations reproduces."""
+        if not self.mmu.direct:
+            return False
+        if self.vm.kvm_deviations:
+            return True
+        return not err & PFERR_GUEST_PAGE_MASK and getattr(self.cpu, "exit_final", True)
 
     def _do_access(self, pieces: tuple[tuple[int, int], ...], hpas: list[int], write: bool, data: bytes,
                    result: AccessResult) -> None:

@@ -33,7 +33,11 @@ class VM:
                  address_spaces: int = 2, initial_generation: int = 0, guest_maxphyaddr: int = 46,
                  guest_gbpages: bool = True, max_mmu_pages: int | None = None,
                  mmio_gen_layout: MmioGenLayout | None = None, tdp_level: int = 4,
-                 host_hugepage_level: int = 1, ept_ad: bool = True, mmio_log_size: int = 10_000) -> None:
+                 host_hugepage_level: int = 1, ept_ad: bool = True, mmio_log_size: int = 10_000,
+                 kvm_deviations: bool = False) -> None:
+        """`kvm_deviations=True` reproduces the places where KVM knowingly departs from the SDM in a way
+        a guest can see (docs/reliability.md, "Where KVM departs from the SDM"); by default the model
+        follows the SDM there, so that a guest can never tell."""
         if mmu not in MMU_FLAVOURS:
             raise InvalidArgument("mmu", mmu, f"the MMU flavour is one of {MMU_FLAVOURS}")
         if mmio_caching not in MMIO_POLICIES:
@@ -54,7 +58,10 @@ class VM:
             raise InvalidArgument("tdp_level", tdp_level, "TDP tables have 4 or 5 levels")
         if host_hugepage_level not in (1, 2, 3):
             raise InvalidArgument("host_hugepage_level", host_hugepage_level, "1 (4 KiB), 2 (2 MiB) or 3 (1 GiB)")
+        if type(kvm_deviations) is not bool:
+            raise InvalidArgument("kvm_deviations", kvm_deviations, "kvm_deviations is True or False")
         self.host = host if host is not None else Host()
+        self.kvm_deviations = kvm_deviations
         self.flavour = mmu
         self.mmio_caching = mmio_caching
         self.tdp_enabled = mmu != "shadow"

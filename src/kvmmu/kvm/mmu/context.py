@@ -116,7 +116,11 @@ class VcpuMmu:
         level = max(mode.root_level, 3)
         self.direct = nonpaging
         self.root_level = level
-        self.root_role = make_role(level, has_4_byte_gpte=mode.name == "32bit", direct=nonpaging,
+        # KVM sets root_role.efer_nx=1 for every shadow MMU (the CPU runs the guest with EFER.NX=1), so
+        # vCPUs whose EFER.NXE differ share shadow pages and one can use an spte built by a walk in
+        # which XD was not a reserved bit.  Unless asked for KVM's behaviour, the role keeps NXE.
+        efer_nx = nonpaging or not mode.has_nx or ctx.nxe or self.vm.kvm_deviations
+        self.root_role = make_role(level, has_4_byte_gpte=mode.name == "32bit", direct=nonpaging, efer_nx=efer_nx,
                                    cr0_wp=ctx.wp, smep_andnot_wp=ctx.smep and not ctx.wp,
                                    smap_andnot_wp=ctx.smap and not ctx.wp)
         hw_mode = {3: "pae", 4: "4level", 5: "5level"}[level]
@@ -391,15 +395,18 @@ class VcpuMmu:
         self.vm.trace.emit("kvm_mmu_sync_page", gfn=sp.gfn, role=sp.role)
         return flush
 
-    def invalidate_addr(self, gva: int) -> None:
-        """The MMU half of INVLPG: resync the leaf spte for gva in every root whose page is unsync."""
+    def invalidate_addr(self, gva: int, current_only: bool = False) -> None:
+        """The MMU half of INVLPG (kvm_mmu_invlpg: every root, and the MMIO cache) or, with
+        `current_only`, of an injected #PF (kvm_mmu_invalidate_addr on the current root): resync the
+        leaf spte for gva where its page is unsync."""
         from .mmio import vcpu_clear_mmio_info
         from .paging import sync_spte
-        vcpu_clear_mmio_info(self.vcpu, gva)
+        if not current_only:
+            vcpu_clear_mmio_info(self.vcpu, gva)
         if self.direct:
             return
         kvm = self.kvm
-        roots = [self.root_hpa] + [sp.hpa for _, sp in self.prev_roots]
+        roots = [self.root_hpa] if current_only else [self.root_hpa] + [sp.hpa for _, sp in self.prev_roots]
         for root in roots:
             if not root:
                 continue

@@ -1,0 +1,95 @@
+"""VM(kvm_deviations=True): the three places where KVM's behaviour departs from the SDM in a way the
+guest can see, reproduced as KVM does them.  The default (False) follows the SDM; those cases are
+the fuzzer's reproducers in tests/fuzz/test_found_bugs.py.  Expected values come from KVM's source:
+
+- arch/x86/kvm/x86.c, kvm_inject_emulated_page_fault: the faulting address is invalidated only when
+  the error code has P=1 and RSVD=0;
+- arch/x86/kvm/x86.c, emulator_read_write: a page-crossing access is translated and performed one
+  page at a time (emulator_read_write_onepage), returning at the first fault;
+- arch/x86/kvm/mmu/mmu.c, kvm_init_shadow_mmu: root_role.efer_nx is set for every shadow MMU;
+- arch/x86/kvm/x86.c, x86_emulate_instruction: with a direct MMU the fault address is always taken
+  as the data's gpa (ctxt->gpa_available), even when the fault was on a guest page-table access.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import kvmmu
+from kvmmu.arch.bits import EFER_LME
+from kvmmu.guest.pagetables import NX, RW, A, D, P
+from tests.fuzz.test_found_bugs import DATA, LONG_MODE, MMIO, Guest, pf
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_not_present_pf_from_the_emulator_keeps_an_unsync_spte_only_with_kvm_deviations(deviations: bool) -> None:
+    g = Guest("shadow", kvm_deviations=deviations)
+    pte = g.pt.map(0x40_0000, 0x50_0000, flags=P | RW | A | D)
+    g.pt.map(0x40_1000, MMIO, flags=P | RW | A | D)
+    g.vm.write_phys(0x50_0FF8, DATA.to_bytes(8, "little"))
+    g.vcpu.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
+    assert g.vcpu.access(0x40_0FF8, 8, "read").value == DATA
+    g.store(pte, 0x50_0000 | RW | A | D)             # P=0 without INVLPG: the page table goes unsync
+    g.store(pte, 0x50_0000 | RW | A | D)
+    r = g.vcpu.access(0x40_0FFC, 8, "read")          # emulated (MMIO second page): #PF(P=0) on page 1
+    assert pf(r) == 0x0 and r.fault.cr2 == 0x40_0FFC
+    r = g.vcpu.access(0x40_0FF8, 8, "read")
+    if deviations:
+        assert r.fault is None and r.value == DATA, "KVM does not invalidate for a P=0 #PF: the spte survives"
+    else:
+        assert pf(r) == 0x0, "the #PF invalidated its page (SDM 4.10.4.1)"
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_page_crossing_emulated_store_writes_its_first_page_only_with_kvm_deviations(deviations: bool) -> None:
+    g = Guest("shadow", kvm_deviations=deviations)
+    g.pt.map(0x40_0000, 0x50_0000, flags=P | RW | A | D)
+    g.pt.map(0x40_1000, MMIO, flags=P | A | D)                          # read-only MMIO page
+    g.vm.write_phys(0x50_0FFC, b"\x01\x02\x03\x04")
+    v = g.vcpu
+    v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
+    assert v.access(0x40_1000, 4, "read").exits
+    r = v.access(0x40_0FFC, 8, "write", 0xAAAAAAAA_BBBBBBBB)
+    assert pf(r) == 0x3 and r.fault.cr2 == 0x40_1000 and not r.exits
+    first = g.vm.read_phys(0x50_0FFC, 4)
+    assert first == (b"\xbb\xbb\xbb\xbb" if deviations else b"\x01\x02\x03\x04")
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_vcpus_with_different_nxe_share_shadow_pages_only_with_kvm_deviations(deviations: bool) -> None:
+    g = Guest("shadow", kvm_deviations=deviations)
+    g.pt.map(0x40_0000, 0x50_0000, flags=P | RW | A | D | NX)
+    g.vm.write_phys(0x50_0000, DATA.to_bytes(8, "little"))
+    a, b = g.vcpu, g.vm.create_vcpu()
+    a.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
+    b.set_sregs(cr3=g.pt.cr3, **{**LONG_MODE, "efer": EFER_LME})
+    assert a.access(0x40_0000, 8, "read").value == DATA
+    r = b.access(0x40_0000, 8, "read")
+    if deviations:
+        assert r.fault is None and r.value == DATA, "the NXE=0 vCPU runs on the spte the NXE=1 vCPU built"
+    else:
+        assert pf(r) == 0x9, "XD is reserved with EFER.NXE=0: #PF(P|RSVD)"
+
+
+def test_kvm_deviations_must_be_a_bool() -> None:
+    with pytest.raises(kvmmu.InvalidArgument, match="kvm_deviations"):
+        kvmmu.VM(kvm_deviations="yes")  # type: ignore[arg-type]
+
+
+def test_host_profiles_keep_kvm_deviations() -> None:
+    from kvmmu.kvm.profiles import PROFILES
+    assert all(p.make_vm().kvm_deviations for p in PROFILES.values())
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_page_table_gpa_becomes_the_data_gpa_only_with_kvm_deviations(deviations: bool) -> None:
+    g = Guest("ept", kvm_deviations=deviations)
+    g.pt.map(0x0, 0x50_0000, flags=P | RW | A | D)
+    v = g.vcpu
+    v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
+    g.vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0)   # the tables are gone
+    r = v.access(0x0, 1, "read")              # the PML4 read exits; its gpa's offset is 0, like the gva's
+    if deviations:
+        assert r.fault is None and [e.phys_addr for e in r.exits] == [g.pt.cr3], "an MMIO read of the PML4"
+    else:
+        assert pf(r) == 0x0 and not r.exits
