@@ -93,3 +93,26 @@ def test_page_table_gpa_becomes_the_data_gpa_only_with_kvm_deviations(deviations
         assert r.fault is None and [e.phys_addr for e in r.exits] == [g.pt.cr3], "an MMIO read of the PML4"
     else:
         assert pf(r) == 0x0 and not r.exits
+
+
+@pytest.mark.parametrize("mmu", ["shadow", "ept"])
+@pytest.mark.parametrize("cpl", [0, 3])
+@pytest.mark.parametrize("deviations", [False, True])
+def test_instruction_fetch_from_mmio_fails_emulation_only_with_kvm_deviations(mmu: str, cpl: int,
+                                                                            deviations: bool) -> None:
+    """x86.c: kvm_fetch_guest_virt reads guest RAM only, so emulating a fetch from MMIO fails;
+    handle_emulation_failure counts insn_emulation_fail, queues #UD and, at CPL0 outside guest mode,
+    exits to userspace with KVM_INTERNAL_ERROR_EMULATION.  The SDM has the CPU read the device."""
+    from kvmmu.guest.pagetables import US
+    g = Guest(mmu, kvm_deviations=deviations)
+    g.pt.map(0x40_0000, MMIO, flags=P | RW | US | A | D)
+    v = g.vcpu
+    v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
+    r = v.access(0x40_0000, 4, "fetch", cpl=cpl)
+    if deviations:
+        assert r.fault is not None and r.fault.vector == 6 and not r.exits
+        assert r.internal_error == ("KVM_INTERNAL_ERROR_EMULATION" if cpl == 0 else None)
+        assert v.stats["insn_emulation_fail"] == 1
+    else:
+        assert r.fault is None and [e.phys_addr for e in r.exits] == [MMIO] and r.value == 0x77
+        assert v.stats["insn_emulation_fail"] == 0

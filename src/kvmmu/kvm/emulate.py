@@ -21,6 +21,8 @@ from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 if TYPE_CHECKING:
     from .vcpu import AccessResult, Vcpu
 
+UD_VECTOR = 6
+
 APIC_DEFAULT_PHYS_BASE = 0xFEE00000
 KVM_EXIT_MMIO = 6
 _EMULATOR_ACCESS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK | PFERR_IMPLICIT_ACCESS
@@ -131,9 +133,18 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
             result.fault = vcpu.take_exception()
             return                      # (or a nested exit to L1, which the caller reports)
         translated.append(t)
-        if interleave:
+        if interleave and not access & PFERR_FETCH_MASK:
             _perform(vcpu, t, pieces, len(translated) - 1, write, data, out, fragments)
-    if not interleave:
+    if interleave and access & PFERR_FETCH_MASK and _fetch_fails(vcpu, translated):
+        # KVM's instruction fetch (kvm_fetch_guest_virt) reads RAM only: emulation fails, which
+        # queues #UD and, at CPL0 outside guest mode, exits with KVM_INTERNAL_ERROR_EMULATION.
+        from .vcpu import GuestFault
+        vcpu.stats["insn_emulation_fail"] += 1
+        result.fault = GuestFault(UD_VECTOR, 0, None)
+        if vcpu.cpl == 0 and not vcpu.mmu_is_nested:
+            result.internal_error = "KVM_INTERNAL_ERROR_EMULATION"
+        return
+    if not interleave or access & PFERR_FETCH_MASK:
         for i, t in enumerate(translated):
             _perform(vcpu, t, pieces, i, write, data, out, fragments)
     if fragments:
@@ -150,6 +161,14 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
                 pos += n
     if out is not None:
         result.value = int.from_bytes(out, "little")
+
+
+def _fetch_fails(vcpu: Vcpu, translated: list[tuple[int, bool]]) -> bool:
+    for gpa, is_mmio in translated:
+        slot = None if is_mmio else vcpu.gfn_to_memslot(gpa >> 12)
+        if slot is None or slot.invalid:
+            return True
+    return False
 
 
 def _perform(vcpu: Vcpu, t: tuple[int, bool], pieces: tuple[tuple[int, int], ...], i: int, write: bool,

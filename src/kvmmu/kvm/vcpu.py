@@ -81,10 +81,12 @@ class AccessResult:
     fault: GuestFault | None = None
     exits: list[MmioExit] = field(default_factory=list)
     l1_exit: object | None = None       # NestedExit: the access by L2 ended in a VM exit to L1
+    # KVM_EXIT_INTERNAL_ERROR's suberror when KVM gave up (kvm_deviations: a fetch from MMIO)
+    internal_error: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.fault is None
+        return self.fault is None and self.internal_error is None
 
 
 def _check_u64(name: str, value: object) -> None:
