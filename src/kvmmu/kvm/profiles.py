@@ -37,6 +37,7 @@ supervisor accesses.  These profiles are the model's prediction only: no such ho
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,12 +78,13 @@ class HostProfile:
     guest_maxphyaddr: int = 46
     guest_gbpages: bool = True
     quirks: tuple[str, ...] = field(default_factory=tuple)
+    # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
+    kvm_deviations: bool = True
 
     def make_vm(self) -> VM:
         from .vm import VM
-        # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=self.guest_maxphyaddr,
-                  guest_gbpages=self.guest_gbpages, kvm_deviations=True)
+                  guest_gbpages=self.guest_gbpages, kvm_deviations=self.kvm_deviations)
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)
@@ -160,6 +162,15 @@ class Emulator:
             raise CpuFault(PF_VECTOR, w.error_code & 0xFFFF, gva)
         return w.gpa, vcpu_is_mmio_gpa(vcpu, w.gpa)
 
+    def _translated(self, gva: int, size: int, write: bool, cpl: int,
+                    implicit: bool) -> Iterable[tuple[tuple[int, int, int], tuple[int, bool]]]:
+        """The pieces of an access with their (gpa, is_mmio).  KVM's emulator_read_write translates each
+        page just before using it (kvm_deviations); the SDM has no effect before every page translates."""
+        pieces = _pieces(gva, size)
+        if self.vm.kvm_deviations:
+            return ((p, self.translate(p[0], write, False, cpl, implicit)) for p in pieces)
+        return [(p, self.translate(p[0], write, False, cpl, implicit)) for p in pieces]
+
     def _ram(self, gpa: int, n: int, write: bool) -> int:
         """Host address of guest RAM at gpa, or -1 if no (writable) memslot is there."""
         slot = self.vcpu.gfn_to_memslot(gpa >> 12)
@@ -172,8 +183,7 @@ class Emulator:
     def read(self, gva: int, size: int, cpl: int, implicit: bool = False, on_exit: object = None) -> int:
         out = bytearray(size)
         frags: list[tuple[int, int, int]] = []
-        for pgva, off, n in _pieces(gva, size):
-            gpa, mmio = self.translate(pgva, False, False, cpl, implicit)
+        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, False, cpl, implicit):
             hva = -1 if mmio else self._ram(gpa, n, False)
             if hva >= 0:
                 out[off:off + n] = self.vm.host.mem.read_bytes(hva, n)
@@ -191,8 +201,7 @@ class Emulator:
         data = value.to_bytes(size, "little")
         frags: list[tuple[int, int, int]] = []
         vm = self.vm
-        for pgva, off, n in _pieces(gva, size):
-            gpa, mmio = self.translate(pgva, True, False, cpl, implicit)
+        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, True, cpl, implicit):
             hva = -1 if mmio else self._ram(gpa, n, True)
             if hva >= 0:
                 vm.host.mem.write_bytes(hva, data[off:off + n])

@@ -35,9 +35,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import KvmmuError, ScenarioError
+
+if TYPE_CHECKING:
+    from ..kvm.profiles import HostProfile
 from ..guest.runtime import (
     RT_LOG,
     RT_LOG_ENTRIES,
@@ -161,7 +164,7 @@ def _capture_memory(program: Program, read: Any) -> dict[int, bytes]:
 
 
 # -- the model backend ------------------------------------------------------------------------------------
-def run_model(program: Program, profile: str = "kvm-pvm", image: GuestImage | None = None) -> Observation:
+def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: GuestImage | None = None) -> Observation:
     """Run ``program`` on the model under a host profile (kvmmu.kvm.profiles)."""
     from ..hw.x86cpu import StepLimitExceeded, UnsupportedInstruction, X86Cpu
     from ..kvm.profiles import get_profile
