@@ -1,6 +1,6 @@
 """kvmmu: an executable model of the Linux KVM x86 MMU, centred on MMIO page-fault handling."""
 
-from .errors import AuditError, InvalidArgument, KvmBug, KvmmuError, MemslotError, ScenarioError
+from .errors import AuditError, HostOutOfMemory, InvalidArgument, KvmBug, KvmmuError, MemslotError, ScenarioError
 from .hw.host import Host
 from .kvm.emulate import MmioExit
 from .kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "VM", "AccessResult", "AuditError", "GuestFault", "Host",
-    "InvalidArgument", "KvmBug", "KvmmuError", "MemslotError", "MmioExit", "ScenarioError", "Vcpu",
+    "HostOutOfMemory", "InvalidArgument", "KvmBug", "KvmmuError", "MemslotError", "MmioExit", "ScenarioError", "Vcpu",
     "__version__",
 ]

@@ -24,6 +24,14 @@ class MemslotError(InvalidArgument):
         super().__init__(what, value, f"{rule} (-{errno_name})")
 
 
+class HostOutOfMemory(InvalidArgument):
+    """The host's memory_limit cannot hold KVM's own pages plus the guest pages one access needs at once.
+
+    Linux would have nothing left to reclaim and its OOM killer would kill a process (the VMM, whose
+    guest RAM is the biggest); the model stops the VM with this error instead of livelocking.
+    """
+
+
 class KvmBug(KvmmuError):
     """The model reached a state KVM would WARN about (e.g. a reserved bit in a non-MMIO spte)."""
 

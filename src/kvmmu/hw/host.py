@@ -12,13 +12,19 @@ guest pages, giving a second chance to pages whose sptes KVM reports young (acce
 `kvm_age_gfn` does), and swaps them out.  A swapped-out page keeps its contents (the model's swap
 is bookkeeping); touching it again is a swap-in.  Without a limit nothing is tracked and every page
 counts as resident, as before.
+
+Reclaim never takes a page the guest's current access is using (`reclaim`, `pin_walk`): the page
+being faulted in, and under EPT/NPT the guest's table pages the CPU's 2-D walk has already gone
+through.  When only such pages are left, the host goes over `memory_limit - reserved` by those few
+pages (they come out of `reserved`, the rest of the host) rather than livelock; if even all of
+`memory_limit` cannot hold them plus KVM's own pages, reclaim raises HostOutOfMemory.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
-from ..errors import InvalidArgument
+from ..errors import HostOutOfMemory, InvalidArgument
 from .memory import SparseMemory
 
 _VMM_BASE = 1 << 32          # first VMM process region
@@ -47,6 +53,10 @@ class Host:
         self.swapins = 0
         self.swapouts = 0
         self.second_chances = 0
+        # The host pages of the 2-D walk in flight (see pin_walk), and how often reclaim had to stop
+        # short of the limit because every page left was in use by the current access.
+        self.walk_pins: frozenset[int] = frozenset()
+        self.reclaims_short = 0
         self.maxphyaddr = maxphyaddr
         # KVM's own page tables live in the top half of host memory; VMM processes share the rest.
         self.kernel_base = 1 << (maxphyaddr - 1)
@@ -124,29 +134,71 @@ class Host:
             return 0
         return max(0, self.pages_in_use() - (self.memory_limit >> 12))
 
+    def pin_walk(self, pfns: list[int]) -> None:
+        """The CPU's 2-D walk took an exit after going through these guest pages (its table pages so
+        far): reclaim leaves them alone until the walk completes (`unpin_walk`) or another walk exits.
+
+        Why: under EPT/NPT the retried walk needs every guest table page and the data page mapped at
+        the same time.  Reclaiming one of them while KVM faults in the next one would make the walk
+        exit on it again, forever, on a host with little room.  Linux does not get there: those pages
+        were just used (the walk set their EPT/NPT accessed bits, and faulted-in pages start at the
+        young end of the LRU), and a page is never reclaimed while get_user_pages holds it.  One walk
+        is in flight at a time (the model runs one access at a time), so the latest exit's pages
+        replace the previous set; a set left by an abandoned walk is at most one walk's pages.
+        """
+        self.walk_pins = frozenset(pfns)
+
+    def unpin_walk(self) -> None:
+        """The 2-D walk completed: its pages are ordinary LRU pages again.  (A walk that ends another
+        way, in a guest fault or emulation, keeps its few pages pinned until the next walk exits or
+        completes; that only delays their reclaim.)"""
+        self.walk_pins = frozenset()
+
     def reclaim(self, keep: int | None = None) -> int:
         """Swap out least recently touched pages until the host is under its limit; returns pages reclaimed.
 
         Second chance: a page some VM's sptes say is young (accessed since the last look) has its
         accessed bits cleared (kvm_age_gfn) and moves to the young end, at most once per page per call.
+
+        In use, never reclaimed: `keep` (the page being faulted in right now; get_user_pages holds a
+        reference to it) and the pages of the 2-D walk in flight (`walk_pins`).  If only those are
+        left, the host stays over `memory_limit - reserved` until a later reclaim (they are borrowed
+        from `reserved`, the rest of the host, as Linux's global reclaim would take pages from other
+        processes and caches, or an allocation dips into the free-page reserves, rather than evict a
+        page the access is using); see `reclaims_short`.  If the host's whole `memory_limit` cannot
+        hold KVM's pages plus the pages in use, raises HostOutOfMemory: Linux's OOM killer would now
+        kill the VMM.
         """
         need = self.over_limit()
+        if not need:
+            return 0
+        pins = self.walk_pins
+        resident = self.resident
         done = 0
         looked: set[int] = set()
-        while need > 0 and len(self.resident) > 1:
-            pfn = next(iter(self.resident))
-            if pfn == keep:                  # the page being faulted in right now stays
-                self.resident.move_to_end(pfn)
-                continue
+        while need > 0:
+            # The oldest page not in use (those in use were touched last, so this scan is short).
+            pfn = next((p for p in resident if p != keep and p not in pins), None)
+            if pfn is None:
+                break
             if pfn not in looked:
                 looked.add(pfn)
                 if any(kvm_age_hva(vm, pfn << 12) for vm in self.vms):
                     self.second_chances += 1
-                    self.resident.move_to_end(pfn)
+                    resident.move_to_end(pfn)
                     continue
             self.swap_out_pages([pfn])
             need -= 1
             done += 1
+        if need > 0:
+            self.reclaims_short += 1
+            total = (self.memory_limit or 0) >> 12     # need > 0: there is a limit
+            if len(resident) + self.kernel_pages_in_use > total:
+                raise HostOutOfMemory(
+                    "host memory_limit", self.memory_limit,
+                    f"the host's {total} pages cannot hold KVM's {self.kernel_pages_in_use} kernel pages plus the "
+                    f"{len(resident)} guest pages the current access needs at once (out of memory: Linux "
+                    f"would OOM-kill the VMM)")
         return done
 
     def swap_out_pages(self, pfns: list[int]) -> int:

@@ -50,13 +50,14 @@ def ept_violation_to_pfec(qual: int, final: bool) -> int:
 class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
-    __slots__ = ("vcpu", "tlb", "mem", "counters", "ept", "tdp_ctx", "_reader", "exit_final")
+    __slots__ = ("vcpu", "tlb", "mem", "host", "counters", "ept", "tdp_ctx", "_reader", "exit_final")
     two_dimensional = True
 
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
         self.tlb: dict[int, tuple[int, int, bool, int]] = {}
         self.mem = vcpu.vm.host.mem
+        self.host = vcpu.vm.host
         self.counters = vcpu.counters
         vm = vcpu.vm
         self.ept = vm.flavour == "ept"
@@ -168,6 +169,7 @@ class TdpCpu(TlbCpu):
             del self.tlb[vpn]
         self.counters["hw_walks"] += 1
         hw_ctx = vcpu.mmu.hw_guest_ctx
+        r = None
         try:
             if hw_ctx.mode.root_level == 0:
                 gpa, acc, pkey = gva, 7, 0
@@ -181,6 +183,7 @@ class TdpCpu(TlbCpu):
                     gpa, acc, pkey = r
                 else:
                     pdptrs = vcpu.mmu.pdptrs if hw_ctx.mode.pae_pdptes else None
+                    self._reader.pages.clear()
                     w = walk(hw_ctx, self._reader, vcpu.cr3, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
                     if w.fault == 13:
                         return GP_FAULT, gva, 0
@@ -191,22 +194,57 @@ class TdpCpu(TlbCpu):
             hpa = self.gpa_to_hpa(gpa, pfec, True)
         except _TdpExit as e:
             self.exit_final = e.final
+            if self.host.memory_limit is not None:
+                # KVM will fault in the exit's page; the retried walk needs these ones still there.
+                self.host.pin_walk(self._walk_pages(gva, pfec, r))
             return VM_EXIT, e.gpa, e.error_code
+        if self.host.walk_pins:
+            self.host.unpin_walk()
         self.tlb[vpn] = (hpa & ~0xFFF, acc, bool(write), pkey)
         return hpa, gva, 0
+
+    def _walk_pages(self, gva: int, pfec: int, probed: tuple[int, int, int] | int | None) -> list[int]:
+        """Host pages of the guest tables the exiting 2-D walk got through, for Host.pin_walk.
+
+        The retried walk needs them all mapped at once, with the page KVM is about to fault in.  The
+        slow walk recorded them as it read (_GuestTableReader.pages).  A walk that probe() did (the
+        guest tables all readable, the exit on the final gpa) recorded nothing, to keep that hot path
+        free of bookkeeping; probe() only reads, so it is run again here, recording.
+        """
+        vcpu = self.vcpu
+        hw_ctx = vcpu.mmu.hw_guest_ctx
+        if hw_ctx.mode.root_level == 0:
+            return []                         # paging off: the walk reads no guest tables
+        if type(probed) is not tuple:
+            return [hpa >> 12 for hpa in self._reader.pages]
+        pages: list[int] = []
+
+        def table_hpa(gpa: int) -> int:
+            hpa = self._table_hpa(gpa)
+            if hpa >= 0:
+                pages.append(hpa >> 12)
+            return hpa
+
+        probe(hw_ctx, self.mem, vcpu.cr3, gva, pfec, vcpu.rflags & X86_EFLAGS_AC, vcpu.pkru, table_hpa)
+        return pages
 
 
 class _GuestTableReader:
     """Guest page-table accesses during a 2-D walk: each goes through KVM's TDP tables."""
 
-    __slots__ = ("cpu", "mem")
+    __slots__ = ("cpu", "mem", "pages")
 
     def __init__(self, cpu: TdpCpu) -> None:
         self.cpu = cpu
         self.mem = cpu.mem
+        # Host addresses of the table entries this walk has read so far: if the walk exits, those
+        # pages must stay resident for the retry (TdpCpu._walk_pages, Host.pin_walk).
+        self.pages: list[int] = []
 
     def read_pte(self, gpa: int, size: int) -> int:
-        return self.mem.read(self.cpu.gpa_to_hpa(gpa, 0, False), size)
+        hpa = self.cpu.gpa_to_hpa(gpa, 0, False)
+        self.pages.append(hpa)
+        return self.mem.read(hpa, size)
 
     def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
         return self.mem.cmpxchg_pte(self.cpu.gpa_to_hpa(gpa, PFERR_WRITE_MASK, False), size, old, new)
