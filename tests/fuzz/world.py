@@ -742,6 +742,13 @@ class World:
                                       f"{'x' if t.x else '-'}" for t in cands) or "none"
                     self.fail(f"vcpu{vi}'s TLB maps page {gva:#x} to gpa {gpa:#x} with access {acc:03b}; "
                               f"the guest's translations allow only [{shown}]")
+            # A TDP CPU's cached guest-physical mappings: each one is what the memslot map says now.
+            for gfn, hpa in getattr(v.cpu, "gpa_cache", {}).items():
+                gpa = gfn << 12
+                slot = next((s for s in phys.slots.values() if s.gpa <= gpa < s.gpa + s.size), None)
+                if slot is None or slot.hva + (gpa - slot.gpa) != hpa:
+                    where = "no memslot" if slot is None else f"slot {slot.id} at {slot.hva + (gpa - slot.gpa):#x}"
+                    self.fail(f"vcpu{vi} caches gpa {gpa:#x} at host address {hpa:#x}; the memslot map says {where}")
 
 
 def _spans(addrs: set[int]) -> list[tuple[int, int]]:

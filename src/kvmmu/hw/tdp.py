@@ -50,12 +50,15 @@ def ept_violation_to_pfec(qual: int, final: bool) -> int:
 class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
-    __slots__ = ("vcpu", "tlb", "mem", "host", "counters", "ept", "tdp_ctx", "_reader", "exit_final")
+    __slots__ = ("vcpu", "tlb", "gpa_cache", "mem", "host", "counters", "ept", "tdp_ctx", "_reader", "exit_final")
     two_dimensional = True
 
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
         self.tlb: dict[int, tuple[int, int, bool, int]] = {}
+        # Guest-physical mappings of guest page-table pages, for reads (SDM Vol. 3C 29.4: a CPU may
+        # cache EPT translations; KVM flushes after changing a TDP spte, and flush() drops them).
+        self.gpa_cache: dict[int, int] = {}
         self.mem = vcpu.vm.host.mem
         self.host = vcpu.vm.host
         self.counters = vcpu.counters
@@ -76,6 +79,7 @@ class TdpCpu(TlbCpu):
 
     def flush(self) -> None:
         self.tlb.clear()
+        self.gpa_cache.clear()
 
     def flush_gva(self, gva: int) -> None:
         # The guest's translation may be a 2 MiB or 1 GiB page cached here as 4 KiB pieces; INVLPG
@@ -113,11 +117,18 @@ class TdpCpu(TlbCpu):
     def _table_hpa(self, gpa: int) -> int:
         """Where a guest page-table entry is in host memory, if reading it through KVM's tables
         takes no exit and sets no A/D bit (gpa_to_hpa(gpa, 0, False) would only read); else -1."""
+        page = self.gpa_cache.get(gpa >> 12)
+        if page is not None:
+            return page | (gpa & 0xFFF)
         vcpu = self.vcpu
         if self.ept:
-            return probe_ept(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, 0)
-        r = probe(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, PFERR_USER_MASK)
-        return r[0] if type(r) is tuple else -1
+            hpa = probe_ept(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, 0)
+        else:
+            r = probe(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, PFERR_USER_MASK)
+            hpa = r[0] if type(r) is tuple else -1
+        if hpa >= 0:
+            self.gpa_cache[gpa >> 12] = hpa & ~0xFFF
+        return hpa
 
     def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int:
         """translate() on a TLB miss whose 2-D walk only reads and allows the access: the walk is

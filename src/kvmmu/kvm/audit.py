@@ -137,3 +137,11 @@ def _check_tlbs(vm: VM) -> None:
             page = entry[0] >> 12
             if not any(lo <= page < hi for lo, hi in ranges):
                 _fail(f"vcpu{v.id}'s TLB maps page {vpn:#x} to host frame {page:#x}, outside the VM's memslots")
+        # The CPU's cached guest-physical mappings (TDP): each is the memslot's own page for that gfn.
+        for gfn, hpa in getattr(v.cpu, "gpa_cache", {}).items():
+            slot = None if v.mmu_is_nested else vm.memslots.spaces[v.as_id].search(gfn)
+            if v.mmu_is_nested:
+                if not any(lo <= hpa >> 12 < hi for lo, hi in ranges):
+                    _fail(f"vcpu{v.id} caches L2 gfn {gfn:#x} at host frame {hpa >> 12:#x}, outside the VM's memslots")
+            elif slot is None or slot.invalid or slot.gfn_to_hva(gfn) != hpa:
+                _fail(f"vcpu{v.id} caches gfn {gfn:#x} at host address {hpa:#x}, not where its memslot maps it")
