@@ -44,6 +44,7 @@ def vcpu_state(v: kvmmu.Vcpu) -> dict[str, object]:
         "pdptrs": tuple(v.mmu.pdptrs),
         "root": (v.mmu.root_hpa, v.mmu.root_role, tuple((p, sp.hpa) for p, sp in v.mmu.prev_roots)),
         "tlb": dict(v.cpu.tlb),
+        "gpa_cache": dict(getattr(v.cpu, "gpa_cache", {})),
         "mmio_cache": (v.mmio_gva, v.mmio_gfn, v.mmio_access, v.mmio_gen),
         "stats": dict(v.stats.snapshot()),
         "requests": frozenset(v.requests),

@@ -113,3 +113,25 @@ def test_every_32_bit_pkru_is_accepted(pkru: int) -> None:
     _vm, vcpu, _pt = running_vm("shadow")
     vcpu.set_sregs(pkru=pkru)
     assert vcpu.pkru == pkru
+
+
+@pytest.mark.parametrize("mmu", ["shadow", "ept"])
+@pytest.mark.parametrize("reg, value, mentions", [
+    ("cr0", (1 << 32) | 0x8001_0011, "63:32"),                 # SDM 2.5: CR0[63:32] reserved
+    ("cr0", 0x8000_0000, "CR0.PE"),                            # PG without PE
+    ("cr0", 0x2000_0011 | 0x8000_0000, "CR0.CD"),              # NW without CD
+    ("cr4", 0x20 | (1 << 15), "reserved CR4"),                 # bit 15 is reserved
+    ("cr4", 0x20 | (1 << 40), "reserved CR4"),
+    ("efer", 0x900 | (1 << 1), "reserved EFER"),               # EFER bit 1 is reserved
+])
+def test_reserved_control_register_bits_are_a_gp_and_change_nothing(mmu: str, reg: str, value: int,
+                                                                   mentions: str) -> None:
+    """MOV to CR0/CR4 and WRMSR(EFER) with a reserved bit or an invalid combination #GP (SDM Vol. 3A
+    2.5 / 2.2.1); kvmmu raises InvalidArgument for the guest's write and for KVM_SET_SREGS alike."""
+    vm, vcpu, _ = running_vm(mmu)
+    for op in (lambda: getattr(vcpu, f"write_{reg}")(value), lambda: vcpu.set_sregs(**{reg: value})):
+        before = vm_state(vm)
+        with pytest.raises(kvmmu.InvalidArgument, match=mentions) as e:
+            op()
+        assert_names(e.value, reg, value)
+        assert_unchanged(before, vm_state(vm), f"{reg}={value:#x}")

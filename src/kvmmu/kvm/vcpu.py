@@ -25,6 +25,7 @@ from ..arch.bits import (
     PT64_ADDR_MASK,
     X86_CR0_CD,
     X86_CR0_NW,
+    X86_CR0_PE,
     X86_CR0_PG,
     X86_CR0_WP,
     X86_CR4_LA57,
@@ -59,6 +60,12 @@ _EFER_ROLE_BITS = EFER_NX | EFER_LMA
 _CR0_PDPTR_BITS = X86_CR0_CD | X86_CR0_NW | X86_CR0_PG
 _CR4_PDPTR_BITS = X86_CR4_PGE | X86_CR4_PSE | X86_CR4_PAE | X86_CR4_SMEP
 _MAX_ENTRIES = 64
+_CR0_RESERVED = ~((1 << 32) - 1) & ((1 << 64) - 1)
+# Defined CR4 bits: 0-14 (VME .. SMXE), 16-25 (FSGSBASE .. UINTR), 28 (LAM_SUP).
+_CR4_RESERVED = ((1 << 64) - 1) & ~(((1 << 15) - 1) | (((1 << 10) - 1) << 16) | (1 << 28))
+# Defined EFER bits: SCE, LME, LMA, NXE, SVME, LMSLE, FFXSR, TCE, AUTOIBRS.
+_EFER_RESERVED = ((1 << 64) - 1) & ~((1 << 0) | (1 << 8) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 13)
+                                     | (1 << 14) | (1 << 15) | (1 << 21))
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,20 @@ class AccessResult:
     @property
     def ok(self) -> bool:
         return self.fault is None and self.internal_error is None
+
+
+def _check_control(regs: dict[str, int]) -> None:
+    """The #GP conditions of MOV to CR0/CR4 and WRMSR(EFER) (SDM Vol. 3A 2.5; KVM's kvm_is_valid_cr0 /
+    kvm_is_valid_cr4 / efer_reserved_bits, which KVM_SET_SREGS applies too)."""
+    for name, rsvd, what in (("cr0", _CR0_RESERVED, "CR0 bits 63:32"), ("cr4", _CR4_RESERVED, "reserved CR4 bits"),
+                             ("efer", _EFER_RESERVED, "reserved EFER bits")):
+        if regs[name] & rsvd:
+            raise InvalidArgument(name, regs[name], f"{what} must be 0 ({regs[name] & rsvd:#x} set: #GP)")
+    cr0 = regs["cr0"]
+    if cr0 & X86_CR0_PG and not cr0 & X86_CR0_PE:
+        raise InvalidArgument("cr0", cr0, "CR0.PG needs CR0.PE (#GP)")
+    if cr0 & X86_CR0_NW and not cr0 & X86_CR0_CD:
+        raise InvalidArgument("cr0", cr0, "CR0.NW needs CR0.CD (#GP)")
 
 
 def _check_u64(name: str, value: object) -> None:
@@ -161,6 +182,7 @@ class Vcpu:
         for name, value in new.items():
             if not isinstance(value, int) or value < 0 or value >> 64:
                 raise InvalidArgument(name, value, "control registers are unsigned 64-bit integers")
+        _check_control(new)
         efer_v = new["efer"]
         if new["cr0"] & X86_CR0_PG and efer_v & EFER_LME:
             if not new["cr4"] & X86_CR4_PAE:
@@ -205,26 +227,26 @@ class Vcpu:
     # when a role bit changes (KVM_MMU_CR0_ROLE_BITS / KVM_MMU_CR4_ROLE_BITS / EFER).
     def write_cr0(self, value: int) -> None:
         _check_u64("cr0", value)
-        self._exit()
         self._write_control("cr0", self.cr0, value, _CR0_PDPTR_BITS, _CR0_ROLE_BITS)
 
     def write_cr4(self, value: int) -> None:
         _check_u64("cr4", value)
-        self._exit()
         self._write_control("cr4", self.cr4, value, _CR4_PDPTR_BITS, _CR4_ROLE_BITS)
 
     def write_efer(self, value: int) -> None:
         _check_u64("efer", value)
-        self._exit()
         self._write_control("efer", self.efer, value, 0, _EFER_ROLE_BITS | EFER_LME)
 
     def _write_control(self, name: str, old: int, value: int, pdptr_bits: int, role_bits: int) -> None:
+        # A refused write (the guest's #GP) raises before anything changes, its exit included.
+        _check_control({"cr0": self.cr0, "cr4": self.cr4, "efer": self.efer, name: value})
         changed = old ^ value
         if changed & (pdptr_bits | role_bits):
             self._set_control(**{"cr0": None, "cr3": None, "cr4": None, "efer": None, name: value},
                               reload_pdptrs=bool(changed & pdptr_bits))
         else:
             setattr(self, name, value)
+        self._exit()
         if name == "cr4" and changed & X86_CR4_PGE:
             self.cpu.flush()                 # MOV to CR4 changing PGE flushes global entries too
 
