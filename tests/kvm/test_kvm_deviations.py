@@ -116,3 +116,4 @@ def test_instruction_fetch_from_mmio_fails_emulation_only_with_kvm_deviations(mm
     else:
         assert r.fault is None and [e.phys_addr for e in r.exits] == [MMIO] and r.value == 0x77
         assert v.stats["insn_emulation_fail"] == 0
+

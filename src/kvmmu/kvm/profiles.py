@@ -126,14 +126,6 @@ def get_profile(name: str | HostProfile) -> HostProfile:
     return PROFILES[name]
 
 
-def _without_exit_count(vcpu: Vcpu, fn: object, *args: int) -> None:
-    """Run a vCPU method that models a VMX intercept (it counts an exit) for an *emulated*
-    instruction, which does not exit.  Stop-gap until vcpu.write_cr3/invlpg take `exit=False`."""
-    before = vcpu.stats["exits"]
-    fn(*args)  # type: ignore[operator]
-    vcpu.stats["exits"] = before
-
-
 class Emulator:
     """The memory side of KVM's x86 emulator (emulator_read_write, kvm_fetch_guest_virt, the
     kvm_{read,write}_guest_virt_system accesses of event delivery) over the model's vCPU."""
@@ -491,7 +483,7 @@ class PvmBus(ModelBus):
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
         vcpu = self.vcpu
         fn = {0: vcpu.write_cr0, 3: vcpu.write_cr3, 4: vcpu.write_cr4}[cr]
-        _without_exit_count(vcpu, fn, value)
+        fn(value, exit=False)          # an emulated MOV CR takes no exit of its own
         if not vcpu.mmu.root_valid:
             self._end_entry()       # no usable root (a new CR3, a new role): loaded at the next entry
 
@@ -525,7 +517,7 @@ class PvmBus(ModelBus):
         raise CpuFault(UD)
 
     def invlpg(self, cpu: X86Cpu, gva: int) -> None:
-        _without_exit_count(self.vcpu, self.vcpu.invlpg, gva)
+        self.vcpu.invlpg(gva, exit=False)
 
     def halt(self, cpu: X86Cpu) -> None:
         self.in_entry = False

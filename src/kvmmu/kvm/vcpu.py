@@ -222,22 +222,23 @@ class Vcpu:
         self.cpu.flush()
 
     # -- guest-side control-register writes (intercepted under shadow paging) -----------------------
+    # `exit=False`: the write is made by an instruction KVM is already emulating, which takes no exit.
     # SDM Vol. 3A 4.4.1 (KVM's X86_CR0_PDPTR_BITS / X86_CR4_PDPTR_BITS): with PAE paging, MOV to CR0
     # or CR4 reloads the PDPTEs only when it changes one of these bits; the MMU role is reset only
     # when a role bit changes (KVM_MMU_CR0_ROLE_BITS / KVM_MMU_CR4_ROLE_BITS / EFER).
-    def write_cr0(self, value: int) -> None:
+    def write_cr0(self, value: int, exit: bool = True) -> None:
         _check_u64("cr0", value)
-        self._write_control("cr0", self.cr0, value, _CR0_PDPTR_BITS, _CR0_ROLE_BITS)
+        self._write_control("cr0", self.cr0, value, _CR0_PDPTR_BITS, _CR0_ROLE_BITS, exit)
 
-    def write_cr4(self, value: int) -> None:
+    def write_cr4(self, value: int, exit: bool = True) -> None:
         _check_u64("cr4", value)
-        self._write_control("cr4", self.cr4, value, _CR4_PDPTR_BITS, _CR4_ROLE_BITS)
+        self._write_control("cr4", self.cr4, value, _CR4_PDPTR_BITS, _CR4_ROLE_BITS, exit)
 
-    def write_efer(self, value: int) -> None:
+    def write_efer(self, value: int, exit: bool = True) -> None:
         _check_u64("efer", value)
-        self._write_control("efer", self.efer, value, 0, _EFER_ROLE_BITS | EFER_LME)
+        self._write_control("efer", self.efer, value, 0, _EFER_ROLE_BITS | EFER_LME, exit)
 
-    def _write_control(self, name: str, old: int, value: int, pdptr_bits: int, role_bits: int) -> None:
+    def _write_control(self, name: str, old: int, value: int, pdptr_bits: int, role_bits: int, exit: bool) -> None:
         # A refused write (the guest's #GP) raises before anything changes, its exit included.
         _check_control({"cr0": self.cr0, "cr4": self.cr4, "efer": self.efer, name: value})
         changed = old ^ value
@@ -246,11 +247,12 @@ class Vcpu:
                               reload_pdptrs=bool(changed & pdptr_bits))
         else:
             setattr(self, name, value)
-        self._exit()
+        if exit:
+            self._exit()
         if name == "cr4" and changed & X86_CR4_PGE:
             self.cpu.flush()                 # MOV to CR4 changing PGE flushes global entries too
 
-    def write_cr3(self, value: int, flush: bool = True) -> None:
+    def write_cr3(self, value: int, flush: bool = True, exit: bool = True) -> None:
         """MOV to CR3 (kvm_set_cr3): reuse a cached root if one matches, resync, flush the TLB."""
         if not isinstance(value, int) or value < 0 or value >> 64:
             raise InvalidArgument("cr3", value, "CR3 is an unsigned 64-bit register")
@@ -264,7 +266,8 @@ class Vcpu:
             if flush:
                 self.cpu.flush()
             return
-        self._exit()
+        if exit:
+            self._exit()
         if pae_legacy:
             self.mmu.pdptrs = self._load_pdptrs(value)
         if value != self.cr3:
@@ -279,14 +282,15 @@ class Vcpu:
             self.requests.add("KVM_REQ_TLB_FLUSH_CURRENT")
         self.vm.trace.emit("kvm_cr3", cr3=value, reused=self.mmu.root_hpa != 0)
 
-    def invlpg(self, gva: int) -> None:
+    def invlpg(self, gva: int, exit: bool = True) -> None:
         """INVLPG: under shadow paging KVM intercepts it and resyncs the spte if its page is unsync."""
         if not isinstance(gva, int) or gva < 0 or gva >> 64:
             raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
         if self.vm.tdp_enabled:
             self.cpu.flush_gva(gva)          # not intercepted with TDP: the CPU handles it
             return
-        self._exit()
+        if exit:
+            self._exit()
         self.stats["invlpg"] += 1
         self.cpu.flush_gva(gva)
         self.mmu.invalidate_addr(gva)
