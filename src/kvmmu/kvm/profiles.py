@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import VM
 
+X86_EFLAGS_RF = 1 << 16
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 
@@ -75,6 +76,9 @@ class HostProfile:
     emul_batch: int | None = None  # kvm_pvm.pvm_emul_batch: instructions per emulation entry
     iret_fails_emulation: bool = False
     gp_at_cpl3_emulated: bool = False
+    # An emulation failure (e.g. an instruction fetch from MMIO) exits to userspace at every CPL, not
+    # only at CPL0 as upstream's handle_emulation_failure does (measured: fetch_from_mmio_cpl3).
+    emulation_failure_exits: bool = False
     guest_maxphyaddr: int = 46
     guest_gbpages: bool = True
     quirks: tuple[str, ...] = field(default_factory=tuple)
@@ -97,6 +101,7 @@ PROFILES: dict[str, HostProfile] = {
                 "mmio_caching=N",
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
         iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=48, guest_gbpages=False,
+        emulation_failure_exits=True,
         quirks=(
             "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",
             "no A bit on a walk that ends in a fault (KVM's software walker at every ring)",
@@ -108,6 +113,7 @@ PROFILES: dict[str, HostProfile] = {
             "KVM_TRANSLATE sets A bits and reports writeable=1/usermode=0",
             "IRETQ in the emulator counts insn_emulation_fail and ends the emulation batch",
             "pvm_emul_batch=1024 instructions per emulation entry (exits)",
+            "an emulation failure at CPL3 (fetch from MMIO) exits with KVM_EXIT_INTERNAL_ERROR",
         )),
     "vmx-ept": HostProfile(
         name="vmx-ept", summary="plain KVM on VMX with EPT and today's MMIO caching; every ring native",
@@ -299,7 +305,16 @@ class ModelBus:
     def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
         vcpu = self.vcpu
         before = self.stats["insn_emulation"]
+        failed = self.stats["insn_emulation_fail"]
         r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
+        if r.internal_error is not None or (self.profile.emulation_failure_exits
+                                            and self.stats["insn_emulation_fail"] != failed):
+            self._userspace_exit()              # KVM_EXIT_INTERNAL_ERROR ends the entry
+            if self.cpu is not None and not self.emulating:
+                # The CPU took a fault-class VM exit on this instruction: the saved RFLAGS has RF set
+                # (SDM Vol. 3C 28.3.3; measured: fetch_from_mmio_cpl3 stops with RFLAGS 0x10202).
+                self.cpu.rflags |= X86_EFLAGS_RF
+            raise Stop("internal_error", f"KVM could not emulate the {kind} at gva {gva:#x}")
         if r.fault is not None:
             raise _fault(r.fault.vector, r.fault.error_code, r.fault.cr2)
         if self.stats["insn_emulation"] != before:
