@@ -389,3 +389,23 @@ def test_tdp_guest_makes_progress_under_host_memory_pressure(mmu: str) -> None:
     vcpu = vm.create_vcpu()
     vcpu.set_sregs(cr3=pt.cr3, **LONG_MODE)
     assert vcpu.access(0x40_0000, 8, "read").value == DATA
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. KVM's own reads of guest memory under mmu_lock.
+def test_resync_of_an_unsync_spte_never_swaps_in_under_the_mmu_lock() -> None:
+    """KVM re-reads a gpte of an unsync page with kvm_vcpu_read_guest_atomic under mmu_lock
+    (FNAME(sync_spte)): a host page that is not resident is a failed read, never a swap-in.  The
+    model swapped the table page in, whose reclaim ran the MMU notifier, which dropped the very
+    spte being resynced; the resync then wrote it back from its stale copy, present but with no
+    rmap entry (vm.audit: "gfn ... is mapped but has no rmap entry").  Found by the fuzzer on a host
+    with 16 free pages; these are its minimised steps (the state machine is deterministic)."""
+    from tests.fuzz.machine import machine_for
+    state = machine_for("shadow", "off")()
+    state.setup(mode="5level", near_wrap=False, b_policy="off", seed=750, b_flavour="npt", b_mode="4level",
+                host_pages=16, quota=None)
+    state.access(cpl=1, implicit=False, kind="fetch", off=2048, size=16, value=943, vi=1, where=255, wi=1)
+    state.access(cpl=0, implicit=False, kind="read", off=4080, size=4, value=1, vi=1, where=204, wi=0)
+    state.cpu_control(arg=4, op="pge", vi=1, wi=0)
+    state.access(cpl=3, implicit=False, kind="fetch", off=8, size=1, value=18842, vi=1, where=29, wi=0)
+    state.mmu_is_healthy()

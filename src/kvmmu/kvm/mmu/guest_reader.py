@@ -49,6 +49,23 @@ class GuestPteReader:
             return -1
         return self.mem.read(hva, size)
 
+    def read_pte_atomic(self, gpa: int, size: int) -> int:
+        """kvm_vcpu_read_guest_atomic, as KVM reads gptes under mmu_lock (FNAME(sync_spte)): a host
+        page that is not resident is a failed read (-1), never a swap-in, so no MMU notifier can
+        run in the middle of the caller."""
+        self.counters["guest_pte_reads"] += 1
+        c = self.counters
+        c["memslot_lookups"] += 1
+        before = self.memslots.searches
+        slot = self.memslots.gfn_to_memslot(gpa >> 12, self.as_id, self.hint)
+        c["memslot_searches"] += self.memslots.searches - before
+        if slot is None or slot.invalid:
+            return -1
+        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+        if not self.vm.host_resident(hva):
+            return -1
+        return self.mem.read(hva, size)
+
     def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
         hva = self._hva(gpa, True)
         if hva == -2:

@@ -219,7 +219,7 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
     if not spte & SPTE_MMU_PRESENT_MASK and not mmio:
         return 0
     size = mmu.gfmt.esize
-    gpte = mmu.vcpu.pte_reader.read_pte(_first_gpte_gpa(mmu, sp) + i * size, size)
+    gpte = mmu.vcpu.pte_reader.read_pte_atomic(_first_gpte_gpa(mmu, sp) + i * size, size)
     if gpte < 0:
         return -1
     if _prefetch_invalid_gpte(mmu, gpte):
