@@ -284,6 +284,22 @@ def test_mmio_access_respects_pkru() -> None:
     assert pf(r) == 0x25 and not r.exits, f"expected #PF(P|U|PK = 0x25), no exit; got {r}"
 
 
+@pytest.mark.parametrize("policy", ["zap", "generation"])
+def test_write_to_an_mmio_page_sets_the_dirty_bit_with_cr0_wp_clear(policy: str) -> None:
+    """SDM Vol. 3A 4.8: a write through a paging entry sets its D bit, whatever CR0.WP.  A read of an
+    MMIO page caches its rights without W (its PTE is clean: protect_clean_gpte); with CR0.WP=0 the
+    following supervisor write passed the emulator's check of those rights and never walked, so D
+    stayed 0.  Found by the fuzzer (PAE guest, write to the APIC page)."""
+    g = Guest("shadow", mmio_caching=policy)
+    pte = g.pt.map(0x40_0000, MMIO, flags=P | RW | A)
+    v = g.vcpu
+    v.set_sregs(cr3=g.pt.cr3, **{**LONG_MODE, "cr0": LONG_MODE["cr0"] & ~X86_CR0_WP})
+    assert v.access(0x40_0000, 4, "read").exits
+    r = v.access(0x40_0008, 4, "write", 5)
+    assert r.fault is None and [e.phys_addr for e in r.exits] == [MMIO + 8]
+    assert int.from_bytes(g.vm.read_phys(pte, 8), "little") & D, "the write did not set the PTE's D bit"
+
+
 @pytest.mark.parametrize("mmu", ["shadow", "ept", "npt"])
 def test_page_crossing_fetch_fault_reports_the_fetch(mmu: str) -> None:
     """SDM Vol. 3A 4.7: the #PF error code of an instruction fetch has I/D set (with EFER.NXE or

@@ -7,6 +7,9 @@ the fuzzer's reproducers in tests/fuzz/test_found_bugs.py.  Expected values come
 - arch/x86/kvm/x86.c, emulator_read_write: a page-crossing access is translated and performed one
   page at a time (emulator_read_write_onepage), returning at the first fault;
 - arch/x86/kvm/mmu/mmu.c, kvm_init_shadow_mmu: root_role.efer_nx is set for every shadow MMU;
+- arch/x86/kvm/x86.c, vcpu_mmio_gva_to_gpa: the MMIO gva cache answers any access its cached rights
+  allow, and a read caches the rights of a clean PTE without W (protect_clean_gpte), so a CR0.WP=0
+  supervisor write through it never walks and never sets D;
 - arch/x86/kvm/x86.c, x86_emulate_instruction: with a direct MMU the fault address is always taken
   as the data's gpa (ctxt->gpa_available), even when the fault was on a guest page-table access.
 """
@@ -117,3 +120,18 @@ def test_instruction_fetch_from_mmio_fails_emulation_only_with_kvm_deviations(mm
         assert r.fault is None and [e.phys_addr for e in r.exits] == [MMIO] and r.value == 0x77
         assert v.stats["insn_emulation_fail"] == 0
 
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_mmio_write_after_a_read_sets_d_only_without_kvm_deviations(deviations: bool) -> None:
+    from kvmmu.arch.bits import X86_CR0_WP
+    g = Guest("shadow", kvm_deviations=deviations)
+    pte = g.pt.map(0x40_0000, MMIO, flags=P | RW | A)
+    v = g.vcpu
+    v.set_sregs(cr3=g.pt.cr3, **{**LONG_MODE, "cr0": LONG_MODE["cr0"] & ~X86_CR0_WP})
+    assert v.access(0x40_0000, 4, "read").exits
+    walks = v.counters["guest_walks"]
+    assert v.access(0x40_0008, 4, "write", 5).exits
+    dirty = bool(int.from_bytes(g.vm.read_phys(pte, 8), "little") & D)
+    assert dirty is not deviations
+    assert (v.counters["guest_walks"] == walks) is deviations, "KVM answers from the MMIO cache, no walk"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..arch.bits import (
     ACC_USER_MASK,
+    ACC_WRITE_MASK,
     PFERR_FETCH_MASK,
     PFERR_IMPLICIT_ACCESS,
     PFERR_RSVD_MASK,
@@ -64,6 +65,11 @@ def cached_mmio_gpa(vcpu: Vcpu, gva: int, access: int) -> int | None:
     ctx = vcpu.mmu.cpu_role
     if ctx.mode.root_level:
         if ctx.pkeys_active and vcpu.mmio_access & ACC_USER_MASK:
+            return None
+        if access & PFERR_WRITE_MASK and not vcpu.mmio_access & ACC_WRITE_MASK and not vcpu.vm.kvm_deviations:
+            # The cached rights of a page first reached by a read lack W when its PTE is clean
+            # (protect_clean_gpte).  With CR0.WP=0 a supervisor write passes KVM's check anyway and
+            # never walks, so the PTE's D bit is never set; the SDM sets it.  Walk instead.
             return None
         idx = ((access & (PFERR_WRITE_MASK | PFERR_USER_MASK)) | (PFERR_RSVD_MASK if vcpu.ac else 0)) >> 1
         if (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
