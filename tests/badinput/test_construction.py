@@ -83,8 +83,8 @@ BAD_VMM_CALLS = [
      (1 << 64) - 2),
     ("io-device-str", lambda vm: vm.register_io_device("0xfee00000", 4, object()), "io device range",
      "0xfee00000"),
-    ("coalesced-negative-size", lambda vm: vm.register_coalesced_mmio(0xD000_0000, -1), "io device range",
-     0xD000_0000),
+    ("coalesced-negative-size", lambda vm: vm.register_coalesced_mmio(0xD000_0000, -1), "io device range", -1),
+    ("coalesced-str", lambda vm: vm.register_coalesced_mmio("0xd0000000", 8), "io device range", "0xd0000000"),
 ]
 
 

@@ -28,15 +28,23 @@ class GuestPageTables:
     """One address space's tables: tables are taken from [pool, pool_end) one 4 KiB page at a time."""
 
     def __init__(self, mode: str, write: Writer, read: Reader, pool: int, pool_end: int | None = None) -> None:
-        if mode not in _LEVELS:
+        if not isinstance(mode, str) or mode not in _LEVELS:
             raise InvalidArgument("mode", mode, f"guest paging modes are {sorted(_LEVELS)}")
+        if not callable(write) or not callable(read):
+            raise InvalidArgument("write/read", (write, read), "the table writer and reader are callables")
+        # 32-bit entries and a 32-bit CR3 (also PAE's) hold only addresses below 4 GiB.
+        top = 1 << 32 if mode in ("32bit", "pae") else 1 << 52
+        if type(pool) is not int or pool < 0 or pool & 0xFFF or pool >= top:
+            raise InvalidArgument("pool", pool, f"the table pool starts at a page-aligned gpa below {top:#x}")
+        if pool_end is not None and (type(pool_end) is not int or not pool <= pool_end <= top):
+            raise InvalidArgument("pool_end", pool_end, f"the table pool ends between pool ({pool:#x}) and {top:#x}")
         self.mode = mode
         self.levels = _LEVELS[mode]
         self.esize = 4 if mode == "32bit" else 8
         self.bits = 10 if mode == "32bit" else 9
         self.write, self.read = write, read
         self.next = pool
-        self.pool_end = pool_end if pool_end is not None else pool + (64 << 20)
+        self.pool_end = pool_end if pool_end is not None else min(pool + (64 << 20), top)
         self.tables: list[int] = []
         self.ept = mode.startswith("ept")
         self.present = EPT_RWX if self.ept else P
@@ -63,8 +71,28 @@ class GuestPageTables:
             return (gva >> 30) & 3
         return (gva >> (12 + self.bits * (level - 1))) & ((1 << self.bits) - 1)
 
+    def _check_gva(self, gva: object) -> None:
+        """gva is an address this mode translates: 32 bits for 32-bit and PAE paging, canonical for
+        4- and 5-level paging, below 2^48 / 2^57 for EPT (a guest-physical address)."""
+        bits = {2: 32, 3: 32, 4: 48, 5: 57}[self.levels]
+        if type(gva) is not int or gva < 0 or gva >> 64:
+            raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
+        if bits == 32 or self.ept:
+            if gva >> bits:
+                raise InvalidArgument("gva", gva, f"{self.mode} tables translate {bits}-bit addresses")
+        elif (gva >> (bits - 1)) not in (0, (1 << (65 - bits)) - 1):
+            raise InvalidArgument("gva", gva, f"{self.mode} tables translate canonical {bits}-bit addresses")
+
+    def _check_entry_bits(self, name: str, value: object) -> None:
+        if value is not None and (type(value) is not int or value < 0 or value >> (8 * self.esize)):
+            raise InvalidArgument(name, value, f"{self.mode} entries are {8 * self.esize}-bit integers")
+
     def entry_addr(self, gva: int, level: int, create: bool = True, upper: int | None = None) -> int:
         """Guest-physical address of the entry that maps gva at `level` (tables created on the way)."""
+        self._check_gva(gva)
+        if type(level) is not int or not 1 <= level <= self.levels:
+            raise InvalidArgument("level", level, f"{self.mode} tables have levels 1 to {self.levels}")
+        self._check_entry_bits("upper", upper)
         if upper is None:
             upper = EPT_RWX if self.ept else P | RW | US
         table = self.root
@@ -84,13 +112,9 @@ class GuestPageTables:
     def map(self, gva: int, gpa: int, page_size: int = 4096, flags: int | None = None, *,
             upper: int | None = None, pkey: int = 0) -> int:
         """Map one page; returns the address of its leaf entry (EPT: flags default to RWX, WB)."""
+        level = self._check_map(gva, gpa, page_size, flags, upper, pkey)
         if flags is None:
             flags = EPT_RWX | EPT_WB if self.ept else P | RW | US
-        level = _PAGE_LEVEL.get(page_size)
-        if level is None or (page_size == 4 << 20) != (self.mode == "32bit" and level == 2) and level == 2:
-            raise InvalidArgument("page_size", page_size, f"{self.mode} paging has no such page size")
-        if gpa % page_size or gva % page_size:
-            raise InvalidArgument("gpa", gpa, f"a {page_size}-byte page must be aligned to its size")
         value = gpa | flags | (PS if level > 1 else 0) | (pkey << 59)
         if self.mode == "32bit" and level == 2:
             value = (gpa & 0xFFC00000) | (((gpa >> 32) & 0xF) << 13) | flags | PS
@@ -98,7 +122,37 @@ class GuestPageTables:
         self.write(addr, self.esize, value)
         return addr
 
+    def _check_map(self, gva: object, gpa: object, page_size: object, flags: object, upper: object,
+                   pkey: object) -> int:
+        """Every argument of map() before anything is written; returns the leaf level."""
+        level = _PAGE_LEVEL.get(page_size) if type(page_size) is int else None
+        if level is None or (page_size == 4 << 20) != (self.mode == "32bit" and level == 2) and level == 2 \
+                or level > self.levels or (level == 3 and self.mode == "pae"):
+            raise InvalidArgument("page_size", page_size, f"{self.mode} paging has no such page size")
+        self._check_gva(gva)
+        # A 4 KiB page's gpa goes in bits 31:12 of a 32-bit entry; a 4 MiB one adds PSE-36's bits 35:32.
+        gpa_bits = 52 if self.esize == 8 else 36 if level == 2 else 32
+        if type(gpa) is not int or gpa < 0 or gpa >> gpa_bits:
+            raise InvalidArgument("gpa", gpa, f"a {self.mode} entry maps a gpa below 2^{gpa_bits}")
+        if gva % page_size:  # type: ignore[operator]
+            raise InvalidArgument("gva", gva, f"a {page_size}-byte page must be aligned to its size")
+        if gpa % page_size:  # type: ignore[operator]
+            raise InvalidArgument("gpa", gpa, f"a {page_size}-byte page must be aligned to its size")
+        self._check_entry_bits("flags", flags)
+        self._check_entry_bits("upper", upper)
+        if type(pkey) is not int or not 0 <= pkey < 16 or (pkey and self.esize == 4):
+            raise InvalidArgument("pkey", pkey, "a protection key is 0 to 15 (always 0 in 32-bit entries)")
+        return level
+
     def map_range(self, gva: int, gpa: int, length: int, flags: int | None = None, page_size: int = 4096) -> None:
+        """Map [gva, gva + length) to [gpa, ...), one page at a time; the first and last pages are checked
+        before anything is written, so a bad range maps nothing."""
+        if type(length) is not int or length < 0:
+            raise InvalidArgument("length", length, "a length is a non-negative integer")
+        self._check_map(gva, gpa, page_size, flags, None, 0)
+        if length:
+            last = (length - 1) // page_size * page_size  # type: ignore[operator]
+            self._check_map(gva + last, gpa + last, page_size, flags, None, 0)
         for off in range(0, length, page_size):
             self.map(gva + off, gpa + off, page_size, flags)
 
@@ -115,14 +169,16 @@ def vm_writer(vm: object) -> tuple[Writer, Reader]:
 
 def vcpu_writer(vcpu: object, gpa_to_gva: Callable[[int], int] = lambda gpa: gpa) -> tuple[Writer, Reader]:
     """Write as the guest kernel does: a CPL0 store through the vCPU (shadow paging traps it)."""
+    # Besides a fault, an access may end in a VM exit to L1 (a vCPU running a nested guest) or a KVM
+    # internal error: either way nothing was read or written.
     def write(gpa: int, size: int, value: int) -> None:
         r = vcpu.access(gpa_to_gva(gpa), size, "write", value, cpl=0)  # type: ignore[attr-defined]
-        if r.fault is not None:
-            raise InvalidArgument("page-table write", gpa, f"the guest's own store faulted: {r.fault}")
+        if not r.ok or r.l1_exit is not None:
+            raise InvalidArgument("page-table write", gpa, f"the guest's own store failed: {r}")
 
     def read(gpa: int, size: int) -> int:
         r = vcpu.access(gpa_to_gva(gpa), size, "read", cpl=0)  # type: ignore[attr-defined]
-        if r.fault is not None:
-            raise InvalidArgument("page-table read", gpa, f"the guest's own load faulted: {r.fault}")
+        if not r.ok or r.l1_exit is not None:
+            raise InvalidArgument("page-table read", gpa, f"the guest's own load failed: {r}")
         return r.value
     return write, read

@@ -20,6 +20,7 @@ from ..arch.bits import (
     X86_EFLAGS_AC,
 )
 from ..arch.walker import probe, walk
+from ..errors import InvalidArgument
 from .memory import PACK_INTO, UNPACK_FROM
 
 if TYPE_CHECKING:
@@ -160,18 +161,53 @@ class DecodedAccesses:
     `ops` are access() argument tuples, (gva, size, kind[, value[, cpl[, implicit]]]).  Each one
     that can possibly complete from the TLB (a 1/2/4/8-byte access inside one page, valid
     arguments, not implicit) is decoded to (vpn, page offset, size, pfec, CPL-inherit mask, value,
-    struct function); the others decode to None and always take access().  Decoding checks nothing
-    the run does not check again: it only saves doing it for every replay of the same accesses.
+    struct function); the others decode to None and always take access().  Decoding saves doing
+    that for every replay of the same accesses.  Ops that are not valid access() arguments are
+    refused here, as access() would refuse them, so that a batch with a bad op runs none of its ops.
     """
 
     __slots__ = ("ops", "decoded")
 
     def __init__(self, ops: Iterable[Sequence]) -> None:
-        self.ops = ops if isinstance(ops, (list, tuple)) else list(ops)
+        if not isinstance(ops, (list, tuple)):
+            try:
+                ops = list(ops)
+            except TypeError:
+                raise InvalidArgument("ops", ops, "ops is a sequence of access() argument tuples") from None
+        for op in ops:
+            if not isinstance(op, (list, tuple)) or not 3 <= len(op) <= 6:
+                raise InvalidArgument("op", op, "an op is (gva, size, kind[, value[, cpl[, implicit]]])")
+        self.ops = ops
         self.decoded = [_decode(op) for op in self.ops]
+        for op, d in zip(self.ops, self.decoded, strict=True):
+            if d is None:                   # (a decoded op has valid arguments by construction)
+                _check_op(*op)
 
     def __len__(self) -> int:
         return len(self.ops)
+
+
+def _check_op(gva: object, size: object, kind: object, value: object = None, cpl: object = None,
+              implicit: object = False) -> None:
+    """The argument checks of Vcpu.access() (kvm/vcpu.py, _access_full), with the same errors.  Those
+    that depend on the vCPU's state when the op runs (a 32-bit mode's address width) stay there."""
+    from ..kvm.vcpu import ACCESS_KINDS, ACCESS_SIZES
+    if kind not in ACCESS_KINDS:
+        raise InvalidArgument("kind", kind, f"an access is one of {ACCESS_KINDS}")
+    if type(size) is not int or size not in ACCESS_SIZES:
+        raise InvalidArgument("size", size, f"an access is {', '.join(map(str, ACCESS_SIZES))} bytes")
+    if not isinstance(gva, int) or gva < 0 or gva >> 64:
+        raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
+    if cpl is not None and cpl not in (0, 1, 2, 3):
+        raise InvalidArgument("cpl", cpl, "CPL is 0, 1, 2 or 3")
+    if kind == "write":
+        if isinstance(value, (bytes, bytearray)):
+            if len(value) != size:
+                raise InvalidArgument("value", value, f"a {size}-byte write needs {size} bytes of data")
+        elif not (isinstance(value, int) and 0 <= value < 1 << (8 * size)):
+            raise InvalidArgument("value", value, f"a {size}-byte write needs an int in [0, 2^{8 * size})")
+    elif value is not None:
+        raise InvalidArgument("value", value, "only writes carry a value")
 
 
 def _decode(op: Sequence) -> tuple | None:

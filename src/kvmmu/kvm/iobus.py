@@ -25,10 +25,18 @@ class IoBus:
         self.ranges: list[tuple[int, int, IoDevice]] = []
 
     def register(self, addr: int, length: int, dev: IoDevice) -> None:
+        """kvm_io_bus_register_dev; everything is checked before the bus changes."""
+        for v in (addr, length):
+            if type(v) is not int or v < 0:
+                raise InvalidArgument("io device range", v, "io-bus ranges are non-negative integers")
+        if addr + length > 1 << 64:
+            raise InvalidArgument("io device range", addr,
+                                  f"[addr, addr + {length:#x}) must lie inside the 64-bit address space")
+        if not all(callable(getattr(dev, m, None)) for m in ("read", "write")):
+            raise InvalidArgument("io device", dev, "an in-kernel device has read(addr, length) and "
+                                  "write(addr, length, value) methods")
         if len(self.ranges) >= NR_IOBUS_DEVS:
             raise InvalidArgument("io bus devices", len(self.ranges), f"a bus holds at most {NR_IOBUS_DEVS}")
-        if addr < 0 or length < 0 or addr + length > 1 << 64:
-            raise InvalidArgument("io device range", addr, "must lie inside the 64-bit address space")
         keys = [(a, n) for a, n, _ in self.ranges]
         i = bisect_right(keys, (addr, length))     # after equal ranges: registration order
         self.ranges.insert(i, (addr, length, dev))
@@ -55,6 +63,10 @@ class IoBus:
         for dev in self._matches(addr, length):
             v = dev.read(addr, length)
             if v is not None:
+                if not isinstance(v, int):
+                    # The device's bug, found mid-access (as its own exception would be).
+                    raise InvalidArgument("io device reply", v, "an in-kernel device's read() returns an int "
+                                          "(the value, truncated to the access size) or None (not handled)")
                 return v
         return None
 

@@ -47,17 +47,32 @@ def enter_guest_mode(vcpu: Vcpu, eptp: int, cr0: int, cr3: int, cr4: int, efer: 
         raise InvalidArgument("mmu", vm.flavour, "nested EPT needs a VM created with mmu='ept'")
     if vcpu.mmu_is_nested:
         raise InvalidArgument("guest mode", True, "the vCPU already runs L2; leave_guest_mode() first")
+    if type(eptp) is not int or eptp < 0 or eptp >> 64:
+        raise InvalidArgument("eptp", eptp, "EPTP is an unsigned 64-bit integer")
     levels = ((eptp >> 3) & 7) + 1
     if levels not in (4, 5) or eptp & 0x7 not in (0, 6):
         raise InvalidArgument("eptp", eptp, "EPTP needs a page-walk length of 4 or 5 and memory type WB (6) or UC")
+    if eptp & 0xF80 or eptp >> vm.guest_maxphyaddr:
+        raise InvalidArgument("eptp", eptp, f"EPTP bits 11:7 and 63:{vm.guest_maxphyaddr} (MAXPHYADDR) are reserved "
+                              "(VM entry would fail)")
+    # L2's registers are checked by set_sregs with the nested MMU in place; if they are refused,
+    # the vCPU goes back to L1 exactly as it was (the old guest_mmu is only dropped on success).
+    old = (vcpu.l1_state, vcpu.mmu)
+    reuse = vcpu.guest_mmu is not None and vcpu.guest_mmu.nested_eptp == eptp
+    guest_mmu = vcpu.guest_mmu if reuse else VcpuMmu(vcpu, nested_eptp=eptp)
     vcpu.l1_state = (vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, vcpu.mmu)
-    if vcpu.guest_mmu is None or vcpu.guest_mmu.nested_eptp != eptp:
+    vcpu.mmu_is_nested = True
+    vcpu.mmu = guest_mmu  # type: ignore[assignment]
+    try:
+        vcpu.set_sregs(cr0=cr0, cr3=cr3, cr4=cr4, efer=efer)
+    except BaseException:
+        vcpu.l1_state, vcpu.mmu = old
+        vcpu.mmu_is_nested = False
+        raise
+    if not reuse:
         if vcpu.guest_mmu is not None:
             vcpu.guest_mmu.unload()
-        vcpu.guest_mmu = VcpuMmu(vcpu, nested_eptp=eptp)
-    vcpu.mmu_is_nested = True
-    vcpu.mmu = vcpu.guest_mmu
-    vcpu.set_sregs(cr0=cr0, cr3=cr3, cr4=cr4, efer=efer)
+        vcpu.guest_mmu = guest_mmu
     vcpu.stats["nested_run"] += 1
     vcpu.stats["guest_mode"] = 1
     vcpu.cpu.flush()

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class TraceEvent:
@@ -35,11 +37,17 @@ class Trace:
         self._seq = 0
 
     def enable(self, capacity: int | None = None) -> None:
+        """Start recording; `capacity` bounds the ring of recent events (the oldest are dropped)."""
         if capacity is not None:
+            if type(capacity) is not int or capacity < 0 or capacity >> 32:
+                raise InvalidArgument("trace capacity", capacity, "the trace ring holds 0 to 2^32-1 events")
             self.events = deque(self.events, maxlen=capacity)
         self.enabled = True
 
     def subscribe(self, fn: Callable[[TraceEvent], None]) -> None:
+        """Call fn(event) for every event from now on (and start recording)."""
+        if not callable(fn):
+            raise InvalidArgument("trace subscriber", fn, "a subscriber is a callable taking a TraceEvent")
         self.subscribers.append(fn)
         self.enabled = True
 

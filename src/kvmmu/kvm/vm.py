@@ -26,6 +26,19 @@ MMIO_POLICIES = ("off", "zap", "generation")
 MmioHandler = Callable[[MmioExit], int | bytes | None]
 
 
+def _check_gen_layout(layout: object) -> None:
+    """The generation lives in spte bits no MMIO spte uses otherwise: above the low access and
+    present bits (2:0), below the software-present bit 11, and above the gfn (51:12) but below bit 63
+    (SPTE_MMIO_ALLOWED_MASK); each range is non-empty."""
+    if not isinstance(layout, MmioGenLayout):
+        raise InvalidArgument("mmio_gen_layout", layout, "an MMIO generation layout is a MmioGenLayout (or None)")
+    fields = (layout.low_start, layout.low_end, layout.high_start, layout.high_end)
+    if any(type(f) is not int for f in fields) or not (3 <= layout.low_start <= layout.low_end <= 10
+                                                         and 52 <= layout.high_start <= layout.high_end <= 62):
+        raise InvalidArgument("mmio_gen_layout", layout, "generation bits lie in 3 <= low_start <= low_end <= 10 "
+                              "and 52 <= high_start <= high_end <= 62")
+
+
 class VM:
     """A KVM virtual machine on a modelled host."""
 
@@ -42,9 +55,9 @@ class VM:
             raise InvalidArgument("mmu", mmu, f"the MMU flavour is one of {MMU_FLAVOURS}")
         if mmio_caching not in MMIO_POLICIES:
             raise InvalidArgument("mmio_caching", mmio_caching, f"the MMIO policy is one of {MMIO_POLICIES}")
-        if address_spaces not in (1, 2):
+        if type(address_spaces) is not int or address_spaces not in (1, 2):
             raise InvalidArgument("address_spaces", address_spaces, "x86 KVM has 1 or 2 (SMM) address spaces")
-        if not isinstance(initial_generation, int) or initial_generation < 0 or initial_generation >> 62 \
+        if type(initial_generation) is not int or initial_generation < 0 or initial_generation >> 62 \
                 or initial_generation % address_spaces:
             raise InvalidArgument("initial_generation", initial_generation,
                                   "a generation is a non-negative multiple of the number of address spaces")
@@ -54,12 +67,17 @@ class VM:
             raise InvalidArgument("host", host, "host must be a kvmmu.Host")
         if max_mmu_pages is not None and (type(max_mmu_pages) is not int or max_mmu_pages < 64):
             raise InvalidArgument("max_mmu_pages", max_mmu_pages, "the shadow-page quota is an int of at least 64")
-        if tdp_level not in (4, 5):
+        if type(tdp_level) is not int or tdp_level not in (4, 5):
             raise InvalidArgument("tdp_level", tdp_level, "TDP tables have 4 or 5 levels")
-        if host_hugepage_level not in (1, 2, 3):
+        if type(host_hugepage_level) is not int or host_hugepage_level not in (1, 2, 3):
             raise InvalidArgument("host_hugepage_level", host_hugepage_level, "1 (4 KiB), 2 (2 MiB) or 3 (1 GiB)")
-        if type(kvm_deviations) is not bool:
-            raise InvalidArgument("kvm_deviations", kvm_deviations, "kvm_deviations is True or False")
+        for name, flag in (("kvm_deviations", kvm_deviations), ("guest_gbpages", guest_gbpages), ("ept_ad", ept_ad)):
+            if type(flag) is not bool:
+                raise InvalidArgument(name, flag, f"{name} is True or False")
+        if type(mmio_log_size) is not int or mmio_log_size < 0 or mmio_log_size >> 32:
+            raise InvalidArgument("mmio_log_size", mmio_log_size, "the MMIO log keeps between 0 and 2^32-1 exits")
+        if mmio_gen_layout is not None:
+            _check_gen_layout(mmio_gen_layout)
         self.host = host if host is not None else Host()
         self.kvm_deviations = kvm_deviations
         self.flavour = mmu
@@ -85,11 +103,24 @@ class VM:
         self.vcpus: list[Vcpu] = []
         self.iobus = IoBus()
         self.coalesced_ring: deque = deque()
-        self.mmio_handler: MmioHandler | None = None
+        self._mmio_handler: MmioHandler | None = None
         self.mmio_log: deque[MmioExit] = deque(maxlen=mmio_log_size)   # the most recent exits only
         self._hva_base, self._hva_end = self.host.new_vmm_region()
         self._hva_next = self._hva_base
         self.host.vms.append(self)
+
+    @property
+    def mmio_handler(self) -> MmioHandler | None:
+        """The VMM's KVM_EXIT_MMIO handler: called with each MmioExit; for a read it answers an int
+        (truncated to the access size, as KVM copies only `len` bytes of kvm_run.mmio.data), bytes (the
+        first `len`, zero-padded) or None (nothing there: all ones).  None as the handler: no VMM device."""
+        return self._mmio_handler
+
+    @mmio_handler.setter
+    def mmio_handler(self, handler: MmioHandler | None) -> None:
+        if handler is not None and not callable(handler):
+            raise InvalidArgument("mmio_handler", handler, "the MMIO handler is a callable taking an MmioExit, or None")
+        self._mmio_handler = handler
 
     # -- memslots ---------------------------------------------------------------------------------
     def set_user_memory_region(self, slot: int, guest_phys_addr: int, memory_size: int, flags: int = 0,
@@ -117,8 +148,17 @@ class VM:
         if fresh and change == "create":
             self._hva_next = userspace_addr + memory_size
         policy_zap = self.mmio_caching == "zap" and change in ("create", "move")
+        # A racing vCPU cannot abort the ioctl: if `during_update` raises, the update still completes
+        # (generation, zaps, write protection) and only then is its exception passed on.
+        raised: list[BaseException] = []
+
+        def during() -> None:
+            try:
+                during_update()  # type: ignore[misc]
+            except BaseException as err:
+                raised.append(err)
         new = self.memslots.apply(change, slot, flags, guest_phys_addr, memory_size, userspace_addr, old,
-                                  during_update)
+                                  during if during_update is not None else None)
         if policy_zap:
             # 2011: no generation in MMIO sptes, so any new or moved slot zaps every shadow page.
             self.mmu.zap_all()
@@ -127,6 +167,8 @@ class VM:
             self._write_protect_slot(new)
         self.trace.emit("kvm_set_user_memory_region", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
                         memory_size=memory_size, change=change)
+        if raised:
+            raise raised[0]
 
     def _flush_shadow_memslot(self, slot: Memslot) -> None:
         """kvm_arch_flush_shadow_memslot with the default quirk: zap everything, fast."""
@@ -152,7 +194,9 @@ class VM:
 
     def get_dirty_log(self, slot: int) -> set[int]:
         """KVM_GET_DIRTY_LOG: page indexes dirtied since the last call; re-arms write protection."""
-        s = self.memslots.slot(slot & 0xFFFF, slot >> 16) if isinstance(slot, int) and slot >= 0 else None
+        s = None
+        if type(slot) is int and slot >= 0 and slot >> 16 < self.memslots.nr_as:
+            s = self.memslots.slot(slot & 0xFFFF, slot >> 16)
         if s is None:
             raise InvalidArgument("slot", slot, "KVM_GET_DIRTY_LOG needs an existing slot")
         if not s.flags & KVM_MEM_LOG_DIRTY_PAGES:
@@ -233,10 +277,8 @@ class VM:
             v.requests.add(req)
 
     def register_io_device(self, addr: int, length: int, device: IoDevice) -> None:
-        """An in-kernel device on KVM_MMIO_BUS (ioeventfd, in-kernel LAPIC/IOAPIC/HPET...)."""
-        for v in (addr, length):
-            if type(v) is not int or v < 0:
-                raise InvalidArgument("io device range", v, "io-bus ranges are non-negative integers")
+        """An in-kernel device on KVM_MMIO_BUS (ioeventfd, in-kernel LAPIC/IOAPIC/HPET...): an object with
+        read(addr, length) -> int | None and write(addr, length, value) -> bool (see IoDevice)."""
         self.iobus.register(addr, length, device)
 
     def register_coalesced_mmio(self, addr: int, size: int) -> None:
@@ -248,9 +290,13 @@ class VM:
         vcpu.counters["userspace_exits"] += 1
         self.coalesced_ring.clear()
         exit_ = MmioExit(gpa, length, is_write, data)
-        reply = self.mmio_handler(exit_) if self.mmio_handler is not None else None
+        reply = self._mmio_handler(exit_) if self._mmio_handler is not None else None
         if not is_write:
-            if isinstance(reply, (bytes, bytearray)):
+            if not isinstance(reply, (int, bytes, bytearray, memoryview, type(None))):
+                # The VMM's bug, found mid-access (as its own exception would be): the access is cut short.
+                raise InvalidArgument("mmio_handler reply", reply,
+                                      "the reply to a KVM_EXIT_MMIO read is an int, bytes or None")
+            if isinstance(reply, (bytes, bytearray, memoryview)):
                 value = int.from_bytes(bytes(reply)[:length].ljust(length, b"\0"), "little")
             elif isinstance(reply, int):
                 value = reply

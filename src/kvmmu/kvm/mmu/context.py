@@ -124,9 +124,13 @@ class VcpuMmu:
                                    cr0_wp=ctx.wp, smep_andnot_wp=ctx.smep and not ctx.wp,
                                    smap_andnot_wp=ctx.smap and not ctx.wp)
         hw_mode = {3: "pae", 4: "4level", 5: "5level"}[level]
-        # The CPU runs the guest with CR0.WP=1 and EFER.NX=1; SMEP/SMAP/PKE are the guest's.
+        # The CPU runs the guest with CR0.WP=1 and EFER.NX=1; SMEP/SMAP/PKE are the guest's, except with
+        # guest paging off: they do nothing then (SDM 4.6), so vmx_set_cr4 clears them in hardware CR4,
+        # or a supervisor access would fault on the direct map's user sptes forever.
+        paging = not nonpaging
         self.hw_ctx = PagingContext(hw_mode, maxphyaddr=self.vm.host.maxphyaddr, nxe=True, wp=True,
-                                    smep=ctx.smep, smap=ctx.smap, pke=ctx.pke, ad_policy="hardware")
+                                    smep=ctx.smep and paging, smap=ctx.smap and paging, pke=ctx.pke and paging,
+                                    ad_policy="hardware")
 
     def _init_tdp(self, ctx: PagingContext) -> None:
         self.direct = True
