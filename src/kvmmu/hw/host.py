@@ -36,14 +36,14 @@ class Host:
 
     def __init__(self, maxphyaddr: int = 46, memory_limit: int | None = None, reserved: int = 0,
                  cores: int = 4) -> None:
-        if not 36 <= maxphyaddr <= 52:
+        if type(maxphyaddr) is not int or not 36 <= maxphyaddr <= 52:
             raise InvalidArgument("host maxphyaddr", maxphyaddr, "the host's MAXPHYADDR is between 36 and 52")
-        if memory_limit is not None and (not isinstance(memory_limit, int) or memory_limit < 1 << 20):
+        if memory_limit is not None and (type(memory_limit) is not int or memory_limit < 1 << 20):
             raise InvalidArgument("host memory_limit", memory_limit, "a host memory limit is at least 1 MiB")
-        if not isinstance(reserved, int) or reserved < 0 or (memory_limit is not None and reserved >= memory_limit):
+        if type(reserved) is not int or reserved < 0 or (memory_limit is not None and reserved >= memory_limit):
             raise InvalidArgument("host reserved", reserved,
                                   "memory reserved for the host itself is >= 0 and below the memory limit")
-        if not isinstance(cores, int) or cores < 1:
+        if type(cores) is not int or cores < 1:
             raise InvalidArgument("host cores", cores, "a host has at least one CPU core")
         self.reserved = reserved
         self.cores = cores
@@ -204,6 +204,13 @@ class Host:
     def swap_out_pages(self, pfns: list[int]) -> int:
         """Swap out these guest pages now (an experiment's knob, or reclaim): every VM mapping them first
         drops its sptes (the mmu notifier), then the page leaves memory.  Returns how many were resident."""
+        try:
+            pfns = list(pfns)
+        except TypeError:
+            raise InvalidArgument("pfns", pfns, "swap_out_pages takes an iterable of host page frame numbers") from None
+        for pfn in pfns:
+            if type(pfn) is not int or pfn < 0 or pfn >> 52:
+                raise InvalidArgument("pfn", pfn, "a host page frame number is an int in [0, 2^52)")
         n = 0
         for pfn in pfns:
             if self.memory_limit is None or pfn in self.resident:

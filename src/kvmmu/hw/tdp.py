@@ -50,7 +50,8 @@ def ept_violation_to_pfec(qual: int, final: bool) -> int:
 class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
-    __slots__ = ("vcpu", "tlb", "gpa_cache", "mem", "host", "counters", "ept", "tdp_ctx", "_reader", "exit_final")
+    __slots__ = ("vcpu", "tlb", "gpa_cache", "mem", "host", "counters", "ept", "tdp_ctx", "_ctxs", "_reader",
+                 "exit_final")
     two_dimensional = True
 
     def __init__(self, vcpu: Vcpu) -> None:
@@ -71,6 +72,7 @@ class TdpCpu(TlbCpu):
         else:
             self.tdp_ctx = PagingContext(f"{level}level", maxphyaddr=vm.host.maxphyaddr, nxe=True, wp=True,
                                          ad_policy="hardware")
+        self._ctxs = {level: self.tdp_ctx}
         self._reader = _GuestTableReader(self)
         # Whether the last exit was on the final translation (not a guest page-table access).  An EPT
         # misconfiguration does not say so in its error code (VMX reports nothing); KVM then takes
@@ -86,17 +88,29 @@ class TdpCpu(TlbCpu):
         # (and a #PF) must drop every piece.  Dropping more than asked is always allowed.
         self.tlb.clear()
 
+    def _ctx(self) -> PagingContext:
+        """The context of the root in use: the VM's TDP depth, or under nested EPT the depth of L1's
+        EPT, which the shadow EPT root (guest_mmu) copies."""
+        level = self.vcpu.mmu.root_level
+        ctx = self._ctxs.get(level)
+        if ctx is None:
+            vm = self.vcpu.vm
+            ctx = self._ctxs[level] = PagingContext(f"ept{level}", maxphyaddr=vm.host.maxphyaddr,
+                                                    ept_ad=bool(vm.mmu.masks.accessed), ad_policy="hardware")
+        return ctx
+
     def gpa_to_hpa(self, gpa: int, pfec: int, final: bool) -> int:
         """Translate through KVM's TDP tables or raise the exit the hardware would take."""
         vcpu = self.vcpu
+        ctx = self._ctx()
         root = vcpu.mmu.root_hpa
         if self.ept:
-            hpa = probe_ept(self.tdp_ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            hpa = probe_ept(ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
             if hpa >= 0:
                 return hpa
             if hpa == PROBE_MISCONFIG:
                 raise _TdpExit(gpa, PFERR_RSVD_MASK, final)
-            w = walk(self.tdp_ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            w = walk(ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
             if w.fault == EXIT_REASON_EPT_MISCONFIG:
                 raise _TdpExit(gpa, PFERR_RSVD_MASK, final)
             if w.fault == EXIT_REASON_EPT_VIOLATION:
@@ -104,12 +118,12 @@ class TdpCpu(TlbCpu):
         else:
             # NPT: every access through the nested tables is a user access.
             kind = (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
-            r = probe(self.tdp_ctx, self.mem, root, gpa, kind)
+            r = probe(ctx, self.mem, root, gpa, kind)
             if r is not None:
                 if type(r) is int:
                     raise _TdpExit(gpa, r | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
                 return r[0]
-            w = walk(self.tdp_ctx, self.mem, root, gpa, kind)
+            w = walk(ctx, self.mem, root, gpa, kind)
             if w.fault:
                 raise _TdpExit(gpa, w.error_code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
         return w.gpa
@@ -121,10 +135,11 @@ class TdpCpu(TlbCpu):
         if page is not None:
             return page | (gpa & 0xFFF)
         vcpu = self.vcpu
+        ctx = self._ctx()
         if self.ept:
-            hpa = probe_ept(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, 0)
+            hpa = probe_ept(ctx, self.mem, vcpu.mmu.root_hpa, gpa, 0)
         else:
-            r = probe(self.tdp_ctx, self.mem, vcpu.mmu.root_hpa, gpa, PFERR_USER_MASK)
+            r = probe(ctx, self.mem, vcpu.mmu.root_hpa, gpa, PFERR_USER_MASK)
             hpa = r[0] if type(r) is tuple else -1
         if hpa >= 0:
             self.gpa_cache[gpa >> 12] = hpa & ~0xFFF
@@ -134,6 +149,7 @@ class TdpCpu(TlbCpu):
         """translate() on a TLB miss whose 2-D walk only reads and allows the access: the walk is
         counted and the TLB filled, and the host page is returned; else -1, and nothing changed."""
         vcpu = self.vcpu
+        ctx = self._ctx()
         mmu = vcpu.mmu
         hw_ctx = mmu.hw_guest_ctx
         if hw_ctx.mode.root_level == 0:
@@ -146,9 +162,9 @@ class TdpCpu(TlbCpu):
                 return -1
             gpa, acc, pkey = r
         if self.ept:
-            hpa = probe_ept(self.tdp_ctx, self.mem, mmu.root_hpa, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            hpa = probe_ept(ctx, self.mem, mmu.root_hpa, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
         else:
-            r = probe(self.tdp_ctx, self.mem, mmu.root_hpa, gpa,
+            r = probe(ctx, self.mem, mmu.root_hpa, gpa,
                       (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK)
             hpa = r[0] if type(r) is tuple else -1
         if hpa < 0 or hpa + 0x1000 > self.mem.size:

@@ -266,10 +266,10 @@ class Vcpu:
             if flush:
                 self.cpu.flush()
             return
+        if pae_legacy:
+            self.mmu.pdptrs = self._load_pdptrs(value)      # a refusal (#GP) happens before the exit counts
         if exit:
             self._exit()
-        if pae_legacy:
-            self.mmu.pdptrs = self._load_pdptrs(value)
         if value != self.cr3:
             if pae_legacy:
                 self.cr3 = value
@@ -430,18 +430,19 @@ class Vcpu:
             pieces = ((gva, first), ((gva + first) & ((1 << 64) - 1), size - first))
         translate = self.cpu.translate
         mmu = self.mmu
+        # The linear-address width from the registers (the MMU context may not be built yet).
+        bits = (57 if self.cr4 & X86_CR4_LA57 else 48) if self.efer & EFER_LMA else 32
+        if bits == 32 and gva >> 32:
+            raise InvalidArgument("gva", gva, "linear addresses are 32 bits wide outside long mode")
         sp = mmu.root_sp
         if self.requests or sp is None or not mmu.root_hpa or sp.invalid or sp.mmu_valid_gen != mmu.kvm.mmu_valid_gen:
             self.process_requests()       # (otherwise it would find nothing to do)
-        bits = self.mmu.cpu_role.mode.la_bits
         last = gva + size - 1
         if bits > 32:
             # Canonical checks come before paging: #GP, with nothing translated or written.
             if not canonical(gva, bits) or not canonical(last & ((1 << 64) - 1), bits):
                 result.fault = GuestFault(13, 0, None)
                 return result
-        elif gva >> 32:
-            raise InvalidArgument("gva", gva, f"{self.mmu.cpu_role.mode.name} linear addresses are 32 bits wide")
         elif last >> 32:
             result.fault = GuestFault(13, 0, None)     # wraps past the 4 GiB segment limit
             return result
@@ -564,6 +565,12 @@ class Vcpu:
         root) made once per run: nothing that happens in a run of TLB hits can change them.
         """
         from ..hw.cpu import DecodedAccesses
+        if type(start) is not int or start < 0:
+            raise InvalidArgument("start", start, "start is an op index, an int >= 0")
+        if stop is not None and (type(stop) is not int or stop < 0):
+            raise InvalidArgument("stop", stop, "stop is an op index, an int >= 0, or None")
+        if values is not None and not isinstance(values, list):
+            raise InvalidArgument("values", values, "values is a list (the completed values are appended) or None")
         batch = ops if isinstance(ops, DecodedAccesses) else DecodedAccesses(ops)
         raw = batch.ops
         n = len(raw) if stop is None else min(stop, len(raw))
