@@ -181,15 +181,15 @@ class DecodedAccesses:
         self.decoded = [_decode(op) for op in self.ops]
         for op, d in zip(self.ops, self.decoded, strict=True):
             if d is None:                   # (a decoded op has valid arguments by construction)
-                _check_op(*op)
+                check_access_args(*op)
 
     def __len__(self) -> int:
         return len(self.ops)
 
 
-def _check_op(gva: object, size: object, kind: object, value: object = None, cpl: object = None,
-              implicit: object = False) -> None:
-    """The argument checks of Vcpu.access() (kvm/vcpu.py, _access_full), with the same errors.  Those
+def check_access_args(gva: object, size: object, kind: object, value: object = None, cpl: object = None,
+                      implicit: object = False) -> None:
+    """The argument checks of Vcpu.access(), for it and for a batch of ops before any op runs.  Those
     that depend on the vCPU's state when the op runs (a 32-bit mode's address width) stay there."""
     from ..kvm.vcpu import ACCESS_KINDS, ACCESS_SIZES
     if kind not in ACCESS_KINDS:

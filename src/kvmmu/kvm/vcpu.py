@@ -39,7 +39,7 @@ from ..arch.bits import (
 )
 from ..arch.walker import canonical
 from ..errors import InvalidArgument, KvmBug
-from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu
+from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu, check_access_args
 from ..hw.tdp import TdpCpu
 from .emulate import MmioExit, emulate_access
 from .memslots import Memslot
@@ -515,29 +515,13 @@ class Vcpu:
     def _access_full(self, gva: int, size: int, kind: str, value: int | bytes | None, cpl: int | None,
                      implicit: bool) -> AccessResult:
         """access() in general: argument checks, then the run loop with the access's CPL in force."""
-        if kind not in ACCESS_KINDS:
-            raise InvalidArgument("kind", kind, f"an access is one of {ACCESS_KINDS}")
-        if type(size) is not int or size not in ACCESS_SIZES:
-            raise InvalidArgument("size", size, f"an access is {', '.join(map(str, ACCESS_SIZES))} bytes")
-        if not isinstance(gva, int) or gva < 0 or gva >> 64:
-            raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
+        check_access_args(gva, size, kind, value, cpl, implicit)
         if cpl is None:
             cpl = self.cpl
-        elif cpl not in (0, 1, 2, 3):
-            raise InvalidArgument("cpl", cpl, "CPL is 0, 1, 2 or 3")
         write = kind == "write"
         if write:
-            if isinstance(value, (bytes, bytearray)):
-                if len(value) != size:
-                    raise InvalidArgument("value", value, f"a {size}-byte write needs {size} bytes of data")
-                data = bytes(value)
-            elif isinstance(value, int) and 0 <= value < 1 << (8 * size):
-                data = value.to_bytes(size, "little")
-            else:
-                raise InvalidArgument("value", value, f"a {size}-byte write needs an int in [0, 2^{8 * size})")
+            data = bytes(value) if isinstance(value, (bytes, bytearray)) else value.to_bytes(size, "little")
         else:
-            if value is not None:
-                raise InvalidArgument("value", value, "only writes carry a value")
             data = b""
         pfec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if kind == "fetch" else 0)
         if cpl == 3 and not implicit:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..memslots import Memslot
     from ..vcpu import Vcpu
 
 
@@ -26,13 +27,18 @@ class GuestPteReader:
         self.hint = vcpu.last_used_slot
         self.as_id = 0
 
-    def _hva(self, gpa: int, write: bool) -> int:
+    def _slot(self, gpa: int) -> Memslot | None:
+        """The counted memslot lookup for one gpte (None: no usable slot)."""
         c = self.counters
         c["memslot_lookups"] += 1
         before = self.memslots.searches
         slot = self.memslots.gfn_to_memslot(gpa >> 12, self.as_id, self.hint)
         c["memslot_searches"] += self.memslots.searches - before
-        if slot is None or slot.invalid:
+        return None if slot is None or slot.invalid else slot
+
+    def _hva(self, gpa: int, write: bool) -> int:
+        slot = self._slot(gpa)
+        if slot is None:
             return -1
         if write and slot.readonly:
             return -2
@@ -54,12 +60,8 @@ class GuestPteReader:
         page that is not resident is a failed read (-1), never a swap-in, so no MMU notifier can
         run in the middle of the caller."""
         self.counters["guest_pte_reads"] += 1
-        c = self.counters
-        c["memslot_lookups"] += 1
-        before = self.memslots.searches
-        slot = self.memslots.gfn_to_memslot(gpa >> 12, self.as_id, self.hint)
-        c["memslot_searches"] += self.memslots.searches - before
-        if slot is None or slot.invalid:
+        slot = self._slot(gpa)
+        if slot is None:
             return -1
         hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
         if not self.vm.host_resident(hva):
