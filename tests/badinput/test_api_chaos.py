@@ -821,3 +821,17 @@ def test_io_device_bad_reply_is_typed(reply: object) -> None:
         vcpu.access(0x50_0000, 4, "read")
     assert info.value.what == "io device reply"
     vm.audit()
+
+
+def test_a_batch_with_an_address_beyond_32_bits_runs_none_of_its_ops() -> None:
+    """Outside long mode a gva >= 2^32 is refused; run_accesses refuses the whole batch before its first
+    op, as it does for any other bad op (found by the long chaos hunt: the first op had already run)."""
+    vm = kvmmu.VM("shadow")
+    vm.set_user_memory_region(0, 0, 4 << 20)
+    vcpu = vm.create_vcpu()
+    vcpu.set_sregs(cr0=1)                                          # protected mode, paging off
+    before = vm_state(vm)
+    with pytest.raises(kvmmu.InvalidArgument, match="32 bits"):
+        vcpu.run_accesses([(0x1000, 4, "write", 7), (1 << 32, 4, "read")])
+    after = vm_state(vm)
+    assert after == before and vm.read_phys(0x1000, 4) == bytes(4)

@@ -558,6 +558,12 @@ class Vcpu:
         batch = ops if isinstance(ops, DecodedAccesses) else DecodedAccesses(ops)
         raw = batch.ops
         n = len(raw) if stop is None else min(stop, len(raw))
+        if not self.efer & EFER_LMA:
+            # The one state-dependent argument rule: accesses cannot change the paging mode, so a
+            # batch is refused whole, before any op runs, as a bad argument anywhere refuses it.
+            for op in raw[start:n]:
+                if op[0] >> 32:
+                    raise InvalidArgument("gva", op[0], "linear addresses are 32 bits wide outside long mode")
         i = start
         cpu = self.cpu
         while i < n:
