@@ -425,3 +425,19 @@ def test_resync_of_an_unsync_spte_never_swaps_in_under_the_mmu_lock() -> None:
     state.cpu_control(arg=4, op="pge", vi=1, wi=0)
     state.access(cpl=3, implicit=False, kind="fetch", off=8, size=1, value=18842, vi=1, where=29, wi=0)
     state.mmu_is_healthy()
+
+
+def test_shadow_pages_are_not_shared_between_32bit_vcpus_with_different_cr4_pse() -> None:
+    """SDM Vol. 3A 4.3: with CR4.PSE=0 a 32-bit PDE's bit 7 is ignored and the PDE points to a page
+    table; with PSE=1 it maps a 4 MiB page.  vCPU B (PSE=0) ran on the shadow pages vCPU A (PSE=1)
+    built, so it reached the 4 MiB page where its own walk reads a page table at the frame (here at a
+    gpa with no memslot: #PF, P=0).  Found by the fuzzer (KVM's page role has no PSE bit either;
+    with kvm_deviations the model shares them as KVM does)."""
+    g = Guest("shadow", "32bit")
+    g.vm.write_phys(g.pt.cr3 + 4, (MMIO | P | RW | A | D | 0x80).to_bytes(4, "little"))   # PDE[1]: 4 MiB
+    a, b = g.vcpu, g.vm.create_vcpu()
+    a.set_sregs(cr0=X86_CR0_PG | X86_CR0_PE | X86_CR0_WP, cr3=g.pt.cr3, cr4=X86_CR4_PSE, efer=0)
+    b.set_sregs(cr0=X86_CR0_PG | X86_CR0_PE | X86_CR0_WP, cr3=g.pt.cr3, cr4=0, efer=0)
+    assert a.access(0x40_0000, 4, "read").exits
+    r = b.access(0x40_0000, 4, "read")
+    assert pf(r) == 0x0 and not r.exits, f"expected #PF(not present) for the PSE=0 vCPU, got {r}"

@@ -120,7 +120,9 @@ class VcpuMmu:
         # vCPUs whose EFER.NXE differ share shadow pages and one can use an spte built by a walk in
         # which XD was not a reserved bit.  Unless asked for KVM's behaviour, the role keeps NXE.
         efer_nx = nonpaging or not mode.has_nx or ctx.nxe or self.vm.kvm_deviations
+        cr4_pse = mode.name == "32bit" and ctx.pse and not self.vm.kvm_deviations
         self.root_role = make_role(level, has_4_byte_gpte=mode.name == "32bit", direct=nonpaging, efer_nx=efer_nx,
+                                   cr4_pse=cr4_pse,
                                    cr0_wp=ctx.wp, smep_andnot_wp=ctx.smep and not ctx.wp,
                                    smap_andnot_wp=ctx.smap and not ctx.wp)
         hw_mode = {3: "pae", 4: "4level", 5: "5level"}[level]

@@ -16,19 +16,22 @@ ROLE_SMAP_ANDNOT_WP = 1 << 15
 ROLE_AD_DISABLED = 1 << 16
 ROLE_GUEST_MODE = 1 << 17
 ROLE_PASSTHROUGH = 1 << 18
+# Not in KVM's role: without kvm_deviations the model keeps 32-bit guests' shadow pages apart by CR4.PSE
+# (KVM shares them, so a PSE=0 vCPU can run on a 4 MiB mapping a PSE=1 vCPU's walk built).
+ROLE_MODEL_CR4_PSE = 1 << 19
 ROLE_SMM_SHIFT = 24
 
 
 def make_role(level: int, *, has_4_byte_gpte: bool = False, quadrant: int = 0, direct: bool = False,
               access: int = 7, efer_nx: bool = True, cr0_wp: bool = False, smep_andnot_wp: bool = False,
               smap_andnot_wp: bool = False, ad_disabled: bool = False, guest_mode: bool = False,
-              passthrough: bool = False, smm: int = 0) -> int:
+              passthrough: bool = False, smm: int = 0, cr4_pse: bool = False) -> int:
     return (level | (ROLE_HAS_4_BYTE_GPTE if has_4_byte_gpte else 0) | (quadrant << ROLE_QUADRANT_SHIFT)
             | (ROLE_DIRECT if direct else 0) | (access << ROLE_ACCESS_SHIFT) | (ROLE_EFER_NX if efer_nx else 0)
             | (ROLE_CR0_WP if cr0_wp else 0) | (ROLE_SMEP_ANDNOT_WP if smep_andnot_wp else 0)
             | (ROLE_SMAP_ANDNOT_WP if smap_andnot_wp else 0) | (ROLE_AD_DISABLED if ad_disabled else 0)
             | (ROLE_GUEST_MODE if guest_mode else 0) | (ROLE_PASSTHROUGH if passthrough else 0)
-            | (smm << ROLE_SMM_SHIFT))
+            | (ROLE_MODEL_CR4_PSE if cr4_pse else 0) | (smm << ROLE_SMM_SHIFT))
 
 
 def role_level(role: int) -> int:
