@@ -44,6 +44,9 @@ class TlbCpu:
 
     __slots__ = ()
     two_dimensional = False           # True: permissions come from the guest's role (TdpCpu)
+    # Whether the last exit was on the final translation rather than a guest page-table access:
+    # always, without a 2-D walk (TdpCpu tracks it per exit).
+    exit_final = True
 
     def tlb_hit(self, gva: int, pfec: int) -> int:
         """The host physical address if the TLB alone translates this access, else -1."""
@@ -166,7 +169,7 @@ class DecodedAccesses:
     refused here, as access() would refuse them, so that a batch with a bad op runs none of its ops.
     """
 
-    __slots__ = ("ops", "decoded")
+    __slots__ = ("ops", "decoded", "wide")
 
     def __init__(self, ops: Iterable[Sequence]) -> None:
         if not isinstance(ops, (list, tuple)):
@@ -182,6 +185,8 @@ class DecodedAccesses:
         for op, d in zip(self.ops, self.decoded, strict=True):
             if d is None:                   # (a decoded op has valid arguments by construction)
                 check_access_args(*op)
+        # The ops whose gva needs more than 32 bits: refused when the batch runs outside long mode.
+        self.wide = tuple(i for i, op in enumerate(self.ops) if op[0] >> 32)
 
     def __len__(self) -> int:
         return len(self.ops)

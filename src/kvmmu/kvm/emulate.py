@@ -130,7 +130,9 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     # KVM's emulator_read_write translates and performs one page at a time, so when the second page
     # faults the first has already been written (RAM, in-kernel devices).  The SDM gives a faulting
     # access no effect; unless kvm_deviations, every page is translated before anything is done.
-    interleave = vm.kvm_deviations
+    # (A fetch is KVM's instruction fetch: it translates every page before reading any.)
+    fetch = bool(access & PFERR_FETCH_MASK)
+    interleave = vm.kvm_deviations and not fetch
     translated: list[tuple[int, bool]] = []
     for pgva, _plen in pieces:
         t = _gva_to_gpa(vcpu, pgva, access, gpa_hint)
@@ -139,9 +141,9 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
             result.fault = vcpu.take_exception()
             return                      # (or a nested exit to L1, which the caller reports)
         translated.append(t)
-        if interleave and not access & PFERR_FETCH_MASK:
+        if interleave:
             _perform(vcpu, t, pieces, len(translated) - 1, write, data, out, fragments)
-    if interleave and access & PFERR_FETCH_MASK and _fetch_fails(vcpu, translated):
+    if fetch and vm.kvm_deviations and _fetch_fails(vcpu, translated):
         # KVM's instruction fetch (kvm_fetch_guest_virt) reads RAM only: emulation fails, which
         # queues #UD and, at CPL0 outside guest mode, exits with KVM_INTERNAL_ERROR_EMULATION.
         from .vcpu import GuestFault
@@ -150,7 +152,7 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
         if vcpu.cpl == 0 and not vcpu.mmu_is_nested:
             result.internal_error = "KVM_INTERNAL_ERROR_EMULATION"
         return
-    if not interleave or access & PFERR_FETCH_MASK:
+    if not interleave:
         for i, t in enumerate(translated):
             _perform(vcpu, t, pieces, i, write, data, out, fragments)
     if fragments:

@@ -239,13 +239,14 @@ class Vcpu:
         self._write_control("efer", self.efer, value, 0, _EFER_ROLE_BITS | EFER_LME, exit)
 
     def _write_control(self, name: str, old: int, value: int, pdptr_bits: int, role_bits: int, exit: bool) -> None:
-        # A refused write (the guest's #GP) raises before anything changes, its exit included.
-        _check_control({"cr0": self.cr0, "cr4": self.cr4, "efer": self.efer, name: value})
+        # A refused write (the guest's #GP) raises before anything changes, its exit included;
+        # _set_control makes the same checks before it applies anything.
         changed = old ^ value
         if changed & (pdptr_bits | role_bits):
             self._set_control(**{"cr0": None, "cr3": None, "cr4": None, "efer": None, name: value},
                               reload_pdptrs=bool(changed & pdptr_bits))
         else:
+            _check_control({"cr0": self.cr0, "cr4": self.cr4, "efer": self.efer, name: value})
             setattr(self, name, value)
         if exit:
             self._exit()
@@ -491,7 +492,7 @@ class Vcpu:
             return False
         if self.vm.kvm_deviations:
             return True
-        return not err & PFERR_GUEST_PAGE_MASK and getattr(self.cpu, "exit_final", True)
+        return not err & PFERR_GUEST_PAGE_MASK and self.cpu.exit_final
 
     def _do_access(self, pieces: tuple[tuple[int, int], ...], hpas: list[int], write: bool, data: bytes,
                    result: AccessResult) -> None:
@@ -558,12 +559,12 @@ class Vcpu:
         batch = ops if isinstance(ops, DecodedAccesses) else DecodedAccesses(ops)
         raw = batch.ops
         n = len(raw) if stop is None else min(stop, len(raw))
-        if not self.efer & EFER_LMA:
+        if batch.wide and not self.efer & EFER_LMA:
             # The one state-dependent argument rule: accesses cannot change the paging mode, so a
             # batch is refused whole, before any op runs, as a bad argument anywhere refuses it.
-            for op in raw[start:n]:
-                if op[0] >> 32:
-                    raise InvalidArgument("gva", op[0], "linear addresses are 32 bits wide outside long mode")
+            for j in batch.wide:
+                if start <= j < n:
+                    raise InvalidArgument("gva", raw[j][0], "linear addresses are 32 bits wide outside long mode")
         i = start
         cpu = self.cpu
         while i < n:
