@@ -8,6 +8,9 @@ their contents, rmaps, TLBs, the MMIO cache), because "nothing half-applied" is 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+
+import pytest
 
 import kvmmu
 from kvmmu.arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
@@ -95,3 +98,14 @@ def assert_names(err: kvmmu.InvalidArgument, what: str, value: object) -> None:
     assert err.what == what, f"the error names {err.what!r}, not the bad parameter {what!r}: {msg}"
     assert shown(value) in msg, f"the message does not show the bad value {shown(value)}: {msg}"
     assert err.rule and err.rule in msg, f"the message states no rule: {msg}"
+
+
+def assert_refused(vm: kvmmu.VM, op: Callable[[], object], what: str, value: object, label: str,
+                   match: str | None = None) -> None:
+    """`op` raises InvalidArgument naming `what` and its bad `value` (and `match`, if given), and
+    leaves the VM exactly as it was."""
+    before = vm_state(vm)
+    with pytest.raises(kvmmu.InvalidArgument, match=match) as info:
+        op()
+    assert_names(info.value, what, value)
+    assert_unchanged(before, vm_state(vm), label)
