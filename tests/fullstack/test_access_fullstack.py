@@ -3,7 +3,7 @@ its vCPU (at CPL0, onto pages KVM keeps write-protected), runs INVLPG, sets its 
 then makes the access.  Fault, error code and every paging entry afterwards must equal the
 independent oracle (tests/oracle), and vm.audit() must stay clean after every case.
 
-Guest-visible A/D behaviour is a property of the MMU flavour (design brief): under shadow paging
+Guest-visible A/D behaviour is a property of the MMU flavour (docs/spec/kvm-pvm-host.md §2): under shadow paging
 KVM's software walker writes A/D only on success ("kvm" policy); under EPT/NPT the CPU walks the
 guest tables itself and sets A on the upper levels it used ("hardware" policy).  The table pool
 is identity-mapped through separate top-level entries so the guest can reach its own tables.

@@ -30,7 +30,7 @@ commits it.  The latitude is exactly that of the TLB (Intel SDM Vol. 3A, 4.10):
   a stale upper-level entry with a current lower one, and the fuzzer wants to know if one ever does);
 * the guest-physical side is never cached: a memslot change is visible to the very next access.
 
-Guest A/D bits follow one of two policies (docs/x86-access-rules.md, design brief):
+Guest A/D bits follow one of two policies (docs/spec/x86-access.md §5.9, docs/spec/kvm-pvm-host.md §2):
   "kvm" (shadow paging: KVM's software walker): A on every level and D on the leaf of a write, only
   when the access is allowed; nothing on a fault.
   "hardware" (EPT/NPT: the CPU walks): the same on success; on a fault, A on the non-leaf entries the

@@ -1,4 +1,4 @@
-"""The fuzzer's reference on small hand-built cases, against the rules of docs/x86-access-rules.md and
+"""The fuzzer's reference on small hand-built cases, against the rules of docs/spec/x86-access.md and
 the SDM (so that a wrong reference cannot pass for a wrong model)."""
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Guest-physical layout (slot 0 = RAM [0, 32 MiB) unless a test says otherwise):
     DATA      0x0040_0000   data pages, identity-mapped on demand by the tests
     MMIO_GPA  0xD000_0000   no memslot: MMIO; the guest maps MMIO_GVA -> MMIO_GPA
 
-Expected values in the tests come from docs/kvm-mmu-spec.md; the helpers here only *observe* the
+Expected values in the tests come from docs/spec/kvm-mmu.md; the helpers here only *observe* the
 model (stats, the per-vCPU MMIO cache, KVM's sptes) and decode MMIO sptes with the spec's formulas
 (§2.5.2), never with the model's own decoder.
 """

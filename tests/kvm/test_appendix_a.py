@@ -1,4 +1,4 @@
-"""Appendix A scenarios 2-13 of docs/kvm-mmu-spec.md in their shadow-paging form.
+"""Appendix A scenarios 2-13 of docs/spec/kvm-mmu.md in their shadow-paging form.
 
 Row 1 ("TDP, first read of an unbacked gpa") is in test_tdp_rows.py.  Under shadow paging its analogue
 is the first access to a gva the guest maps to an unbacked gpa, which is row 7's setup; every "after 1"

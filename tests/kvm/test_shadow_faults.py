@@ -1,6 +1,6 @@
 """Shadow paging: the first touch of a page, guest permission faults, and the guest's A/D bits.
 
-Spec: docs/kvm-mmu-spec.md §3.2 (kvm_mmu_page_fault), §3.4 (stats after the handler), §3.5 (guest walk,
+Spec: docs/spec/kvm-mmu.md §3.2 (kvm_mmu_page_fault), §3.4 (stats after the handler), §3.5 (guest walk,
 error codes, A/D updates only after a successful walk), §3.6 (the shadow fault path), §4 (statistics).
 """
 
@@ -131,7 +131,7 @@ def test_guest_fault_is_injected_with_sdm_error_code(guest: Guest, flags: int, k
 
 
 def test_faulting_walk_sets_no_accessed_bit(guest: Guest) -> None:
-    """Design brief (measured on real KVM) + §3.5.1 step 9: KVM's walker sets A only after a successful
+    """docs/spec/kvm-pvm-host.md §2 (measured on real KVM) + §3.5.1 step 9: KVM's walker sets A only after a successful
     walk, so a walk ending in a fault leaves the new PDE and the leaf gpte without A."""
     g = guest
     g.pt.map(DATA, DATA, flags=P | RW)        # supervisor-only page

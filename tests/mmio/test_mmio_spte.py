@@ -1,6 +1,6 @@
 """MMIO sptes: encoding, when caching is possible at all, and a KVM bug reported loudly.
 
-Golden values are the worked examples of kvm-mmu-spec.md §2.5.2, computed there from the rules.
+Golden values are the worked examples of docs/spec/kvm-mmu.md §2.5.2, computed there from the rules.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Shadow-MMU machinery that scenario tests rarely reach: the page quota, several vCPUs sharing one
-MMU, trace events, and vm.audit() catching corruption.  Rules from kvm-mmu-spec.md §2.2, §3.11, §4.
+MMU, trace events, and vm.audit() catching corruption.  Rules from docs/spec/kvm-mmu.md §2.2, §3.11, §4.
 """
 
 from __future__ import annotations

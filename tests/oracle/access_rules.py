@@ -1,6 +1,6 @@
 """An independent oracle for one x86 data or instruction access through the paging structures.
 
-Written from the rules in docs/x86-access-rules.md (section 2, "expected-outcome rules", and section 5,
+Written from the rules in docs/spec/x86-access.md (section 2, "expected-outcome rules", and section 5,
 "architecture facts", which cite the Intel SDM Vol. 3A chapter 4).  It imports nothing from kvmmu: the
 bit positions, the reserved-bit rules, the permission rules and the error-code rules are restated
 here, deliberately in a different shape from the walker (a rule-by-rule walk over a dict of entries,

@@ -1,4 +1,4 @@
-"""kvmmu.real against the real /dev/kvm, checked against docs/real-kvm-on-these-machines.md.
+"""kvmmu.real against the real /dev/kvm, checked against docs/spec/kvm-pvm-host.md.
 
 Guests are hand-assembled x86-64 machine code, one instruction per line.  They start in flat long
 mode at CPL0 (run by KVM's instruction emulator on kvm_pvm) unless a test says CPL3 (native).

@@ -1,5 +1,5 @@
 """Host profiles on the model.  Expected values are measurements of the real kvm_pvm host
-(docs/real-kvm-on-these-machines.md §2, §4, §6 and docs/real-kvm.md), not the model's output."""
+(docs/spec/kvm-pvm-host.md §2, §4, §6 and docs/real-kvm.md), not the model's output."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """TDP (EPT / NPT): a direct MMU, faults arrive with a gpa, MMIO sptes by the flavour's encoding.
 
-Expected values come from kvm-mmu-spec.md (§2.4.2, §2.5, §3.1, §3.7, Appendix A) and the SDM.
+Expected values come from docs/spec/kvm-mmu.md (§2.4.2, §2.5, §3.1, §3.7, Appendix A) and the SDM.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_guest_page_fault_goes_straight_to_the_guest(flavour: str) -> None:
 
 
 def test_faulting_walk_sets_upper_a_bits_under_ept_but_not_under_shadow() -> None:
-    """Design brief: KVM's software walker (shadow) sets no A bit on a faulting walk; the CPU walking
+    """docs/spec/kvm-pvm-host.md §2: KVM's software walker (shadow) sets no A bit on a faulting walk; the CPU walking
     the guest tables itself (EPT) sets A on the upper levels it used."""
     results = {}
     for flavour in ("shadow", "ept"):

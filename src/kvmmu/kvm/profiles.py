@@ -3,7 +3,7 @@
 The MMU model (VM, vCPU, shadow/TDP MMU) is the same everywhere; what differs between hosts is *how
 guest instructions reach it*.  A profile is that difference, made explicit:
 
-``"kvm-pvm"`` — the nested kvm_pvm hosts this project runs on (docs/real-kvm-on-these-machines.md):
+``"kvm-pvm"`` — the nested kvm_pvm hosts this project runs on (docs/spec/kvm-pvm-host.md):
 
 - CPL0 code never runs on hardware: KVM's instruction emulator executes every instruction
   (``insn_emulation`` counts each decode).  Its accesses use KVM's software walker (A/D bits set

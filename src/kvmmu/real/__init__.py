@@ -3,7 +3,7 @@
 Used to check the model against the kernel where /dev/kvm exists; ``available()`` says whether it
 does.  On the kvm_pvm hosts this project is developed on, CPL0 guest code runs in KVM's instruction
 emulator and 64-bit CPL3 code runs natively under the shadow MMU with mmio_caching=N (see
-docs/real-kvm-on-these-machines.md).
+docs/spec/kvm-pvm-host.md).
 """
 
 from __future__ import annotations

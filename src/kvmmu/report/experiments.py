@@ -201,7 +201,7 @@ def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
 
 
 COVER_LETTER = {
-    # v1 cover letter (x86_64 host), averages of the three runs quoted there (docs/kvm-mmu-spec.md section 6)
+    # v1 cover letter (x86_64 host), averages of the three runs quoted there (docs/spec/kvm-mmu.md section 6)
     ("netperf", "ept"): ((709.58 + 715.40 + 713.45) / 3, (734.60 + 723.75 + 724.22) / 3),
     ("netperf", "shadow"): ((706.10 + 709.38 + 695.90) / 3, (709.63 + 715.80 + 710.70) / 3),
     ("kernbench", "ept"): ((154.749 + 154.651 + 154.543) / 3, (153.482 + 153.161 + 154.271) / 3),
