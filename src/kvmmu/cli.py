@@ -3,7 +3,9 @@
     kvmmu run SCENARIO.toml [--json | --csv]          one scenario -> KVM's counters and the modelled cost
     kvmmu compare SCENARIO.toml                       MMU flavours x MMIO policies, one table with ratios
     kvmmu explain [--mmu M] [--policy P] [--target T] one access, step by step
-    kvmmu trace SCENARIO.toml                         the event stream, trace-cmd style
+    kvmmu trace SCENARIO.toml [-e EVENT] [--export F] KVM's events as trace-cmd report prints them
+    kvmmu stat SCENARIO.toml [-1 | -l] [-f REGEX]     kvm_stat: KVM's events, totals and rates
+    kvmmu kvm-stat-report SCENARIO.toml               perf kvm stat report: VM exits by reason, with time
     kvmmu plot SCENARIO.toml -o FILE.png              counters over time / policy bars (needs matplotlib)
     kvmmu experiment a|b|c [--full]                   the seed's experiments (docs/experiments.md)
     kvmmu demo                                        experiment (a), small enough for about a minute
@@ -146,17 +148,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_trace(args: argparse.Namespace) -> int:
-    from .report.tracefmt import trace_scenario
-    sc = _load(args)
-    events = _csv_list(args.events, tuple(args.events.split(",")), "--events") if args.events else None
-    prog = Progress(f"trace {sc.name}", args.quiet)
-    text = trace_scenario(sc, events=events, limit=args.max_events, progress=prog)
-    prog.done()
-    _emit(args, text)
-    return 0
-
-
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .report.plot import plot_compare, plot_series, require_matplotlib
     require_matplotlib()
@@ -278,11 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the host swaps out the guest's page-table pages just before the explained access")
     e.set_defaults(func=_cmd_explain)
 
-    t = sub.add_parser("trace", help="run a scenario and print KVM's events, trace-cmd style")
-    common(t)
-    t.add_argument("--events", help="comma list of event names to keep (default: all)")
-    t.add_argument("--max-events", type=int, default=2000, help="stop printing after this many (default 2000)")
-    t.set_defaults(func=_cmd_trace)
+    from .report.tracecli import add_cli as add_trace_tools
+    add_trace_tools(sub, common)
 
     pl = sub.add_parser("plot", help="PNG charts (needs the optional extra: pip install 'kvmmu[plot]')")
     common(pl)

@@ -260,7 +260,7 @@ def kvm_unmap_hva(vm: object, hva: int) -> bool:
             mmu.drop_spte(sptep)
             dropped = True
     if dropped:
-        vm.trace.emit("kvm_unmap_hva_range", start=hva & ~0xFFF, end=(hva & ~0xFFF) + 0x1000)  # type: ignore
+        vm.trace.emit("host_unmap", start=hva & ~0xFFF, end=(hva & ~0xFFF) + 0x1000)  # type: ignore
         mmu.flush_remote_tlbs()
     return dropped
 

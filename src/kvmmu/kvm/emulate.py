@@ -94,7 +94,7 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tupl
     if gpa is not None:
         trace = vcpu.vm.trace
         if trace.enabled:
-            trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=bool(access & PFERR_WRITE_MASK), gva_match=True)
+            trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=bool(access & PFERR_WRITE_MASK), gpa_match=False)
         return gpa, True
     if mmu.cpu_role.mode.root_level == 0:
         gpa = gva
@@ -118,7 +118,8 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     vcpu.stats["insn_emulation"] += 1
     vcpu.counters["emulated_accesses"] += 1
     if vm.trace.enabled:
-        vm.trace.emit("kvm_emulate_insn", rip=gva, size=size, write=write)
+        vm.trace.emit("kvm_emulate_insn", csbase=0, rip=vcpu.rip, insn=vcpu.insn_bytes, mode=_emul_mode(vcpu),
+                      failed=False)
     first = 0x1000 - (gva & 0xFFF)
     if first >= size:
         pieces: tuple[tuple[int, int], ...] = ((gva, size),)
@@ -169,6 +170,13 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
                 pos += n
     if out is not None:
         result.value = int.from_bytes(out, "little")
+
+
+def _emul_mode(vcpu: Vcpu) -> str:
+    """The emulator's mode as kvm_emulate_insn names it (the model's vCPUs run 64-bit or 32-bit code)."""
+    if not vcpu.cr0 & 1:
+        return "real"
+    return "prot64" if vcpu.efer & 0x400 else "prot32"
 
 
 def _fetch_fails(vcpu: Vcpu, translated: list[tuple[int, bool]]) -> bool:
@@ -227,5 +235,9 @@ def _iobus(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearr
                 break
             out[at + done:at + done + k] = (v & ((1 << (8 * k)) - 1)).to_bytes(k, "little")
         vcpu.counters["iobus_handled"] += 1
+        if vm.trace.enabled:
+            vm.trace.emit("kvm_mmio", type=2 if write else 1, len=k, gpa=gpa + done,
+                          val=int.from_bytes(chunk[done:done + k], "little") if write
+                          else int.from_bytes(out[at + done:at + done + k], "little"))
         done += k
     return done

@@ -76,7 +76,7 @@ def enter_guest_mode(vcpu: Vcpu, eptp: int, cr0: int, cr3: int, cr4: int, efer: 
     vcpu.stats["nested_run"] += 1
     vcpu.stats["guest_mode"] = 1
     vcpu.cpu.flush()
-    vm.trace.emit("kvm_nested_vmenter", eptp=eptp, cr3=cr3)
+    vm.trace.emit("nested_vmenter", eptp=eptp, cr3=cr3)
 
 
 def leave_guest_mode(vcpu: Vcpu) -> None:
@@ -89,14 +89,14 @@ def leave_guest_mode(vcpu: Vcpu) -> None:
     vcpu.mmu_is_nested = False
     vcpu.stats["guest_mode"] = 0
     vcpu.cpu.flush()
-    vcpu.vm.trace.emit("kvm_nested_vmexit")
+    vcpu.vm.trace.emit("nested_vmexit")
 
 
 def reflect_ept_fault(vcpu: Vcpu, ngpa: int, w: Walk) -> None:
     """nested_ept_inject_page_fault: turn a failed walk of L1's EPT into a VM exit to L1."""
     reason = "ept_misconfig" if w.fault == EXIT_REASON_EPT_MISCONFIG else "ept_violation"
     vcpu.pending_nested_exit = NestedExit(reason, ngpa, w.error_code if w.fault == EXIT_REASON_EPT_VIOLATION else 0)
-    vcpu.vm.trace.emit("kvm_nested_ept_fault", ngpa=ngpa, reason=reason)
+    vcpu.vm.trace.emit("nested_ept_fault", ngpa=ngpa, reason=reason)
 
 
 def _l1_ept_walk(vcpu: Vcpu, ngpa: int, access: int) -> Walk:

@@ -42,6 +42,7 @@ from ..errors import InvalidArgument, KvmBug
 from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu, check_access_args
 from ..hw.tdp import TdpCpu
 from .emulate import MmioExit, emulate_access
+from .exits import EXIT_CR_ACCESS, EXIT_INVLPG, trace_exit, trace_page_fault_exit
 from .memslots import Memslot
 from .mmu.context import VcpuMmu
 from .mmu.fault import kvm_mmu_page_fault
@@ -126,6 +127,10 @@ class Vcpu:
         self.cr2 = 0
         self.cpl = 0
         self.rflags = 0x2
+        # What kvm_exit / kvm_emulate_insn report: the software CPU sets them for real code; a scripted
+        # guest has no instruction, so they stay 0 and empty.
+        self.rip = 0
+        self.insn_bytes = b""
         self.pkru = 0
         self.stats = Stats(VCPU_STATS)
         self.counters = Stats(MODEL_COUNTERS)
@@ -249,9 +254,13 @@ class Vcpu:
             _check_control({"cr0": self.cr0, "cr4": self.cr4, "efer": self.efer, name: value})
             setattr(self, name, value)
         if exit:
-            self._exit()
+            self._exit(EXIT_CR_ACCESS)
+            if name != "efer" and self.vm.trace.enabled:
+                self.vm.trace.emit("kvm_cr", rw=1, cr=int(name[2]), val=value)
         if name == "cr4" and changed & X86_CR4_PGE:
             self.cpu.flush()                 # MOV to CR4 changing PGE flushes global entries too
+        if exit:
+            self._entry()
 
     def write_cr3(self, value: int, flush: bool = True, exit: bool = True) -> None:
         """MOV to CR3 (kvm_set_cr3): reuse a cached root if one matches, resync, flush the TLB."""
@@ -270,7 +279,9 @@ class Vcpu:
         if pae_legacy:
             self.mmu.pdptrs = self._load_pdptrs(value)      # a refusal (#GP) happens before the exit counts
         if exit:
-            self._exit()
+            self._exit(EXIT_CR_ACCESS)
+            if self.vm.trace.enabled:
+                self.vm.trace.emit("kvm_cr", rw=1, cr=3, val=value)
         if value != self.cr3:
             if pae_legacy:
                 self.cr3 = value
@@ -281,7 +292,8 @@ class Vcpu:
         if flush:
             self.requests.add("KVM_REQ_MMU_SYNC")
             self.requests.add("KVM_REQ_TLB_FLUSH_CURRENT")
-        self.vm.trace.emit("kvm_cr3", cr3=value, reused=self.mmu.root_hpa != 0)
+        if exit:
+            self._entry()
 
     def invlpg(self, gva: int, exit: bool = True) -> None:
         """INVLPG: under shadow paging KVM intercepts it and resyncs the spte if its page is unsync."""
@@ -291,14 +303,22 @@ class Vcpu:
             self.cpu.flush_gva(gva)          # not intercepted with TDP: the CPU handles it
             return
         if exit:
-            self._exit()
+            self._exit(EXIT_INVLPG)
         self.stats["invlpg"] += 1
         self.cpu.flush_gva(gva)
         self.mmu.invalidate_addr(gva)
-        self.vm.trace.emit("kvm_invlpg", gva=gva)
+        if exit:
+            self._entry()
 
-    def _exit(self) -> None:
+    def _exit(self, reason: int) -> None:
+        """An intercepted instruction's VM exit (`reason` in VMX numbering; kvm_exit shows the ISA's name)."""
         self.stats["exits"] += 1
+        if self.vm.trace.enabled:
+            trace_exit(self, reason)
+
+    def _entry(self) -> None:
+        if self.vm.trace.enabled:
+            self.vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)
 
     # -- KVM's side of an exit -------------------------------------------------------------------
     def inject_page_fault(self, error_code: int, cr2: int) -> None:
@@ -313,7 +333,8 @@ class Vcpu:
         self.cpu.flush_gva(cr2)              # a #PF invalidates the TLB entries for its address
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
-        self.vm.trace.emit("kvm_inj_exception", vector=PF_VECTOR, error_code=error_code & 0xFFFF, cr2=cr2)
+        if self.vm.trace.enabled:
+            self.vm.trace.emit("kvm_inj_exception", exception=PF_VECTOR, has_error=True, error_code=error_code & 0xFFFF)
 
     def deliver_guest_fault(self, error_code: int, cr2: int) -> None:
         """A #PF the CPU delivers to the guest by itself (TDP): KVM never sees it."""
@@ -462,7 +483,11 @@ class Vcpu:
                     result.fault = self.take_exception()
                     return result
                 self.stats["exits"] += 1
+                if vm.trace.enabled:
+                    trace_page_fault_exit(self, addr, err)
                 r = kvm_mmu_page_fault(self, addr, err)
+                if vm.trace.enabled and r != RET_PF_EMULATE:
+                    vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)
                 if self.pending_nested_exit is not None:
                     return self._nested_exit(result)
                 if self.pending_exception is not None:
@@ -470,6 +495,8 @@ class Vcpu:
                     return result
                 if r == RET_PF_EMULATE:
                     emulate_access(self, gva, size, pfec, data, addr, self._gpa_available(err), result)
+                    if vm.trace.enabled:
+                        vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)
                     if self.pending_nested_exit is not None:
                         return self._nested_exit(result)
                     return result

@@ -165,7 +165,7 @@ class VM:
         if change == "flags" and new is not None and new.flags & KVM_MEM_LOG_DIRTY_PAGES and \
                 not old.flags & KVM_MEM_LOG_DIRTY_PAGES:
             self._write_protect_slot(new)
-        self.trace.emit("kvm_set_user_memory_region", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
+        self.trace.emit("memslot_update", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
                         memory_size=memory_size, change=change)
         if raised:
             raise raised[0]
@@ -181,7 +181,7 @@ class VM:
             return
         g = gen & masks.gen.mask & ~(self.memslots.nr_as - 1)
         if g == 0:
-            self.trace.emit("kvm_mmu_invalidate_mmio_sptes", gen=gen, wrapped=True)
+            self.trace.emit("mmio_generation_wrap", gen=gen)
             self.mmu.zap_all_fast()
 
     def _write_protect_slot(self, slot: Memslot) -> None:
@@ -290,6 +290,13 @@ class VM:
         vcpu.counters["userspace_exits"] += 1
         self.coalesced_ring.clear()
         exit_ = MmioExit(gpa, length, is_write, data)
+        trace = self.trace
+        if trace.enabled:
+            # write_mmio traces the write, read_exit_mmio the read still to be satisfied; then KVM_RUN
+            # returns KVM_EXIT_MMIO to the VMM.
+            trace.emit("kvm_mmio", type=2 if is_write else 0, len=length, gpa=gpa,
+                       val=int.from_bytes(data, "little") if is_write else 0)
+            trace.emit("kvm_userspace_exit", reason=6, errno=0)
         reply = self._mmio_handler(exit_) if self._mmio_handler is not None else None
         if not is_write:
             if not isinstance(reply, (int, bytes, bytearray, memoryview, type(None))):
@@ -304,8 +311,9 @@ class VM:
                 value = (1 << (8 * length)) - 1      # nothing there: the bus floats to all ones
             exit_.data = (value & ((1 << (8 * length)) - 1)).to_bytes(length, "little")
         self.mmio_log.append(exit_)
-        self.trace.emit("kvm_mmio", type="write" if is_write else "read", len=length, gpa=gpa,
-                        val=int.from_bytes(exit_.data, "little"))
+        if trace.enabled and not is_write:
+            # complete_emulated_mmio, back in KVM_RUN: the read now has its data.
+            trace.emit("kvm_mmio", type=1, len=length, gpa=gpa, val=int.from_bytes(exit_.data, "little"))
         return exit_
 
     # -- reporting ---------------------------------------------------------------------------------

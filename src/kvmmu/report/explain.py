@@ -21,6 +21,7 @@ from ..kvm.mmu.spte import (
     get_mmio_spte_gfn,
     is_mmio_spte,
 )
+from ..kvm.tracepoints import format_event
 from ..vmm.machine import Machine, MachineSpec
 
 TARGETS = {
@@ -35,26 +36,30 @@ TARGETS = {
 }
 
 GLOSS = {
-    "kvm_page_fault": "the CPU exited to KVM: a #PF (shadow) / EPT violation or misconfiguration (TDP)",
+    "kvm_exit": "the CPU exited to KVM: an intercepted #PF (shadow), an EPT violation or misconfiguration, a #NPF",
+    "kvm_page_fault": "the exit handler passes the fault to KVM's MMU (not for an EPT misconfiguration)",
+    "kvm_entry": "KVM resumed the guest",
     "vcpu_match_mmio": "the per-vCPU MMIO cache matched: no walk needed to know it is MMIO",
     "check_mmio_spte": "the fast path compared the MMIO spte's generation with the memslots'",
     "handle_mmio_page_fault": "the fast path recognised an MMIO spte: emulate without the full fault path",
     "kvm_mmu_pagetable_walk": "KVM walked the guest's page tables in software (each gpte read through a memslot)",
+    "kvm_mmu_walker_error": "the guest's own tables fault: KVM will inject a #PF",
     "mark_mmio_spte": "no memslot backs the gfn: KVM installed an MMIO spte for next time",
     "kvm_mmu_set_spte": "KVM installed a leaf spte mapping guest RAM",
-    "kvm_mmu_get_page": "KVM allocated a shadow page",
-    "kvm_mmu_page_fault_done": "the full fault path finished",
+    "kvm_mmu_get_page": "KVM found or allocated a shadow page",
+    "page_fault_done": "(model) the full fault path finished with this result",
     "kvm_emulate_insn": "KVM emulated the instruction",
-    "kvm_mmio": "the access went to userspace: KVM_EXIT_MMIO, the VMM's device answered",
+    "kvm_mmio": "an emulated MMIO access: to an in-kernel device, or (unsatisfied-read / write) to userspace",
+    "kvm_userspace_exit": "KVM_RUN returned to the VMM (KVM_EXIT_MMIO): its device answered",
     "kvm_inj_exception": "KVM injected a #PF into the guest (the guest's own tables say no)",
     "kvm_mmu_prepare_zap_page": "KVM zapped a shadow page",
     "kvm_mmu_unsync_page": "KVM let a guest page table go unsync (writable) instead of write-protecting it",
-    "kvm_mmu_track_write": "an emulated write hit a shadowed guest page table",
-    "kvm_set_user_memory_region": "the VMM changed a memslot",
+    "write_tracked_gpte": "(model) an emulated write hit a shadowed guest page table (kvm_mmu_track_write)",
+    "memslot_update": "(model) the VMM changed a memslot",
     "kvm_mmu_zap_all_fast": "every shadow page became obsolete",
-    "kvm_unmap_hva_range": "the host swapped a page out: the mmu notifier dropped its sptes",
-    "host_swapin": "KVM touched a swapped-out host page: the host read it back from swap",
-    "kvm_cr3": "the guest loaded CR3",
+    "host_unmap": "(model) the host swapped a page out: the mmu notifier dropped its sptes",
+    "host_swapin": "(model) KVM touched a swapped-out host page: the host read it back from swap",
+    "kvm_cr": "the guest wrote a control register (an intercepted MOV to CR)",
 }
 
 
@@ -198,9 +203,7 @@ def explain(mmu: str = "shadow", policy: str = "generation", target: str = "door
     if not events:
         lines.append("   nothing: the access never left the guest")
     for i, ev in enumerate(events, 1):
-        args = " ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}"
-                        for k, v in ev.fields.items())
-        lines.append(f"   {i:2}. {ev.name}: {args}")
+        lines.append(f"   {i:2}. {ev.name}: {format_event(ev.name, ev.fields)}")
         if ev.name in GLOSS:
             lines.append(f"       ({GLOSS[ev.name]})")
     lines += ["", "5. Path taken: " + _path(d_stats, d_counters, r, direct)]

@@ -23,6 +23,7 @@ from .page import (
     ROLE_QUADRANT_SHIFT,
     ShadowPage,
     make_role,
+    trace_fields,
 )
 from .spte import SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
 
@@ -301,7 +302,8 @@ class VcpuMmu:
             break
         kvm.commit_zap_page(invalid)
         if found is not None:
-            self.vm.trace.emit("kvm_mmu_get_page", gfn=gfn, role=role, created=False)
+            if self.vm.trace.enabled:
+                self.vm.trace.emit("kvm_mmu_get_page", created=False, **trace_fields(found))
             return found
         kvm.stats["mmu_cache_miss"] += 1
         return kvm.alloc_page(gfn, role)
@@ -398,7 +400,8 @@ class VcpuMmu:
             if r < 0:
                 return -1
             flush |= r
-        self.vm.trace.emit("kvm_mmu_sync_page", gfn=sp.gfn, role=sp.role)
+        if self.vm.trace.enabled:
+            self.vm.trace.emit("kvm_mmu_sync_page", **trace_fields(sp))
         return flush
 
     def invalidate_addr(self, gva: int, current_only: bool = False) -> None:

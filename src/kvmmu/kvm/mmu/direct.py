@@ -61,7 +61,9 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
             if fault.slot is not None:
                 mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
             mmu.vcpu.stats["pf_fast"] += 1
-            mmu.vm.trace.emit("fast_page_fault", gfn=fault.gfn, old=spte, new=spte | 2 | m.dirty)
+            mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
+                              error_code=fault.error_code, sptep=sptep, old_spte=spte,
+                              new_spte=spte | 2 | m.dirty, ret="FIXED")
             return RET_PF_FIXED
     return None
 

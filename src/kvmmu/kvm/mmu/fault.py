@@ -47,7 +47,6 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
     """Returns RET_PF_EMULATE when the access must be emulated, anything else means 'resume'."""
     vm = vcpu.vm
     direct = vcpu.mmu.direct
-    vm.trace.emit("kvm_page_fault", addr=addr, error_code=error_code)
     r = RET_PF_INVALID
     if error_code & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, addr, direct)
@@ -58,5 +57,5 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
         r = kvm_mmu_do_page_fault(vcpu, addr, error_code)
         if r == RET_PF_INVALID:
             raise AssertionError("the full fault path must not return RET_PF_INVALID")
-    vm.trace.emit("kvm_mmu_page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
+    vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
     return r

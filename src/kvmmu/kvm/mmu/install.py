@@ -74,7 +74,9 @@ def mark_mmio_spte(mmu: VcpuMmu, sptep: int, gfn: int, access: int) -> None:
     gen = mmu.vm.memslots.generation(vcpu.as_id)
     spte = make_mmio_spte(mmu.masks, gfn, access, gen)
     mmu.kvm.write_spte(sptep, spte)
-    mmu.vm.trace.emit("mark_mmio_spte", sptep=sptep, gfn=gfn, access=access & mmu.masks.mmio_access_mask,
+    # The tracepoint's access is `spte & ACC_ALL`: on shadow/NPT that includes the MMIO value's P bit
+    # (7 or 5 where the cached access is 6 or 4); on EPT the W+X marker (6).
+    mmu.vm.trace.emit("mark_mmio_spte", sptep=sptep, gfn=gfn, access=spte & 7,
                       gen=gen & (mmu.masks.gen.mask if mmu.masks.gen else 0))
 
 
@@ -118,7 +120,7 @@ def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int
         if was_rmapped and (old & ~new) & 0x7:
             flush = True
         vcpu.counters["spte_installs"] += 1
-        mmu.vm.trace.emit("kvm_mmu_set_spte", level=sp.level, gfn=gfn, spte=new, sptep=sptep)
+        mmu.vm.trace.emit("kvm_mmu_set_spte", level=sp.level, gfn=gfn, spte=new, sptep=sptep, ept=mmu.masks.ept)
     if wrprot and fault is not None and fault.write:
         ret = RET_PF_EMULATE
     if sp.shadowed_translation is not None:

@@ -90,8 +90,10 @@ def check_mmio_spte(vcpu: Vcpu, spte: int) -> bool:
         masks = vcpu.mmu.masks
         ok = (gen & masks.gen.mask) == get_mmio_spte_generation(masks, spte)
     if vm.trace.enabled:
-        vm.trace.emit("check_mmio_spte", spte=spte, kvm_gen=gen,
-                      spte_gen=get_mmio_spte_generation(vcpu.mmu.masks, spte), ok=ok)
+        # kvm_gen is the generation as the spte field holds it (check_mmio_spte compares the two).
+        mask = vcpu.mmu.masks.gen.mask if vcpu.mmu.masks.gen else 0
+        vm.trace.emit("check_mmio_spte", spte=spte, kvm_gen=gen & mask,
+                      spte_gen=get_mmio_spte_generation(vcpu.mmu.masks, spte))
     return ok
 
 
@@ -99,9 +101,6 @@ def handle_mmio_page_fault(vcpu: Vcpu, addr: int, direct: bool) -> int:
     c = vcpu.counters
     if mmio_info_in_cache(vcpu, addr, direct):
         c["mmio_cache_hits"] += 1
-        trace = vcpu.vm.trace
-        if trace.enabled:
-            trace.emit("vcpu_match_mmio", addr=addr, gpa=vcpu.mmio_gfn << 12, gva_match=not direct)
         return RET_PF_EMULATE
     reserved, spte = get_mmio_spte(vcpu, addr)
     if reserved:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ...errors import KvmBug
-from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage
+from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, trace_fields
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
@@ -83,7 +83,8 @@ class KvmMmu:
         self.n_used_mmu_pages += 1
         if not sp.direct and not role & ROLE_PASSTHROUGH:
             self.account_shadowed(sp)
-        self.vm.trace.emit("kvm_mmu_get_page", gfn=gfn, role=role, created=True)
+        if self.vm.trace.enabled:
+            self.vm.trace.emit("kvm_mmu_get_page", created=True, **trace_fields(sp))
         return sp
 
     def account_shadowed(self, sp: ShadowPage) -> None:
@@ -178,7 +179,8 @@ class KvmMmu:
     def unsync_page(self, sp: ShadowPage) -> None:
         sp.unsync = True
         self.stats["mmu_unsync"] += 1
-        self.vm.trace.emit("kvm_mmu_unsync_page", gfn=sp.gfn, role=sp.role)
+        if self.vm.trace.enabled:
+            self.vm.trace.emit("kvm_mmu_unsync_page", **trace_fields(sp))
         for parent in list(sp.parent_ptes):
             self.mark_unsync(parent)
 
@@ -226,7 +228,8 @@ class KvmMmu:
         if sp.invalid and sp not in self.active_mmu_pages:
             return False
         self.stats["mmu_shadow_zapped"] += 1
-        self.vm.trace.emit("kvm_mmu_prepare_zap_page", gfn=sp.gfn, role=sp.role)
+        if self.vm.trace.enabled:
+            self.vm.trace.emit("kvm_mmu_prepare_zap_page", **trace_fields(sp))
         if sp.unsync_children:
             self._zap_unsync_children(sp, invalid_list)
         for i in range(512):
@@ -304,8 +307,10 @@ class KvmMmu:
 
     def zap_all_fast(self) -> None:
         """kvm_mmu_zap_all_fast: make every page obsolete, have vCPUs drop their roots, zap the rest."""
+        # KVM traces before it flips the generation (kvm_mmu_zap_all_fast).
+        self.vm.trace.emit("kvm_mmu_zap_all_fast", mmu_valid_gen=self.mmu_valid_gen,
+                           mmu_used_pages=self.n_used_mmu_pages)
         self.mmu_valid_gen ^= 1
-        self.vm.trace.emit("kvm_mmu_zap_all_fast", mmu_valid_gen=self.mmu_valid_gen)
         self.vm.request_all("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         invalid: list[ShadowPage] = []
         for sp in list(self.active_mmu_pages):
@@ -371,7 +376,7 @@ class KvmMmu:
                     self.stats["mmu_pde_zapped"] += 1
                 if entry & SPTE_MMU_PRESENT_MASK:
                     flush = True
-        self.vm.trace.emit("kvm_mmu_track_write", gpa=gpa, bytes=nbytes)
+        self.vm.trace.emit("write_tracked_gpte", gpa=gpa, bytes=nbytes)
         if invalid:
             self.commit_zap_page(invalid)
         elif flush:

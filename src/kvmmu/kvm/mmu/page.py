@@ -107,3 +107,9 @@ class ShadowPage:
 
     def __repr__(self) -> str:
         return f"<sp gfn={self.gfn:#x} {describe_role(self.role)}{' unsync' if self.unsync else ''}>"
+
+
+def trace_fields(sp: ShadowPage) -> dict[str, int | bool]:
+    """What KVM_MMU_PAGE_ASSIGN records of a shadow page for the kvmmmu page events."""
+    return {"mmu_valid_gen": sp.mmu_valid_gen, "gfn": sp.gfn, "role": sp.role & 0xFFFF_FFFF,
+            "root_count": sp.root_count, "unsync": sp.unsync}

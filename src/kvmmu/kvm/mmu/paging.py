@@ -46,8 +46,11 @@ def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
     ctx = mmu.walk_ctx
     pdptrs = mmu.pdptrs if ctx.mode.pae_pdptes else None
     w = walk(ctx, vcpu.pte_reader, mmu.walk_root(), addr, access, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
-    vcpu.vm.trace.emit("kvm_mmu_pagetable_walk", addr=addr, pferr=access, fault=w.fault,
-                       error_code=w.error_code, gpa=w.gpa)
+    trace = vcpu.vm.trace
+    if trace.enabled:
+        trace.emit("kvm_mmu_pagetable_walk", addr=addr, pferr=access & 0xFFFF_FFFF)
+        if w.fault:
+            trace.emit("kvm_mmu_walker_error", pferr=w.error_code & 0xFFFF_FFFF)
     if ctx.mode.ept:
         w.pte_access = EPT_TO_ACC[w.pte_access & 7]
         w.pt_access = [EPT_TO_ACC[a & 7] for a in w.pt_access]
