@@ -52,12 +52,16 @@ def _vm_totals(m: Any, exits: dict[str, int]) -> dict[str, int]:
 
 def collect_stats(sc: Any, interval_s: float, progress: Callable[[float], None] | None = None,
                   on_sample: Callable[[StatRun], None] | None = None) -> StatRun:
-    """Run the scenario, sampling every VM's events every `interval_s` modelled seconds (and at the end)."""
-    if not interval_s > 0 or interval_s != interval_s or interval_s == float("inf"):
+    """Run the scenario, sampling every VM's events every `interval_s` modelled seconds (and at the end).
+
+    Sampling is passive: the totals are read when the first event past each boundary is traced, so
+    watching a run never changes it (a VMM timer would perturb the scheduling)."""
+    if not interval_s > 0 or interval_s == float("inf"):
         raise ScenarioError(f"--interval {interval_s}: a sampling interval is a positive number of seconds")
     run = StatRun(sc.name, [v.spec.name for v in sc.vms], interval_s)
     exit_counts: list[dict[str, int]] = []
     built: list[Any] = []
+    next_t = [interval_s]
 
     def sample(t_s: float) -> None:
         run.times.append(t_s)
@@ -67,26 +71,27 @@ def collect_stats(sc: Any, interval_s: float, progress: Callable[[float], None] 
 
     def attach(machines: list[Any], oses: list[Any]) -> None:
         built.extend(machines)
-        for m in machines:
+        for m, o in zip(machines, oses, strict=True):
             counts: dict[str, int] = {}
             exit_counts.append(counts)
+            ghz, cpus = o.p.ghz * 1e9, o.cpus
 
-            def sub(ev: Any, counts: dict[str, int] = counts) -> None:
+            def sub(ev: Any, counts: dict[str, int] = counts, ghz: float = ghz, cpus: Any = cpus) -> None:
+                cpu = cpus[ev.vcpu if 0 <= ev.vcpu < len(cpus) else 0]
+                while cpu.clock / ghz >= next_t[0]:
+                    sample(next_t[0])
+                    next_t[0] += interval_s
                 if ev.name == "kvm_exit":
                     label = exit_label(ev.fields)
                     counts[label] = counts.get(label, 0) + 1
             m.vm.trace.subscribe(sub)
             m.vm.trace.enable(capacity=1)
-        ghz = oses[0].p.ghz * 1e9
-        period = max(1, int(interval_s * ghz))
-
-        def tick(t: int) -> None:
-            sample(t / ghz)
-            oses[0].vmm_at(t + period, tick)
-        oses[0].vmm_at(period, tick)
     res = sc.run(progress=progress, on_built=attach)
-    if not run.times or run.times[-1] < res.modelled_s:
-        sample(res.modelled_s)
+    # The run's end: a boundary sample taken at the same modelled time is replaced by the final totals.
+    if run.times and run.times[-1] >= res.modelled_s:
+        run.times.pop()
+        run.samples.pop()
+    sample(res.modelled_s)
     return run
 
 
