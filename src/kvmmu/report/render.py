@@ -169,6 +169,10 @@ def compare_rows(results: list[tuple[str, ScenarioResult]]) -> tuple[list[str], 
         rows.append(cells)
     for label, name in COMPARE_ROWS:
         line(label, [r.total(name) for _, r in results])
+    # The signal of the MMIO policies: the share of MMIO accesses that missed the fast path, and how
+    # many fast-path attempts found a stale generation (the price of not zapping on memslot changes).
+    line("MMIO miss rate (%)", [_miss_rate(r) for _, r in results])
+    line("fast path: stale generation", [r.total("mmio_fastpath_invalid") for _, r in results])
     wl_keys = [k for k, x in results[0][1].vms[0].workload.items() if isinstance(x, (int, float))]
     for k in wl_keys:
         line(f"workload: {k}", [sum(v.workload.get(k) or 0 for v in r.vms) for _, r in results])
@@ -177,6 +181,11 @@ def compare_rows(results: list[tuple[str, ScenarioResult]]) -> tuple[list[str], 
          [_per_mmio(r) for _, r in results])
     line("modelled seconds", [r.modelled_s for _, r in results])
     return header, rows
+
+
+def _miss_rate(r: ScenarioResult) -> float:
+    n = r.total("mmio_accesses")
+    return 100.0 * r.total("mmio_slow_path") / n if n else 0.0
 
 
 def _per_mmio(r: ScenarioResult) -> float:
@@ -207,6 +216,8 @@ def compare_csv(results: list[tuple[str, ScenarioResult]]) -> str:
     w.writerow(["metric", *[label for label, _ in results]])
     for label, name in COMPARE_ROWS:
         w.writerow([label, *[r.total(name) for _, r in results]])
+    w.writerow(["mmio_miss_rate_pct", *[round(_miss_rate(r), 4) for _, r in results]])
+    w.writerow(["mmio_fastpath_stale_generation", *[r.total("mmio_fastpath_invalid") for _, r in results]])
     w.writerow(["overhead_cycles", *[sum(v.overhead_cycles for v in r.vms) for _, r in results]])
     w.writerow(["modelled_s", *[r.modelled_s for _, r in results]])
     return out.getvalue()
