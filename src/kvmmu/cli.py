@@ -175,8 +175,9 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .report import experiments
     prog = Progress(f"experiment {args.which}", args.quiet)
+    engine = {"results": args.results, "scheduler": args.scheduler, "workers": args.workers, "quiet": args.quiet}
     text = experiments.run_experiment(args.which, full=args.full, seed=args.seed, progress=prog,
-                                      duration=args.duration)
+                                      duration=args.duration, engine=engine)
     prog.done()
     _emit(args, text)
     return 0
@@ -284,7 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("experiment", help="the seed's experiments (a), (b), (c) of docs/experiments.md")
     x.add_argument("which", choices=("a", "b", "c"))
-    x.add_argument("--full", action="store_true", help="the full size (a: one modelled hour; slow)")
+    x.add_argument("--full", action="store_true",
+                   help="the full size (a: one modelled hour per pair, its six pairs as cells on Dask, resumable)")
+    x.add_argument("--results", help="(a --full) the result store (default .kvmmu-sweeps/experiment-a-...)")
+    x.add_argument("--scheduler", metavar="ADDRESS", help="(a --full) a running Dask scheduler")
+    x.add_argument("--workers", type=int, default=2, help="(a --full) local worker processes (default 2)")
     x.add_argument("--duration", type=float, help="modelled seconds (a, c) instead of the preset")
     x.add_argument("--seed", type=int, default=1)
     x.add_argument("-o", "--output")
@@ -313,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("-o", "--output")
     lb.set_defaults(func=_cmd_linux_boot)
 
+    from .sweep import add_cli as add_sweep
+    add_sweep(sub)
     from .report.realdiff import add_cli as add_real_diff
     add_real_diff(sub)
     return p

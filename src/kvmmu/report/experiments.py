@@ -116,36 +116,72 @@ POLICY_NAMES = {"off": "off (no MMIO sptes)", "zap": "zap (2011 design)", "gener
 def seed_a_scenario(duration_s: float = 0.25, seed: int = 1, mmu: str = "shadow", policy: str = "generation"):
     """(a) Three 4-vCPU 512 MiB guests compiling a kernel on a 4-core 2 GiB host."""
     from ..scenario import Scenario
-    return Scenario.from_dict({
+    return Scenario.from_dict(_seed_a_dict(duration_s, seed, mmu, policy), "experiment-a")
+
+
+def _seed_a_dict(duration_s: float, seed: int, mmu: str, policy: str) -> dict:
+    return {
         "name": "seed-a: three compiling guests", "seed": seed, "duration_s": duration_s,
         "host": {"cores": 4, "memory_mib": 2048, "reserved_mib": 384},
         "workload": {"kind": "kernel-compile"},
         "vm": [{"name": "guest", "count": 3, "ram_mib": 512, "vcpus": 4, "mmu": mmu, "mmio_caching": policy}],
-    }, "experiment-a")
+    }
+
+
+_A_HEADER = ["MMU", "MMIO policy", "MMIO accesses", "fast path", "missed fast path", "miss rate",
+             "stale gen", "MMIO sptes made", "sp zapped", "sp recycled", "jobs done", "host swap-ins"]
+
+
+def _a_row(f: str, p: str, total, swapins: int) -> list:
+    n = total("mmio_accesses")
+    miss = total("mmio_slow_path")
+    return [f, POLICY_NAMES[p], n, total("mmio_fast_path"), miss, f"{100 * miss / n:.1f}%" if n else "-",
+            total("mmio_fastpath_invalid"), total("pf_mmio_spte_created"), total("mmu_shadow_zapped"),
+            total("mmu_recycled"), total("jobs_finished"), swapins]
+
+
+def _a_text(modelled_s: float, seed: int, rows: list, note: str = "") -> str:
+    from .table import format_table
+    return (f"Experiment (a): three 4-vCPU 512 MiB guests compiling on a 4-core 2 GiB host, "
+            f"{modelled_s:g} modelled seconds, seed {seed}.{note}\n"
+            "An MMIO access 'misses the fast path' when KVM's full fault path ran for it (pf_taken moved):\n"
+            "no MMIO spte yet, a stale one (generation), or none at all (policy off).\n\n"
+            + format_table(_A_HEADER, rows) + "\n")
 
 
 def experiment_a(duration_s: float = 0.25, seed: int = 1, progress=None) -> str:
-    from .table import format_table
     rows = []
     results = []
     for i, (f, p) in enumerate(CONFIGS):
         cb = progress.part(i, len(CONFIGS), f"(a) {f}/{p}") if progress is not None else None
         r = seed_a_scenario(duration_s, seed, f, p).run(progress=cb)
         results.append(r)
-        n = r.total("mmio_accesses")
-        miss = r.total("mmio_slow_path")
-        rows.append([f, POLICY_NAMES[p], n, r.total("mmio_fast_path"), miss,
-                     f"{100 * miss / n:.1f}%" if n else "-", r.total("mmio_fastpath_invalid"),
-                     r.total("pf_mmio_spte_created"), r.total("mmu_shadow_zapped"), r.total("mmu_recycled"),
-                     r.total("jobs_finished"), r.host["swapins"]])
-    header = ["MMU", "MMIO policy", "MMIO accesses", "fast path", "missed fast path", "miss rate",
-              "stale gen", "MMIO sptes made", "sp zapped", "sp recycled", "jobs done", "host swap-ins"]
-    r0 = results[0]
-    return (f"Experiment (a): three 4-vCPU 512 MiB guests compiling on a 4-core 2 GiB host, "
-            f"{r0.modelled_s:g} modelled seconds, seed {seed}.\n"
-            "An MMIO access 'misses the fast path' when KVM's full fault path ran for it (pf_taken moved):\n"
-            "no MMIO spte yet, a stale one (generation), or none at all (policy off).\n\n"
-            + format_table(header, rows) + "\n")
+        rows.append(_a_row(f, p, r.total, r.host["swapins"]))
+    return _a_text(results[0].modelled_s, seed, rows)
+
+
+def experiment_a_on_engine(duration_s: float, seed: int = 1, results: str | None = None,
+                           scheduler: str | None = None, workers: int = 2, quiet: bool = False) -> str:
+    """Experiment (a) as six sweep cells (one per flavour / policy pair: the three guests share one
+    host, so a pair is the smallest independent unit) on Dask distributed, each stored when done:
+    a killed run resumes with the pairs still missing."""
+    from ..sweep import Store, run_sweep, spec_from_dict
+    from ..sweep.summary import total
+    spec = spec_from_dict({"base": _seed_a_dict(duration_s, seed, "shadow", "off"), "seeds": [seed],
+                           "matrix": {"vm.*.mmu": ["shadow", "ept"],
+                                      "vm.*.mmio_caching": ["off", "zap", "generation"]}}, "experiment-a")
+    cells = spec.cells()
+    store = Store(results or f".kvmmu-sweeps/experiment-a-{duration_s:g}s-seed{seed}")
+    from ..sweep import _progress_line
+    run_sweep(cells, store, scheduler=scheduler, workers=workers, on_cell=_progress_line(quiet))
+    rows, modelled, cpu = [], 0.0, 0.0
+    for c in cells:
+        r = store.load(c)
+        point = dict(c.point)
+        rows.append(_a_row(point["vm.*.mmu"], point["vm.*.mmio_caching"], lambda n, r=r: int(total(r, n)),
+                           r["host"]["swapins"]))
+        modelled, cpu = r["modelled_s"], cpu + r.get("cpu_s", 0.0)
+    return _a_text(modelled, seed, rows, f" Six cells on Dask, {cpu:,.0f} CPU seconds in all.")
 
 
 def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
@@ -262,9 +298,12 @@ def experiment_c(seed: int = 1, netperf_s: float = 0.3, kernbench_jobs: int = 24
 
 
 def run_experiment(which: str, full: bool = False, seed: int = 1, progress=None,
-                   duration: float | None = None) -> str:
+                   duration: float | None = None, engine: dict | None = None) -> str:
+    """`engine` (results, scheduler, workers, quiet) goes to the Dask run of (a) --full."""
     if which == "a":
         d = duration if duration is not None else (3600.0 if full else 0.25)
+        if full:
+            return experiment_a_on_engine(d, seed, **(engine or {}))
         return experiment_a(d, seed, progress)
     if which == "b":
         return experiment_b(2000 if full else 200, seed, progress)
