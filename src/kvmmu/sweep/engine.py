@@ -14,6 +14,7 @@ stored, and a finished sweep reruns for free.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 import time
@@ -80,7 +81,7 @@ def run_sweep(cells: list[Cell], store: Store, scheduler: str | None = None, wor
     try:
         if scheduler is None:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                   dashboard_address=None, host="127.0.0.1")
+                                   dashboard_address=None, host="127.0.0.1", silence_logs=logging.ERROR)
             client = Client(cluster)
         else:
             client = Client(scheduler, timeout="20s")
@@ -105,5 +106,7 @@ def run_sweep(cells: list[Cell], store: Store, scheduler: str | None = None, wor
     finally:
         client.close()
         if cluster is not None:
+            # The workers' shutdown chatter is Dask's, not the sweep's: keep stderr to one line per cell.
+            logging.getLogger("distributed").setLevel(logging.CRITICAL)
             cluster.close()
     return done
