@@ -144,28 +144,34 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     gva = int(args.gva, 0) if args.gva else None
     _emit(args, explain(mmu=args.mmu or "shadow", policy=args.policy or "generation", target=args.target,
                         gva=gva, kind=args.kind, warm=args.warm, memslot_change=args.memslot_change,
-                        swap_tables=args.swapped_tables))
+                        swap_tables=args.swapped_tables, plot=args.plot))
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .report.plot import plot_compare, plot_series, require_matplotlib
+    from .report.plot import plot_compare, plot_missrate, plot_series, require_matplotlib
     require_matplotlib()
     sc = _load(args)
     prog = Progress(f"plot {sc.name}", args.quiet)
+    log = True if args.log else False if args.linear else None
     if args.kind == "series":
         if not sc.sample_ms:
             sc.sample_ms = max(sc.duration_s * 1000 / 50, 0.01)
         res = sc.run(progress=prog)
-        plot_series(res, args.output, args.metrics.split(","))
+        plot_series(res, args.output, args.metrics.split(","), cumulative=args.cumulative, log=log)
     else:
         flavours = _csv_list(args.mmus, FLAVOURS, "--mmus")
         policies = _csv_list(args.policies, POLICIES, "--policies")
         combos = [(f, p) for f in flavours for p in policies]
+        if args.kind == "missrate" and not sc.sample_ms:
+            sc.sample_ms = max(sc.duration_s * 1000 / 50, 0.01)
         results = []
         for i, (f, p) in enumerate(combos):
             results.append((f"{f}/{p}", sc.with_policy(f, p).run(progress=prog.part(i, len(combos), f"{f}/{p}"))))
-        plot_compare(results, args.output, args.metrics.split(","))
+        if args.kind == "missrate":
+            plot_missrate(results, args.output, log=log)
+        else:
+            plot_compare(results, args.output, args.metrics.split(","), log=log)
     prog.done()
     if not args.quiet:
         print(f"kvmmu: wrote {args.output}", file=sys.stderr)
@@ -268,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the VMM creates a memslot just before the explained access")
     e.add_argument("--swapped-tables", action="store_true",
                    help="the host swaps out the guest's page-table pages just before the explained access")
+    e.add_argument("--plot", metavar="FILE.png", help="also draw the access's walk (needs matplotlib)")
     e.set_defaults(func=_cmd_explain)
 
     from .report.tracecli import add_cli as add_trace_tools
@@ -275,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plot", help="PNG charts (needs the optional extra: pip install 'kvmmu[plot]')")
     common(pl)
-    pl.add_argument("--kind", choices=("series", "compare"), default="series",
-                    help="series: counters over modelled time; compare: bars per flavour/policy")
+    pl.add_argument("--kind", choices=("series", "compare", "missrate"), default="series",
+                    help="series: counters over modelled time (per-interval rates); compare: bars per "
+                         "flavour/policy; missrate: the MMIO miss rate per interval, one line per flavour/policy")
+    pl.add_argument("--cumulative", action="store_true", help="(series) running totals instead of rates")
+    scale = pl.add_mutually_exclusive_group()
+    scale.add_argument("--log", action="store_true", help="a log scale (default: when values span 100x)")
+    scale.add_argument("--linear", action="store_true", help="a linear scale")
     pl.add_argument("--metrics", default="mmio_fast_path,mmio_slow_path,pf_taken,exits",
                     help="comma list of counters to draw")
     pl.add_argument("--mmus", default="shadow,ept")

@@ -123,7 +123,13 @@ def _kvm_tables(vcpu: Any, addr: int) -> list[str]:
 
 def explain(mmu: str = "shadow", policy: str = "generation", target: str = "doorbell", gva: int | None = None,
             kind: str | None = None, warm: int = 1, memslot_change: bool = False, swap_tables: bool = False,
-            size: int | None = None) -> str:
+            size: int | None = None, plot: str | None = None) -> str:
+    """The explanation as text; with `plot`, also a picture of the access's way through the guest's
+    tables, KVM's tables and KVM's events, written to that file (needs matplotlib)."""
+    if plot is not None:
+        from .plot import check_output, require_matplotlib
+        require_matplotlib()
+        check_output(plot)
     if target not in TARGETS and gva is None:
         raise ScenarioError(f"--target {target!r}: choose from {', '.join(TARGETS)} (or give --gva)")
     if not 0 <= warm <= 1000:
@@ -173,6 +179,7 @@ def explain(mmu: str = "shadow", policy: str = "generation", target: str = "door
     lines.append(f"1. The guest's translation (CR3 = {vcpu.cr3:#x}), read from guest memory:")
     wl, gpa = _guest_walk(m.vm, vcpu.cr3, gva)
     lines += wl
+    guest_steps = [f"CR3 {vcpu.cr3:#x}"] + [ln.strip() for ln in wl]
     if gpa is not None:
         slot = m.vm.memslots.spaces[0].search(gpa >> 12)
         dev = m.device_at(gpa)
@@ -186,7 +193,8 @@ def explain(mmu: str = "shadow", policy: str = "generation", target: str = "door
     key = gpa if direct and gpa is not None else gva
     lines += ["", f"2. KVM's {'EPT/NPT' if direct else 'shadow'} tables for "
                   f"{'gpa' if direct else 'gva'} {key if key is not None else gva:#x} before the access:"]
-    lines += _kvm_tables(vcpu, key if key is not None else gva)
+    tables_before = _kvm_tables(vcpu, key if key is not None else gva)
+    lines += tables_before
     before = (dict(vcpu.stats), dict(vcpu.counters), dict(m.vm.stats))
     events: list[Any] = []
     m.vm.trace.subscribe(events.append)
@@ -212,11 +220,19 @@ def explain(mmu: str = "shadow", policy: str = "generation", target: str = "door
     elif kind != "write":
         lines.append(f"   the guest read {r.value:#x}")
     lines += ["", f"6. KVM's tables for {'gpa' if direct else 'gva'} {key if key is not None else gva:#x} after:"]
-    lines += _kvm_tables(vcpu, key if key is not None else gva)
+    tables_after = _kvm_tables(vcpu, key if key is not None else gva)
+    lines += tables_after
     lines += ["", "7. Counters that moved:"]
     for title, d in (("KVM vCPU stats", d_stats), ("KVM VM stats", d_vm), ("model counters", d_counters)):
         lines.append(f"   {title}: " + (", ".join(f"{k} +{v}" if v > 0 else f"{k} {v}" for k, v in d.items())
                                          or "none"))
+    if plot is not None:
+        from .plot import plot_walk
+        plot_walk(plot, lines[0].removeprefix("kvmmu explain: "), guest_steps,
+                  [ln.strip() for ln in tables_before], [ln.strip() for ln in tables_after],
+                  [f"{ev.name}: {format_event(ev.name, ev.fields)}" for ev in events],
+                  _path(d_stats, d_counters, r, direct))
+        lines.append(f"\n(picture written to {plot})")
     return "\n".join(lines) + "\n"
 
 
