@@ -24,6 +24,7 @@ from typing import Protocol
 import iced_x86 as ix
 
 from ..errors import KvmmuError
+from .undefined_flags import UndefinedFlags
 
 M8, M16, M32, M64 = 0xFF, 0xFFFF, 0xFFFFFFFF, (1 << 64) - 1
 MASKS = {1: M8, 2: M16, 4: M32, 8: M64, 16: (1 << 128) - 1}
@@ -149,6 +150,8 @@ class X86Cpu:
         self._next_rip = rip
         self._delivering: int | None = None
         self._formatter = ix.Formatter(ix.FormatterSyntax.NASM)
+        # SDM-undefined flags and where their images went (hw/undefined_flags.py): never compared
+        self.undefined = UndefinedFlags()
 
     # -- register helpers --------------------------------------------------------------------------
     def get(self, reg: int) -> int:
@@ -189,6 +192,7 @@ class X86Cpu:
             instr = self._decode()
             self.instr = instr
             self._next_rip = instr.next_ip
+            self.undefined.before(self, instr)
             self._execute(instr)
         except CpuFault as fault:
             bus.abort(self, fault)
@@ -196,6 +200,7 @@ class X86Cpu:
             return
         if instr.mnemonic not in (_I.IRETQ, _I.POPFQ):
             self.rflags &= ~RF              # RF is cleared when an instruction completes
+        self.undefined.after(self, instr)
         bus.commit(self)
 
     def _decode(self) -> ix.Instruction:
@@ -273,6 +278,7 @@ class X86Cpu:
         for value in frame:
             rsp = (rsp - 8) & M64
             bus.write(rsp, 8, value & M64, new_cpl, implicit=True)
+        self.undefined.frame(rsp, len(frame), len(frame) - 3)     # frame[2] is RFLAGS
         desc = self._descriptor(selector)      # CS is loaded after the frame is written (as measured)
         if (desc >> 45) & 3 != new_cpl or not (desc >> 47) & 1 or not (desc >> 43) & 1:
             raise CpuFault(GP, selector & ~3)
@@ -654,7 +660,8 @@ def _shift(cpu: X86Cpu, instr: ix.Instruction) -> None:
     m = MASKS[size]
     mn = instr.mnemonic
     f = cpu.rflags
-    # AF is undefined after a shift; this host's CPUs set it (measured, CPL0 emulated and CPL3 native).
+    # AF (and OF for a count other than 1) is undefined after a shift: the model sets AF, as the AMD
+    # family 25 host measured; the real-diff never compares it (hw/undefined_flags.py).
     if mn in (_I.SHL, _I.SAL):
         r = (a << count) & m
         cf = (a >> (bits - count)) & 1 if count <= bits else 0
@@ -686,8 +693,8 @@ def _shift(cpu: X86Cpu, instr: ix.Instruction) -> None:
 
 
 def _mul_flags(cpu: X86Cpu, full: int, over: bool) -> None:
-    """CF=OF=overflow (SDM); SF, ZF, AF, PF are undefined: this host's CPUs leave them unchanged
-    (measured at CPL0, through KVM's emulator, and at CPL3 natively)."""
+    """CF=OF=overflow (SDM); SF, ZF, AF, PF are undefined: the model leaves them unchanged, as the
+    AMD family 25 host measured (an Intel family 6 model 207 computes PF); never compared."""
     cpu.rflags = (cpu.rflags & ~(CF | OF)) | ((CF | OF) if over else 0)
 
 
@@ -731,7 +738,8 @@ def _imul(cpu: X86Cpu, instr: ix.Instruction) -> None:
 @_op(_I.DIV, _I.IDIV)
 def _div(cpu: X86Cpu, instr: ix.Instruction) -> None:
     """DIV/IDIV: #DE on a zero divisor or a quotient that does not fit.  All arithmetic flags are
-    undefined: this host's CPUs leave AF set and the others clear (measured)."""
+    undefined: the model leaves AF set and the others clear, as the AMD family 25 host measured;
+    never compared (hw/undefined_flags.py)."""
     size = cpu.op_size(instr, 0)
     bits = 8 * size
     divisor = cpu.read_op(instr, 0, size)
