@@ -67,7 +67,6 @@ def test_default_realvm_installs_the_supported_cpuid() -> None:
     """The guest's CPUID 0x80000008 is the supported one: EAX[7:0] = the width KVM uses for it."""
     eax, width = _guest_cpuid_80000008("supported")
     assert eax & 0xFF == width == host_guest_paging()[0]
-    assert width > 36
 
 
 @pytest.mark.realkvm

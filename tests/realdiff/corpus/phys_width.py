@@ -16,12 +16,14 @@ from kvmmu.real import host_guest_paging
 WIDTH = host_guest_paging()[0]
 DATA = 0x60_0000
 HIGH_GPA = (1 << (WIDTH - 1)) | 0x5000          # the top valid physical-address bit
-RSVD_GPA = (1 << WIDTH) | 0x6000                # the lowest reserved bit
+# the lowest reserved bit (a 52-bit host has none: the frame then just points above RAM)
+RSVD_BIT = WIDTH if WIDTH <= 51 else 50
+RSVD_GPA = (1 << RSVD_BIT) | 0x6000
 BIT51_GPA = (1 << 51) | 0x7000                  # the highest bit a frame field can hold
 
 PROGRAMS = both_rings(Program(
     name="pte_frame_above_maxphyaddr",
-    doc=f"PTE frames with bit {WIDTH - 1} (MMIO exit), bit {WIDTH} and bit 51 (RSVD #PF) set; "
+    doc=f"PTE frames with bit {WIDTH - 1} (MMIO exit), bit {RSVD_BIT} and bit 51 (RSVD #PF below 52 bits) set; "
         f"guest MAXPHYADDR {WIDTH} from the supported CPUID",
     maps=(Map(DATA, 0x1000, flags="rw u"), Map(0x70_0000, 0x1000, HIGH_GPA, "rw u"),
           Map(0x70_1000, 0x1000, RSVD_GPA, "rw u"), Map(0x70_2000, 0x1000, BIT51_GPA, "rw u")),
