@@ -76,3 +76,24 @@ def test_realvm_without_cpuid_keeps_kvms_36_bit_default() -> None:
     uses 36 bits."""
     eax, width = _guest_cpuid_80000008(None)
     assert (eax & 0xFF, width) == (0, 36)
+
+
+@pytest.mark.realkvm
+@needs_kvm
+@pytest.mark.parametrize("cpuid", ["supported", None])
+def test_set_sregs_refuses_a_cr3_above_the_guest_maxphyaddr(cpuid: str | None) -> None:
+    """kvm_is_valid_sregs in long mode: kvm_vcpu_is_legal_cr3, so CR3 bits 63:MAXPHYADDR give
+    EINVAL (bit 63 too: only MOV CR3 with CR4.PCIDE treats it as the no-flush bit); bit W-1 is fine."""
+    from kvmmu.real import FlatLongMode, KvmIoctlError
+    with RealVM(cpuid=None) if cpuid is None else RealVM() as vm:
+        vm.set_user_memory_region(0, 0, 2 << 20)
+        vcpu = vm.create_vcpu()
+        FlatLongMode().install(vm, vcpu)
+        cr3, width = vcpu.get_sregs().cr3, vm.guest_maxphyaddr
+        for bit in (width, 51, 52, 61, 62, 63):
+            with pytest.raises(KvmIoctlError) as info:
+                vcpu.set_sregs(cr3=cr3 | 1 << bit)
+            assert info.value.errno_name == "EINVAL", bit
+            assert vcpu.get_sregs().cr3 == cr3
+        vcpu.set_sregs(cr3=cr3 | 1 << (width - 1))
+        assert vcpu.get_sregs().cr3 == cr3 | 1 << (width - 1)

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import iced_x86 as ix
 
-from ..errors import KvmmuError
+from ..errors import InvalidArgument, KvmmuError
 from .undefined_flags import UndefinedFlags
 
 M8, M16, M32, M64 = 0xFF, 0xFFFF, 0xFFFFFFFF, (1 << 64) - 1
@@ -531,7 +531,10 @@ def _mov(cpu: X86Cpu, instr: ix.Instruction) -> None:
                 raise CpuFault(GP, 0)
         else:
             raise UnsupportedInstruction(cpu.rip, cpu.text(instr), f"MOV to CR{cr} is not modelled")
-        cpu.bus.write_cr(cpu, cr, value)
+        try:
+            cpu.bus.write_cr(cpu, cr, value)
+        except InvalidArgument:
+            raise CpuFault(GP, 0) from None     # KVM refused the value (e.g. CR3 above MAXPHYADDR)
         setattr(cpu, f"cr{cr}", value)
         cpu.advance()
         return
