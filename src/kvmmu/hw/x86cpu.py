@@ -369,19 +369,19 @@ class X86Cpu:
             return
         raise UnsupportedInstruction(self.rip, self.text(instr), f"destination kind {kind}")
 
-    def push(self, value: int) -> None:
-        rsp = (self.regs[RSP] - 8) & M64
+    def push(self, value: int, size: int = 8) -> None:
+        rsp = (self.regs[RSP] - size) & M64
         self._stack_ref = True
         try:
-            self.store(rsp, 8, value)
+            self.store(rsp, size, value)
         finally:
             self._stack_ref = False
         self.regs[RSP] = rsp
 
-    def pop(self) -> int:
+    def pop(self, size: int = 8) -> int:
         self._stack_ref = True
         try:
-            value = self.load(self.regs[RSP], 8)
+            value = self.load(self.regs[RSP], size)
         finally:
             self._stack_ref = False
         return value
@@ -939,18 +939,22 @@ def _ret(cpu: X86Cpu, instr: ix.Instruction) -> None:
 def _push(cpu: X86Cpu, instr: ix.Instruction) -> None:
     if instr.op0_kind == _K.REGISTER and ix.RegisterExt.is_segment_register(instr.op0_register):
         raise UnsupportedInstruction(cpu.rip, cpu.text(instr), "segment registers are not modelled")
-    value = cpu.read_op(instr, 0, 8)
-    cpu.push(value)
+    # The operand size is 64 or, with a 66 prefix, 16 bits (SDM PUSH: no 32-bit push in 64-bit
+    # mode): push imm16 / push r16 / push m16 move RSP by 2 and store 2 bytes.
+    size = -instr.stack_pointer_increment
+    value = cpu.read_op(instr, 0, size)
+    cpu.push(value, size)
     cpu.advance()
 
 
 @_op(_I.POP)
 def _pop(cpu: X86Cpu, instr: ix.Instruction) -> None:
-    value = cpu.pop()
+    size = instr.stack_pointer_increment          # 8, or 2 for pop r16 / pop m16 (66 prefix)
+    value = cpu.pop(size)
     old = cpu.regs[RSP]
-    cpu.regs[RSP] = (old + 8) & M64
+    cpu.regs[RSP] = (old + size) & M64
     try:
-        cpu.write_op(instr, 0, value, 8)
+        cpu.write_op(instr, 0, value, size)
     except CpuFault:
         cpu.regs[RSP] = old
         raise
