@@ -97,3 +97,34 @@ def test_set_sregs_refuses_a_cr3_above_the_guest_maxphyaddr(cpuid: str | None) -
             assert vcpu.get_sregs().cr3 == cr3
         vcpu.set_sregs(cr3=cr3 | 1 << (width - 1))
         assert vcpu.get_sregs().cr3 == cr3 | 1 << (width - 1)
+
+
+@pytest.mark.realkvm
+@needs_kvm
+@pytest.mark.parametrize("cpuid", ["supported", None])
+def test_frame_bit_36_is_reserved_only_without_cpuid(cpuid: str | None) -> None:
+    """A 2 MiB PDE whose frame has bit 36 set: without KVM_SET_CPUID2 (36-bit MAXPHYADDR) a load
+    through it is a #PF with P|RSVD (error code 0x9); with the supported CPUID it is just a GPA
+    above RAM, so an MMIO exit at that address."""
+    from kvmmu.real import FlatLongMode
+    flm = FlatLongMode()
+    gpa = (1 << 36) | 0x4000_0000
+    code = (b"\x48\xbf" + (0x4000_0000).to_bytes(8, "little")   # mov rdi, 1 GiB
+            + b"\x8b\x07"                                    # mov eax, [rdi]
+            + b"\xf4")                                       # hlt
+    handler = b"\x8b\x04\x24\xf4"                            # mov eax, [rsp] (the error code); hlt
+    with RealVM(cpuid=None) if cpuid is None else RealVM() as vm:
+        vm.set_user_memory_region(0, 0, 2 << 20)
+        vcpu = vm.create_vcpu()
+        flm.install(vm, vcpu, handlers=0x50000)
+        vm.write_phys(0x50000, handler)
+        pde_of_1g = flm.pml4_base + 0x2000 + 0x1000      # the PD of the second GiB, entry 0
+        vm.write_phys(pde_of_1g, (gpa | 0x87).to_bytes(8, "little"))   # P RW US PS
+        vm.write_phys(0x40000, code)
+        vcpu.set_regs(rip=0x40000, rsp=0x9000, rflags=2)
+        ex = vcpu.run()
+        if cpuid is None:
+            assert ex.reason == "hlt" and vcpu.get_regs()["rax"] & 0xFFFF_FFFF == 0x9
+            assert vcpu.get_sregs().cr2 == 0x4000_0000
+        else:
+            assert (ex.reason, ex.phys_addr, ex.len, ex.is_write) == ("mmio", gpa, 4, False)
