@@ -4,7 +4,8 @@ SDM Vol. 2B PUSH / POP: in 64-bit mode the operand size is 64 bits, or 16 bits w
 (32 bits cannot be encoded); the stack pointer moves by the operand size, a 16-bit POP into a
 register writes only its low 16 bits.  NASM (64-bit mode): ``push imm`` without a size is a qword
 push (68 id / 6A ib), ``push word imm`` is 66 68 iw / 66 6A ib, an unsized ``call [mem]`` / ``jmp
-[mem]`` is a near indirect branch through a qword (FF /2, FF /4).  The same program is measured on
+[mem]`` is a near indirect branch through a qword (FF /2, FF /4); ``pushf`` / ``popf`` are the
+64-bit forms, ``pushfw`` / ``popfw`` the 16-bit ones (66 9C / 66 9D).  The same program is measured on
 the real /dev/kvm (corpus ``push16.py``, both rings).
 """
 
@@ -32,6 +33,10 @@ from .test_x86cpu import CODE, STACK, run
     ("jmp [rax]", "ff20"),
     ("call qword [rbx + 8]", "ff5308"),
     ("cbw", "6698"),                       # only a 16-bit form exists: still chosen
+    ("pushf", "9c"),
+    ("popf", "9d"),
+    ("pushfw", "669c"),
+    ("popfw", "669d"),
 ])
 def test_assembler_encodings_follow_nasm(src: str, encoding: str) -> None:
     assert assemble(src).code.hex() == encoding
@@ -70,3 +75,14 @@ def test_call_and_jmp_through_unsized_memory_are_near() -> None:
            "ud2\ng: mov rbx, [rsp]\nret")
     cpu, _ = run(src)
     assert cpu.regs[3] == assemble(src, CODE)["r"] and cpu.regs[4] == STACK
+
+
+def test_pushf_popf_with_66_move_flags_only() -> None:
+    """PUSHF/POPF with a 66 prefix (SDM: operand size 16): FLAGS is 2 bytes on the stack; POPF
+    loads bits 15:0 only (AC, bit 18, stays as it was)."""
+    cpu, bus = run("stc\nmov rbx, 0x40000\npush rbx\npopfq\nstc\npushfw\n"
+                   "mov word [rsp], 0x0ed7\npopfw\nhlt")
+    assert cpu.regs[4] == STACK
+    assert cpu.rflags == 0x40000 | 0x0ed7 | 2
+    cpu, bus = run("stc\npushfw\nhlt")
+    assert cpu.regs[4] == STACK - 2 and bus.mem[STACK - 2:STACK] == b"\x03\x00"

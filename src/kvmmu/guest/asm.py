@@ -146,7 +146,10 @@ _CC_ALIASES = {"jc": "jb", "jnae": "jb", "jnb": "jae", "jnc": "jae", "jz": "je",
                "jna": "jbe", "jnbe": "ja", "jpe": "jp", "jpo": "jnp", "jnge": "jl", "jnl": "jge",
                "jng": "jle", "jnle": "jg", "loopz": "loope", "loopnz": "loopne",
                "cmovz": "cmove", "cmovnz": "cmovne", "setz": "sete", "setnz": "setne",
-               "cmovc": "cmovb", "cmovnc": "cmovae", "setc": "setb", "setnc": "setae"}
+               "cmovc": "cmovb", "cmovnc": "cmovae", "setc": "setb", "setnc": "setae",
+               # NASM, 64-bit mode: PUSHF/POPF default to the 64-bit form, the W forms take 66
+               # (iced names the 66 9C / 66 9D forms pushf / popf)
+               "pushf": "pushfq", "popf": "popfq", "pushfw": "pushf", "popfw": "popf"}
 
 
 @lru_cache(maxsize=1)

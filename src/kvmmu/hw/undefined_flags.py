@@ -54,7 +54,7 @@ _BITWISE = frozenset({_I.AND, _I.OR, _I.XOR, _I.NOT})
 _RESULT_FLAGS = 0x80 | 0x40 | 0x4
 _SHIFTS = frozenset({_I.SHL, _I.SAL, _I.SHR, _I.SAR})
 _ROTATES = frozenset({_I.ROL, _I.ROR, _I.RCL, _I.RCR})
-_FROM_MEMORY = frozenset({_I.POPFQ, _I.IRETQ})   # RFLAGS reloaded from a stored image
+_FROM_MEMORY = frozenset({_I.POPFQ, _I.POPF, _I.IRETQ})   # RFLAGS reloaded from a stored image
 
 
 def _through_immediate(instr: ix.Instruction, bits: int) -> int:
@@ -161,7 +161,7 @@ class UndefinedFlags:
             for idx, size, shift in reg_dst:
                 self._set_reg(idx, size, shift, carried)
         if instr.mnemonic in (_I.PUSHFQ, _I.PUSHF):
-            self._set_mem(cpu.regs[4], 8, self.undef)
+            self._set_mem(cpu.regs[4], -instr.stack_pointer_increment, self.undef)
 
     def frame(self, rsp: int, slots: int, rflags_slot: int) -> None:
         """An exception frame of ``slots`` qwords was pushed at ``rsp``: its RFLAGS qword holds the

@@ -198,7 +198,7 @@ class X86Cpu:
             bus.abort(self, fault)
             self.deliver(fault.vector, fault.error_code, fault.cr2, self.rip)
             return
-        if instr.mnemonic not in (_I.IRETQ, _I.POPFQ):
+        if instr.mnemonic not in (_I.IRETQ, _I.POPFQ, _I.POPF):
             self.rflags &= ~RF              # RF is cleared when an instruction completes
         self.undefined.after(self, instr)
         bus.commit(self)
@@ -961,17 +961,19 @@ def _pop(cpu: X86Cpu, instr: ix.Instruction) -> None:
     cpu.advance()
 
 
-@_op(_I.PUSHFQ)
+@_op(_I.PUSHFQ, _I.PUSHF)
 def _pushfq(cpu: X86Cpu, instr: ix.Instruction) -> None:
-    cpu.push(cpu.rflags & ~(RF | 0x20000))
+    size = -instr.stack_pointer_increment         # PUSHF with a 66 prefix stores FLAGS (2 bytes)
+    cpu.push(cpu.rflags & ~(RF | 0x20000) & MASKS[size], size)
     cpu.advance()
 
 
-@_op(_I.POPFQ)
+@_op(_I.POPFQ, _I.POPF)
 def _popfq(cpu: X86Cpu, instr: ix.Instruction) -> None:
-    value = cpu.pop()
-    cpu.regs[RSP] = (cpu.regs[RSP] + 8) & M64
-    writable = ARITH_FLAGS | TF | DF | NT | AC | 0x200000
+    size = instr.stack_pointer_increment          # POPF with a 66 prefix loads FLAGS only
+    value = cpu.pop(size)
+    cpu.regs[RSP] = (cpu.regs[RSP] + size) & M64
+    writable = (ARITH_FLAGS | TF | DF | NT | AC | 0x200000) & MASKS[size]
     if cpu.cpl == 0:
         writable |= IF | 0x3000
     cpu.rflags = (cpu.rflags & ~writable) | (value & writable) | RFLAGS_FIXED
