@@ -7,7 +7,6 @@ or the difference is documented in the program (``expect``) as an understood mod
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from kvmmu.errors import ScenarioError
 from kvmmu.guest.runtime import Program
 from kvmmu.real import available, unavailable_reason
+from kvmmu.real.hostinfo import kvm_pvm_mismatch
 from kvmmu.report.realdiff import (
     COUNTERS,
     Mmio,
@@ -30,8 +30,7 @@ from kvmmu.report.realdiff import (
 CORPUS = Path(__file__).parent / "corpus"
 PROGRAMS = load_programs([CORPUS])
 needs_kvm = pytest.mark.skipif(not available(), reason=f"needs a usable /dev/kvm: {unavailable_reason()}")
-kvm_pvm_only = pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"),
-                                  reason="the corpus expectations are measured on a kvm_pvm host")
+kvm_pvm_only = pytest.mark.skipif(kvm_pvm_mismatch() is not None, reason=str(kvm_pvm_mismatch()))
 
 
 def test_corpus_has_at_least_30_programs_each_at_cpl0_and_cpl3() -> None:

@@ -14,13 +14,13 @@ kvm_deviations=False the model follows the SDM.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
 
 from kvmmu.kvm.profiles import PROFILES
 from kvmmu.real import available, unavailable_reason
+from kvmmu.real.hostinfo import kvm_pvm_mismatch
 from kvmmu.report.realdiff import load_programs, run_model, run_real
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -35,7 +35,7 @@ CASES = {
     "stale_after_pf_cpl3": ("44444444444444444444444444444444", 1, "44444444444444440000000000000000", 2),
 }
 needs_pvm = [pytest.mark.skipif(not available(), reason=f"needs a usable /dev/kvm: {unavailable_reason()}"),
-             pytest.mark.skipif(not os.path.exists("/sys/module/kvm_pvm"), reason="measured on a kvm_pvm host")]
+             pytest.mark.skipif(kvm_pvm_mismatch() is not None, reason=str(kvm_pvm_mismatch()))]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

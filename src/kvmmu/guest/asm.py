@@ -35,8 +35,8 @@ import ast
 import operator
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
+from functools import cache, lru_cache
 
 import iced_x86 as ix
 
@@ -146,7 +146,10 @@ _CC_ALIASES = {"jc": "jb", "jnae": "jb", "jnb": "jae", "jnc": "jae", "jz": "je",
                "jna": "jbe", "jnbe": "ja", "jpe": "jp", "jpo": "jnp", "jnge": "jl", "jnl": "jge",
                "jng": "jle", "jnle": "jg", "loopz": "loope", "loopnz": "loopne",
                "cmovz": "cmove", "cmovnz": "cmovne", "setz": "sete", "setnz": "setne",
-               "cmovc": "cmovb", "cmovnc": "cmovae", "setc": "setb", "setnc": "setae"}
+               "cmovc": "cmovb", "cmovnc": "cmovae", "setc": "setb", "setnc": "setae",
+               # NASM, 64-bit mode: PUSHF/POPF default to the 64-bit form, the W forms take 66
+               # (iced names the 66 9C / 66 9D forms pushf / popf)
+               "pushf": "pushfq", "popf": "popfq", "pushfw": "pushf", "popfw": "popf"}
 
 
 @lru_cache(maxsize=1)
@@ -187,6 +190,7 @@ class _Mem:
 @dataclass(frozen=True)
 class _Imm:
     expr: str
+    size: int = 0      # ``push word 5``: the operand size a keyword asked for (0 = unspecified)
 
 
 _Operand = _Reg | _Mem | _Imm
@@ -246,8 +250,12 @@ def _parse_operand(text: str, line_no: int, line: str) -> _Operand:
     if m:
         size = _SIZES[m.group(1).lower()] if m.group(1) else 0
         return _parse_mem(m.group(2), size, line_no, line)
-    if low.split()[0] in _SIZES:
-        raise AsmError(line_no, line, f"a size keyword must be followed by a [memory] operand: {t!r}")
+    first, _, rest = t.partition(" ")
+    if first.lower() in _SIZES:
+        if not rest.strip() or rest.strip().lower() in _REGS:
+            raise AsmError(line_no, line, f"a size keyword must be followed by a [memory] operand "
+                           f"or an immediate: {t!r}")
+        return _Imm(rest.strip(), _SIZES[first.lower()])
     return _Imm(t)
 
 
@@ -511,6 +519,18 @@ def _compatible(kinds: tuple[int, ...], ops: tuple[_Operand, ...], opsize: int) 
     return True
 
 
+@cache
+def _operand_bits(code: int) -> int:
+    return int(ix.OpCodeInfo(code).operand_size)
+
+
+@lru_cache(maxsize=1)
+def _far_codes() -> frozenset[int]:
+    """CALL/JMP m16:16/32/64 (FF /3, FF /5): far forms, which this assembler has no syntax for."""
+    return frozenset(c for c, kinds in _code_index().get("call", []) + _code_index().get("jmp", [])
+                     if kinds == (_K.MEM,))
+
+
 def _build(code: int, kinds: tuple[int, ...], ops: tuple[_Operand, ...], symbols: dict[str, int],
            rip: int) -> ix.Instruction:
     args: list[object] = []
@@ -582,17 +602,27 @@ def _encode_insn(stmt: _Stmt, symbols: dict[str, int], rip: int, enc: _Encoder,
         known = stmt.mnemonic in _code_index()
         raise ValueError(f"no 64-bit form of {stmt.mnemonic!r} takes {len(stmt.operands)} operand(s)"
                          if known else f"unknown mnemonic {stmt.mnemonic!r}")
-    opsize = _opsize_for(stmt.operands)
+    ops = stmt.operands
+    if stmt.mnemonic in ("call", "jmp") and len(ops) == 1 and isinstance(ops[0], _Mem) and not ops[0].size:
+        ops = (replace(ops[0], size=8),)     # as NASM in 64-bit mode: a near qword pointer (FF /2, /4)
+    opsize = _opsize_for(ops)
+    # With no operand saying the size, a 16-bit form (66 prefix) is a last resort, as in NASM:
+    # ``push 200`` is 68 imm32 (a qword push), not 66 68 imm16.
+    sized = bool(opsize) or any(isinstance(op, _Mem | _Imm) and op.size for op in ops)
     best: bytes | None = None
+    best_rank = (True, 0)
     errors: list[str] = []
     for code, kinds in cands:
-        if not _compatible(kinds, stmt.operands, opsize):
+        if code in _far_codes() or not _compatible(kinds, ops, opsize):
+            continue
+        imm_sizes = {op.size for op in ops if isinstance(op, _Imm) and op.size}
+        if imm_sizes and _operand_bits(code) not in {8 * n for n in imm_sizes}:
             continue
         if any(k == _K.BR64_1 for k in kinds) and long_branches and any(
                 c[1] and c[1][0] == _K.BR64_4 for c in cands):
             continue
         try:
-            instr = _build(code, kinds, stmt.operands, symbols, rip)
+            instr = _build(code, kinds, ops, symbols, rip)
             if "lock" in stmt.prefixes:
                 instr.has_lock_prefix = True
             if any(p in ("rep", "repe", "repz") for p in stmt.prefixes):
@@ -605,8 +635,9 @@ def _encode_insn(stmt: _Stmt, symbols: dict[str, int], rip: int, enc: _Encoder,
         except ValueError as e:
             errors.append(str(e))
             continue
-        if best is None or len(data) < len(best):
-            best = data
+        rank = (not sized and _operand_bits(code) == 16, len(data))
+        if best is None or rank < best_rank:
+            best, best_rank = data, rank
     if best is None and stmt.mnemonic in ("xchg", "test") and len(stmt.operands) == 2 and not errors:
         swapped = _Stmt(stmt.line_no, stmt.line, "insn", stmt.mnemonic, stmt.prefixes, stmt.operands[::-1])
         return _encode_insn(swapped, symbols, rip, enc, long_branches)

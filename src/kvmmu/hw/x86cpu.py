@@ -23,7 +23,8 @@ from typing import Protocol
 
 import iced_x86 as ix
 
-from ..errors import KvmmuError
+from ..errors import InvalidArgument, KvmmuError
+from .undefined_flags import UndefinedFlags
 
 M8, M16, M32, M64 = 0xFF, 0xFFFF, 0xFFFFFFFF, (1 << 64) - 1
 MASKS = {1: M8, 2: M16, 4: M32, 8: M64, 16: (1 << 128) - 1}
@@ -149,6 +150,8 @@ class X86Cpu:
         self._next_rip = rip
         self._delivering: int | None = None
         self._formatter = ix.Formatter(ix.FormatterSyntax.NASM)
+        # SDM-undefined flags and where their images went (hw/undefined_flags.py): never compared
+        self.undefined = UndefinedFlags()
 
     # -- register helpers --------------------------------------------------------------------------
     def get(self, reg: int) -> int:
@@ -189,13 +192,15 @@ class X86Cpu:
             instr = self._decode()
             self.instr = instr
             self._next_rip = instr.next_ip
+            self.undefined.before(self, instr)
             self._execute(instr)
         except CpuFault as fault:
             bus.abort(self, fault)
             self.deliver(fault.vector, fault.error_code, fault.cr2, self.rip)
             return
-        if instr.mnemonic not in (_I.IRETQ, _I.POPFQ):
+        if instr.mnemonic not in (_I.IRETQ, _I.POPFQ, _I.POPF):
             self.rflags &= ~RF              # RF is cleared when an instruction completes
+        self.undefined.after(self, instr)
         bus.commit(self)
 
     def _decode(self) -> ix.Instruction:
@@ -273,6 +278,7 @@ class X86Cpu:
         for value in frame:
             rsp = (rsp - 8) & M64
             bus.write(rsp, 8, value & M64, new_cpl, implicit=True)
+        self.undefined.frame(rsp, len(frame), len(frame) - 3)     # frame[2] is RFLAGS
         desc = self._descriptor(selector)      # CS is loaded after the frame is written (as measured)
         if (desc >> 45) & 3 != new_cpl or not (desc >> 47) & 1 or not (desc >> 43) & 1:
             raise CpuFault(GP, selector & ~3)
@@ -363,19 +369,19 @@ class X86Cpu:
             return
         raise UnsupportedInstruction(self.rip, self.text(instr), f"destination kind {kind}")
 
-    def push(self, value: int) -> None:
-        rsp = (self.regs[RSP] - 8) & M64
+    def push(self, value: int, size: int = 8) -> None:
+        rsp = (self.regs[RSP] - size) & M64
         self._stack_ref = True
         try:
-            self.store(rsp, 8, value)
+            self.store(rsp, size, value)
         finally:
             self._stack_ref = False
         self.regs[RSP] = rsp
 
-    def pop(self) -> int:
+    def pop(self, size: int = 8) -> int:
         self._stack_ref = True
         try:
-            value = self.load(self.regs[RSP], 8)
+            value = self.load(self.regs[RSP], size)
         finally:
             self._stack_ref = False
         return value
@@ -525,7 +531,10 @@ def _mov(cpu: X86Cpu, instr: ix.Instruction) -> None:
                 raise CpuFault(GP, 0)
         else:
             raise UnsupportedInstruction(cpu.rip, cpu.text(instr), f"MOV to CR{cr} is not modelled")
-        cpu.bus.write_cr(cpu, cr, value)
+        try:
+            cpu.bus.write_cr(cpu, cr, value)
+        except InvalidArgument:
+            raise CpuFault(GP, 0) from None     # KVM refused the value (e.g. CR3 above MAXPHYADDR)
         setattr(cpu, f"cr{cr}", value)
         cpu.advance()
         return
@@ -654,7 +663,8 @@ def _shift(cpu: X86Cpu, instr: ix.Instruction) -> None:
     m = MASKS[size]
     mn = instr.mnemonic
     f = cpu.rflags
-    # AF is undefined after a shift; this host's CPUs set it (measured, CPL0 emulated and CPL3 native).
+    # AF (and OF for a count other than 1) is undefined after a shift: the model sets AF, as the AMD
+    # family 25 host measured; the real-diff never compares it (hw/undefined_flags.py).
     if mn in (_I.SHL, _I.SAL):
         r = (a << count) & m
         cf = (a >> (bits - count)) & 1 if count <= bits else 0
@@ -686,8 +696,8 @@ def _shift(cpu: X86Cpu, instr: ix.Instruction) -> None:
 
 
 def _mul_flags(cpu: X86Cpu, full: int, over: bool) -> None:
-    """CF=OF=overflow (SDM); SF, ZF, AF, PF are undefined: this host's CPUs leave them unchanged
-    (measured at CPL0, through KVM's emulator, and at CPL3 natively)."""
+    """CF=OF=overflow (SDM); SF, ZF, AF, PF are undefined: the model leaves them unchanged, as the
+    AMD family 25 host measured (an Intel family 6 model 207 computes PF); never compared."""
     cpu.rflags = (cpu.rflags & ~(CF | OF)) | ((CF | OF) if over else 0)
 
 
@@ -731,7 +741,8 @@ def _imul(cpu: X86Cpu, instr: ix.Instruction) -> None:
 @_op(_I.DIV, _I.IDIV)
 def _div(cpu: X86Cpu, instr: ix.Instruction) -> None:
     """DIV/IDIV: #DE on a zero divisor or a quotient that does not fit.  All arithmetic flags are
-    undefined: this host's CPUs leave AF set and the others clear (measured)."""
+    undefined: the model leaves AF set and the others clear, as the AMD family 25 host measured;
+    never compared (hw/undefined_flags.py)."""
     size = cpu.op_size(instr, 0)
     bits = 8 * size
     divisor = cpu.read_op(instr, 0, size)
@@ -928,35 +939,41 @@ def _ret(cpu: X86Cpu, instr: ix.Instruction) -> None:
 def _push(cpu: X86Cpu, instr: ix.Instruction) -> None:
     if instr.op0_kind == _K.REGISTER and ix.RegisterExt.is_segment_register(instr.op0_register):
         raise UnsupportedInstruction(cpu.rip, cpu.text(instr), "segment registers are not modelled")
-    value = cpu.read_op(instr, 0, 8)
-    cpu.push(value)
+    # The operand size is 64 or, with a 66 prefix, 16 bits (SDM PUSH: no 32-bit push in 64-bit
+    # mode): push imm16 / push r16 / push m16 move RSP by 2 and store 2 bytes.
+    size = -instr.stack_pointer_increment
+    value = cpu.read_op(instr, 0, size)
+    cpu.push(value, size)
     cpu.advance()
 
 
 @_op(_I.POP)
 def _pop(cpu: X86Cpu, instr: ix.Instruction) -> None:
-    value = cpu.pop()
+    size = instr.stack_pointer_increment          # 8, or 2 for pop r16 / pop m16 (66 prefix)
+    value = cpu.pop(size)
     old = cpu.regs[RSP]
-    cpu.regs[RSP] = (old + 8) & M64
+    cpu.regs[RSP] = (old + size) & M64
     try:
-        cpu.write_op(instr, 0, value, 8)
+        cpu.write_op(instr, 0, value, size)
     except CpuFault:
         cpu.regs[RSP] = old
         raise
     cpu.advance()
 
 
-@_op(_I.PUSHFQ)
+@_op(_I.PUSHFQ, _I.PUSHF)
 def _pushfq(cpu: X86Cpu, instr: ix.Instruction) -> None:
-    cpu.push(cpu.rflags & ~(RF | 0x20000))
+    size = -instr.stack_pointer_increment         # PUSHF with a 66 prefix stores FLAGS (2 bytes)
+    cpu.push(cpu.rflags & ~(RF | 0x20000) & MASKS[size], size)
     cpu.advance()
 
 
-@_op(_I.POPFQ)
+@_op(_I.POPFQ, _I.POPF)
 def _popfq(cpu: X86Cpu, instr: ix.Instruction) -> None:
-    value = cpu.pop()
-    cpu.regs[RSP] = (cpu.regs[RSP] + 8) & M64
-    writable = ARITH_FLAGS | TF | DF | NT | AC | 0x200000
+    size = instr.stack_pointer_increment          # POPF with a 66 prefix loads FLAGS only
+    value = cpu.pop(size)
+    cpu.regs[RSP] = (cpu.regs[RSP] + size) & M64
+    writable = (ARITH_FLAGS | TF | DF | NT | AC | 0x200000) & MASKS[size]
     if cpu.cpl == 0:
         writable |= IF | 0x3000
     cpu.rflags = (cpu.rflags & ~writable) | (value & writable) | RFLAGS_FIXED

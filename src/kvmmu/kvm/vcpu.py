@@ -30,6 +30,7 @@ from ..arch.bits import (
     X86_CR0_WP,
     X86_CR4_LA57,
     X86_CR4_PAE,
+    X86_CR4_PCIDE,
     X86_CR4_PGE,
     X86_CR4_PKE,
     X86_CR4_PSE,
@@ -168,7 +169,20 @@ class Vcpu:
             _check_u64("rflags", rflags)
         if pkru is not None and (type(pkru) is not int or not 0 <= pkru < 1 << 32):
             raise InvalidArgument("pkru", pkru, "PKRU is a 32-bit register")
+        new_cr0, new_efer = self.cr0 if cr0 is None else cr0, self.efer if efer is None else efer
+        new_cr3 = self.cr3 if cr3 is None else cr3
+        if isinstance(new_cr3, int) and isinstance(new_cr0, int) and isinstance(new_efer, int) \
+                and new_cr0 & X86_CR0_PG and new_efer & EFER_LME:
+            self._check_cr3(new_cr3, "KVM_SET_SREGS refuses it with EINVAL (kvm_is_valid_sregs)")
         self._set_control(cr0, cr3, cr4, efer, reload_pdptrs=True, after=lambda: self._set_rest(cpl, rflags, pkru))
+
+    def _check_cr3(self, cr3: int, what: str) -> None:
+        """kvm_vcpu_is_legal_cr3: CR3 is a guest-physical address, so bits 63:MAXPHYADDR are
+        reserved (the model has no LAM, whose CR3 bits 61/62 KVM would exempt)."""
+        width = self.vm.guest_maxphyaddr
+        if cr3 >> width:
+            raise InvalidArgument("cr3", cr3, f"bits 63:{width} are reserved above the guest MAXPHYADDR "
+                                  f"({cr3 >> width << width:#x} set): {what}")
 
     def _set_rest(self, cpl: int | None, rflags: int | None, pkru: int | None) -> None:
         if cpl is not None:
@@ -268,6 +282,10 @@ class Vcpu:
             raise InvalidArgument("cr3", value, "CR3 is an unsigned 64-bit register")
         paging = self.cr0 & X86_CR0_PG
         pae_legacy = paging and self.cr4 & X86_CR4_PAE and not self.efer & EFER_LMA
+        if self.cr4 & X86_CR4_PCIDE:
+            value &= ~(1 << 63)      # X86_CR3_PCID_NOFLUSH is an operand bit, never part of CR3
+        if value != self.cr3 or pae_legacy:
+            self._check_cr3(value, "MOV to CR3 is a #GP (kvm_set_cr3)")
         if self.vm.tdp_enabled:
             # With EPT/NPT (L1's or L2's), MOV CR3 does not exit: the CPU loads it (and PAE PDPTEs) and flushes.
             if pae_legacy:

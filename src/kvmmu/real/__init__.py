@@ -8,6 +8,7 @@ docs/spec/kvm-pvm-host.md).
 
 from __future__ import annotations
 
+from .cpuid import CpuidEntry, host_guest_paging
 from .ioctls import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 from .longmode import FlatLongMode, flat_long_mode_sregs, flat_segments, identity_map_2m
 from .stats import StatDescriptor, StatsReader, stats_delta
@@ -15,8 +16,8 @@ from .vcpu_state import DTable, MmioAccess, Segment, Sregs, Translation, VcpuEve
 from .vm import KvmIoctlError, RealVcpu, RealVM, available, unavailable_reason
 
 __all__ = [
-    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "DTable", "FlatLongMode", "KvmIoctlError",
+    "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "CpuidEntry", "DTable", "FlatLongMode", "KvmIoctlError",
     "MmioAccess", "RealVM", "RealVcpu", "Segment", "Sregs", "StatDescriptor", "StatsReader",
     "Translation", "VcpuEvents", "VcpuExit", "available", "flat_long_mode_sregs", "flat_segments",
-    "identity_map_2m", "stats_delta", "unavailable_reason",
+    "host_guest_paging", "identity_map_2m", "stats_delta", "unavailable_reason",
 ]

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KvmmuError, ScenarioError
+from . import undefined_mask
 
 if TYPE_CHECKING:
     from ..kvm.profiles import HostProfile
@@ -106,6 +107,10 @@ class Observation:
     extra: dict[str, int] = field(default_factory=dict)
     regs: dict[str, int] = field(default_factory=dict)
     per_run: list[dict[str, int]] = field(default_factory=list)   # counters at the end of each run
+    # SDM-undefined bits (model only): gpa byte -> bits, register -> bits, instructions using them
+    undefined: dict[int, int] = field(default_factory=dict)
+    undefined_regs: dict[str, int] = field(default_factory=dict)
+    undefined_uses: list[str] = field(default_factory=list)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -227,6 +232,7 @@ def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: G
     obs.regs = dict(zip(_X86_ORDER, cpu.regs, strict=True))
     obs.regs["rip"] = cpu.rip
     obs.regs["rflags"] = cpu.rflags
+    obs.undefined, obs.undefined_regs, obs.undefined_uses = undefined_mask.collect(cpu, vcpu)
     return obs
 
 
@@ -396,14 +402,20 @@ def _diff_seq(name: str, a: Sequence[object], b: Sequence[object], limit: int = 
 
 
 def compare(program: Program, model: Observation, real: Observation) -> list[ObservableDiff]:
+    """Every observable, with the bits the SDM leaves undefined (as the model tracked them: flags
+    after MUL/DIV/shifts/..., and their images in memory and registers) cleared on both sides."""
     out: list[ObservableDiff] = []
+    model_memory = undefined_mask.mask_memory(model.memory, model.undefined)
+    real_memory = undefined_mask.mask_memory(real.memory, model.undefined)
+    model_regs = undefined_mask.mask_regs(model.regs, model.undefined_regs)
+    real_regs = undefined_mask.mask_regs(real.regs, model.undefined_regs)
 
     def add(name: str, equal: bool, lines: list[str]) -> None:
         out.append(ObservableDiff(name, equal, lines if not equal else [], program.expect.get(name)))
 
     add("stops", model.stops == real.stops, [f"  model {model.stops}  real {real.stops}"])
     add("mmio", model.mmio == real.mmio, _diff_seq("exits", model.mmio, real.mmio))
-    add("memory", model.memory == real.memory, _diff_memory(model.memory, real.memory))
+    add("memory", model_memory == real_memory, _diff_memory(model_memory, real_memory))
     add("faults", model.faults == real.faults and model.fault_count == real.fault_count,
         _diff_seq("faults", model.faults, real.faults)
         + ([f"  fault count model {model.fault_count} real {real.fault_count}"]
@@ -414,8 +426,8 @@ def compare(program: Program, model: Observation, real: Observation) -> list[Obs
         for i, (a, b) in enumerate(zip(model.per_run, real.per_run, strict=False)):
             lines.append(f"    after run {i + 1}: " + ", ".join(f"{n} {a[n]}/{b[n]}" for n in bad))
     add("counters", not bad, lines)
-    badr = [n for n in REG_NAMES if model.regs.get(n) != real.regs.get(n)]
-    add("regs", not badr, [f"  {n:<7} model {model.regs.get(n, 0):#x}  real {real.regs.get(n, 0):#x}" for n in badr])
+    badr = [n for n in REG_NAMES if model_regs.get(n) != real_regs.get(n)]
+    add("regs", not badr, [f"  {n:<7} model {model_regs.get(n, 0):#x}  real {real_regs.get(n, 0):#x}" for n in badr])
     return out
 
 
@@ -507,6 +519,8 @@ def format_report(reports: list[ProgramReport], verbose: bool = False) -> str:
             lines.append(f"  model error: {r.model.error}")
         if r.real is not None:
             lines.extend(f"  note: {n}" for n in r.real.notes)
+        lines.extend(f"  uses an SDM-undefined value (results after it are the model's guess): {u}"
+                     for u in r.model.undefined_uses)
         for d in r.diffs:
             if d.equal:
                 continue
@@ -530,6 +544,7 @@ def report_json(reports: list[ProgramReport]) -> str:
         return {"backend": o.backend, "stops": o.stops, "counters": o.counters, "extra": o.extra,
                 "mmio": [str(m) for m in o.mmio], "faults": [str(f) for f in o.faults],
                 "fault_count": o.fault_count, "pages": len(o.memory), "error": o.error, "notes": o.notes,
+                "undefined_uses": o.undefined_uses,
                 "regs": {k: hex(v) for k, v in o.regs.items()}}
     return json.dumps([{"program": r.name, "cpl": r.program.cpl, "status": r.status,
                         "diffs": {d.name: {"equal": d.equal, "documented": d.documented, "lines": d.lines}
