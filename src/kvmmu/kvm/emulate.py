@@ -16,6 +16,7 @@ from ..arch.bits import (
     PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_CR4_PAE,
 )
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 
@@ -206,7 +207,7 @@ def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: by
     if write:
         vm.host.mem.write_bytes(hva, chunk)
         vm.mark_page_dirty(slot, gpa >> 12)
-        vm.mmu.track_write(gpa, n)
+        vm.mmu.track_write(gpa, n, pae=bool(vcpu.cr4 & X86_CR4_PAE))
     else:
         out[at:at + n] = vm.host.mem.read_bytes(hva, n)
     return True

@@ -47,6 +47,7 @@ from ..arch.bits import (
     PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_CR4_PAE,
 )
 from ..arch.walker import walk
 from ..errors import InvalidArgument
@@ -207,7 +208,7 @@ class Emulator:
                 if slot is not None:
                     vm.mark_page_dirty(slot, gpa >> 12)
                 if tracked:
-                    vm.mmu.track_write(gpa, n)
+                    vm.mmu.track_write(gpa, n, pae=bool(self.vcpu.cr4 & X86_CR4_PAE))
             else:
                 done = self._iobus(gpa, n, True, data[off:off + n], None, off)
                 if done < n:

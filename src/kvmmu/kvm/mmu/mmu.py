@@ -348,9 +348,25 @@ class KvmMmu:
         self.commit_zap_page(invalid)
 
     # -- emulated writes to shadowed guest tables (kvm_mmu_track_write) --------------------------------
-    def track_write(self, gpa: int, nbytes: int, as_id: int = 0) -> None:
+    def track_write(self, gpa: int, nbytes: int, as_id: int = 0, pae: bool = False) -> None:
+        """kvm_mmu_track_write: an emulated write of `nbytes` at `gpa` by a vCPU with CR4.PAE = `pae`.
+
+        KVM widens a 4-byte write by a PAE vCPU to the aligned 8-byte gpte around it before judging it
+        (mmu_pte_write_fetch_gpte: "a 32-bit guest writing two halves of a 64-bit gpte"), so a dword
+        that straddles two gptes passes detect_write_misaligned and only the first gpte's spte is zapped;
+        the second keeps its old translation, and no INVLPG or CR3 reload fixes it (the page is synced,
+        not unsync).  That is what `kvm_deviations` does.  By default the write is judged as it was
+        made: it spans two gptes, so the whole page is zapped and the new gptes are used (SDM 4.10.4).
+        """
         if not self.indirect_shadow_pages:
             return
+        fetch_gpa, fetch_bytes = gpa, nbytes
+        if pae and nbytes == 4:
+            fetch_gpa, fetch_bytes = gpa & ~7, 8
+        # The gpte KVM reads back: only for 4- and 8-byte writes (it decides mmu_pde_zapped).
+        gentry = self.vm.read_guest_quiet(fetch_gpa, fetch_bytes) if fetch_bytes in (4, 8) else 0
+        if self.vm.kvm_deviations:
+            gpa, nbytes = fetch_gpa, fetch_bytes
         self.stats["mmu_pte_write"] += 1
         gfn = gpa >> 12
         invalid: list[ShadowPage] = []
@@ -362,8 +378,6 @@ class KvmMmu:
                 self.prepare_zap_page(sp, invalid)
                 self.stats["mmu_flooded"] += 1
                 continue
-            pte_size = 4 if sp.role & (1 << 4) else 8
-            gentry = self.vm.read_guest_quiet(gpa & ~(pte_size - 1), pte_size)
             for sptep in _written_sptes(sp, gpa):
                 entry = self.read_spte(sptep)
                 self.mmu_page_zap_pte(sp, sptep, None)
