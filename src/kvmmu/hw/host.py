@@ -240,14 +240,7 @@ def _hva_to_gfns(vm: object, hva: int) -> list[tuple[int, int]]:
 
 
 def _leaf_sptes(vm: object, as_id: int, gfn: int) -> list[int]:
-    """Leaf sptes that map gfn: 4 KiB ones on its rmap, huge ones on the rmap of their base gfn."""
-    mmu = vm.mmu  # type: ignore[attr-defined]
-    out = list(mmu.rmap.get((as_id, gfn), ()))
-    for level in (2, 3):
-        base = gfn & ~((1 << (9 * (level - 1))) - 1)
-        if base != gfn:
-            out.extend(p for p in mmu.rmap.get((as_id, base), ()) if mmu.sptep_to_sp(p).level == level)
-    return out
+    return vm.mmu.gfn_leaf_sptes(as_id, gfn)  # type: ignore[attr-defined]
 
 
 def kvm_unmap_hva(vm: object, hva: int) -> bool:

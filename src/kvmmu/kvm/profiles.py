@@ -86,10 +86,12 @@ class HostProfile:
     # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
     kvm_deviations: bool = True
 
-    def make_vm(self) -> VM:
+    def make_vm(self, host_hugepage_level: int = 1) -> VM:
+        """A VM of this host; `host_hugepage_level` says how large the host pages behind guest RAM are."""
         from .vm import VM
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=self.guest_maxphyaddr,
-                  guest_gbpages=self.guest_gbpages, kvm_deviations=self.kvm_deviations)
+                  guest_gbpages=self.guest_gbpages, kvm_deviations=self.kvm_deviations,
+                  host_hugepage_level=host_hugepage_level)
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)

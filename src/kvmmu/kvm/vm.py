@@ -138,7 +138,7 @@ class VM:
             old = None
             if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0:
                 old = self.memslots.slot(slot & 0xFFFF, min(slot >> 16, self.memslots.nr_as - 1))
-            userspace_addr = old.userspace_addr if old is not None else self._hva_next
+            userspace_addr = old.userspace_addr if old is not None else self._fresh_hva(memory_size)
         change, old = self.memslots.validate(slot, flags, guest_phys_addr, memory_size, userspace_addr)
         if memory_size and not self._hva_base <= userspace_addr <= self._hva_end - memory_size:
             raise MemslotError("userspace_addr", userspace_addr,
@@ -238,6 +238,19 @@ class VM:
         for hva, n in pieces:
             self.host.mem.write_bytes(hva, data[pos:pos + n])
             pos += n
+
+    def _fresh_hva(self, memory_size: int) -> int:
+        """Where the VMM's next anonymous mapping lands.  On huge host pages Linux aligns a mapping at
+        least one huge page long to the huge page size (thp_get_unmapped_area), so that it can be
+        backed by them."""
+        hva = self._hva_next
+        for level in range(self.host_hugepage_level, 1, -1):
+            size = 1 << (12 + 9 * (level - 1))
+            if type(memory_size) is int and memory_size >= size:
+                aligned = (hva + size - 1) & ~(size - 1)
+                if aligned + memory_size <= self._hva_end:
+                    return aligned
+        return hva
 
     def read_phys(self, gpa: int, length: int) -> bytes:
         return b"".join(self.host.mem.read_bytes(hva, n) for hva, n in self._phys_pieces(gpa, length))

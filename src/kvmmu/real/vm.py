@@ -127,7 +127,10 @@ class _Slot:
 class RealVM:
     """A VM on the real /dev/kvm with the model's memslot / memory / vCPU methods."""
 
-    def __init__(self) -> None:
+    def __init__(self, hugepages: bool = False) -> None:
+        """`hugepages`: the VMM asks for transparent huge pages for guest RAM (madvise
+        MADV_HUGEPAGE on each slot's backing, as QEMU does), so the host may back it with 2 MiB pages."""
+        self.hugepages = hugepages
         self._kvm_fd = -1
         self._fd = -1
         self._slots: dict[int, _Slot] = {}
@@ -227,6 +230,8 @@ class RealVM:
                 raise MemslotError("memory_size", memory_size,
                                    f"the VMM could not allocate the backing memory ({e})",
                                    "ENOMEM") from None
+            if self.hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+                backing.madvise(mmap.MADV_HUGEPAGE)
             hva = _buffer_address(backing)
         region = K.KVM_USERSPACE_MEMORY_REGION.pack(slot, flags, guest_phys_addr, memory_size, hva)
         try:

@@ -56,8 +56,8 @@ from ..guest.runtime import (
 )
 
 COUNTERS = ("exits", "mmio_exits", "pf_taken", "pf_fixed", "pf_emulate", "pf_guest", "pf_mmio_spte_created",
-            "insn_emulation", "pages_4k")
-VM_COUNTERS = frozenset({"pages_4k"})
+            "insn_emulation", "pages_4k", "pages_2m")
+VM_COUNTERS = frozenset({"pages_4k", "pages_2m"})
 EXTRA_COUNTERS = ("insn_emulation_fail", "invlpg", "halt_exits", "mmu_pte_write", "mmu_shadow_zapped",
                   "mmu_flooded", "mmu_unsync")
 _VM_EXTRA = frozenset({"mmu_pte_write", "mmu_shadow_zapped", "mmu_flooded", "mmu_unsync"})
@@ -172,7 +172,7 @@ def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: G
     prof = get_profile(profile)
     obs = Observation(f"model:{prof.name}")
     img = image or build(program)
-    vm = prof.make_vm()
+    vm = prof.make_vm(host_hugepage_level=2 if program.host_hugepages else 1)
     for s in program.slots:
         vm.set_user_memory_region(s.slot, s.gpa, s.size, s.flags)
     for gpa, data in img.writes():
@@ -273,7 +273,7 @@ def run_real(program: Program, image: GuestImage | None = None, timeout: float =
             for page in sorted(p for p in touch if s.gpa <= p < s.gpa + s.size):
                 vm.write_phys(page, bytes(4096))
 
-    with RealVM() as vm:
+    with RealVM(hugepages=program.host_hugepages) as vm:
         for s in program.slots:
             add_slot(vm, s)
         for gpa, data in img.writes():

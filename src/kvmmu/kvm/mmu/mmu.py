@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ...errors import KvmBug
+from .hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index, pages_per_hpage
 from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
@@ -39,6 +40,9 @@ class KvmMmu:
         self.pages_by_pfn: dict[int, ShadowPage] = {}
         self.rmap: dict[tuple[int, int], set[int]] = {}        # (as_id, gfn) -> leaf sptes
         self.write_track: dict[int, int] = {}                    # gfn -> upper-level shadow pages
+        # (as_id, level, gfn >> 9*(level-1)) -> shadowed guest tables in that huge frame
+        # (kvm_mmu_gfn_disallow_lpage's count in lpage_info; see hugepage.py)
+        self.disallow_lpage: dict[tuple[int, int, int], int] = {}
         self.indirect_shadow_pages = 0
         self.mmu_valid_gen = 0
         self.n_used_mmu_pages = 0
@@ -92,18 +96,33 @@ class KvmMmu:
         self.indirect_shadow_pages += 1
         if sp.level > 1:
             self.write_track[sp.gfn] = self.write_track.get(sp.gfn, 0) + 1
-        if self.write_protect_gfn(sp.gfn):
+        self._update_disallow_lpage(sp.role >> 24, sp.gfn, 1)
+        # Every level: a huge spte over the table's gfn must stop being writable too.
+        if self.write_protect_gfn(sp.gfn, sp.role >> 24):
             self.flush_remote_tlbs()
 
     def unaccount_shadowed(self, sp: ShadowPage) -> None:
         sp.accounted = False
         self.indirect_shadow_pages -= 1
+        self._update_disallow_lpage(sp.role >> 24, sp.gfn, -1)
         if sp.level > 1:
             n = self.write_track[sp.gfn] - 1
             if n:
                 self.write_track[sp.gfn] = n
             else:
                 del self.write_track[sp.gfn]
+
+    def _update_disallow_lpage(self, as_id: int, gfn: int, count: int) -> None:
+        """update_gfn_disallow_lpage_count for every huge level."""
+        for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            key = (as_id, level, lpage_index(gfn, level))
+            n = self.disallow_lpage.get(key, 0) + count
+            if n < 0:
+                raise KvmBug(f"disallow_lpage count of gfn {gfn:#x} at level {level} went negative")
+            if n:
+                self.disallow_lpage[key] = n
+            else:
+                del self.disallow_lpage[key]
 
     def is_write_tracked(self, gfn: int) -> bool:
         return gfn in self.write_track
@@ -121,6 +140,16 @@ class KvmMmu:
         if not sptes:
             del self.rmap[(as_id, gfn)]
         self.stats[("pages_4k", "pages_2m", "pages_1g")[level - 1]] -= 1
+
+    def gfn_leaf_sptes(self, as_id: int, gfn: int) -> list[int]:
+        """Leaf sptes that map gfn at any level (gfn_to_rmap at each level): 4 KiB ones on gfn's rmap,
+        huge ones on the rmap of their frame's first gfn."""
+        out = list(self.rmap.get((as_id, gfn), ()))
+        for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            base = gfn & ~(pages_per_hpage(level) - 1)
+            if base != gfn:
+                out.extend(p for p in self.rmap.get((as_id, base), ()) if self.sptep_to_sp(p).level == level)
+        return out
 
     def leaf_gfn(self, sp: ShadowPage, index: int) -> int:
         return sp.gfn_at(index)
@@ -140,7 +169,7 @@ class KvmMmu:
         """
         changed = False
         clear = 2 if for_dirty_log else 2 | self.masks.mmu_writable
-        for sptep in list(self.rmap.get((as_id, gfn), ())):
+        for sptep in self.gfn_leaf_sptes(as_id, gfn):
             spte = self.read_spte(sptep)
             if spte & clear:
                 self.write_spte(sptep, spte & ~clear)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK
 from ...arch.walker import Walk, walk
 from .gpte import EPT_TO_ACC
+from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .page import ShadowPage
 from .pf import (
@@ -123,7 +124,9 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
             kvm.link_shadow_page(sptep, child)
         table = child.hpa
         level -= 1
-    goal = 1                                    # host memory is 4 KiB pages: no huge sptes
+    # After the indirect levels: linking them may have shadowed a gfn of the huge frame.
+    kvm_mmu_hugepage_adjust(mmu, fault)
+    goal = fault.goal_level
     while level > goal:
         sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
         spte = kvm.read_spte(sptep)
@@ -138,8 +141,9 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
             kvm.link_shadow_page(sptep, child)
         table = child.hpa
         level -= 1
-    sptep = table + 8 * ((addr >> 12) & 511)
-    ret = mmu_set_spte(mmu, fault.slot, sptep, pte_access, fault.gfn, fault.pfn, fault,
+    sptep = table + 8 * ((addr >> (12 + 9 * (goal - 1))) & 511)
+    base_gfn = fault.gfn & ~(pages_per_hpage(goal) - 1)
+    ret = mmu_set_spte(mmu, fault.slot, sptep, pte_access, base_gfn, fault.pfn, fault,
                        host_writable=fault.map_writable)
     if ret == RET_PF_SPURIOUS:
         return ret
