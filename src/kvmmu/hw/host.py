@@ -13,6 +13,17 @@ guest pages, giving a second chance to pages whose sptes KVM reports young (acce
 is bookkeeping); touching it again is a swap-in.  Without a limit nothing is tracked and every page
 counts as resident, as before.
 
+Lazy anonymous memory (`Host(prealloc=False)`, what a VMM gets without QEMU's -mem-prealloc): a
+guest-RAM page has no host page until something writes it (the VMM through its mapping, KVM through
+the user address, a write fault).  A read of a page never written maps the host's shared zero page,
+read-only; the first write then copies it (COW), and the host's MMU notifier drops every spte that
+maps the page.  So KVM's read fault on such a page maps it read-only (`map_writable` false, the
+slow path of hva_to_pfn), its write fault on a zero-mapped page is retried (the notifier ran during
+it: is_page_fault_stale), and KVM's prefetch, which only takes pages that are present and writable
+(get_user_pages_fast_only with FOLL_WRITE), skips both kinds.  The model's frame of a zero-mapped page
+is the page's own (all zero until written, and any write COWs it first), not one shared frame.
+With `prealloc=True` (the default) every page is populated from the start, as before.
+
 Reclaim never takes a page the guest's current access is using (`reclaim`, `pin_walk`): the page
 being faulted in, and under EPT/NPT the guest's table pages the CPU's 2-D walk has already gone
 through.  When only such pages are left, the host goes over `memory_limit - reserved` by those few
@@ -35,7 +46,7 @@ class Host:
     """A host with `maxphyaddr` physical address bits (46 by default, as on the machines here)."""
 
     def __init__(self, maxphyaddr: int = 46, memory_limit: int | None = None, reserved: int = 0,
-                 cores: int = 4) -> None:
+                 cores: int = 4, prealloc: bool = True) -> None:
         if type(maxphyaddr) is not int or not 36 <= maxphyaddr <= 52:
             raise InvalidArgument("host maxphyaddr", maxphyaddr, "the host's MAXPHYADDR is between 36 and 52")
         if memory_limit is not None and (type(memory_limit) is not int or memory_limit < 1 << 20):
@@ -45,6 +56,15 @@ class Host:
                                   "memory reserved for the host itself is >= 0 and below the memory limit")
         if type(cores) is not int or cores < 1:
             raise InvalidArgument("host cores", cores, "a host has at least one CPU core")
+        if type(prealloc) is not bool:
+            raise InvalidArgument("host prealloc", prealloc, "prealloc is True (guest RAM populated up front) "
+                                  "or False (allocated on first touch, the zero page for reads)")
+        self.prealloc = prealloc
+        # Lazy anonymous memory (prealloc=False): pages with a private host page, and pages whose host
+        # mapping is the shared zero page (read, never written).
+        self.populated: set[int] = set()
+        self.zero_mapped: set[int] = set()
+        self.cows = 0
         self.reserved = reserved
         self.cores = cores
         # Host memory pressure: resident guest pages in LRU order (oldest first) and swapped-out pages.
@@ -111,6 +131,33 @@ class Host:
     def is_resident(self, pfn: int) -> bool:
         """A page the host can map without sleeping (what a non-sleeping get_user_pages finds)."""
         return self.memory_limit is None or pfn in self.resident
+
+    def anon_fault(self, pfn: int, write: bool) -> bool:
+        """A read or write of guest page `pfn` by someone who may sleep (the VMM, KVM's copy to/from
+        user, get_user_pages).  True if the write copied the zero page: the MMU notifier has dropped
+        every VM's sptes for the page by then."""
+        if self.prealloc or pfn in self.populated:
+            return False
+        if not write:
+            self.zero_mapped.add(pfn)
+            return False
+        self.populated.add(pfn)
+        if pfn not in self.zero_mapped:
+            return False                 # a fresh page where nothing was mapped: no notifier
+        self.zero_mapped.discard(pfn)
+        self.cows += 1
+        for vm in self.vms:
+            kvm_unmap_hva(vm, pfn << 12)
+        return True
+
+    def is_present(self, pfn: int, write: bool) -> bool:
+        """What a non-sleeping lookup of the host page finds: a page mapped for reading (the zero page
+        counts) or, with `write`, mapped writable (get_user_page_fast_only with FOLL_WRITE)."""
+        if not self.is_resident(pfn):
+            return False
+        if self.prealloc or pfn in self.populated:
+            return True
+        return not write and pfn in self.zero_mapped
 
     def touch(self, pfn: int) -> bool:
         """KVM touches guest page `pfn` (sleeping fault-in allowed); True if that was a swap-in."""

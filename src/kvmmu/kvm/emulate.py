@@ -203,7 +203,7 @@ def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: by
     if slot is None or slot.invalid or (write and slot.readonly):
         return False
     hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
-    vm.host_touch(hva)
+    vm.host_touch(hva, write)
     if write:
         vm.host.mem.write_bytes(hva, chunk)
         vm.mark_page_dirty(slot, gpa >> 12)

@@ -88,10 +88,12 @@ class HostProfile:
 
     def make_vm(self, host_hugepage_level: int = 1) -> VM:
         """A VM of this host; `host_hugepage_level` says how large the host pages behind guest RAM are."""
+        from ..hw.host import Host
         from .vm import VM
+        # A real host's VMM gets lazily allocated anonymous memory (the zero page for reads).
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=self.guest_maxphyaddr,
                   guest_gbpages=self.guest_gbpages, kvm_deviations=self.kvm_deviations,
-                  host_hugepage_level=host_hugepage_level)
+                  host_hugepage_level=host_hugepage_level, host=Host(prealloc=False))
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)
@@ -178,7 +180,7 @@ class Emulator:
         if slot is None or slot.invalid or (write and slot.readonly):
             return -1
         hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
-        self.vm.host_touch(hva)
+        self.vm.host_touch(hva, write)
         return hva
 
     def read(self, gva: int, size: int, cpl: int, implicit: bool = False, on_exit: object = None) -> int:

@@ -236,6 +236,7 @@ class VM:
         pieces = self._phys_pieces(gpa, len(data))
         pos = 0
         for hva, n in pieces:
+            self.host.anon_fault(hva >> 12, True)     # the VMM's store allocates (or COWs) the page
             self.host.mem.write_bytes(hva, data[pos:pos + n])
             pos += n
 
@@ -262,11 +263,14 @@ class VM:
             return 0
         return self.host.mem.read(slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF), size)
 
-    def host_touch(self, hva: int) -> None:
-        """Hook for host memory pressure (a swapped-out page is faulted back in here)."""
+    def host_touch(self, hva: int, write: bool = False) -> bool:
+        """KVM (or the VMM) reads or writes host page `hva`, sleeping if it must: a swapped-out page
+        is faulted back in, a never-written page of lazy memory gets the zero page (read) or a page of
+        its own (write).  True if the write copied the zero page (the MMU notifier ran)."""
         host = self.host
+        cow = host.anon_fault(hva >> 12, write)
         if host.memory_limit is None:
-            return
+            return cow
         if host.touch(hva >> 12):
             # KVM (get_user_pages / copy_from_user) slept on a swap-in of this host page.
             vcpu_id = self.trace.current_vcpu
@@ -275,9 +279,16 @@ class VM:
             self.trace.emit("host_swapin", hva=hva & ~0xFFF)
         if host.over_limit():
             host.reclaim(keep=hva >> 12)      # swap out the coldest pages; the mmu notifier zaps their sptes first
+        return cow
 
     def host_resident(self, hva: int) -> bool:
-        return self.host.is_resident(hva >> 12)
+        """The host page can be read without sleeping (kvm_vcpu_read_guest_atomic succeeds)."""
+        return self.host.is_present(hva >> 12, False)
+
+    def host_writable(self, hva: int) -> bool:
+        """The host page is present and writable: what KVM's prefetch (get_user_pages_fast_only with
+        FOLL_WRITE) and hva_to_pfn's fast path take."""
+        return self.host.is_present(hva >> 12, True)
 
     # -- vCPUs, devices, the VMM ---------------------------------------------------------------------
     def create_vcpu(self) -> Vcpu:

@@ -13,7 +13,7 @@ from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK
 from ...arch.walker import Walk, walk
 from .gpte import EPT_TO_ACC
 from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
-from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
+from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte, prefetch_slot
 from .page import ShadowPage
 from .pf import (
     RET_PF_CONTINUE,
@@ -198,13 +198,14 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
         access = ((sp.role >> 8) & 7) & mmu.gfmt.access(gpte)
         if mmu.gfmt.dirty and not gpte & mmu.gfmt.dirty:
             access &= ~ACC_WRITE
-        slot = vcpu.gfn_to_memslot(gfn)
-        if slot is None or slot.invalid or (slot.flags & 1 and access & ACC_WRITE):
+        # FNAME(prefetch_gpte): kvm_prefetch_pages of one page, present and writable, never faulted in.
+        slot = prefetch_slot(mmu, gfn, access)
+        if slot is None:
             break
         hva = slot.gfn_to_hva(gfn)
-        if not mmu.vm.host_resident(hva):
+        if not mmu.vm.host_writable(hva):
             break
-        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None, host_writable=not slot.readonly)
+        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None)
 
 
 def _hva_or(vcpu: Vcpu, gpa: int) -> int:
