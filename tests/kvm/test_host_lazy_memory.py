@@ -147,3 +147,24 @@ def test_shadow_prefetch_stops_at_a_gpte_whose_host_page_is_absent() -> None:
 def test_host_prealloc_must_be_a_bool() -> None:
     with pytest.raises(InvalidArgument, match="prealloc"):
         kvmmu.Host(prealloc=0)  # type: ignore[arg-type]
+
+
+def test_huge_zero_page_is_mapped_read_only_then_replaced_by_a_huge_page() -> None:
+    """Transparent huge pages (host_hugepage_level=2): a read fault maps the host's huge zero page
+    (a read-only 2 MiB spte); the write allocates a huge page in its place (Linux 6.18 replaces the
+    huge zero page on a write fault), the notifier zaps and the fault retries, then one writable 2 MiB
+    spte.  Measured: corpus program huge_page_zero_cpl3 (pf_taken 5, pf_fixed 4, pages_2m 1)."""
+    vm = kvmmu.VM(mmu="shadow", host=kvmmu.Host(prealloc=False), host_hugepage_level=2)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=16 << 20)
+    pt = GuestPageTables("4level", *vm_writer(vm), pool=POOL, pool_end=POOL_END)
+    pt.map_range(POOL, POOL, POOL_END - POOL, P | RW | A | D)
+    pt.map(GVA, 0x20_0000, 2 << 20, RWUAD)
+    v = vm.create_vcpu()
+    v.set_sregs(cr3=pt.cr3, **LONG_MODE)
+    assert faults(v, (GVA + 0x1000, "read", None)) == (1, 1)
+    level, spte = leaf(v, GVA)
+    assert level == 2 and not spte & 2
+    assert faults(v, (GVA + 0x1FF000, "write", 2)) == (2, 1)
+    level, spte = leaf(v, GVA)
+    assert level == 2 and spte & 2 and vm.stats["pages_2m"] == 1
+    vm.audit()

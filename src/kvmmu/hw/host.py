@@ -22,7 +22,9 @@ slow path of hva_to_pfn), its write fault on a zero-mapped page is retried (the 
 it: is_page_fault_stale), and KVM's prefetch, which only takes pages that are present and writable
 (get_user_pages_fast_only with FOLL_WRITE), skips both kinds.  The model's frame of a zero-mapped page
 is the page's own (all zero until written, and any write COWs it first), not one shared frame.
-With `prealloc=True` (the default) every page is populated from the start, as before.
+On transparent huge pages (`VM(host_hugepage_level=2)`) a fault covers the whole 2 MiB frame: a read
+maps the huge zero page, a write allocates a huge page (copying the zero one).  With `prealloc=True`
+(the default) every page is populated from the start, as before.
 
 Reclaim never takes a page the guest's current access is using (`reclaim`, `pin_walk`): the page
 being faulted in, and under EPT/NPT the guest's table pages the CPU's 2-D walk has already gone
@@ -132,22 +134,28 @@ class Host:
         """A page the host can map without sleeping (what a non-sleeping get_user_pages finds)."""
         return self.memory_limit is None or pfn in self.resident
 
-    def anon_fault(self, pfn: int, write: bool) -> bool:
+    def anon_fault(self, pfn: int, write: bool, span: int = 1) -> bool:
         """A read or write of guest page `pfn` by someone who may sleep (the VMM, KVM's copy to/from
-        user, get_user_pages).  True if the write copied the zero page: the MMU notifier has dropped
-        every VM's sptes for the page by then."""
+        user, get_user_pages), on a host page of `span` 4 KiB pages (512: a transparent huge page,
+        whose read fault maps the huge zero page and whose write fault allocates the whole frame).
+        True if the write copied the zero page: the MMU notifier has dropped every VM's sptes for the
+        frame by then."""
         if self.prealloc or pfn in self.populated:
             return False
+        first = pfn & ~(span - 1)
+        pages = range(first, first + span)
         if not write:
-            self.zero_mapped.add(pfn)
+            self.zero_mapped.update(p for p in pages if p not in self.populated)
             return False
-        self.populated.add(pfn)
-        if pfn not in self.zero_mapped:
+        cow = any(p in self.zero_mapped for p in pages)
+        self.populated.update(pages)
+        self.zero_mapped.difference_update(pages)
+        if not cow:
             return False                 # a fresh page where nothing was mapped: no notifier
-        self.zero_mapped.discard(pfn)
         self.cows += 1
         for vm in self.vms:
-            kvm_unmap_hva(vm, pfn << 12)
+            for p in pages:
+                kvm_unmap_hva(vm, p << 12)
         return True
 
     def is_present(self, pfn: int, write: bool) -> bool:

@@ -236,7 +236,7 @@ class VM:
         pieces = self._phys_pieces(gpa, len(data))
         pos = 0
         for hva, n in pieces:
-            self.host.anon_fault(hva >> 12, True)     # the VMM's store allocates (or COWs) the page
+            self._anon_fault(hva, True)               # the VMM's store allocates (or COWs) the page
             self.host.mem.write_bytes(hva, data[pos:pos + n])
             pos += n
 
@@ -268,7 +268,7 @@ class VM:
         is faulted back in, a never-written page of lazy memory gets the zero page (read) or a page of
         its own (write).  True if the write copied the zero page (the MMU notifier ran)."""
         host = self.host
-        cow = host.anon_fault(hva >> 12, write)
+        cow = self._anon_fault(hva, write)
         if host.memory_limit is None:
             return cow
         if host.touch(hva >> 12):
@@ -280,6 +280,22 @@ class VM:
         if host.over_limit():
             host.reclaim(keep=hva >> 12)      # swap out the coldest pages; the mmu notifier zaps their sptes first
         return cow
+
+    def _anon_fault(self, hva: int, write: bool) -> bool:
+        """Host.anon_fault on the host page that backs hva: with host_hugepage_level 2 a transparent
+        huge page when the 2 MiB frame lies inside one slot's mapping; with 3 (hugetlbfs) a page that
+        any touch allocates, as hugetlbfs has no zero page."""
+        host = self.host
+        if host.prealloc:
+            return False
+        if self.host_hugepage_level == 3:
+            return host.anon_fault(hva >> 12, True)
+        if self.host_hugepage_level == 2:
+            base = hva & ~0x1FFFFF
+            if any(s.userspace_addr <= base and base + 0x200000 <= s.userspace_addr + (s.npages << 12)
+                   for s in self.memslots.all_slots()):
+                return host.anon_fault(hva >> 12, write, span=512)
+        return host.anon_fault(hva >> 12, write)
 
     def host_resident(self, hva: int) -> bool:
         """The host page can be read without sleeping (kvm_vcpu_read_guest_atomic succeeds)."""

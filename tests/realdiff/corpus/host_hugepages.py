@@ -4,7 +4,9 @@ At CPL3 KVM's shadow MMU maps a guest 2 MiB page with one 2 MiB spte when the ho
 frame with a huge page (FNAME(page_fault): max_level = the guest walk's level;
 kvm_mmu_hugepage_adjust), unless the frame holds a shadowed guest page table (disallow_lpage).
 When a page of a huge-mapped frame becomes a page table, the huge spte is write-protected and the
-next write replaces it by a 4 KiB table.  At CPL0 KVM's emulator maps nothing: no spte at all.
+next write replaces it by a 4 KiB table.  With ``prefault=False`` the first read maps the host's huge
+zero page (a read-only 2 MiB spte); the write then allocates a huge page in its place, the MMU
+notifier zaps the spte and the fault is retried.  At CPL0 KVM's emulator maps nothing: no spte.
 """
 
 from kvmmu.guest.runtime import Map, Program, both_rings
@@ -70,4 +72,18 @@ huge_split = Program(
         hlt
     """)
 
-PROGRAMS = [*both_rings(huge_rw), *both_rings(huge_over_tables), *both_rings(huge_split)]
+huge_zero = Program(
+    name="huge_page_zero", host_hugepages=True, prefault=False,
+    doc="read, then write a guest 2 MiB page whose huge host page nobody wrote yet",
+    maps=(Map(BIG, 0x20_0000, 0x20_0000, "rw u 2m"), Map(DATA, 0x1000, flags="rw u")),
+    code=f"""
+        mov rdi, {BIG:#x}
+        mov rax, [rdi + 0x1000]
+        mov qword [rdi + 0x1ff000], 2
+        mov rbx, [rdi + 0x123000]
+        mov rsi, {DATA:#x}
+        mov [rsi], rbx
+        hlt
+    """)
+
+PROGRAMS = [*both_rings(huge_rw), *both_rings(huge_over_tables), *both_rings(huge_split), *both_rings(huge_zero)]
