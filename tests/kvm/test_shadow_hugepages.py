@@ -171,3 +171,21 @@ def test_nonpaging_maps_at_most_2m() -> None:
     assert v.access(0x4012_3000, 4, "write", 1).fault is None
     assert pages(vm) == (0, 1, 0)
     vm.audit()
+
+
+def test_vmm_mappings_on_huge_host_pages_are_huge_aligned() -> None:
+    """Linux places an anonymous mapping of at least 2 MiB on a 2 MiB boundary when it can be backed
+    by transparent huge pages (thp_get_unmapped_area; the real backend's 8 MiB slot here lands
+    2 MiB-aligned), so a slot created after an odd-sized one still gets huge sptes."""
+    vm = kvmmu.VM(mmu="shadow", host_hugepage_level=2)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=5 << 20)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=32 << 20, memory_size=4 << 20)
+    assert vm.memslots.slot(1, 0).userspace_addr % (2 << 20) == 0
+    pt = GuestPageTables("4level", *vm_writer(vm), pool=POOL, pool_end=POOL_END)
+    pt.map_range(POOL, POOL, POOL_END - POOL, P | RW | A | D)
+    pt.map(GVA, 32 << 20, 2 << 20, RWUAD)
+    v = vm.create_vcpu()
+    v.set_sregs(cr3=pt.cr3, **LONG_MODE)
+    assert v.access(GVA, 8, "read").fault is None
+    assert pages(vm)[1] == 1
+    vm.audit()
