@@ -11,7 +11,10 @@ the fuzzer's reproducers in tests/fuzz/test_found_bugs.py.  Expected values come
   allow, and a read caches the rights of a clean PTE without W (protect_clean_gpte), so a CR0.WP=0
   supervisor write through it never walks and never sets D;
 - arch/x86/kvm/x86.c, x86_emulate_instruction: with a direct MMU the fault address is always taken
-  as the data's gpa (ctxt->gpa_available), even when the fault was on a guest page-table access.
+  as the data's gpa (ctxt->gpa_available), even when the fault was on a guest page-table access;
+- arch/x86/kvm/mmu/mmu.c, kvm_mmu_track_write: mmu_pte_write_fetch_gpte turns a 4-byte write by a
+  vCPU with CR4.PAE into the aligned 8-byte gpte around it before detect_write_misaligned and
+  get_written_sptes look at it, so a dword over two gptes zaps only the first one's spte.
 """
 
 from __future__ import annotations
@@ -135,3 +138,34 @@ def test_mmio_write_after_a_read_sets_d_only_without_kvm_deviations(deviations: 
     dirty = bool(int.from_bytes(g.vm.read_phys(pte, 8), "little") & D)
     assert dirty is not deviations
     assert (v.counters["guest_walks"] == walks) is deviations, "KVM answers from the MMIO cache, no walk"
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_dword_store_over_two_ptes_keeps_the_second_stale_only_with_kvm_deviations(deviations: bool) -> None:
+    """An emulated dword store over bytes 6..9 of a PTE rewrites the next PTE's low 16 bits (its frame
+    bits 15:12).  SDM 4.10.4.1: after INVLPG of that page, and after a MOV CR3, the new PTE is used.
+    KVM (kvm_mmu_track_write, see the module docstring) zaps only the first PTE's spte and leaves the
+    shadow page synced, so neither INVLPG nor the CR3 reload resyncs the second (mmu_flooded stays 0);
+    measured on the real KVM at CPL3: corpus program pte_straddle_dword_cpl3 (docs/real-kvm.md)."""
+    from kvmmu.kvm.profiles import Emulator
+    g = Guest("shadow", kvm_deviations=deviations)
+    old, new = 0x50_1000, 0x50_2000
+    pte0 = g.pt.map(0x40_0000, 0x50_0000, flags=P | RW | A | D)
+    g.pt.map(0x40_1000, old, flags=P | RW | A | D)
+    g.vm.write_phys(old, (1).to_bytes(8, "little"))
+    g.vm.write_phys(new, (2).to_bytes(8, "little"))
+    v = g.vcpu
+    v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
+    assert v.access(0x40_0000, 8, "read").fault is None
+    assert v.access(0x40_1000, 8, "read").value == 1
+    flooded = g.vm.stats["mmu_flooded"]
+    Emulator(v).write(pte0 + 6, 4, ((new | P | RW | A | D) & 0xFFFF) << 16, cpl=0)
+    assert int.from_bytes(g.vm.read_phys(pte0 + 8, 8), "little") == new | P | RW | A | D
+    assert g.vm.stats["mmu_flooded"] - flooded == (0 if deviations else 1)
+    v.invlpg(0x40_1000)
+    after_invlpg = v.access(0x40_1000, 8, "read").value
+    v.write_cr3(g.pt.cr3)
+    after_reload = v.access(0x40_1000, 8, "read").value
+    assert (after_invlpg, after_reload) == ((1, 1) if deviations else (2, 2))
+    assert v.access(0x40_0000, 8, "read").fault is None
+    g.vm.audit()

@@ -207,6 +207,7 @@ class Program:
     cr0_wp: bool = True              # CR0.WP
     cr4: int = 0                     # extra CR4 bits, e.g. SMEP (1 << 20), SMAP (1 << 21)
     prefault: bool = True            # the VMM populates guest RAM up front (like QEMU -mem-prealloc)
+    host_hugepages: bool = False     # guest RAM on 2 MiB host pages (transparent huge pages)
     max_steps: int = 200_000
     expect: Mapping[str, str] = field(default_factory=dict)   # documented differences, by observable
 

@@ -13,6 +13,19 @@ guest pages, giving a second chance to pages whose sptes KVM reports young (acce
 is bookkeeping); touching it again is a swap-in.  Without a limit nothing is tracked and every page
 counts as resident, as before.
 
+Lazy anonymous memory (`Host(prealloc=False)`, what a VMM gets without QEMU's -mem-prealloc): a
+guest-RAM page has no host page until something writes it (the VMM through its mapping, KVM through
+the user address, a write fault).  A read of a page never written maps the host's shared zero page,
+read-only; the first write then copies it (COW), and the host's MMU notifier drops every spte that
+maps the page.  So KVM's read fault on such a page maps it read-only (`map_writable` false, the
+slow path of hva_to_pfn), its write fault on a zero-mapped page is retried (the notifier ran during
+it: is_page_fault_stale), and KVM's prefetch, which only takes pages that are present and writable
+(get_user_pages_fast_only with FOLL_WRITE), skips both kinds.  The model's frame of a zero-mapped page
+is the page's own (all zero until written, and any write COWs it first), not one shared frame.
+On transparent huge pages (`VM(host_hugepage_level=2)`) a fault covers the whole 2 MiB frame: a read
+maps the huge zero page, a write allocates a huge page (copying the zero one).  With `prealloc=True`
+(the default) every page is populated from the start, as before.
+
 Reclaim never takes a page the guest's current access is using (`reclaim`, `pin_walk`): the page
 being faulted in, and under EPT/NPT the guest's table pages the CPU's 2-D walk has already gone
 through.  When only such pages are left, the host goes over `memory_limit - reserved` by those few
@@ -35,7 +48,7 @@ class Host:
     """A host with `maxphyaddr` physical address bits (46 by default, as on the machines here)."""
 
     def __init__(self, maxphyaddr: int = 46, memory_limit: int | None = None, reserved: int = 0,
-                 cores: int = 4) -> None:
+                 cores: int = 4, prealloc: bool = True) -> None:
         if type(maxphyaddr) is not int or not 36 <= maxphyaddr <= 52:
             raise InvalidArgument("host maxphyaddr", maxphyaddr, "the host's MAXPHYADDR is between 36 and 52")
         if memory_limit is not None and (type(memory_limit) is not int or memory_limit < 1 << 20):
@@ -45,6 +58,15 @@ class Host:
                                   "memory reserved for the host itself is >= 0 and below the memory limit")
         if type(cores) is not int or cores < 1:
             raise InvalidArgument("host cores", cores, "a host has at least one CPU core")
+        if type(prealloc) is not bool:
+            raise InvalidArgument("host prealloc", prealloc, "prealloc is True (guest RAM populated up front) "
+                                  "or False (allocated on first touch, the zero page for reads)")
+        self.prealloc = prealloc
+        # Lazy anonymous memory (prealloc=False): pages with a private host page, and pages whose host
+        # mapping is the shared zero page (read, never written).
+        self.populated: set[int] = set()
+        self.zero_mapped: set[int] = set()
+        self.cows = 0
         self.reserved = reserved
         self.cores = cores
         # Host memory pressure: resident guest pages in LRU order (oldest first) and swapped-out pages.
@@ -111,6 +133,39 @@ class Host:
     def is_resident(self, pfn: int) -> bool:
         """A page the host can map without sleeping (what a non-sleeping get_user_pages finds)."""
         return self.memory_limit is None or pfn in self.resident
+
+    def anon_fault(self, pfn: int, write: bool, span: int = 1) -> bool:
+        """A read or write of guest page `pfn` by someone who may sleep (the VMM, KVM's copy to/from
+        user, get_user_pages), on a host page of `span` 4 KiB pages (512: a transparent huge page,
+        whose read fault maps the huge zero page and whose write fault allocates the whole frame).
+        True if the write copied the zero page: the MMU notifier has dropped every VM's sptes for the
+        frame by then."""
+        if self.prealloc or pfn in self.populated:
+            return False
+        first = pfn & ~(span - 1)
+        pages = range(first, first + span)
+        if not write:
+            self.zero_mapped.update(p for p in pages if p not in self.populated)
+            return False
+        cow = any(p in self.zero_mapped for p in pages)
+        self.populated.update(pages)
+        self.zero_mapped.difference_update(pages)
+        if not cow:
+            return False                 # a fresh page where nothing was mapped: no notifier
+        self.cows += 1
+        for vm in self.vms:
+            for p in pages:
+                kvm_unmap_hva(vm, p << 12)
+        return True
+
+    def is_present(self, pfn: int, write: bool) -> bool:
+        """What a non-sleeping lookup of the host page finds: a page mapped for reading (the zero page
+        counts) or, with `write`, mapped writable (get_user_page_fast_only with FOLL_WRITE)."""
+        if not self.is_resident(pfn):
+            return False
+        if self.prealloc or pfn in self.populated:
+            return True
+        return not write and pfn in self.zero_mapped
 
     def touch(self, pfn: int) -> bool:
         """KVM touches guest page `pfn` (sleeping fault-in allowed); True if that was a swap-in."""
@@ -240,14 +295,7 @@ def _hva_to_gfns(vm: object, hva: int) -> list[tuple[int, int]]:
 
 
 def _leaf_sptes(vm: object, as_id: int, gfn: int) -> list[int]:
-    """Leaf sptes that map gfn: 4 KiB ones on its rmap, huge ones on the rmap of their base gfn."""
-    mmu = vm.mmu  # type: ignore[attr-defined]
-    out = list(mmu.rmap.get((as_id, gfn), ()))
-    for level in (2, 3):
-        base = gfn & ~((1 << (9 * (level - 1))) - 1)
-        if base != gfn:
-            out.extend(p for p in mmu.rmap.get((as_id, base), ()) if mmu.sptep_to_sp(p).level == level)
-    return out
+    return vm.mmu.gfn_leaf_sptes(as_id, gfn)  # type: ignore[attr-defined]
 
 
 def kvm_unmap_hva(vm: object, hva: int) -> bool:

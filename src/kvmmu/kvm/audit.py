@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import AuditError
+from .mmu.hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index
 from .mmu.page import ShadowPage
 from .mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
@@ -68,6 +69,8 @@ def audit_vm(vm: VM) -> None:
             _check_leaf(vm, sp, i, spte, gfn)
             if spte & 2:
                 writable_gfns.add((sp.role >> 24, gfn))
+                if level > 1 and (sp.role >> 24, level, lpage_index(gfn, level)) in kvm.disallow_lpage:
+                    _fail(f"writable huge spte {spte:#x} in {sp!r}[{i}] covers a shadowed guest table's gfn")
         for parent in sp.parent_ptes:
             pspte = mem.read(parent, 8)
             if not pspte & SPTE_MMU_PRESENT_MASK or spte_to_pfn(pspte) != sp.hpa >> 12:
@@ -86,12 +89,27 @@ def audit_vm(vm: VM) -> None:
     for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), (pages[0], pages[1], pages[2]), strict=True):
         if vm.stats[name] != n:
             _fail(f"{name} says {vm.stats[name]} but the tables hold {n} such leaf sptes")
+    _check_disallow_lpage(vm)
     if vm.stats["mmu_unsync"] != unsync:
         _fail(f"mmu_unsync says {vm.stats['mmu_unsync']} but {unsync} shadow pages are unsync")
     if kvm.n_used_mmu_pages != len(kvm.active_mmu_pages):
         _fail(f"n_used_mmu_pages {kvm.n_used_mmu_pages} != {len(kvm.active_mmu_pages)} active pages")
     _check_tlbs(vm)
     _check_mmio_caches(vm)
+
+
+def _check_disallow_lpage(vm: VM) -> None:
+    """Each huge frame's disallow count is the number of accounted (shadowed) guest tables in it."""
+    kvm = vm.mmu
+    want: dict[tuple[int, int, int], int] = {}
+    for sp in kvm.active_mmu_pages:
+        if sp.accounted:
+            for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
+                key = (sp.role >> 24, level, lpage_index(sp.gfn, level))
+                want[key] = want.get(key, 0) + 1
+    if want != kvm.disallow_lpage:
+        bad = sorted(set(want.items()) ^ set(kvm.disallow_lpage.items()))[:4]
+        _fail(f"disallow_lpage counts disagree with the shadowed guest tables: {bad}")
 
 
 def _check_mmio_caches(vm: VM) -> None:

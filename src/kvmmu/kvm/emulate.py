@@ -16,6 +16,7 @@ from ..arch.bits import (
     PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_CR4_PAE,
 )
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 
@@ -210,11 +211,11 @@ def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: by
     if slot is None or slot.invalid or (write and slot.readonly):
         return False
     hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
-    vm.host_touch(hva)
+    vm.host_touch(hva, write)
     if write:
         vm.host.mem.write_bytes(hva, chunk)
         vm.mark_page_dirty(slot, gpa >> 12)
-        vm.mmu.track_write(gpa, n)
+        vm.mmu.track_write(gpa, n, pae=bool(vcpu.cr4 & X86_CR4_PAE))
     else:
         out[at:at + n] = vm.host.mem.read_bytes(hva, n)
     return True

@@ -50,6 +50,7 @@ from ..arch.bits import (
     PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_CR4_PAE,
 )
 from ..arch.walker import walk
 from ..errors import InvalidArgument
@@ -99,11 +100,15 @@ class HostProfile:
             gb = host_gb if gb is None else gb
         return width, gb
 
-    def make_vm(self) -> VM:
+    def make_vm(self, host_hugepage_level: int = 1) -> VM:
+        """A VM of this host; `host_hugepage_level` says how large the host pages behind guest RAM are."""
+        from ..hw.host import Host
         from .vm import VM
         width, gb = self.guest_paging()
+        # A real host's VMM gets lazily allocated anonymous memory (the zero page for reads).
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width,
-                  guest_gbpages=gb, kvm_deviations=self.kvm_deviations)
+                  guest_gbpages=gb, kvm_deviations=self.kvm_deviations,
+                  host_hugepage_level=host_hugepage_level, host=Host(prealloc=False))
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)
@@ -190,7 +195,7 @@ class Emulator:
         if slot is None or slot.invalid or (write and slot.readonly):
             return -1
         hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
-        self.vm.host_touch(hva)
+        self.vm.host_touch(hva, write)
         return hva
 
     def read(self, gva: int, size: int, cpl: int, implicit: bool = False, on_exit: object = None) -> int:
@@ -222,7 +227,7 @@ class Emulator:
                 if slot is not None:
                     vm.mark_page_dirty(slot, gpa >> 12)
                 if tracked:
-                    vm.mmu.track_write(gpa, n)
+                    vm.mmu.track_write(gpa, n, pae=bool(self.vcpu.cr4 & X86_CR4_PAE))
             else:
                 done = self._iobus(gpa, n, True, data[off:off + n], None, off)
                 if done < n:

@@ -138,7 +138,7 @@ class VM:
             old = None
             if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0:
                 old = self.memslots.slot(slot & 0xFFFF, min(slot >> 16, self.memslots.nr_as - 1))
-            userspace_addr = old.userspace_addr if old is not None else self._hva_next
+            userspace_addr = old.userspace_addr if old is not None else self._fresh_hva(memory_size)
         change, old = self.memslots.validate(slot, flags, guest_phys_addr, memory_size, userspace_addr)
         if memory_size and not self._hva_base <= userspace_addr <= self._hva_end - memory_size:
             raise MemslotError("userspace_addr", userspace_addr,
@@ -236,8 +236,22 @@ class VM:
         pieces = self._phys_pieces(gpa, len(data))
         pos = 0
         for hva, n in pieces:
+            self._anon_fault(hva, True)               # the VMM's store allocates (or COWs) the page
             self.host.mem.write_bytes(hva, data[pos:pos + n])
             pos += n
+
+    def _fresh_hva(self, memory_size: int) -> int:
+        """Where the VMM's next anonymous mapping lands.  On huge host pages Linux aligns a mapping at
+        least one huge page long to the huge page size (thp_get_unmapped_area), so that it can be
+        backed by them."""
+        hva = self._hva_next
+        for level in range(self.host_hugepage_level, 1, -1):
+            size = 1 << (12 + 9 * (level - 1))
+            if type(memory_size) is int and memory_size >= size:
+                aligned = (hva + size - 1) & ~(size - 1)
+                if aligned + memory_size <= self._hva_end:
+                    return aligned
+        return hva
 
     def read_phys(self, gpa: int, length: int) -> bytes:
         return b"".join(self.host.mem.read_bytes(hva, n) for hva, n in self._phys_pieces(gpa, length))
@@ -249,11 +263,14 @@ class VM:
             return 0
         return self.host.mem.read(slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF), size)
 
-    def host_touch(self, hva: int) -> None:
-        """Hook for host memory pressure (a swapped-out page is faulted back in here)."""
+    def host_touch(self, hva: int, write: bool = False) -> bool:
+        """KVM (or the VMM) reads or writes host page `hva`, sleeping if it must: a swapped-out page
+        is faulted back in, a never-written page of lazy memory gets the zero page (read) or a page of
+        its own (write).  True if the write copied the zero page (the MMU notifier ran)."""
         host = self.host
+        cow = self._anon_fault(hva, write)
         if host.memory_limit is None:
-            return
+            return cow
         if host.touch(hva >> 12):
             # KVM (get_user_pages / copy_from_user) slept on a swap-in of this host page.
             vcpu_id = self.trace.current_vcpu
@@ -262,9 +279,32 @@ class VM:
             self.trace.emit("host_swapin", hva=hva & ~0xFFF)
         if host.over_limit():
             host.reclaim(keep=hva >> 12)      # swap out the coldest pages; the mmu notifier zaps their sptes first
+        return cow
+
+    def _anon_fault(self, hva: int, write: bool) -> bool:
+        """Host.anon_fault on the host page that backs hva: with host_hugepage_level 2 a transparent
+        huge page when the 2 MiB frame lies inside one slot's mapping; with 3 (hugetlbfs) a page that
+        any touch allocates, as hugetlbfs has no zero page."""
+        host = self.host
+        if host.prealloc:
+            return False
+        if self.host_hugepage_level == 3:
+            return host.anon_fault(hva >> 12, True)
+        if self.host_hugepage_level == 2:
+            base = hva & ~0x1FFFFF
+            if any(s.userspace_addr <= base and base + 0x200000 <= s.userspace_addr + (s.npages << 12)
+                   for s in self.memslots.all_slots()):
+                return host.anon_fault(hva >> 12, write, span=512)
+        return host.anon_fault(hva >> 12, write)
 
     def host_resident(self, hva: int) -> bool:
-        return self.host.is_resident(hva >> 12)
+        """The host page can be read without sleeping (kvm_vcpu_read_guest_atomic succeeds)."""
+        return self.host.is_present(hva >> 12, False)
+
+    def host_writable(self, hva: int) -> bool:
+        """The host page is present and writable: what KVM's prefetch (get_user_pages_fast_only with
+        FOLL_WRITE) and hva_to_pfn's fast path take."""
+        return self.host.is_present(hva >> 12, True)
 
     # -- vCPUs, devices, the VMM ---------------------------------------------------------------------
     def create_vcpu(self) -> Vcpu:

@@ -131,10 +131,13 @@ class RealVM:
     ``cpuid``: what every vCPU gets with KVM_SET_CPUID2 before it first runs — ``"supported"``
     (the default, as VMMs do: KVM_GET_SUPPORTED_CPUID with each vCPU's APIC ID filled in), a tuple
     of ``CpuidEntry``, or None for no KVM_SET_CPUID2 at all (KVM's defaults, e.g. a 36-bit guest
-    MAXPHYADDR).  ``guest_maxphyaddr`` is the width KVM derives from it.
+    MAXPHYADDR).  ``guest_maxphyaddr`` is the width KVM derives from it.  ``hugepages``: the VMM asks
+    for transparent huge pages for guest RAM (madvise MADV_HUGEPAGE on each slot's backing, as QEMU
+    does), so the host may back it with 2 MiB pages.
     """
 
-    def __init__(self, cpuid: str | tuple[CpuidEntry, ...] | None = "supported") -> None:
+    def __init__(self, cpuid: str | tuple[CpuidEntry, ...] | None = "supported", hugepages: bool = False) -> None:
+        self.hugepages = hugepages
         self._kvm_fd = -1
         self._fd = -1
         self._slots: dict[int, _Slot] = {}
@@ -253,6 +256,8 @@ class RealVM:
                 raise MemslotError("memory_size", memory_size,
                                    f"the VMM could not allocate the backing memory ({e})",
                                    "ENOMEM") from None
+            if self.hugepages and hasattr(mmap, "MADV_HUGEPAGE"):
+                backing.madvise(mmap.MADV_HUGEPAGE)
             hva = _buffer_address(backing)
         region = K.KVM_USERSPACE_MEMORY_REGION.pack(slot, flags, guest_phys_addr, memory_size, hva)
         try:

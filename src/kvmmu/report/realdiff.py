@@ -57,8 +57,8 @@ from ..guest.runtime import (
 )
 
 COUNTERS = ("exits", "mmio_exits", "pf_taken", "pf_fixed", "pf_emulate", "pf_guest", "pf_mmio_spte_created",
-            "insn_emulation", "pages_4k")
-VM_COUNTERS = frozenset({"pages_4k"})
+            "insn_emulation", "pages_4k", "pages_2m")
+VM_COUNTERS = frozenset({"pages_4k", "pages_2m"})
 EXTRA_COUNTERS = ("insn_emulation_fail", "invlpg", "halt_exits", "mmu_pte_write", "mmu_shadow_zapped",
                   "mmu_flooded", "mmu_unsync")
 _VM_EXTRA = frozenset({"mmu_pte_write", "mmu_shadow_zapped", "mmu_flooded", "mmu_unsync"})
@@ -177,9 +177,17 @@ def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: G
     prof = get_profile(profile)
     obs = Observation(f"model:{prof.name}")
     img = image or build(program)
-    vm = prof.make_vm()
-    for s in program.slots:
+    vm = prof.make_vm(host_hugepage_level=2 if program.host_hugepages else 1)
+    touch = _guest_pages(program, img) if program.prefault else set()
+
+    def add_slot(s: Slot) -> None:
+        fresh = s.size and vm.memslots.slot(s.slot & 0xFFFF, s.slot >> 16) is None
         vm.set_user_memory_region(s.slot, s.gpa, s.size, s.flags)
+        if fresh:
+            _prefault(vm, s, touch)
+
+    for s in program.slots:
+        add_slot(s)
     for gpa, data in img.writes():
         vm.write_phys(gpa, data)
     device = Device(program)
@@ -217,7 +225,7 @@ def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: G
         if i < len(program.between):
             for action in program.between[i]:
                 if isinstance(action, Slot):
-                    vm.set_user_memory_region(action.slot, action.gpa, action.size, action.flags)
+                    add_slot(action)
                 elif isinstance(action, WritePhys):
                     vm.write_phys(action.gpa, action.data)
     obs.mmio = [Mmio(e.phys_addr, e.len, e.is_write, bytes(e.data)) for e in vm.mmio_log]
@@ -256,6 +264,12 @@ def _guest_pages(program: Program, img: GuestImage) -> set[int]:
     return pages
 
 
+def _prefault(vm: Any, s: Slot, touch: set[int]) -> None:
+    """The VMM writes every page of a new slot that the program can reach (``Program.prefault``)."""
+    for page in sorted(p for p in touch if s.gpa <= p < s.gpa + s.size):
+        vm.write_phys(page, bytes(4096))
+
+
 def run_real(program: Program, image: GuestImage | None = None, timeout: float = 5.0) -> Observation:
     """Run ``program`` once on the real /dev/kvm (kvmmu.real)."""
     from ..real import RealVM, flat_long_mode_sregs, stats_delta
@@ -276,10 +290,9 @@ def run_real(program: Program, image: GuestImage | None = None, timeout: float =
         fresh = s.size and s.slot not in vm.memslots
         vm.set_user_memory_region(s.slot, s.gpa, s.size, s.flags)
         if fresh:
-            for page in sorted(p for p in touch if s.gpa <= p < s.gpa + s.size):
-                vm.write_phys(page, bytes(4096))
+            _prefault(vm, s, touch)
 
-    with RealVM() as vm:
+    with RealVM(hugepages=program.host_hugepages) as vm:
         for s in program.slots:
             add_slot(vm, s)
         for gpa, data in img.writes():

@@ -258,7 +258,7 @@ class Machine:
         for off in range(0, len(data), 4096):
             hva = self._hva(gpa + off)
             if hva is not None:
-                self.vm.host_touch(hva)
+                self.vm.host_touch(hva, write=True)
         self.vm.write_phys(gpa, data)
 
     def _hva(self, gpa: int) -> int | None:

@@ -1,7 +1,7 @@
-"""Where the real host's memory management shows through (documented model gaps).
+"""Where the host's memory management shows through: lazily allocated guest RAM.
 
 These programs run with ``prefault=False``: the VMM does not populate guest RAM up front, so the
-real host allocates it lazily (the model's host has every page resident).
+host allocates it lazily; the host profiles model that (``Host(prealloc=False)``).
 
 - host_zero_page: a page the VMM never wrote is read, then written, at CPL3.  The read fault maps
   the host zero page; the write fault COWs it, the MMU notifier zaps the spte and the fault
@@ -9,18 +9,15 @@ real host allocates it lazily (the model's host has every page resident).
 - large_page_prefetch: a 2 MiB guest page on 4 KiB host pages is mapped by a direct shadow page;
   KVM prefetches the neighbours of each faulting 4 KiB piece (direct_pte_prefetch), but only host
   pages that are already present (an atomic get-user-pages), here the ones the VMM wrote.
+- readonly_slot_prefetch: the same over a read-only slot (populated): KVM never prefetches from it
+  (the prefetch asks for a writable host address).
+- gpte_prefetch_absent: 4 KiB guest pages with A set; FNAME(pte_prefetch) maps the neighbours of the
+  faulting one in order and stops at the first whose host page the VMM never wrote.
 """
 
-from dataclasses import replace
-
-from kvmmu.guest.runtime import Map, Program
+from kvmmu.guest.runtime import Map, Program, Slot, both_rings
 
 DATA = 0x60_0000
-ZERO_PAGE = ("host zero page: the read fault maps it read-only, the write fault COWs it and retries after "
-             "the MMU notifier zaps the spte (pf_taken + 1, exits + 1, no pf_fixed); the model's host "
-             "memory has no zero page")
-PREFETCH = ("KVM prefetches only host pages that are present (kvm_prefetch_pages is atomic); the model "
-            "prefetches every neighbour whose memslot exists (pages_4k)")
 
 zero = Program(
     name="host_zero_page", prefault=False,
@@ -49,7 +46,34 @@ large = Program(
         hlt
     """)
 
-PROGRAMS = [
-    zero.at_cpl(0), replace(zero.at_cpl(3), expect={"counters": ZERO_PAGE}),
-    large.at_cpl(0), replace(large.at_cpl(3), expect={"counters": PREFETCH}),
-]
+readonly = Program(
+    name="readonly_slot_prefetch",
+    doc="two reads inside a guest 2 MiB page over a read-only slot",
+    slots=(Slot(0, 0, 8 << 20), Slot(1, 0x80_0000, 0x20_0000, 2)),
+    maps=(Map(0x4000_0000, 0x20_0000, 0x80_0000, "u 2m"), Map(DATA, 0x1000, flags="rw u")),
+    data={0x80_5000: b"\x05" * 8, 0x9f_f000: b"\x0f" * 8},
+    code="""
+        mov rdi, 0x40000000
+        mov rax, [rdi + 0x5000]
+        mov rbx, [rdi + 0x1ff000]
+        mov rsi, 0x600000
+        mov [rsi], rax
+        mov [rsi + 8], rbx
+        hlt
+    """)
+
+BASE = 0x70_0000
+gptes = Program(
+    name="gpte_prefetch_absent", prefault=False,
+    doc="one read among eight accessed 4 KiB guest pages, some never written by the VMM",
+    maps=tuple(Map(BASE + 0x1000 * i, 0x1000, 0x64_0000 + 0x1000 * i, "rw u a") for i in range(8)),
+    data={0x64_0000 + 0x1000 * i: bytes([i + 1]) * 8 for i in (0, 1, 2, 4, 6)},
+    code=f"""
+        mov rdi, {BASE:#x}
+        mov rax, [rdi + 0x1000]
+        mov rbx, [rdi + 0x4000]
+        mov rcx, [rdi + 0x6000]
+        hlt
+    """)
+
+PROGRAMS = [*both_rings(zero), *both_rings(large), *both_rings(readonly), *both_rings(gptes)]

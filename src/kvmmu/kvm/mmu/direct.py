@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .hugepage import PG_LEVEL_2M, kvm_mmu_hugepage_adjust, pages_per_hpage
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
 from .spte import SPTE_MMU_PRESENT_MASK
@@ -23,6 +24,8 @@ def direct_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     vcpu = mmu.vcpu
     fault.gfn = fault.addr >> 12
     fault.slot = vcpu.gfn_to_memslot(fault.gfn)
+    if not mmu.vm.tdp_enabled:
+        fault.max_level = PG_LEVEL_2M       # nonpaging_page_fault: it builds PAE-format tables
     if not fault.rsvd and fault.present and fault.write and kvm.is_write_tracked(fault.gfn):
         return RET_PF_EMULATE
     r = fast_page_fault(mmu, fault)
@@ -68,31 +71,11 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
     return None
 
 
-def _hugepage_level(mmu: VcpuMmu, fault: KvmPageFault) -> int:
-    """kvm_mmu_hugepage_adjust: the largest level the slot alignment and host backing allow."""
-    vm = mmu.vm
-    slot = fault.slot
-    if slot is None or not vm.tdp_enabled or slot.flags & 1:
-        return 1
-    level = 1
-    for lvl in (2, 3):
-        if lvl > min(fault.max_level, vm.host_hugepage_level):
-            break
-        pages = 1 << (9 * (lvl - 1))
-        base = fault.gfn & ~(pages - 1)
-        if base < slot.base_gfn or base + pages > slot.end_gfn:
-            break
-        if (slot.userspace_addr >> 12) % pages != slot.base_gfn % pages:
-            break                               # gfn and hva not congruent: no host huge page fits
-        level = lvl
-    return level
-
-
 def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     kvm = mmu.kvm
     addr = fault.gfn << 12
-    goal = _hugepage_level(mmu, fault)
-    fault.goal_level = goal
+    kvm_mmu_hugepage_adjust(mmu, fault)
+    goal = fault.goal_level
     if mmu.root_level == 3:
         sp = mmu.pae_sps[(addr >> 30) & 3]
         if sp is None:
@@ -109,9 +92,8 @@ def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:
         table = child.hpa
         level -= 1
     sptep = table + 8 * ((addr >> (12 + 9 * (goal - 1))) & 511)
-    gfn = fault.gfn & ~((1 << (9 * (goal - 1))) - 1)
-    pfn = fault.pfn & ~((1 << (9 * (goal - 1))) - 1) if fault.slot is not None else fault.pfn
-    ret = mmu_set_spte(mmu, fault.slot, sptep, ACC_ALL, gfn, pfn, fault, host_writable=fault.map_writable)
+    gfn = fault.gfn & ~(pages_per_hpage(goal) - 1)
+    ret = mmu_set_spte(mmu, fault.slot, sptep, ACC_ALL, gfn, fault.pfn, fault, host_writable=fault.map_writable)
     if ret != RET_PF_SPURIOUS:
         direct_pte_prefetch(mmu, sptep)
     return ret

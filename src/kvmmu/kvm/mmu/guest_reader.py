@@ -45,7 +45,7 @@ class GuestPteReader:
         hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
         if write:
             self.vm.mark_page_dirty(slot, gpa >> 12)
-        self.vm.host_touch(hva)
+        self.vm.host_touch(hva, write)
         return hva
 
     def read_pte(self, gpa: int, size: int) -> int:

@@ -43,10 +43,14 @@ def faultin_pfn(mmu: VcpuMmu, fault: KvmPageFault, access: int) -> int:
         fault.pfn = KVM_PFN_ERR_RO_FAULT
         return RET_PF_EMULATE         # ROM write: emulate, and cache nothing as MMIO
     hva = slot.gfn_to_hva(fault.gfn)
-    mmu.vm.host_touch(hva)
+    if mmu.vm.host_touch(hva, write=fault.write):
+        # get_user_pages copied the host's zero page for this write: the MMU notifier ran meanwhile,
+        # so the fault is stale (is_page_fault_stale) and the guest retries it.
+        return RET_PF_RETRY
     fault.hva = hva
     fault.pfn = hva >> 12
-    fault.map_writable = not slot.readonly
+    # hva_to_pfn maps a read fault writable only if the host page already is (not the zero page).
+    fault.map_writable = not slot.readonly and mmu.vm.host_writable(hva)
     return RET_PF_CONTINUE
 
 
@@ -146,22 +150,55 @@ def get_child_sp(mmu: VcpuMmu, sptep: int, gfn: int, direct: bool, access: int) 
     return mmu.get_shadow_page(gfn, role), False
 
 
+def prefetch_slot(mmu: VcpuMmu, gfn: int, access: int) -> Memslot | None:
+    """The memslot KVM may prefetch gfn from: gfn_to_memslot_dirty_bitmap (no writable prefetch into
+    a dirty-logged slot), and not a read-only slot (the prefetch asks for a writable host address,
+    which __gfn_to_hva_many refuses there)."""
+    slot = mmu.vcpu.gfn_to_memslot(gfn)
+    if slot is None or slot.invalid or slot.readonly or (slot.flags & KVM_MEM_LOG_DIRTY_PAGES and access & 2):
+        return None
+    return slot
+
+
 def direct_pte_prefetch(mmu: VcpuMmu, sptep: int) -> None:
-    """__direct_pte_prefetch: map the unmapped neighbours of a direct 4 KiB spte from the same slot."""
+    """__direct_pte_prefetch: map the unmapped neighbours of a direct 4 KiB spte, in runs of
+    unmapped sptes within its aligned group of eight; the first run that cannot be prefetched ends
+    it all."""
     kvm = mmu.kvm
     sp = kvm.sptep_to_sp(sptep)
     if sp.level != 1:
         return
-    base = (sptep & ~0x3F)
-    access = (sp.role >> 8) & 7
+    base = sptep & ~0x3F
+    start = None
     for ptr in range(base, base + 64, 8):
         if ptr == sptep or kvm.read_spte(ptr) & SPTE_MMU_PRESENT_MASK:
-            continue
-        gfn = sp.gfn_at((ptr & 0xFFF) >> 3)
-        slot = mmu.vcpu.gfn_to_memslot(gfn)
-        if slot is None or slot.invalid or (slot.flags & KVM_MEM_LOG_DIRTY_PAGES and access & 2):
-            return
-        hva = slot.gfn_to_hva(gfn)
-        if not mmu.vm.host_resident(hva):
-            continue
-        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None, host_writable=not slot.readonly)
+            if start is None:
+                continue
+            if not _direct_pte_prefetch_many(mmu, sp, start, ptr):
+                return
+            start = None
+        elif start is None:
+            start = ptr
+    if start is not None:
+        _direct_pte_prefetch_many(mmu, sp, start, base + 64)
+
+
+def _direct_pte_prefetch_many(mmu: VcpuMmu, sp: ShadowPage, start: int, end: int) -> bool:
+    """direct_pte_prefetch_many: kvm_prefetch_pages takes the host pages of [start, end) without
+    sleeping (get_user_pages_fast_only with FOLL_WRITE), which stops at the first page that is not
+    present and writable; none at all, or a run past the slot's end, fails the prefetch."""
+    access = (sp.role >> 8) & 7
+    gfn = sp.gfn_at((start & 0xFFF) >> 3)
+    slot = prefetch_slot(mmu, gfn, access)
+    n = (end - start) >> 3
+    if slot is None or gfn + n > slot.end_gfn:
+        return False
+    vm = mmu.vm
+    got = 0
+    while got < n and vm.host_writable(slot.gfn_to_hva(gfn + got)):
+        got += 1
+    if not got:
+        return False
+    for i in range(got):
+        mmu_set_spte(mmu, slot, start + 8 * i, access, gfn + i, slot.gfn_to_hva(gfn + i) >> 12, None)
+    return True

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ...errors import KvmBug
+from .hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index, pages_per_hpage
 from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, trace_fields
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
@@ -39,6 +40,9 @@ class KvmMmu:
         self.pages_by_pfn: dict[int, ShadowPage] = {}
         self.rmap: dict[tuple[int, int], set[int]] = {}        # (as_id, gfn) -> leaf sptes
         self.write_track: dict[int, int] = {}                    # gfn -> upper-level shadow pages
+        # (as_id, level, gfn >> 9*(level-1)) -> shadowed guest tables in that huge frame
+        # (kvm_mmu_gfn_disallow_lpage's count in lpage_info; see hugepage.py)
+        self.disallow_lpage: dict[tuple[int, int, int], int] = {}
         self.indirect_shadow_pages = 0
         self.mmu_valid_gen = 0
         self.n_used_mmu_pages = 0
@@ -93,18 +97,33 @@ class KvmMmu:
         self.indirect_shadow_pages += 1
         if sp.level > 1:
             self.write_track[sp.gfn] = self.write_track.get(sp.gfn, 0) + 1
-        if self.write_protect_gfn(sp.gfn):
+        self._update_disallow_lpage(sp.role >> 24, sp.gfn, 1)
+        # Every level: a huge spte over the table's gfn must stop being writable too.
+        if self.write_protect_gfn(sp.gfn, sp.role >> 24):
             self.flush_remote_tlbs()
 
     def unaccount_shadowed(self, sp: ShadowPage) -> None:
         sp.accounted = False
         self.indirect_shadow_pages -= 1
+        self._update_disallow_lpage(sp.role >> 24, sp.gfn, -1)
         if sp.level > 1:
             n = self.write_track[sp.gfn] - 1
             if n:
                 self.write_track[sp.gfn] = n
             else:
                 del self.write_track[sp.gfn]
+
+    def _update_disallow_lpage(self, as_id: int, gfn: int, count: int) -> None:
+        """update_gfn_disallow_lpage_count for every huge level."""
+        for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            key = (as_id, level, lpage_index(gfn, level))
+            n = self.disallow_lpage.get(key, 0) + count
+            if n < 0:
+                raise KvmBug(f"disallow_lpage count of gfn {gfn:#x} at level {level} went negative")
+            if n:
+                self.disallow_lpage[key] = n
+            else:
+                del self.disallow_lpage[key]
 
     def is_write_tracked(self, gfn: int) -> bool:
         return gfn in self.write_track
@@ -122,6 +141,16 @@ class KvmMmu:
         if not sptes:
             del self.rmap[(as_id, gfn)]
         self.stats[("pages_4k", "pages_2m", "pages_1g")[level - 1]] -= 1
+
+    def gfn_leaf_sptes(self, as_id: int, gfn: int) -> list[int]:
+        """Leaf sptes that map gfn at any level (gfn_to_rmap at each level): 4 KiB ones on gfn's rmap,
+        huge ones on the rmap of their frame's first gfn."""
+        out = list(self.rmap.get((as_id, gfn), ()))
+        for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
+            base = gfn & ~(pages_per_hpage(level) - 1)
+            if base != gfn:
+                out.extend(p for p in self.rmap.get((as_id, base), ()) if self.sptep_to_sp(p).level == level)
+        return out
 
     def leaf_gfn(self, sp: ShadowPage, index: int) -> int:
         return sp.gfn_at(index)
@@ -141,7 +170,7 @@ class KvmMmu:
         """
         changed = False
         clear = 2 if for_dirty_log else 2 | self.masks.mmu_writable
-        for sptep in list(self.rmap.get((as_id, gfn), ())):
+        for sptep in self.gfn_leaf_sptes(as_id, gfn):
             spte = self.read_spte(sptep)
             if spte & clear:
                 self.write_spte(sptep, spte & ~clear)
@@ -353,9 +382,25 @@ class KvmMmu:
         self.commit_zap_page(invalid)
 
     # -- emulated writes to shadowed guest tables (kvm_mmu_track_write) --------------------------------
-    def track_write(self, gpa: int, nbytes: int, as_id: int = 0) -> None:
+    def track_write(self, gpa: int, nbytes: int, as_id: int = 0, pae: bool = False) -> None:
+        """kvm_mmu_track_write: an emulated write of `nbytes` at `gpa` by a vCPU with CR4.PAE = `pae`.
+
+        KVM widens a 4-byte write by a PAE vCPU to the aligned 8-byte gpte around it before judging it
+        (mmu_pte_write_fetch_gpte: "a 32-bit guest writing two halves of a 64-bit gpte"), so a dword
+        that straddles two gptes passes detect_write_misaligned and only the first gpte's spte is zapped;
+        the second keeps its old translation, and no INVLPG or CR3 reload fixes it (the page is synced,
+        not unsync).  That is what `kvm_deviations` does.  By default the write is judged as it was
+        made: it spans two gptes, so the whole page is zapped and the new gptes are used (SDM 4.10.4).
+        """
         if not self.indirect_shadow_pages:
             return
+        fetch_gpa, fetch_bytes = gpa, nbytes
+        if pae and nbytes == 4:
+            fetch_gpa, fetch_bytes = gpa & ~7, 8
+        # The gpte KVM reads back: only for 4- and 8-byte writes (it decides mmu_pde_zapped).
+        gentry = self.vm.read_guest_quiet(fetch_gpa, fetch_bytes) if fetch_bytes in (4, 8) else 0
+        if self.vm.kvm_deviations:
+            gpa, nbytes = fetch_gpa, fetch_bytes
         self.stats["mmu_pte_write"] += 1
         gfn = gpa >> 12
         invalid: list[ShadowPage] = []
@@ -367,8 +412,6 @@ class KvmMmu:
                 self.prepare_zap_page(sp, invalid)
                 self.stats["mmu_flooded"] += 1
                 continue
-            pte_size = 4 if sp.role & (1 << 4) else 8
-            gentry = self.vm.read_guest_quiet(gpa & ~(pte_size - 1), pte_size)
             for sptep in _written_sptes(sp, gpa):
                 entry = self.read_spte(sptep)
                 self.mmu_page_zap_pte(sp, sptep, None)

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK
 from ...arch.walker import Walk, walk
 from .gpte import EPT_TO_ACC
-from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
+from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
+from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte, prefetch_slot
 from .page import ShadowPage
 from .pf import (
     RET_PF_CONTINUE,
@@ -126,7 +127,9 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
             kvm.link_shadow_page(sptep, child)
         table = child.hpa
         level -= 1
-    goal = 1                                    # host memory is 4 KiB pages: no huge sptes
+    # After the indirect levels: linking them may have shadowed a gfn of the huge frame.
+    kvm_mmu_hugepage_adjust(mmu, fault)
+    goal = fault.goal_level
     while level > goal:
         sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
         spte = kvm.read_spte(sptep)
@@ -141,8 +144,9 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
             kvm.link_shadow_page(sptep, child)
         table = child.hpa
         level -= 1
-    sptep = table + 8 * ((addr >> 12) & 511)
-    ret = mmu_set_spte(mmu, fault.slot, sptep, pte_access, fault.gfn, fault.pfn, fault,
+    sptep = table + 8 * ((addr >> (12 + 9 * (goal - 1))) & 511)
+    base_gfn = fault.gfn & ~(pages_per_hpage(goal) - 1)
+    ret = mmu_set_spte(mmu, fault.slot, sptep, pte_access, base_gfn, fault.pfn, fault,
                        host_writable=fault.map_writable)
     if ret == RET_PF_SPURIOUS:
         return ret
@@ -197,13 +201,14 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
         access = ((sp.role >> 8) & 7) & mmu.gfmt.access(gpte)
         if mmu.gfmt.dirty and not gpte & mmu.gfmt.dirty:
             access &= ~ACC_WRITE
-        slot = vcpu.gfn_to_memslot(gfn)
-        if slot is None or slot.invalid or (slot.flags & 1 and access & ACC_WRITE):
+        # FNAME(prefetch_gpte): kvm_prefetch_pages of one page, present and writable, never faulted in.
+        slot = prefetch_slot(mmu, gfn, access)
+        if slot is None:
             break
         hva = slot.gfn_to_hva(gfn)
-        if not mmu.vm.host_resident(hva):
+        if not mmu.vm.host_writable(hva):
             break
-        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None, host_writable=not slot.readonly)
+        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None)
 
 
 def _hva_or(vcpu: Vcpu, gpa: int) -> int:
