@@ -39,6 +39,21 @@ def _check_gen_layout(layout: object) -> None:
                               "and 52 <= high_start <= high_end <= 62")
 
 
+def kvm_mmu_max_gfn(vm: VM) -> int:
+    """The largest gfn a memslot may reach (kvm_arch_prepare_memory_region checks kvm_mmu_max_gfn).
+
+    Shadow paging maps any 52-bit gpa (the gfn lives only in the shadow page, never in an spte).
+    EPT/NPT cannot map a gpa beyond the host's MAXPHYADDR (kvm_mmu_max_gfn uses shadow_phys_bits),
+    nor beyond what a `tdp_level`-level table translates (48 bits for 4 levels): a slot there would
+    be indexed modulo 2^48 and alias gpa 0's entries.  (KVM picks 5-level TDP whenever the guest's
+    MAXPHYADDR exceeds 48 and the hardware has it, kvm_mmu_get_tdp_level, so it never meets the second
+    limit; the model lets a caller choose `tdp_level=4` with any MAXPHYADDR.)
+    """
+    if not vm.tdp_enabled:
+        return (1 << (52 - 12)) - 1
+    return (1 << (min(vm.host.maxphyaddr, 12 + 9 * vm.tdp_level) - 12)) - 1
+
+
 class VM:
     """A KVM virtual machine on a modelled host."""
 
@@ -95,8 +110,7 @@ class VM:
             masks = ept_masks(self.host.maxphyaddr, gen, caching, ad=ept_ad)
         else:
             masks = shadow_masks(self.host.maxphyaddr, gen, caching)
-        max_gfn = masks.max_gfn if self.tdp_enabled else (1 << (self.host.maxphyaddr - 12)) - 1
-        self.memslots = Memslots(address_spaces, initial_generation, max_gfn=max_gfn)
+        self.memslots = Memslots(address_spaces, initial_generation, max_gfn=kvm_mmu_max_gfn(self))
         self.memslots.on_flush_slot = self._flush_shadow_memslot
         self.memslots.on_updated = self._memslots_updated
         self.mmu = KvmMmu(self, masks, max_mmu_pages)
@@ -108,6 +122,16 @@ class VM:
         self._hva_base, self._hva_end = self.host.new_vmm_region()
         self._hva_next = self._hva_base
         self.host.vms.append(self)
+
+    @property
+    def effective(self) -> dict[str, int | bool]:
+        """What KVM made of the parameters on this host: `enable_mmio_caching` (off when the policy is
+        "off" or no reserved PA bit is left for the MMIO marker, kvm_mmu_set_mmio_spte_mask),
+        `mmio_max_gfn` (the largest gfn an MMIO spte holds; MMIO above it is emulated uncached) and
+        `max_gfn` (kvm_mmu_max_gfn: memslots must end at or below it)."""
+        masks = self.mmu.masks
+        return {"enable_mmio_caching": masks.mmio_enabled, "mmio_max_gfn": masks.mmio_max_gfn,
+                "max_gfn": self.memslots.max_gfn, "tdp_level": self.tdp_level if self.tdp_enabled else 0}
 
     @property
     def mmio_handler(self) -> MmioHandler | None:
