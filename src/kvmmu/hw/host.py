@@ -239,24 +239,13 @@ def _hva_to_gfns(vm: object, hva: int) -> list[tuple[int, int]]:
     return out
 
 
-def _leaf_sptes(vm: object, as_id: int, gfn: int) -> list[int]:
-    """Leaf sptes that map gfn: 4 KiB ones on its rmap, huge ones on the rmap of their base gfn."""
-    mmu = vm.mmu  # type: ignore[attr-defined]
-    out = list(mmu.rmap.get((as_id, gfn), ()))
-    for level in (2, 3):
-        base = gfn & ~((1 << (9 * (level - 1))) - 1)
-        if base != gfn:
-            out.extend(p for p in mmu.rmap.get((as_id, base), ()) if mmu.sptep_to_sp(p).level == level)
-    return out
-
-
 def kvm_unmap_hva(vm: object, hva: int) -> bool:
     """kvm_mmu_notifier_invalidate_range_start -> kvm_unmap_gfn_range for one host page: drop every
     leaf spte mapping it (shadow pages of the gfn stay), then flush remote TLBs.  True if any was dropped."""
     mmu = vm.mmu  # type: ignore[attr-defined]
     dropped = False
     for as_id, gfn in _hva_to_gfns(vm, hva):
-        for sptep in _leaf_sptes(vm, as_id, gfn):
+        for sptep in mmu.leaf_sptes(as_id, gfn):
             mmu.drop_spte(sptep)
             dropped = True
     if dropped:
@@ -274,7 +263,7 @@ def kvm_age_hva(vm: object, hva: int) -> bool:
         return False
     young = False
     for as_id, gfn in _hva_to_gfns(vm, hva):
-        for sptep in _leaf_sptes(vm, as_id, gfn):
+        for sptep in mmu.leaf_sptes(as_id, gfn):
             spte = mmu.read_spte(sptep)
             if spte & abit:
                 mmu.write_spte(sptep, spte & ~abit)

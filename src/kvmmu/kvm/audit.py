@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import AuditError
+from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.page import ShadowPage
 from .mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
@@ -116,6 +117,9 @@ def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
     acc = spte_access(m, spte)
     if slot.readonly and acc & 2:
         _fail(f"spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
+    if acc & 2 and sp.level > 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        # make_spte marks one gfn dirty per writable spte (its WARN: "enforced by hugepage_adjust").
+        _fail(f"spte {spte:#x} in {sp!r}[{i}] is a writable {sp.level}-level leaf in dirty-logged slot {slot.id}")
     role_acc = (sp.role >> 8) & 7
     wp_trick = not sp.role & (1 << 13) and not acc & 4      # CR0.WP=0: kernel-only writable
     if acc & ~role_acc & 5 or (acc & 2 and not role_acc & 2 and not wp_trick):

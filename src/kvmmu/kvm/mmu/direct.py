@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
 from .spte import SPTE_MMU_PRESENT_MASK
@@ -57,6 +58,10 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
                 return RET_PF_SPURIOUS
             if not spte & m.mmu_writable:
                 return None
+            if level > 1 and fault.slot is not None and fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                # fast_page_fault marks one gfn dirty; a large spte made writable would let writes to
+                # its other 511 (or 262,143) pages go unlogged.  The slow path maps a 4 KiB spte.
+                return None
             kvm.write_spte(sptep, spte | 2 | m.dirty)
             if fault.slot is not None:
                 mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
@@ -67,10 +72,11 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
 
 
 def _hugepage_level(mmu: VcpuMmu, fault: KvmPageFault) -> int:
-    """kvm_mmu_hugepage_adjust: the largest level the slot alignment and host backing allow."""
+    """kvm_mmu_hugepage_adjust: the largest level the slot alignment and host backing allow; 4 KiB in
+    a dirty-logged slot (kvm_slot_dirty_track_enabled: KVM logs dirty pages at 4 KiB)."""
     vm = mmu.vm
     slot = fault.slot
-    if slot is None or not vm.tdp_enabled or slot.flags & 1:
+    if slot is None or not vm.tdp_enabled or slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         return 1
     level = 1
     for lvl in (2, 3):

@@ -132,15 +132,26 @@ class KvmMmu:
         self.rmap_remove(sp.role >> 24, sp.gfn_at(index), sptep, sp.level)
         self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
 
-    def write_protect_gfn(self, gfn: int, as_id: int = 0, for_dirty_log: bool = False) -> bool:
-        """Clear W in every spte mapping gfn; True if something changed (a TLB flush is due).
+    def leaf_sptes(self, as_id: int, gfn: int) -> list[int]:
+        """Every leaf spte that maps gfn: 4 KiB ones on its rmap, a 2 MiB / 1 GiB one on the rmap of
+        its base gfn (KVM keeps one rmap per level, gfn_to_rmap(gfn, level, slot))."""
+        out = list(self.rmap.get((as_id, gfn), ()))
+        for level in (2, 3):
+            base = gfn & ~((1 << (9 * (level - 1))) - 1)
+            if base != gfn:
+                out.extend(p for p in self.rmap.get((as_id, base), ()) if self.sptep_to_sp(p).level == level)
+        return out
 
-        Dirty logging keeps MMU-writable set (1/1/0: fast_page_fault may restore W); protecting a
-        shadowed guest page table clears it too (1/0/0: only the full path, via unsync, may).
+    def write_protect_gfn(self, gfn: int, as_id: int = 0, for_dirty_log: bool = False) -> bool:
+        """Clear W in every spte mapping gfn, huge ones included (kvm_mmu_slot_gfn_write_protect from
+        PG_LEVEL_4K up); True if something changed (a TLB flush is due).
+
+        Dirty logging keeps MMU-writable set (1/1/0: fast_page_fault may restore W on a 4 KiB spte);
+        protecting a shadowed guest page table clears it too (1/0/0: only the full path, via unsync, may).
         """
         changed = False
         clear = 2 if for_dirty_log else 2 | self.masks.mmu_writable
-        for sptep in list(self.rmap.get((as_id, gfn), ())):
+        for sptep in self.leaf_sptes(as_id, gfn):
             spte = self.read_spte(sptep)
             if spte & clear:
                 self.write_spte(sptep, spte & ~clear)
