@@ -194,6 +194,8 @@ class KvmMmu:
             self.mark_unsync(parent)
 
     def unlink_unsync_page(self, sp: ShadowPage) -> None:
+        if not sp.unsync:
+            raise KvmBug(f"unlinking {sp!r}, which is not unsync (kvm_unlink_unsync_page's WARN_ON)")
         sp.unsync = False
         self.stats["mmu_unsync"] -= 1
 
