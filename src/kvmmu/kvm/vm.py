@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from ..errors import InvalidArgument, MemslotError
 from ..hw.host import Host
+from ..hw.vmm_space import VmmAddressSpace
 from .emulate import MmioExit
 from .iobus import CoalescedMmio, IoBus, IoDevice
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
@@ -119,8 +120,9 @@ class VM:
         self.coalesced_ring: deque = deque()
         self._mmio_handler: MmioHandler | None = None
         self.mmio_log: deque[MmioExit] = deque(maxlen=mmio_log_size)   # the most recent exits only
-        self._hva_base, self._hva_end = self.host.new_vmm_region()
-        self._hva_next = self._hva_base
+        self._vmm_space = VmmAddressSpace(self.host, *self.host.new_vmm_region())
+        self._fresh: dict[int, tuple[int, int]] = {}        # slot -> the VMM's fresh mapping for it
+        self._unmapped: list[tuple[int, int]] = []          # deleted slots' mappings still used by others
         self.host.vms.append(self)
 
     @property
@@ -158,19 +160,28 @@ class VM:
         if during_update is not None and not callable(during_update):
             raise InvalidArgument("during_update", during_update, "must be a callable (or None)")
         fresh = userspace_addr is None
+        space = self._vmm_space
         if fresh:
             old = None
             if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0:
                 old = self.memslots.slot(slot & 0xFFFF, min(slot >> 16, self.memslots.nr_as - 1))
-            userspace_addr = old.userspace_addr if old is not None else self._hva_next
+            # A new slot's mapping is made only once the ioctl is known to succeed (nothing half-applied).
+            userspace_addr = old.userspace_addr if old is not None else space.start
         change, old = self.memslots.validate(slot, flags, guest_phys_addr, memory_size, userspace_addr)
-        if memory_size and not self._hva_base <= userspace_addr <= self._hva_end - memory_size:
+        if fresh and change == "create":
+            hva = space.mmap(memory_size, [(s.userspace_addr, s.userspace_addr + (s.npages << 12))
+                                           for s in self.memslots.all_slots()])
+            if hva is None:
+                raise MemslotError("memory_size", memory_size,
+                                   f"the VMM cannot map that much fresh memory: the largest free range of its "
+                                   f"address space is {space.largest_free():#x} bytes")
+            userspace_addr = hva
+            self._fresh[slot] = (hva, memory_size)
+        elif memory_size and not space.start <= userspace_addr <= space.end - memory_size:
             raise MemslotError("userspace_addr", userspace_addr,
-                               f"must lie in this VMM's address space [{self._hva_base:#x}, {self._hva_end:#x})")
+                               f"must lie in this VMM's address space [{space.start:#x}, {space.end:#x})")
         if change == "none":
             return
-        if fresh and change == "create":
-            self._hva_next = userspace_addr + memory_size
         policy_zap = self.mmio_caching == "zap" and change in ("create", "move")
         # A racing vCPU cannot abort the ioctl: if `during_update` raises, the update still completes
         # (generation, zaps, write protection) and only then is its exception passed on.
@@ -191,8 +202,24 @@ class VM:
             self._write_protect_slot(new)
         self.trace.emit("kvm_set_user_memory_region", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
                         memory_size=memory_size, change=change)
+        if change == "delete":
+            self._unmap_fresh(slot)
         if raised:
             raise raised[0]
+
+    def _unmap_fresh(self, deleted: int | None) -> None:
+        """The VMM unmaps the fresh memory of a deleted slot, once no live slot uses any of it (another
+        slot may have been given an address inside it)."""
+        if deleted is not None and deleted in self._fresh:
+            self._unmapped.append(self._fresh.pop(deleted))
+        live = [(s.userspace_addr, s.userspace_addr + (s.npages << 12)) for s in self.memslots.all_slots()]
+        keep = []
+        for hva, size in self._unmapped:
+            if any(lo < hva + size and hva < hi for lo, hi in live):
+                keep.append((hva, size))
+            else:
+                self._vmm_space.munmap(hva, size)
+        self._unmapped = keep
 
     def _flush_shadow_memslot(self, slot: Memslot) -> None:
         """kvm_arch_flush_shadow_memslot with the default quirk: zap everything, fast."""

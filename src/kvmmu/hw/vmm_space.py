@@ -1,0 +1,72 @@
+"""One VMM process's address space for guest RAM: anonymous mappings made and unmapped again.
+
+A memslot created without `userspace_addr` is backed by a fresh anonymous mapping (the VMM's mmap);
+deleting the slot unmaps it (munmap): the range can be mapped again, and its pages leave host memory,
+so a later mapping of the same range reads zeros, as a fresh mmap does.  First fit from the lowest
+address, so a VMM that never deletes gets the addresses a bump allocator would give.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .host import Host
+
+
+class VmmAddressSpace:
+    """The free ranges of [start, end); mappings are page aligned."""
+
+    __slots__ = ("host", "start", "end", "_free")
+
+    def __init__(self, host: Host, start: int, end: int) -> None:
+        self.host = host
+        self.start = start
+        self.end = end
+        self._free: list[tuple[int, int]] = [(start, end)]    # sorted, disjoint, never adjacent
+
+    def largest_free(self) -> int:
+        return max((hi - lo for lo, hi in self._free), default=0)
+
+    def mmap(self, size: int, in_use: list[tuple[int, int]] = ()) -> int | None:  # type: ignore[assignment]
+        """A fresh mapping of `size` bytes (a multiple of 4 KiB): its address, or None if no range fits.
+
+        `in_use`: [lo, hi) ranges the VMM uses already without having mapped them here (memslots given an
+        explicit userspace_addr); mmap never returns an address that is mapped."""
+        for i, (lo, hi) in enumerate(self._free):
+            at = lo
+            for ulo, uhi in sorted(in_use):
+                if ulo < at + size and at < uhi:
+                    at = max(at, uhi)
+            if at + size <= hi:
+                pieces = [(a, b) for a, b in ((lo, at), (at + size, hi)) if b > a]
+                self._free[i:i + 1] = pieces
+                return at
+        return None
+
+    def munmap(self, hva: int, size: int) -> None:
+        """Unmap [hva, hva + size), which mmap returned: free the range and drop its host pages."""
+        self._drop_pages(hva >> 12, (hva + size) >> 12)
+        insort(self._free, (hva, hva + size))
+        merged: list[tuple[int, int]] = []
+        for lo, hi in self._free:
+            if merged and merged[-1][1] == lo:
+                merged[-1] = (merged[-1][0], hi)
+            else:
+                merged.append((lo, hi))
+        self._free = merged
+
+    def _drop_pages(self, first: int, last: int) -> None:
+        """Forget host pages [first, last): contents, residency and swap (scan whichever is smaller)."""
+        host = self.host
+        for pages in (host.mem.pages, host.resident, host.swapped):
+            if last - first <= len(pages):
+                gone = [p for p in range(first, last) if p in pages]
+            else:
+                gone = [p for p in pages if first <= p < last]
+            for p in gone:
+                if isinstance(pages, set):
+                    pages.discard(p)
+                else:
+                    del pages[p]
