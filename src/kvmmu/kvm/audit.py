@@ -80,8 +80,9 @@ def audit_vm(vm: VM) -> None:
     for key in rmap_seen:
         if key not in kvm.rmap:
             _fail(f"gfn {key[1]:#x} is mapped but has no rmap entry")
-    for _as_id, gfn in writable_gfns:
-        for sp in kvm.indirect_pages_for_gfn(gfn):
+    for as_id, gfn in writable_gfns:
+        gfns = [gfn] + [g for _, g in kvm.host_page_aliases(gfn, as_id)]    # [] under kvm_deviations
+        for sp in [sp for g in gfns for sp in kvm.indirect_pages_for_gfn(g)]:
             if sp.level > 1 or not sp.unsync:
                 _fail(f"gfn {gfn:#x} is shadowed by {sp!r} yet mapped writable")
     for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), (pages[0], pages[1], pages[2]), strict=True):

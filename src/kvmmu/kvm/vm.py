@@ -123,6 +123,8 @@ class VM:
         self._vmm_space = VmmAddressSpace(self.host, *self.host.new_vmm_region())
         self._fresh: dict[int, tuple[int, int]] = {}        # slot -> the VMM's fresh mapping for it
         self._unmapped: list[tuple[int, int]] = []          # deleted slots' mappings still used by others
+        self._alias_key: tuple[int, ...] = ()
+        self._aliased = False
         self.host.vms.append(self)
 
     @property
@@ -220,6 +222,15 @@ class VM:
             else:
                 self._vmm_space.munmap(hva, size)
         self._unmapped = keep
+
+    def memslots_alias(self) -> bool:
+        """Whether two live memslots map one host page (cached per memslot generation)."""
+        key = tuple(space.generation for space in self.memslots.spaces)
+        if self._alias_key != key:
+            ranges = sorted((s.userspace_addr, s.userspace_addr + (s.npages << 12)) for s in self.memslots.all_slots())
+            self._aliased = any(a[1] > b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            self._alias_key = key
+        return self._aliased
 
     def _flush_shadow_memslot(self, slot: Memslot) -> None:
         """kvm_arch_flush_shadow_memslot with the default quirk: zap everything, fast."""
