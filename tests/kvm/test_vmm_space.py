@@ -45,8 +45,8 @@ def test_a_remapped_range_reads_zeros() -> None:
 
 
 def test_an_alias_keeps_a_deleted_slots_memory_mapped() -> None:
-    """A slot given an address inside another slot's fresh memory keeps it: no munmap under it, and
-    no fresh mapping is placed over it."""
+    """A slot given an address inside another slot's fresh memory keeps it: no fresh mapping is placed
+    over it, and its contents stay."""
     vm = kvmmu.VM()
     vm.set_user_memory_region(slot=1, guest_phys_addr=0, memory_size=1 << 20)
     hva = vm.memslots.slot(1).userspace_addr
@@ -56,6 +56,18 @@ def test_an_alias_keeps_a_deleted_slots_memory_mapped() -> None:
     vm.set_user_memory_region(slot=3, guest_phys_addr=0, memory_size=1 << 20)
     assert vm.memslots.slot(3).userspace_addr >= hva + (1 << 20)
     assert vm.read_phys((1 << 30) + 0x3000, 4) == b"kept"
+
+
+def test_a_slot_recreated_on_its_old_address_finds_its_contents() -> None:
+    """Deleting a slot does not unmap its memory until the range is mapped afresh: the VMM re-creating
+    it on the same userspace_addr (a memory region toggled off and on) sees its data."""
+    vm = kvmmu.VM()
+    vm.set_user_memory_region(slot=1, guest_phys_addr=0, memory_size=1 << 20)
+    hva = vm.memslots.slot(1).userspace_addr
+    vm.write_phys(0x2000, b"data")
+    vm.set_user_memory_region(slot=1, guest_phys_addr=0, memory_size=0)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=0, memory_size=1 << 20, userspace_addr=hva)
+    assert vm.read_phys(0x2000, 4) == b"data"
 
 
 @settings(max_examples=50, deadline=None)

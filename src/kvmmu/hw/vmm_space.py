@@ -1,9 +1,11 @@
-"""One VMM process's address space for guest RAM: anonymous mappings made and unmapped again.
+"""One VMM process's address space for guest RAM: anonymous mappings made and given back.
 
-A memslot created without `userspace_addr` is backed by a fresh anonymous mapping (the VMM's mmap);
-deleting the slot unmaps it (munmap): the range can be mapped again, and its pages leave host memory,
-so a later mapping of the same range reads zeros, as a fresh mmap does.  First fit from the lowest
-address, so a VMM that never deletes gets the addresses a bump allocator would give.
+A memslot created without `userspace_addr` is backed by a fresh anonymous mapping (the VMM's mmap).
+Deleting the slot gives the range back (`release`), but, as QEMU does when it only removes a memslot,
+the VMM keeps the memory until the range is needed again: a slot re-created on the same
+`userspace_addr` finds its old contents.  A new fresh mapping placed over a released range replaces
+it (munmap + mmap): its pages leave host memory and it reads zeros.  First fit from the lowest address,
+so a VMM that never deletes gets the addresses a bump allocator would give.
 """
 
 from __future__ import annotations
@@ -42,12 +44,12 @@ class VmmAddressSpace:
             if at + size <= hi:
                 pieces = [(a, b) for a, b in ((lo, at), (at + size, hi)) if b > a]
                 self._free[i:i + 1] = pieces
+                self._drop_pages(at >> 12, (at + size) >> 12)    # whatever was mapped here before is gone
                 return at
         return None
 
-    def munmap(self, hva: int, size: int) -> None:
-        """Unmap [hva, hva + size), which mmap returned: free the range and drop its host pages."""
-        self._drop_pages(hva >> 12, (hva + size) >> 12)
+    def release(self, hva: int, size: int) -> None:
+        """Give [hva, hva + size), which mmap returned, back for later mappings (contents kept for now)."""
         insort(self._free, (hva, hva + size))
         merged: list[tuple[int, int]] = []
         for lo, hi in self._free:

@@ -122,7 +122,6 @@ class VM:
         self.mmio_log: deque[MmioExit] = deque(maxlen=mmio_log_size)   # the most recent exits only
         self._vmm_space = VmmAddressSpace(self.host, *self.host.new_vmm_region())
         self._fresh: dict[int, tuple[int, int]] = {}        # slot -> the VMM's fresh mapping for it
-        self._unmapped: list[tuple[int, int]] = []          # deleted slots' mappings still used by others
         self._alias_key: tuple[int, ...] = ()
         self._aliased = False
         self.host.vms.append(self)
@@ -205,23 +204,14 @@ class VM:
         self.trace.emit("kvm_set_user_memory_region", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
                         memory_size=memory_size, change=change)
         if change == "delete":
-            self._unmap_fresh(slot)
+            self._release_fresh(slot)
         if raised:
             raise raised[0]
 
-    def _unmap_fresh(self, deleted: int | None) -> None:
-        """The VMM unmaps the fresh memory of a deleted slot, once no live slot uses any of it (another
-        slot may have been given an address inside it)."""
-        if deleted is not None and deleted in self._fresh:
-            self._unmapped.append(self._fresh.pop(deleted))
-        live = [(s.userspace_addr, s.userspace_addr + (s.npages << 12)) for s in self.memslots.all_slots()]
-        keep = []
-        for hva, size in self._unmapped:
-            if any(lo < hva + size and hva < hi for lo, hi in live):
-                keep.append((hva, size))
-            else:
-                self._vmm_space.munmap(hva, size)
-        self._unmapped = keep
+    def _release_fresh(self, deleted: int) -> None:
+        """A deleted slot's fresh mapping goes back to the VMM's address space (see VmmAddressSpace)."""
+        if deleted in self._fresh:
+            self._vmm_space.release(*self._fresh.pop(deleted))
 
     def memslots_alias(self) -> bool:
         """Whether two live memslots map one host page (cached per memslot generation)."""
