@@ -76,7 +76,7 @@ HOSTILE: list[object] = [
 
 U64 = (1 << 64) - 1
 GPAS = [0, 0x1000, 0x10_0000, 0x20_0000, 0x40_0000, 0x200_0000, 0xD000_0000, 0xFEE0_0000, 1 << 32, 1 << 40,
-        0x7FFF_F000]
+        1 << 47, 1 << 48, 0x7FFF_F000]
 BAD_GPAS = [0x123, U64 & ~0xFFF, 1 << 52]
 SIZES = [0, 0x1000, 0x4000, 0x10000, 0x10_0000, 0x20_0000, 0x40_0000]
 BAD_SIZES = [0x800, 0x1001, 1 << 43]
@@ -434,7 +434,9 @@ def step_map(world: World, pk: Picker) -> Step:
     mode = pk.draw(st.sampled_from(sorted(ctx.pts)), label="tables")
     pt = ctx.pts[mode]
     gva = pk(MAP_GVAS, "gva", [0x40_0FFC, 1 << 32, 0x8000_0000_0000_0000, U64])
-    gpa = pk([0x20_0000, 0x20_1000, 0x30_0000, 0xD000_0000, 0xFEE0_0000, 0x200_0000, 0, 1 << 32], "gpa",
+    # Gpas above 2^46: beyond the host's MAXPHYADDR, 4-level TDP and the MMIO spte's gfn (issue 15 F1-F4).
+    gpa = pk([0x20_0000, 0x20_1000, 0x30_0000, 0xD000_0000, 0xFEE0_0000, 0x200_0000, 0, 1 << 32, 1 << 47, 1 << 48,
+              (1 << 51) | 0x20_0000], "gpa",
              [1 << 51, 1 << 52, 1 << 60, 0x20_0800])
     page_size = pk([4096, 4096, 4096, 2 << 20, 4 << 20, 1 << 30], "page_size", [8192, 0])
     flags = pk([None, None, P | RW | US, P, P | RW | PS, P | RW | US | NX, 0, EPT_RWX | EPT_WB, EPT_RWX, 1 << 40],
@@ -510,13 +512,31 @@ def _access_args(pk: Picker) -> tuple:
     return gva, size, kind, value, cpl, implicit
 
 
+# What a guest access may refuse: its own arguments (the caller's mistake) and a VMM callback's bad
+# reply.  An InvalidArgument naming anything else (a gpa, page tables, an address the guest's tables
+# produced) is the model failing to finish a guest operation with a fault, an exit or a value.
+ACCESS_ARGUMENTS = frozenset({"gva", "size", "kind", "value", "cpl", "implicit", "ops", "op", "values", "start",
+                              "stop", "mmio_handler reply", "io device reply"})
+
+
+def guest_operation(call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        try:
+            return call()
+        except kvmmu.InvalidArgument as err:
+            if err.what in ACCESS_ARGUMENTS:
+                raise
+            raise AssertionError(f"a guest operation ended in {err!r} instead of a fault, an exit or a value") from err
+    return run
+
+
 def step_access(world: World, pk: Picker) -> Step:
     ctx = _vm(world, pk)
     vcpu = _vcpu(ctx, pk)
     if vcpu is None:
         return step_create_vcpu(world, pk)
     args = _access_args(pk)
-    return f"{ctx.name}.vcpu{vcpu.id}.access{args!r}", lambda: vcpu.access(*args), True
+    return f"{ctx.name}.vcpu{vcpu.id}.access{args!r}", guest_operation(lambda: vcpu.access(*args)), True
 
 
 def step_run_accesses(world: World, pk: Picker) -> Step:
@@ -533,7 +553,7 @@ def step_run_accesses(world: World, pk: Picker) -> Step:
     start = pk.draw(st.sampled_from([0, 0, 1, 5, -5, "0", 0.5]), label="start")
     stop = pk.draw(st.sampled_from([None, None, 0, 2, 100, -1, (1,)]), label="stop")
     return (f"{ctx.name}.vcpu{vcpu.id}.run_accesses({ops!r}, {values!r}, {start!r}, {stop!r})",
-            lambda: vcpu.run_accesses(ops, values, start, stop), True)  # type: ignore[arg-type]
+            guest_operation(lambda: vcpu.run_accesses(ops, values, start, stop)), True)  # type: ignore[arg-type]
 
 
 def step_nested(world: World, pk: Picker) -> Step:

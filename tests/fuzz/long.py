@@ -2,7 +2,8 @@
 
     python -m tests.fuzz.long [--seconds N] [--seed S] [--examples E] [--steps K]
 
-Runs rounds of tests/fuzz/test_fuzz.py (every MMU flavour x MMIO policy) with random examples until
+Runs rounds of tests/fuzz/test_fuzz.py (every MMU flavour x MMIO policy) and
+tests/fuzz/test_nested_fuzz.py (nested EPT under random L1 EPT tables) with random examples until
 the time is up.  Each round is one pytest process seeded with --hypothesis-seed, so any round can
 be replayed exactly with the command line it prints.  Prints, per round and in total, the seed, the
 steps and operations executed and the result; stops at the first failure (hypothesis's minimised
@@ -30,8 +31,8 @@ def _round(seed: int, deadline: float, examples: int, steps: int, extra: list[st
         path = stats.name
     env = dict(os.environ, KVMMU_FUZZ_PROFILE="long", KVMMU_FUZZ_DEADLINE=repr(deadline), KVMMU_FUZZ_STATS=path,
                KVMMU_FUZZ_EXAMPLES=str(examples), KVMMU_FUZZ_STEPS=str(steps))
-    cmd = [sys.executable, "-m", "pytest", "tests/fuzz/test_fuzz.py", "-p", "no:xdist", "-p", "no:cacheprovider",
-           "-q", "-x", f"--hypothesis-seed={seed}", *extra]
+    cmd = [sys.executable, "-m", "pytest", "tests/fuzz/test_fuzz.py", "tests/fuzz/test_nested_fuzz.py",
+           "-p", "no:xdist", "-p", "no:cacheprovider", "-q", "-x", f"--hypothesis-seed={seed}", *extra]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     done = {"steps": 0, "ops": 0, "accesses": 0}
     try:

@@ -3,10 +3,13 @@
 `machine_for(flavour, policy)` builds a hypothesis `RuleBasedStateMachine` whose first VM runs that
 MMU flavour and MMIO policy; `initialize` draws the rest (guest paging mode, which VM starts near
 the memslot-generation wrap, a small shadow-page quota or not, a host short of memory or not, the
-initial page tables, the second VM's flavour / policy / mode).  Every rule is one operation, on
-both the model and the reference (see world.py); after every step `vm.audit()` must be clean for
-both VMs, every live TLB entry must map memory of its own VM for a translation the guest may still
-use, and guest memory must equal the reference.
+initial page tables, the second VM's flavour / policy / mode, and VM A's MAXPHYADDR, TDP depth,
+host huge pages, address spaces, MMIO generation width, EPT A/D, an aliased slot over its page
+tables).  Every rule is one operation, on both the model and the reference (see world.py); after
+every step `vm.audit()` must be clean for both VMs, every live TLB entry must map memory of its own
+VM for a translation the guest may still use, guest memory must equal the reference, and
+KVM_GET_DIRTY_LOG of every dirty-logged slot must hold every page the reference saw written since
+the last call.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import kvmmu
+from kvmmu.kvm.mmu.spte import MmioGenLayout
 from tests.fuzz import world as W
 
 FLAVOURS = ("shadow", "ept", "npt")
@@ -27,6 +31,18 @@ ENTRY_KINDS = ("leaf", "leaf", "leaf", "leaf", "table", "table", "zero", "rsvd",
 MEMSLOT_OPS = ("create", "create", "delete", "delete", "move", "move", "flags", "resize", "toggle_ro")
 SIZES = (1, 2, 4, 8, 16)
 
+# VM A's parameters beyond flavour and policy (issue 15: attacks outside the old parameter space): the
+# guest's and the host's MAXPHYADDR up to 52, 5-level TDP, host huge pages, one address space, a 3-bit
+# MMIO generation (it wraps every few memslot changes), EPT without A/D bits.
+HOST_MAXPHYADDRS = (46, 46, 39, 52)
+VM_PARAMS = st.fixed_dictionaries({}, optional={
+    "guest_maxphyaddr": st.sampled_from((36, 46, 48, 52)),
+    "tdp_level": st.sampled_from((4, 5)),
+    "host_hugepage_level": st.sampled_from((1, 2, 3)),
+    "address_spaces": st.just(1),
+    "mmio_gen_layout": st.just(MmioGenLayout(low_start=3, low_end=4, high_start=52, high_end=52)),
+    "ept_ad": st.just(False),
+})
 worlds = st.sampled_from((0, 0, 0, 1))
 vcpus = st.sampled_from((0, 1, 1, 2, 2))
 offsets = st.one_of(st.just(0), st.integers(0, 0xFFF), st.integers(0xFF0, 0xFFF), st.sampled_from((8, 0x800)))
@@ -53,14 +69,18 @@ def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
         @initialize(mode=st.sampled_from(MODES), seed=st.integers(0, 2 ** 32 - 1), near_wrap=st.booleans(),
                     quota=st.sampled_from((None, None, 64)), b_flavour=st.sampled_from(FLAVOURS),
                     b_policy=st.sampled_from(POLICIES), b_mode=st.sampled_from(MODES),
-                    host_pages=st.sampled_from((None, None, None, 16, 48)))
+                    host_pages=st.sampled_from((None, None, None, 16, 48)),
+                    host_bits=st.sampled_from(HOST_MAXPHYADDRS), params=VM_PARAMS, alias=st.booleans())
         def setup(self, mode: str, seed: int, near_wrap: bool, quota: int | None, b_flavour: str, b_policy: str,
-                  b_mode: str, host_pages: int | None) -> None:
+                  b_mode: str, host_pages: int | None, host_bits: int, params: dict[str, object],
+                  alias: bool) -> None:
             # host_pages: a host with only that many 4 KiB pages for guest RAM and KVM's tables, so
             # guest pages are swapped out (their sptes zapped by the mmu notifier) all the time.
-            host = kvmmu.Host() if host_pages is None else \
-                kvmmu.Host(memory_limit=4 << 20, reserved=(4 << 20) - (host_pages << 12))
-            self.w = [W.World("A", host, flavour, policy, mode, seed, near_wrap, quota),
+            host = kvmmu.Host(host_bits) if host_pages is None else \
+                kvmmu.Host(host_bits, memory_limit=4 << 20, reserved=(4 << 20) - (host_pages << 12))
+            if flavour != "ept":
+                params = {k: v for k, v in params.items() if k != "ept_ad"}
+            self.w = [W.World("A", host, flavour, policy, mode, seed, near_wrap, quota, params, alias),
                       W.World("B", host, b_flavour, b_policy, b_mode, seed ^ 0x5A5A, not near_wrap, None)]
 
         def _step(self) -> bool:
@@ -189,6 +209,11 @@ def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
             if len(self.w) == 2:
                 self.w[0].check_tlbs(self.w[1])
                 self.w[1].check_tlbs(self.w[0])
+
+        @invariant()
+        def dirty_log_complete(self) -> None:
+            for w in self.w:
+                w.check_dirty_log()
 
         @invariant()
         def memory_matches(self) -> None:

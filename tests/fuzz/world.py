@@ -141,15 +141,19 @@ class World:
     """One VM and its reference."""
 
     def __init__(self, name: str, host: kvmmu.Host, flavour: str, policy: str, mode: str, seed: int,
-                 near_wrap: bool, quota: int | None) -> None:
+                 near_wrap: bool, quota: int | None, params: dict[str, object] | None = None,
+                 alias: bool = False) -> None:
+        """`params`: more VM() keyword arguments (MAXPHYADDR, TDP depth, host huge pages, ...);
+        `alias`: slot 3, when created, maps the first pages of the table pool (two gpas, one host page)."""
         self.name = name
         self.flavour, self.policy, self.mode = flavour, policy, mode
-        kw: dict[str, object] = {}
+        kw: dict[str, object] = dict(params or {})
         if near_wrap:
             kw["initial_generation"] = (1 << 19) - 8
         if quota is not None:
             kw["max_mmu_pages"] = quota
-        self.vm = kvmmu.VM(mmu=flavour, mmio_caching=policy, host=host, **kw)
+        self.params = kw
+        self.vm = kvmmu.VM(mmu=flavour, mmio_caching=policy, host=host, **kw)  # type: ignore[arg-type]
         self.vm.mmio_handler = self._vmm_mmio
         self.maxphyaddr = self.vm.guest_maxphyaddr
         self.ref = R.Reference(self.maxphyaddr, "kvm" if flavour == "shadow" else "hardware")
@@ -158,9 +162,13 @@ class World:
         self.hvas: dict[int, int] = {}
         self.log: list[str] = []
         self.recent: list[tuple[int, int]] = []      # (vcpu, gva) of recent accesses: for locality
+        # Dirty pages (index in slot) the reference saw written since the last KVM_GET_DIRTY_LOG.
+        self.dirty: dict[int, set[int]] = {}
         self._create_slot(0, 0, SLOT0_SIZE, 0)
         self._create_slot(1, PLACEMENTS[0], DATA_SLOTS[1], 0)
         self._create_slot(2, PLACEMENTS[1], DATA_SLOTS[2], 0)
+        if alias:
+            self.hvas[3] = self.hvas[0] + POOL
         self.free_tables = [POOL + 0x1000 * i for i in range(NPOOL)]
         self.roots: list[int] = []
         self._build_tables()
@@ -330,7 +338,8 @@ class World:
     # -- checks ---------------------------------------------------------------------------------------
     def fail(self, msg: str) -> None:
         tail = "\n  ".join(self.log[-12:])
-        raise Mismatch(f"[{self.name}: {self.flavour}/{self.policy}/{self.mode}] {msg}\n  recent steps:\n  {tail}")
+        raise Mismatch(f"[{self.name}: {self.flavour}/{self.policy}/{self.mode} {self.params} "
+                       f"aliased hvas {self.hvas}] {msg}\n  recent steps:\n  {tail}")
 
     def note(self, msg: str) -> None:
         self.log.append(msg)
@@ -421,6 +430,7 @@ class World:
             self.fail(f"{desc} gave an allowed result {_fmt(got)} but left guest memory [{detail}], "
                       f"the architecture expects e.g. [{want}] ({same[0].how})")
         chosen = match[0]
+        self._note_dirty(match)
         COUNTERS.saw("pf" if chosen.fault else "mmio" if chosen.exits else "ram")
         COUNTERS.saw(chosen.how)
         # Commit: A/D first (the data access sees them), speculative fills at that point, then data.
@@ -524,6 +534,41 @@ class World:
         except Exception as e:            # noqa: BLE001
             self.fail(f"guest {desc} crashed: {type(e).__name__}: {e}")
         self.ref.speculative_fill(self.tracked)
+
+    # -- dirty logging ----------------------------------------------------------------------------------
+    def _note_dirty(self, match: list[R.Outcome]) -> None:
+        """Pages of dirty-logged slots that every outcome the model may have taken writes: its data, and
+        A/D bits it sets that were clear (KVM or the CPU writes the entry only then)."""
+        phys = self.ref.phys
+        per: list[set[tuple[int, int]]] = []
+        for o in match:
+            pages = {g >> 12 for g, _ in o.data}
+            for g, (sz, b) in o.ad.items():
+                old = phys.read_int(g, sz)
+                if old is not None and old | b != old:
+                    pages.add(g >> 12)
+            out = set()
+            for gfn in pages:
+                slot = phys.slot_at(gfn << 12)
+                if slot is not None and slot.flags & LOG_DIRTY and not slot.readonly:
+                    out.add((slot.id, gfn - (slot.gpa >> 12)))
+            per.append(out)
+        for sid, index in set.intersection(*per) if per else ():
+            self.dirty.setdefault(sid, set()).add(index)
+
+    def check_dirty_log(self) -> None:
+        """KVM_GET_DIRTY_LOG of every dirty-logged slot holds each page the reference saw written."""
+        for sid, slot in sorted(self.ref.phys.slots.items()):
+            if not slot.flags & LOG_DIRTY:
+                continue
+            COUNTERS.ops += 1
+            try:
+                got = self.vm.get_dirty_log(sid)
+            except kvmmu.KvmmuError as e:
+                self.fail(f"KVM_GET_DIRTY_LOG of slot {sid} raised {e!r}")
+            missing = self.dirty.pop(sid, set()) - got
+            if missing:
+                self.fail(f"KVM_GET_DIRTY_LOG of slot {sid} lacks written pages {sorted(missing)} (got {sorted(got)})")
 
     def set_pkru(self, vi: int, pkru: int) -> None:
         COUNTERS.ops += 1
@@ -674,6 +719,7 @@ class World:
             self.fail(f"memslot {op} of slot {sid} crashed the model: {type(e).__name__}: {e}")
         if expect_error is not None:
             self.fail(f"memslot {op} of slot {sid} at {gpa:#x} was accepted; KVM says -{expect_error}")
+        self.dirty.pop(sid, None)      # a new, moved or re-flagged slot starts with an empty log
         if op == "create":
             if sid not in self.hvas:
                 self.hvas[sid] = self.vm.memslots.slot(sid).userspace_addr

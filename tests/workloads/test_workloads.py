@@ -96,3 +96,11 @@ def test_unknown_workload_parameter_is_named():
         make_workload("kernel-compile", {"jobz": 3})
     with pytest.raises(kvmmu.InvalidArgument, match="workload.kind"):
         make_workload("bitcoin", {})
+
+
+def test_memslot_churn_hotplugs_more_than_the_vmm_address_space_over_time():
+    """Issue 15 F10: 64 GiB hot-plugged and removed 24 times (1.5 TiB in all, more than the VMM's 1 TiB
+    address space) runs, because each removal unmaps the slot's memory."""
+    params = {"actions": "hotplug", "hotplug_mib": 64 << 10, "period_us": 100.0, "display_hz": 0}
+    m, _os, w, *_ = run("memslot-churn", params, "shadow", "generation", seconds=0.005)
+    assert w.changes >= 48

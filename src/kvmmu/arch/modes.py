@@ -62,8 +62,13 @@ PAGING4 = PagingMode("4level", 4, 8, 9, 48, (2, 3), has_nx=True, has_pkeys=True)
 PAGING5 = PagingMode("5level", 5, 8, 9, 57, (2, 3), has_nx=True, has_pkeys=True)
 EPT4 = PagingMode("ept4", 4, 8, 9, 0, (2, 3), ept=True)
 EPT5 = PagingMode("ept5", 5, 8, 9, 0, (2, 3), ept=True)
+# AMD nested paging: long-mode entries, but the input is a guest-physical address, so there is no
+# canonical check (APM 15.25.5): a 4-level table translates gpa bits 47:0, bit 47 included.
+NPT4 = PagingMode("npt4", 4, 8, 9, 0, (2, 3), has_nx=True)
+NPT5 = PagingMode("npt5", 5, 8, 9, 0, (2, 3), has_nx=True)
 
-MODES: dict[str, PagingMode] = {m.name: m for m in (NONPAGING, PAGING32, PAE, PAGING4, PAGING5, EPT4, EPT5)}
+MODES: dict[str, PagingMode] = {m.name: m for m in (NONPAGING, PAGING32, PAE, PAGING4, PAGING5, EPT4, EPT5,
+                                                    NPT4, NPT5)}
 
 AD_POLICIES = ("kvm", "hardware")
 

@@ -330,6 +330,9 @@ def _probe_plan(ctx: PagingContext) -> tuple:
     if mode.ept:
         ok = True
         canon_shift, canon_top = 12 + 9 * mode.root_level, 0     # probe_ept: gpa >> shift must be 0
+    elif bits == 0:
+        ok = True                                                # NPT: a gpa, no canonical check
+        canon_shift, canon_top = 12 + 9 * mode.root_level, 0
     else:
         ok = mode.entry_size == 8 and not mode.pae_pdptes and bits > 32
         canon_shift, canon_top = (bits - 1, (1 << (65 - bits)) - 1) if ok else (0, 0)

@@ -294,17 +294,13 @@ def _hva_to_gfns(vm: object, hva: int) -> list[tuple[int, int]]:
     return out
 
 
-def _leaf_sptes(vm: object, as_id: int, gfn: int) -> list[int]:
-    return vm.mmu.gfn_leaf_sptes(as_id, gfn)  # type: ignore[attr-defined]
-
-
 def kvm_unmap_hva(vm: object, hva: int) -> bool:
     """kvm_mmu_notifier_invalidate_range_start -> kvm_unmap_gfn_range for one host page: drop every
     leaf spte mapping it (shadow pages of the gfn stay), then flush remote TLBs.  True if any was dropped."""
     mmu = vm.mmu  # type: ignore[attr-defined]
     dropped = False
     for as_id, gfn in _hva_to_gfns(vm, hva):
-        for sptep in _leaf_sptes(vm, as_id, gfn):
+        for sptep in mmu.gfn_leaf_sptes(as_id, gfn):
             mmu.drop_spte(sptep)
             dropped = True
     if dropped:
@@ -322,7 +318,7 @@ def kvm_age_hva(vm: object, hva: int) -> bool:
         return False
     young = False
     for as_id, gfn in _hva_to_gfns(vm, hva):
-        for sptep in _leaf_sptes(vm, as_id, gfn):
+        for sptep in mmu.gfn_leaf_sptes(as_id, gfn):
             spte = mmu.read_spte(sptep)
             if spte & abit:
                 mmu.write_spte(sptep, spte & ~abit)

@@ -47,6 +47,16 @@ def ept_violation_to_pfec(qual: int, final: bool) -> int:
     return code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK)
 
 
+def _unmapped_code(ept: bool, pfec: int, final: bool) -> int:
+    """The exit's error code for a gpa no TDP entry maps: an EPT violation with no rights found, or an
+    #NPF with P=0 (NPT accesses are user accesses)."""
+    if ept:
+        qual = 2 if pfec & PFERR_WRITE_MASK else 4 if pfec & PFERR_FETCH_MASK else 1
+        return ept_violation_to_pfec(qual, final)
+    code = (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
+    return code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK)
+
+
 class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
@@ -70,7 +80,7 @@ class TdpCpu(TlbCpu):
             self.tdp_ctx = PagingContext(f"ept{level}", maxphyaddr=vm.host.maxphyaddr,
                                          ept_ad=bool(vm.mmu.masks.accessed), ad_policy="hardware")
         else:
-            self.tdp_ctx = PagingContext(f"{level}level", maxphyaddr=vm.host.maxphyaddr, nxe=True, wp=True,
+            self.tdp_ctx = PagingContext(f"npt{level}", maxphyaddr=vm.host.maxphyaddr, nxe=True, wp=True,
                                          ad_policy="hardware")
         self._ctxs = {level: self.tdp_ctx}
         self._reader = _GuestTableReader(self)
@@ -104,6 +114,11 @@ class TdpCpu(TlbCpu):
         vcpu = self.vcpu
         ctx = self._ctx()
         root = vcpu.mmu.root_hpa
+        if gpa >> (12 + 9 * ctx.mode.root_level):
+            # Beyond what this table translates (a 4-level table: 48 bits): nothing maps it, so the
+            # hardware reports it like any unmapped gpa.  KVM finds no memslot there (none may reach
+            # past kvm_mmu_max_gfn) and emulates the access.
+            raise _TdpExit(gpa, _unmapped_code(self.ept, pfec, final), final)
         if self.ept:
             hpa = probe_ept(ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
             if hpa >= 0:
@@ -136,6 +151,8 @@ class TdpCpu(TlbCpu):
             return page | (gpa & 0xFFF)
         vcpu = self.vcpu
         ctx = self._ctx()
+        if gpa >> (12 + 9 * ctx.mode.root_level):
+            return -1
         if self.ept:
             hpa = probe_ept(ctx, self.mem, vcpu.mmu.root_hpa, gpa, 0)
         else:
@@ -161,6 +178,8 @@ class TdpCpu(TlbCpu):
             if r is None:
                 return -1
             gpa, acc, pkey = r
+        if gpa >> (12 + 9 * ctx.mode.root_level):
+            return -1
         if self.ept:
             hpa = probe_ept(ctx, self.mem, mmu.root_hpa, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
         else:

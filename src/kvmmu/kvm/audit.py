@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import AuditError
+from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index
 from .mmu.page import ShadowPage
 from .mmu.spte import (
@@ -82,8 +83,9 @@ def audit_vm(vm: VM) -> None:
     for key in rmap_seen:
         if key not in kvm.rmap:
             _fail(f"gfn {key[1]:#x} is mapped but has no rmap entry")
-    for _as_id, gfn in writable_gfns:
-        for sp in kvm.indirect_pages_for_gfn(gfn):
+    for as_id, gfn in writable_gfns:
+        gfns = [gfn] + [g for _, g in kvm.host_page_aliases(gfn, as_id)]    # [] under kvm_deviations
+        for sp in [sp for g in gfns for sp in kvm.indirect_pages_for_gfn(g)]:
             if sp.level > 1 or not sp.unsync:
                 _fail(f"gfn {gfn:#x} is shadowed by {sp!r} yet mapped writable")
     for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), (pages[0], pages[1], pages[2]), strict=True):
@@ -134,6 +136,9 @@ def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
     acc = spte_access(m, spte)
     if slot.readonly and acc & 2:
         _fail(f"spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
+    if acc & 2 and sp.level > 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        # make_spte marks one gfn dirty per writable spte (its WARN: "enforced by hugepage_adjust").
+        _fail(f"spte {spte:#x} in {sp!r}[{i}] is a writable {sp.level}-level leaf in dirty-logged slot {slot.id}")
     role_acc = (sp.role >> 8) & 7
     wp_trick = not sp.role & (1 << 13) and not acc & 4      # CR0.WP=0: kernel-only writable
     if acc & ~role_acc & 5 or (acc & 2 and not role_acc & 2 and not wp_trick):

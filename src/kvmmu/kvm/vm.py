@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from ..errors import InvalidArgument, MemslotError
 from ..hw.host import Host
+from ..hw.vmm_space import VmmAddressSpace
 from .emulate import MmioExit
 from .iobus import CoalescedMmio, IoBus, IoDevice
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
@@ -37,6 +38,21 @@ def _check_gen_layout(layout: object) -> None:
                                                          and 52 <= layout.high_start <= layout.high_end <= 62):
         raise InvalidArgument("mmio_gen_layout", layout, "generation bits lie in 3 <= low_start <= low_end <= 10 "
                               "and 52 <= high_start <= high_end <= 62")
+
+
+def kvm_mmu_max_gfn(vm: VM) -> int:
+    """The largest gfn a memslot may reach (kvm_arch_prepare_memory_region checks kvm_mmu_max_gfn).
+
+    Shadow paging maps any 52-bit gpa (the gfn lives only in the shadow page, never in an spte).
+    EPT/NPT cannot map a gpa beyond the host's MAXPHYADDR (kvm_mmu_max_gfn uses shadow_phys_bits),
+    nor beyond what a `tdp_level`-level table translates (48 bits for 4 levels): a slot there would
+    be indexed modulo 2^48 and alias gpa 0's entries.  (KVM picks 5-level TDP whenever the guest's
+    MAXPHYADDR exceeds 48 and the hardware has it, kvm_mmu_get_tdp_level, so it never meets the second
+    limit; the model lets a caller choose `tdp_level=4` with any MAXPHYADDR.)
+    """
+    if not vm.tdp_enabled:
+        return (1 << (52 - 12)) - 1
+    return (1 << (min(vm.host.maxphyaddr, 12 + 9 * vm.tdp_level) - 12)) - 1
 
 
 class VM:
@@ -95,8 +111,7 @@ class VM:
             masks = ept_masks(self.host.maxphyaddr, gen, caching, ad=ept_ad)
         else:
             masks = shadow_masks(self.host.maxphyaddr, gen, caching)
-        max_gfn = masks.max_gfn if self.tdp_enabled else (1 << (self.host.maxphyaddr - 12)) - 1
-        self.memslots = Memslots(address_spaces, initial_generation, max_gfn=max_gfn)
+        self.memslots = Memslots(address_spaces, initial_generation, max_gfn=kvm_mmu_max_gfn(self))
         self.memslots.on_flush_slot = self._flush_shadow_memslot
         self.memslots.on_updated = self._memslots_updated
         self.mmu = KvmMmu(self, masks, max_mmu_pages)
@@ -105,9 +120,21 @@ class VM:
         self.coalesced_ring: deque = deque()
         self._mmio_handler: MmioHandler | None = None
         self.mmio_log: deque[MmioExit] = deque(maxlen=mmio_log_size)   # the most recent exits only
-        self._hva_base, self._hva_end = self.host.new_vmm_region()
-        self._hva_next = self._hva_base
+        self._vmm_space = VmmAddressSpace(self.host, *self.host.new_vmm_region())
+        self._fresh: dict[int, tuple[int, int]] = {}        # slot -> the VMM's fresh mapping for it
+        self._alias_key: tuple[int, ...] = ()
+        self._aliased = False
         self.host.vms.append(self)
+
+    @property
+    def effective(self) -> dict[str, int | bool]:
+        """What KVM made of the parameters on this host: `enable_mmio_caching` (off when the policy is
+        "off" or no reserved PA bit is left for the MMIO marker, kvm_mmu_set_mmio_spte_mask),
+        `mmio_max_gfn` (the largest gfn an MMIO spte holds; MMIO above it is emulated uncached) and
+        `max_gfn` (kvm_mmu_max_gfn: memslots must end at or below it)."""
+        masks = self.mmu.masks
+        return {"enable_mmio_caching": masks.mmio_enabled, "mmio_max_gfn": masks.mmio_max_gfn,
+                "max_gfn": self.memslots.max_gfn, "tdp_level": self.tdp_level if self.tdp_enabled else 0}
 
     @property
     def mmio_handler(self) -> MmioHandler | None:
@@ -134,19 +161,28 @@ class VM:
         if during_update is not None and not callable(during_update):
             raise InvalidArgument("during_update", during_update, "must be a callable (or None)")
         fresh = userspace_addr is None
+        space = self._vmm_space
         if fresh:
             old = None
             if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0:
                 old = self.memslots.slot(slot & 0xFFFF, min(slot >> 16, self.memslots.nr_as - 1))
-            userspace_addr = old.userspace_addr if old is not None else self._fresh_hva(memory_size)
+            # A new slot's mapping is made only once the ioctl is known to succeed (nothing half-applied).
+            userspace_addr = old.userspace_addr if old is not None else space.start
         change, old = self.memslots.validate(slot, flags, guest_phys_addr, memory_size, userspace_addr)
-        if memory_size and not self._hva_base <= userspace_addr <= self._hva_end - memory_size:
+        if fresh and change == "create":
+            hva = space.mmap(memory_size, [(s.userspace_addr, s.userspace_addr + (s.npages << 12))
+                                           for s in self.memslots.all_slots()], align=self._thp_align(memory_size))
+            if hva is None:
+                raise MemslotError("memory_size", memory_size,
+                                   f"the VMM cannot map that much fresh memory: the largest free range of its "
+                                   f"address space is {space.largest_free():#x} bytes")
+            userspace_addr = hva
+            self._fresh[slot] = (hva, memory_size)
+        elif memory_size and not space.start <= userspace_addr <= space.end - memory_size:
             raise MemslotError("userspace_addr", userspace_addr,
-                               f"must lie in this VMM's address space [{self._hva_base:#x}, {self._hva_end:#x})")
+                               f"must lie in this VMM's address space [{space.start:#x}, {space.end:#x})")
         if change == "none":
             return
-        if fresh and change == "create":
-            self._hva_next = userspace_addr + memory_size
         policy_zap = self.mmio_caching == "zap" and change in ("create", "move")
         # A racing vCPU cannot abort the ioctl: if `during_update` raises, the update still completes
         # (generation, zaps, write protection) and only then is its exception passed on.
@@ -167,8 +203,24 @@ class VM:
             self._write_protect_slot(new)
         self.trace.emit("memslot_update", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,
                         memory_size=memory_size, change=change)
+        if change == "delete":
+            self._release_fresh(slot)
         if raised:
             raise raised[0]
+
+    def _release_fresh(self, deleted: int) -> None:
+        """A deleted slot's fresh mapping goes back to the VMM's address space (see VmmAddressSpace)."""
+        if deleted in self._fresh:
+            self._vmm_space.release(*self._fresh.pop(deleted))
+
+    def memslots_alias(self) -> bool:
+        """Whether two live memslots map one host page (cached per memslot generation)."""
+        key = tuple(space.generation for space in self.memslots.spaces)
+        if self._alias_key != key:
+            ranges = sorted((s.userspace_addr, s.userspace_addr + (s.npages << 12)) for s in self.memslots.all_slots())
+            self._aliased = any(a[1] > b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            self._alias_key = key
+        return self._aliased
 
     def _flush_shadow_memslot(self, slot: Memslot) -> None:
         """kvm_arch_flush_shadow_memslot with the default quirk: zap everything, fast."""
@@ -240,18 +292,14 @@ class VM:
             self.host.mem.write_bytes(hva, data[pos:pos + n])
             pos += n
 
-    def _fresh_hva(self, memory_size: int) -> int:
-        """Where the VMM's next anonymous mapping lands.  On huge host pages Linux aligns a mapping at
-        least one huge page long to the huge page size (thp_get_unmapped_area), so that it can be
-        backed by them."""
-        hva = self._hva_next
+    def _thp_align(self, memory_size: int) -> int:
+        """The alignment of the VMM's next anonymous mapping: on huge host pages Linux aligns a mapping
+        at least one huge page long to the huge page size (thp_get_unmapped_area)."""
         for level in range(self.host_hugepage_level, 1, -1):
             size = 1 << (12 + 9 * (level - 1))
             if type(memory_size) is int and memory_size >= size:
-                aligned = (hva + size - 1) & ~(size - 1)
-                if aligned + memory_size <= self._hva_end:
-                    return aligned
-        return hva
+                return size
+        return 4096
 
     def read_phys(self, gpa: int, length: int) -> bytes:
         return b"".join(self.host.mem.read_bytes(hva, n) for hva, n in self._phys_pieces(gpa, length))

@@ -386,7 +386,9 @@ class VcpuMmu:
                 raise KvmBug(f"unsync child bit {index} of {sp!r} points at no shadow page")
             if child.unsync_children:
                 self._collect_unsync(child, out)
-            if child.unsync:
+            if child.unsync and child not in out:
+                # mmu_pages_add: a page reached by two paths (guest tables that map a table twice, or
+                # themselves) is collected once, or it would be synced and uncounted twice.
                 out.append(child)
 
     def sync_page(self, sp: ShadowPage, invalid: list[ShadowPage]) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .hugepage import PG_LEVEL_2M, kvm_mmu_hugepage_adjust, pages_per_hpage
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
@@ -59,6 +60,10 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
                 mmu.vcpu.stats["pf_fast"] += 1
                 return RET_PF_SPURIOUS
             if not spte & m.mmu_writable:
+                return None
+            if level > 1 and fault.slot is not None and fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                # fast_page_fault marks one gfn dirty; a large spte made writable would let writes to
+                # its other 511 (or 262,143) pages go unlogged.  The slow path maps a 4 KiB spte.
                 return None
             kvm.write_spte(sptep, spte | 2 | m.dirty)
             if fault.slot is not None:

@@ -74,8 +74,10 @@ def handle_noslot_fault(vcpu: Vcpu, fault: KvmPageFault, access: int) -> int:
     vcpu_cache_mmio_info(vcpu, 0 if fault.is_tdp else fault.addr, fault.gfn, access & masks.mmio_access_mask)
     if not masks.mmio_enabled:
         return RET_PF_EMULATE
-    if fault.gfn > masks.max_gfn:
-        return RET_PF_EMULATE       # the gfn cannot be encoded in an spte
+    if fault.gfn > masks.mmio_max_gfn:
+        # The gfn would not survive get_mmio_spte_gfn: emulate without caching, as KVM does for a
+        # gfn above kvm_mmu_max_gfn (whose TDP value is the same host-MAXPHYADDR limit).
+        return RET_PF_EMULATE
     return RET_PF_CONTINUE
 
 

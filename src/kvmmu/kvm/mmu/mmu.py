@@ -126,7 +126,30 @@ class KvmMmu:
                 del self.disallow_lpage[key]
 
     def is_write_tracked(self, gfn: int) -> bool:
-        return gfn in self.write_track
+        if gfn in self.write_track:
+            return True
+        return any(g in self.write_track for _, g in self.host_page_aliases(gfn))
+
+    # -- memslots that share a host page (two slots on one userspace_addr) --------------------------
+    def host_page_aliases(self, gfn: int, as_id: int = 0) -> list[tuple[int, int]]:
+        """The other (as_id, gfn)s whose memslot maps gfn's host page.
+
+        KVM tracks writes to shadowed guest tables by gfn (kvm_slot_page_track_add_page,
+        kvm_gfn_is_write_tracked), so a guest storing to its page table through an alias gfn is not
+        noticed and keeps the old translation past INVLPG and MOV CR3.  The model tracks by host page
+        (the SDM's promise: the store changes the table) unless asked for KVM's behaviour."""
+        if self.vm.kvm_deviations or not self.vm.memslots_alias():
+            return []
+        slot = self.vm.memslots.spaces[as_id].search(gfn)
+        if slot is None:
+            return []
+        hva = slot.gfn_to_hva(gfn)
+        out = []
+        for other in self.vm.memslots.all_slots():
+            start = other.userspace_addr
+            if start <= hva < start + (other.npages << 12) and not (other.id == slot.id and other.as_id == as_id):
+                out.append((other.as_id, other.base_gfn + ((hva - start) >> 12)))
+        return out
 
     # -- rmaps and page statistics -------------------------------------------------------------
     def rmap_add(self, as_id: int, gfn: int, sptep: int, level: int) -> None:
@@ -163,14 +186,19 @@ class KvmMmu:
         self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
 
     def write_protect_gfn(self, gfn: int, as_id: int = 0, for_dirty_log: bool = False) -> bool:
-        """Clear W in every spte mapping gfn; True if something changed (a TLB flush is due).
+        """Clear W in every spte mapping gfn, huge ones included (kvm_mmu_slot_gfn_write_protect from
+        PG_LEVEL_4K up); True if something changed (a TLB flush is due).
 
-        Dirty logging keeps MMU-writable set (1/1/0: fast_page_fault may restore W); protecting a
-        shadowed guest page table clears it too (1/0/0: only the full path, via unsync, may).
+        Dirty logging keeps MMU-writable set (1/1/0: fast_page_fault may restore W on a 4 KiB spte);
+        protecting a shadowed guest page table clears it too (1/0/0: only the full path, via unsync, may).
         """
         changed = False
         clear = 2 if for_dirty_log else 2 | self.masks.mmu_writable
-        for sptep in self.gfn_leaf_sptes(as_id, gfn):
+        sptes = self.gfn_leaf_sptes(as_id, gfn)
+        if not for_dirty_log:
+            for a, g in self.host_page_aliases(gfn, as_id):
+                sptes.extend(self.gfn_leaf_sptes(a, g))     # the table is writable through no alias either
+        for sptep in sptes:
             spte = self.read_spte(sptep)
             if spte & clear:
                 self.write_spte(sptep, spte & ~clear)
@@ -214,6 +242,8 @@ class KvmMmu:
             self.mark_unsync(parent)
 
     def unlink_unsync_page(self, sp: ShadowPage) -> None:
+        if not sp.unsync:
+            raise KvmBug(f"unlinking {sp!r}, which is not unsync (kvm_unlink_unsync_page's WARN_ON)")
         sp.unsync = False
         self.stats["mmu_unsync"] -= 1
 
@@ -221,7 +251,8 @@ class KvmMmu:
         """mmu_try_to_unsync_pages: True if the gfn may be mapped writable."""
         if self.is_write_tracked(gfn):
             return False
-        for sp in self.indirect_pages_for_gfn(gfn):
+        gfns = [gfn] + [g for _, g in self.host_page_aliases(gfn)]
+        for sp in [sp for g in gfns for sp in self.indirect_pages_for_gfn(g)]:
             if synchronizing:
                 return False
             if sp.unsync:
@@ -405,7 +436,8 @@ class KvmMmu:
         gfn = gpa >> 12
         invalid: list[ShadowPage] = []
         flush = False
-        for sp in list(self.indirect_pages_for_gfn(gfn)):
+        gfns = [gfn] + [g for _, g in self.host_page_aliases(gfn, as_id)]
+        for sp in [sp for g in gfns for sp in self.indirect_pages_for_gfn(g)]:
             if sp.invalid:
                 continue
             if _write_misaligned(sp, gpa, nbytes) or _write_flooding(sp):

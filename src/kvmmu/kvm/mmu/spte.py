@@ -75,12 +75,26 @@ class SpteMasks:
     mmio_value: int
     mmio_access_mask: int
     gen: MmioGenLayout | None
-    max_gfn: int
+    mmio_max_gfn: int
     mmio_enabled: bool
 
     @property
     def writable(self) -> int:
         return BIT(1)
+
+
+def mmio_spte_max_gfn(host_maxphyaddr: int, taken: int) -> int:
+    """The largest gfn an MMIO spte gives back intact.
+
+    KVM's get_mmio_spte_gfn keeps only spte bits (low_phys_bits - 1):12,
+    `shadow_nonpresent_or_rsvd_lower_gfn_mask`, where low_phys_bits is the host's MAXPHYADDR on a
+    CPU without L1TF (kvm_mmu_reset_all_pte_masks); `taken` (the MMIO marker and the generation)
+    must lie above.  A larger gfn must not be cached in an spte (kvm_handle_noslot_fault emulates).
+    """
+    bits = min(host_maxphyaddr, 52)
+    while taken & GENMASK(bits - 1, 12):
+        bits -= 1
+    return (1 << (bits - 12)) - 1
 
 
 def shadow_masks(host_maxphyaddr: int = 46, gen: MmioGenLayout | None = TODAY_GEN_LAYOUT,
@@ -98,7 +112,7 @@ def shadow_masks(host_maxphyaddr: int = 46, gen: MmioGenLayout | None = TODAY_GE
     return SpteMasks(ept=False, present=BIT(0), user=BIT(2), x=0, nx=BIT(63), accessed=BIT(5),
                      dirty=BIT(6), host_writable=BIT(9), mmu_writable=BIT(10), memtype=0,
                      mmio_mask=value, mmio_value=value, mmio_access_mask=ACC_WRITE | ACC_USER, gen=gen,
-                     max_gfn=(1 << (min(host_maxphyaddr, 52) - 12)) - 1 if gen is None else (1 << (52 - 12)) - 1,
+                     mmio_max_gfn=mmio_spte_max_gfn(host_maxphyaddr, value | (gen.spte_mask if gen else 0)),
                      mmio_enabled=enabled)
 
 
@@ -116,7 +130,8 @@ def ept_masks(host_maxphyaddr: int = 46, gen: MmioGenLayout | None = TODAY_GEN_L
                      accessed=BIT(8) if ad else 0, dirty=BIT(9) if ad else 0, host_writable=BIT(57),
                      mmu_writable=BIT(58), memtype=6 << 3, mmio_mask=mask,
                      mmio_value=value, mmio_access_mask=0, gen=gen,
-                     max_gfn=(1 << (host_maxphyaddr - 12)) - 1, mmio_enabled=mmio_caching)
+                     mmio_max_gfn=mmio_spte_max_gfn(host_maxphyaddr, mask | (gen.spte_mask if gen else 0)),
+                     mmio_enabled=mmio_caching)
 
 
 def is_shadow_present_pte(spte: int) -> bool:
@@ -152,10 +167,8 @@ def make_mmio_spte(m: SpteMasks, gfn: int, access: int, generation: int) -> int:
 
 
 def get_mmio_spte_gfn(m: SpteMasks, spte: int) -> int:
-    mask = GENMASK(51, 12) & ~m.mmio_mask
-    if m.gen is not None:
-        mask &= ~m.gen.spte_mask
-    return (spte & mask) >> 12
+    """The gfn bits of an MMIO spte: below the host's MAXPHYADDR (see mmio_spte_max_gfn)."""
+    return (spte >> 12) & m.mmio_max_gfn
 
 
 def get_mmio_spte_access(m: SpteMasks, spte: int) -> int:
