@@ -83,6 +83,11 @@ class Stop(Exception):
         super().__init__(reason if not detail else f"{reason}: {detail}")
 
 
+class Reexecute(Exception):
+    """Raised by a bus for a ``restart`` read: KVM's emulator executes this instruction from its start
+    (x86_emulate_instruction decodes it afresh), so its accesses come in the emulator's order."""
+
+
 class Bus(Protocol):
     """What the CPU needs from the host profile.  Accesses raise CpuFault for a guest exception."""
 
@@ -90,9 +95,11 @@ class Bus(Protocol):
     def commit(self, cpu: X86Cpu) -> None: ...           # it retired
     def abort(self, cpu: X86Cpu, fault: CpuFault) -> None: ...   # it faulted (before delivery)
     def fetch(self, gva: int, n: int, cpl: int) -> bytes: ...
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False) -> int: ...
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False,
+             restart: bool = False) -> int: ...   # restart: may raise Reexecute before any effect
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False) -> None: ...
     def rep_yield(self, cpu: X86Cpu) -> bool: ...        # after a string iteration: stop here?
+    def noncanonical_tail(self, cpu: X86Cpu) -> bool: ...   # only the last bytes are non-canonical: go on?
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None: ...     # MOV to CR0/CR3/CR4
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool: ...  # INT n/INT3; True: deliver, skip DPL check
     def unemulatable(self, cpu: X86Cpu, what: str) -> None: ...  # KVM's emulator cannot do this one
@@ -303,13 +310,18 @@ class X86Cpu:
         return addr & M64
 
     def _check(self, addr: int, size: int) -> None:
-        if not _canonical(addr) or not _canonical((addr + size - 1) & M64):
+        """SDM: an access with any byte outside the canonical range is #GP(0) (#SS for the stack).
+        A bus may let an access whose first byte is canonical go on (KVM's emulator checks no more)."""
+        if not _canonical(addr) or (not _canonical((addr + size - 1) & M64)
+                                    and not self.bus.noncanonical_tail(self)):
             raise CpuFault(SS_VEC if self._stack_ref else GP, 0)
 
     _stack_ref = False
 
-    def load(self, addr: int, size: int, rmw: bool = False) -> int:
+    def load(self, addr: int, size: int, rmw: bool = False, restart: bool = False) -> int:
         self._check(addr, size)
+        if restart:
+            return self.bus.read(addr, size, self.cpl, False, rmw, restart=True)
         return self.bus.read(addr, size, self.cpl, False, rmw)
 
     def store(self, addr: int, size: int, value: int) -> None:
@@ -1095,7 +1107,7 @@ def _string(cpu: X86Cpu, instr: ix.Instruction) -> None:
             regs[RSI] = (rsi + step) & M64
         else:
             if kind == "cmps":
-                a, b = cpu.load(rsi, size), cpu.load(rdi, size)
+                a, b = _cmps_operands(cpu, rsi, rdi, size)
                 regs[RSI] = (rsi + step) & M64
             else:
                 a, b = regs[RAX] & MASKS[size], cpu.load(rdi, size)
@@ -1115,6 +1127,19 @@ def _string(cpu: X86Cpu, instr: ix.Instruction) -> None:
         if regs[RCX] == 0:
             break
     cpu.advance()
+
+
+def _cmps_operands(cpu: X86Cpu, rsi: int, rdi: int, size: int) -> tuple[int, int]:
+    """CMPS on the CPU reads ES:[RDI] before DS:[RSI] (the SDM names no order; measured on this
+    host: when both fault, CR2 is RDI); KVM's emulator reads the source first (x86_emulate_insn reads
+    src, then dst).  The bus raises Reexecute when KVM's emulator runs the instruction — at once,
+    or after the CPU's access to RDI faulted into KVM's emulation path."""
+    try:
+        b = cpu.load(rdi, size, restart=True)
+    except Reexecute:
+        a = cpu.load(rsi, size)
+        return a, cpu.load(rdi, size)
+    return cpu.load(rsi, size), b
 
 
 # -- SSE moves ----------------------------------------------------------------------------------------
@@ -1163,4 +1188,4 @@ def _cmpxchg(cpu: X86Cpu, instr: ix.Instruction) -> None:
     cpu.advance()
 
 
-__all__ = ["Bus", "CpuFault", "StepLimitExceeded", "Stop", "UnsupportedInstruction", "X86Cpu"]
+__all__ = ["Bus", "CpuFault", "Reexecute", "StepLimitExceeded", "Stop", "UnsupportedInstruction", "X86Cpu"]

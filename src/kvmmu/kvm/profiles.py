@@ -47,10 +47,11 @@ from ..arch.bits import (
     PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_CR4_LA57,
 )
 from ..arch.walker import walk
 from ..errors import InvalidArgument
-from ..hw.x86cpu import GP, UD, CpuFault, Stop, X86Cpu
+from ..hw.x86cpu import GP, UD, CpuFault, Reexecute, Stop, X86Cpu
 from .emulate import _iobus as _emulator_iobus
 from .emulate import cached_mmio_gpa, vcpu_is_mmio_gpa
 from .mmu.paging import guest_walk
@@ -152,7 +153,7 @@ class Emulator:
         gpa = cached_mmio_gpa(vcpu, gva, access)
         if gpa is not None:
             return gpa, True
-        w = guest_walk(vcpu.mmu, gva, access)
+        w = guest_walk(vcpu.mmu, _walker_address(vcpu, gva), access)
         if w.fault:
             if self.inject:
                 vcpu.inject_page_fault(w.error_code, gva)
@@ -264,6 +265,15 @@ class _QuietReader:
         return True
 
 
+def _walker_address(vcpu: Vcpu, gva: int) -> int:
+    """KVM's walker indexes the guest tables with bits 47:0 (56:0 with LA57) and never looks above
+    them; the arch walker wants the canonical address with the same indices.  Only the second page
+    of an access straddling the canonical boundary gets here non-canonical (noncanonical_tail)."""
+    bits = 57 if vcpu.cr4 & X86_CR4_LA57 else 48
+    low = gva & ((1 << bits) - 1)
+    return low | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if low >> (bits - 1) else low
+
+
 def _pieces(gva: int, size: int) -> list[tuple[int, int, int]]:
     first = 0x1000 - (gva & 0xFFF)
     if first >= size:
@@ -302,11 +312,19 @@ class ModelBus:
         pass
 
     # -- memory ---------------------------------------------------------------------------------
-    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
+            restart: bool = False) -> int:
         vcpu = self.vcpu
         before = self.stats["insn_emulation"]
         failed = self.stats["insn_emulation_fail"]
-        r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
+        vcpu.defer_emulation = restart
+        try:
+            r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
+        finally:
+            vcpu.defer_emulation = False
+        if r.emulate:
+            self.emulating = True              # KVM's emulator runs the instruction from its start
+            raise Reexecute()
         if r.internal_error is not None or (self.profile.emulation_failure_exits
                                             and self.stats["insn_emulation_fail"] != failed):
             self._userspace_exit()              # KVM_EXIT_INTERNAL_ERROR ends the entry
@@ -342,7 +360,12 @@ class ModelBus:
             addr += k
         return bytes(out)
 
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False) -> int:
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False,
+             restart: bool = False) -> int:
+        if restart:
+            if self._in_emulator(cpl):
+                raise Reexecute()
+            return self._hw(gva, size, "read", None, cpl, implicit, restart=True)
         if rmw and not self._in_emulator(cpl):
             self._write_intent(gva, size, cpl)      # may hand the instruction to KVM's emulator
         if self._in_emulator(cpl):
@@ -398,6 +421,24 @@ class ModelBus:
         if not self.emulating:
             return False
         return wrote or cpu.regs[1] & 0x3FF == 0
+
+    def noncanonical_tail(self, cpu: X86Cpu) -> bool:
+        """An access whose first byte is canonical and last is not (a dword at 0x7ffffffffffe): #GP
+        per the SDM.  KVM's emulator checks only the first byte (__linearize), then accesses the
+        access page by page, so the bytes below the boundary are written and the walk of
+        0x800000000000 (PML4 slot 256 of the guest's tables) decides: a #PF there.  With
+        kvm_deviations that is what happens where KVM's emulator runs the instruction, and at CPL3
+        where the host intercepts the CPU's #GP and emulates the instruction (kvm_pvm)."""
+        if not self.vcpu.vm.kvm_deviations:
+            return False
+        if self._in_emulator(cpu.cpl):
+            return True
+        if cpu.cpl == 3 and self.profile.gp_at_cpl3_emulated:
+            self.stats["exits"] += 1            # the #GP exit; KVM emulates the instruction
+            self.stats["insn_emulation"] += 1
+            self.emulating = True
+            return True
+        return False
 
     # -- privileged operations ------------------------------------------------------------------
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
