@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from .vm import VM
 
 X86_EFLAGS_RF = 1 << 16
+_SLOT256 = 0x1FFFF00          # gva >> 39 of PML4 slot 256 (0xffff800000000000..)
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 
@@ -80,6 +81,10 @@ class HostProfile:
     # An emulation failure (e.g. an instruction fetch from MMIO) exits to userspace at every CPL, not
     # only at CPL0 as upstream's handle_emulation_failure does (measured: fetch_from_mmio_cpl3).
     emulation_failure_exits: bool = False
+    # kvm_pvm (measured): every CPL3 access to PML4 slot 256 (0xffff800000000000-0xffff807fffffffff)
+    # is a #PF, whatever the guest's tables say, without pf_taken; its P and RSVD bits vary from
+    # run to run (0x4 or 0xd for a read), W, U and I/D follow the access.
+    user_slot256_faults: bool = False
     guest_maxphyaddr: int = 46
     guest_gbpages: bool = True
     quirks: tuple[str, ...] = field(default_factory=tuple)
@@ -102,7 +107,7 @@ PROFILES: dict[str, HostProfile] = {
                 "mmio_caching=N",
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
         iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=48, guest_gbpages=False,
-        emulation_failure_exits=True,
+        emulation_failure_exits=True, user_slot256_faults=True,
         quirks=(
             "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",
             "no A bit on a walk that ends in a fault (KVM's software walker at every ring)",
@@ -115,6 +120,7 @@ PROFILES: dict[str, HostProfile] = {
             "IRETQ in the emulator counts insn_emulation_fail and ends the emulation batch",
             "pvm_emul_batch=1024 instructions per emulation entry (exits)",
             "an emulation failure at CPL3 (fetch from MMIO) exits with KVM_EXIT_INTERNAL_ERROR",
+            "every CPL3 access to PML4 slot 256 (0xffff800000000000..) is a #PF (P/RSVD bits unstable)",
         )),
     "vmx-ept": HostProfile(
         name="vmx-ept", summary="plain KVM on VMX with EPT and today's MMIO caching; every ring native",
@@ -518,6 +524,25 @@ class PvmBus(ModelBus):
 
     def _in_emulator(self, cpl: int) -> bool:
         return self.emulating or self.delivering or cpl == 0
+
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
+            restart: bool = False) -> int:
+        if cpl == 3 and self.profile.user_slot256_faults:
+            for pgva, _off, _n in _pieces(gva, size):
+                if pgva >> 39 == _SLOT256:
+                    self._slot256_fault(pgva, kind)
+        return super()._hw(gva, size, kind, value, cpl, implicit, restart)
+
+    def _slot256_fault(self, gva: int, kind: str) -> None:
+        """A CPL3 access to PML4 slot 256: the host's own #PF, not the MMU's (no pf_taken, no walk of
+        the guest's tables: no A bit); one exit and one insn_emulation_fail, then the #PF is
+        delivered (measured).  The error code is the not-present form, with I/D on a fetch even
+        without EFER.NXE (the host adds P|RSVD on some runs)."""
+        self.stats["exits"] += 1
+        self.stats["insn_emulation_fail"] += 1
+        err = PFERR_USER_MASK | (PFERR_WRITE_MASK if kind == "write" else 0) \
+            | (PFERR_FETCH_MASK if kind == "fetch" else 0)
+        raise CpuFault(PF_VECTOR, err, gva)
 
     def _end_entry(self) -> None:
         if self.in_entry:
