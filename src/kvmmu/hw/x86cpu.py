@@ -108,7 +108,8 @@ class Bus(Protocol):
     def iret(self, cpu: X86Cpu, new_cpl: int) -> None: ...   # IRETQ retired
     def deliver_begin(self, cpu: X86Cpu, vector: int) -> None: ...
     def deliver_end(self, cpu: X86Cpu, vector: int) -> None: ...
-    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None: ...   # delivering `vector` faulted
+    # Delivering `vector` faulted.  True: the host makes it #DF whatever the exception classes.
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> bool | None: ...
 
 
 def _canonical(addr: int) -> bool:
@@ -224,13 +225,14 @@ class X86Cpu:
     # -- exceptions ---------------------------------------------------------------------------------
     def deliver(self, vector: int, error_code: int | None, cr2: int | None, rip: int) -> None:
         """Deliver an exception through the 64-bit IDT (double and triple fault included)."""
+        force_df = False
         while True:
             first = self._delivering
             if first is not None:               # a fault while delivering `first`
                 if first == DF_VEC:
                     self._delivering = None
                     raise Stop("shutdown", f"triple fault: vector {vector} while delivering #DF")
-                if (first in _CONTRIBUTORY and vector in _CONTRIBUTORY) or \
+                if force_df or (first in _CONTRIBUTORY and vector in _CONTRIBUTORY) or \
                         (first == PF_VEC and (vector in _CONTRIBUTORY or vector == PF_VEC)):
                     vector, error_code, cr2 = DF_VEC, 0, None
             if vector == PF_VEC and cr2 is not None:
@@ -241,7 +243,7 @@ class X86Cpu:
             try:
                 self._deliver(vector, error_code, rip)
             except CpuFault as nested:
-                self.bus.deliver_failed(self, vector)
+                force_df = bool(self.bus.deliver_failed(self, vector))
                 vector, error_code, cr2 = nested.vector, nested.error_code, nested.cr2
                 continue
             except BaseException:
@@ -1005,6 +1007,13 @@ def _hlt(cpu: X86Cpu, instr: ix.Instruction) -> None:
 
 @_op(_I.UD2)
 def _ud2(cpu: X86Cpu, instr: ix.Instruction) -> None:
+    raise CpuFault(UD)
+
+
+@_op(_I.UD0, _I.UD1)
+def _ud0(cpu: X86Cpu, instr: ix.Instruction) -> None:
+    """UD0/UD1: #UD (SDM); KVM's emulator does not know them (an emulation failure where it runs)."""
+    cpu.bus.unemulatable(cpu, cpu.text(instr))
     raise CpuFault(UD)
 
 

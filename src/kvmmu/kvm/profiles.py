@@ -41,6 +41,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import iced_x86 as ix
+
 from ..arch.bits import (
     PF_VECTOR,
     PFERR_FETCH_MASK,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from .vm import VM
 
 X86_EFLAGS_RF = 1 << 16
+_UD2 = ix.Mnemonic.UD2
 _SLOT256 = 0x1FFFF00          # gva >> 39 of PML4 slot 256 (0xffff800000000000..)
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
@@ -85,6 +88,9 @@ class HostProfile:
     # is a #PF, whatever the guest's tables say, without pf_taken; its P and RSVD bits vary from
     # run to run (0x4 or 0xd for a read), W, U and I/D follow the access.
     user_slot256_faults: bool = False
+    # kvm_pvm (measured): a fault while delivering any exception — a benign #UD or #BP included —
+    # becomes #DF; the SDM delivers the second exception when the first is benign (Vol. 3A 6.15).
+    delivery_fault_is_df: bool = False
     guest_maxphyaddr: int = 46
     guest_gbpages: bool = True
     quirks: tuple[str, ...] = field(default_factory=tuple)
@@ -107,7 +113,7 @@ PROFILES: dict[str, HostProfile] = {
                 "mmio_caching=N",
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
         iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=48, guest_gbpages=False,
-        emulation_failure_exits=True, user_slot256_faults=True,
+        emulation_failure_exits=True, user_slot256_faults=True, delivery_fault_is_df=True,
         quirks=(
             "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",
             "no A bit on a walk that ends in a fault (KVM's software walker at every ring)",
@@ -121,6 +127,9 @@ PROFILES: dict[str, HostProfile] = {
             "pvm_emul_batch=1024 instructions per emulation entry (exits)",
             "an emulation failure at CPL3 (fetch from MMIO) exits with KVM_EXIT_INTERNAL_ERROR",
             "every CPL3 access to PML4 slot 256 (0xffff800000000000..) is a #PF (P/RSVD bits unstable)",
+            "a fault while delivering any exception (benign ones too) becomes #DF",
+            "an exception frame that KVM would write to MMIO fails the delivery (KVM_EXIT_SHUTDOWN)",
+            "an emulation entry ends when an exception is queued and at a return to CPL3, not at IRETQ",
         )),
     "vmx-ept": HostProfile(
         name="vmx-ept", summary="plain KVM on VMX with EPT and today's MMIO caching; every ring native",
@@ -201,13 +210,18 @@ class Emulator:
         return int.from_bytes(out, "little")
 
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False, tracked: bool = True,
-              on_exit: object = None) -> bool:
-        """Returns True when (part of) the write left as KVM_EXIT_MMIO."""
+              on_exit: object = None, ram_only: bool = False) -> bool:
+        """Returns True when (part of) the write left as KVM_EXIT_MMIO.  ``ram_only``: KVM's own
+        event delivery (kvm_write_guest_virt_system) writes guest RAM only; a frame that lands
+        on MMIO makes the delivery fail (a fault while delivering: measured, the escalation ends
+        in KVM_EXIT_SHUTDOWN with no KVM_EXIT_MMIO)."""
         data = value.to_bytes(size, "little")
         frags: list[tuple[int, int, int]] = []
         vm = self.vm
         for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, True, cpl, implicit):
             hva = -1 if mmio else self._ram(gpa, n, True)
+            if hva < 0 and ram_only:
+                raise CpuFault(GP, 0)
             if hva >= 0:
                 vm.host.mem.write_bytes(hva, data[off:off + n])
                 slot = self.vcpu.gfn_to_memslot(gpa >> 12)
@@ -410,7 +424,7 @@ class ModelBus:
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False) -> None:
         if self._in_emulator(cpl):
             if self.emu.write(gva, size, value, cpl, implicit, tracked=not self.delivering,
-                              on_exit=self._userspace_exit):
+                              on_exit=self._userspace_exit, ram_only=self.delivering):
                 self.iter_mmio_write = True
             return
         self._hw(gva, size, "write", value, cpl, implicit)
@@ -478,11 +492,12 @@ class ModelBus:
         self.delivering = False
         self.emu.inject = True
 
-    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None:
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> bool:
         self.delivering = False
         self.emu.inject = True
         if vector == 8:
             self.stats["exits"] += 1          # triple fault: KVM_EXIT_SHUTDOWN
+        return self.profile.delivery_fault_is_df
 
 
 class NativeBus(ModelBus):
@@ -553,13 +568,23 @@ class PvmBus(ModelBus):
         self._end_entry()
 
     def abort(self, cpu: X86Cpu, fault: CpuFault) -> None:
-        if cpu.cpl != 3 or self.emulating:
-            return                               # raised inside KVM (emulator): injected, no exit
+        if cpu.cpl == 0:
+            # kvm_pvm ends the emulation entry once an exception is queued, and delivers it at the
+            # next entry (measured: a #PF whose handler halts is 2 exits, a CPL0 IRETQ none).
+            self._end_entry()
+            return
+        if self.emulating:
+            return                               # raised inside KVM's emulation of a CPL3 exit
         if fault.vector == PF_VECTOR:
             return                               # the #PF exit was counted by the MMU (pf_taken)
         self.stats["exits"] += 1                 # exception exit from native user mode
         if fault.vector == GP and self.profile.gp_at_cpl3_emulated:
             self.stats["insn_emulation"] += 1    # #GP intercept: the instruction is emulated first
+        elif fault.vector == UD and not (cpu.instr is not None and cpu.instr.ip == cpu.rip
+                                         and cpu.instr.mnemonic == _UD2):
+            # #UD intercept: KVM decodes the instruction, then queues #UD (measured: `lock nop`
+            # counts one insn_emulation; `ud2` none).
+            self.stats["insn_emulation"] += 1
 
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
         vcpu = self.vcpu
@@ -577,13 +602,13 @@ class PvmBus(ModelBus):
         self.stats["exits"] += 1
         return True
 
-    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None:
-        """kvm_pvm gives up on an event whose delivery faults and re-enters to deliver the next one
-        (#DF, then the triple fault): each attempt is an exit, no #PF is counted as injected."""
-        super().deliver_failed(cpu, vector)
-        if vector != 8:
-            self.stats["exits"] += 1
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> bool:
+        """kvm_pvm moves on to the next event (#DF, then the triple fault) inside the same entry: a
+        failed delivery costs no exit of its own, so an escalation to a triple fault is the one
+        KVM_EXIT_SHUTDOWN (measured: #PF, #GP, #DE, #UD through not-present gates, at both rings)."""
+        force_df = super().deliver_failed(cpu, vector)
         self.in_entry = False
+        return force_df
 
     def unemulatable(self, cpu: X86Cpu, what: str) -> None:
         """An instruction KVM's emulator fails on: at CPL0 KVM_EXIT_INTERNAL_ERROR; at CPL3 it faults
@@ -607,8 +632,12 @@ class PvmBus(ModelBus):
         raise Stop("hlt")
 
     def iret(self, cpu: X86Cpu, new_cpl: int) -> None:
+        """KVM's emulator has no long-mode IRET (insn_emulation_fail + 1) and kvm_pvm finishes it
+        without leaving the entry (measured: a CPL0 IRETQ to CPL0 then HLT is 1 exit); a return to
+        CPL3 ends the emulation entry (the guest runs natively again)."""
         if self.profile.iret_fails_emulation:
             self.stats["insn_emulation_fail"] += 1
+        if new_cpl != 0:
             self._end_entry()
 
 
