@@ -12,8 +12,9 @@ guest instructions reach it*.  A profile is that difference, made explicit:
   ``kvm_mmu_track_write`` (``mmu_pte_write``) and MMIO leaves as KVM_EXIT_MMIO without any #PF
   (``pf_*`` stay 0 at CPL0).  kvm_pvm emulates up to ``pvm_emul_batch`` = 1024 instructions per
   entry: ``exits`` counts one per entry — an entry ends at its first exit to userspace (MMIO, HLT),
-  at an IRETQ (KVM's emulator cannot do IRET in long mode: ``insn_emulation_fail`` + 1 and kvm_pvm
-  finishes it), or after 1024 instructions.  Further MMIO exits made while KVM completes an
+  when an exception is queued, at a return to CPL3, or after 1024 instructions.  IRETQ is an
+  emulation failure (``insn_emulation_fail`` + 1: KVM's emulator has no long-mode IRET) that
+  kvm_pvm finishes inside the entry.  Further MMIO exits made while KVM completes an
   instruction (the 2nd fragment, the write of a read-modify-write, the next iteration of a REP
   read) do not enter the guest and are not counted.
 - CPL3 64-bit code runs natively under KVM's **shadow MMU with mmio_caching=N**: every MMIO access
@@ -24,6 +25,9 @@ guest instructions reach it*.  A profile is that difference, made explicit:
   #UD and other exceptions are a plain exit.
 - Exceptions are delivered by KVM in software: IDT, GDT, TSS and the frame on the stack are
   accessed through the software walker (A/D bits set), the frame writes are not tracked writes.
+  A fault while delivering any exception becomes #DF (benign ones too), a failed delivery costs no
+  exit (a triple fault is one KVM_EXIT_SHUTDOWN), and a frame that would land on MMIO fails the
+  delivery.  Every CPL3 access to PML4 slot 256 is a #PF of the host's own (docs/real-kvm.md).
 - Guest MAXPHYADDR 48, no 1 GiB pages; 32-bit/PAE paging is refused (the runtime is 64-bit only).
 - Not modelled (quirks of §6 that the runtime avoids): CS/DS selectors read at CPL3, RFLAGS.IF at
   CPL3 (the runtime starts CPL3 code with IF=1), PIO at CPL3, int n / int3 at CPL0, vmcall,
@@ -37,7 +41,6 @@ supervisor accesses.  These profiles are the model's prediction only: no such ho
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,17 +49,14 @@ import iced_x86 as ix
 from ..arch.bits import (
     PF_VECTOR,
     PFERR_FETCH_MASK,
-    PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
-    X86_CR4_LA57,
 )
 from ..arch.walker import walk
 from ..errors import InvalidArgument
 from ..hw.x86cpu import GP, UD, CpuFault, Reexecute, Stop, X86Cpu
-from .emulate import _iobus as _emulator_iobus
-from .emulate import cached_mmio_gpa, vcpu_is_mmio_gpa
-from .mmu.paging import guest_walk
+from .emulate import vcpu_is_mmio_gpa
+from .soft_emulator import Emulator, pieces
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -123,7 +123,7 @@ PROFILES: dict[str, HostProfile] = {
             "CPL3: CS/DS read as host selectors, RFLAGS.IF reads 1, PIO exits, SYSCALL stays at CPL3",
             "CR4.SMEP/SMAP/PKE accepted without CPUID; LA57/PCIDE rejected",
             "KVM_TRANSLATE sets A bits and reports writeable=1/usermode=0",
-            "IRETQ in the emulator counts insn_emulation_fail and ends the emulation batch",
+            "IRETQ in the emulator counts insn_emulation_fail (kvm_pvm finishes it in the same entry)",
             "pvm_emul_batch=1024 instructions per emulation entry (exits)",
             "an emulation failure at CPL3 (fetch from MMIO) exits with KVM_EXIT_INTERNAL_ERROR",
             "every CPL3 access to PML4 slot 256 (0xffff800000000000..) is a #PF (P/RSVD bits unstable)",
@@ -148,127 +148,6 @@ def get_profile(name: str | HostProfile) -> HostProfile:
     return PROFILES[name]
 
 
-class Emulator:
-    """The memory side of KVM's x86 emulator (emulator_read_write, kvm_fetch_guest_virt, the
-    kvm_{read,write}_guest_virt_system accesses of event delivery) over the model's vCPU."""
-
-    def __init__(self, vcpu: Vcpu) -> None:
-        self.vcpu = vcpu
-        self.vm = vcpu.vm
-        self.inject = True         # a failed walk injects #PF (pf_guest); not while delivering an event
-
-    def translate(self, gva: int, write: bool, fetch: bool, cpl: int, implicit: bool) -> tuple[int, bool]:
-        """vcpu_mmio_gva_to_gpa / kvm_mmu_gva_to_gpa_*: (gpa, is_mmio); a #PF is injected on failure."""
-        vcpu = self.vcpu
-        access = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if fetch else 0)
-        if cpl == 3 and not implicit:
-            access |= PFERR_USER_MASK
-        if implicit:
-            access |= PFERR_IMPLICIT_ACCESS
-        gpa = cached_mmio_gpa(vcpu, gva, access)
-        if gpa is not None:
-            return gpa, True
-        w = guest_walk(vcpu.mmu, _walker_address(vcpu, gva), access)
-        if w.fault:
-            if self.inject:
-                vcpu.inject_page_fault(w.error_code, gva)
-                vcpu.take_exception()
-            raise CpuFault(PF_VECTOR, w.error_code & 0xFFFF, gva)
-        return w.gpa, vcpu_is_mmio_gpa(vcpu, w.gpa)
-
-    def _translated(self, gva: int, size: int, write: bool, cpl: int,
-                    implicit: bool) -> Iterable[tuple[tuple[int, int, int], tuple[int, bool]]]:
-        """The pieces of an access with their (gpa, is_mmio).  KVM's emulator_read_write translates each
-        page just before using it (kvm_deviations); the SDM has no effect before every page translates."""
-        pieces = _pieces(gva, size)
-        if self.vm.kvm_deviations:
-            return ((p, self.translate(p[0], write, False, cpl, implicit)) for p in pieces)
-        return [(p, self.translate(p[0], write, False, cpl, implicit)) for p in pieces]
-
-    def _ram(self, gpa: int, n: int, write: bool) -> int:
-        """Host address of guest RAM at gpa, or -1 if no (writable) memslot is there."""
-        slot = self.vcpu.gfn_to_memslot(gpa >> 12)
-        if slot is None or slot.invalid or (write and slot.readonly):
-            return -1
-        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
-        self.vm.host_touch(hva)
-        return hva
-
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, on_exit: object = None) -> int:
-        out = bytearray(size)
-        frags: list[tuple[int, int, int]] = []
-        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, False, cpl, implicit):
-            hva = -1 if mmio else self._ram(gpa, n, False)
-            if hva >= 0:
-                out[off:off + n] = self.vm.host.mem.read_bytes(hva, n)
-            else:
-                done = self._iobus(gpa, n, False, b"", out, off)
-                if done < n:
-                    frags.append((gpa + done, off + done, n - done))
-        if frags:
-            self._exit_to_vmm(frags, False, b"", out, on_exit)
-        return int.from_bytes(out, "little")
-
-    def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False, tracked: bool = True,
-              on_exit: object = None, ram_only: bool = False) -> bool:
-        """Returns True when (part of) the write left as KVM_EXIT_MMIO.  ``ram_only``: KVM's own
-        event delivery (kvm_write_guest_virt_system) writes guest RAM only; a frame that lands
-        on MMIO makes the delivery fail (a fault while delivering: measured, the escalation ends
-        in KVM_EXIT_SHUTDOWN with no KVM_EXIT_MMIO)."""
-        data = value.to_bytes(size, "little")
-        frags: list[tuple[int, int, int]] = []
-        vm = self.vm
-        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, True, cpl, implicit):
-            hva = -1 if mmio else self._ram(gpa, n, True)
-            if hva < 0 and ram_only:
-                raise CpuFault(GP, 0)
-            if hva >= 0:
-                vm.host.mem.write_bytes(hva, data[off:off + n])
-                slot = self.vcpu.gfn_to_memslot(gpa >> 12)
-                if slot is not None:
-                    vm.mark_page_dirty(slot, gpa >> 12)
-                if tracked:
-                    vm.mmu.track_write(gpa, n)
-            else:
-                done = self._iobus(gpa, n, True, data[off:off + n], None, off)
-                if done < n:
-                    frags.append((gpa + done, off + done, n - done))
-        if frags:
-            self._exit_to_vmm(frags, True, data, None, on_exit)
-            return True
-        return False
-
-    def fetch(self, gva: int, n: int, cpl: int) -> bytes:
-        """kvm_fetch_guest_virt: instruction bytes from RAM; from MMIO KVM cannot emulate."""
-        gpa, mmio = self.translate(gva, False, True, cpl, False)
-        hva = -1 if mmio else self._ram(gpa, n, False)
-        if hva < 0:
-            self.vcpu.stats["insn_emulation_fail"] += 1
-            raise Stop("internal_error", f"instruction fetch from MMIO at gva {gva:#x} (gpa {gpa:#x})")
-        return self.vm.host.mem.read_bytes(hva, n)
-
-    def _iobus(self, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:
-        """In-kernel devices (KVM_MMIO_BUS) in <= 8-byte pieces: the emulator's own loop."""
-        return _emulator_iobus(self.vcpu, gpa, n, write, chunk, out, at)
-
-    def _exit_to_vmm(self, frags: list[tuple[int, int, int]], write: bool, data: bytes, out: bytearray | None,
-                     on_exit: object) -> None:
-        """One x86_emulate_instruction ending with mmio_needed: mmio_exits + 1, then <= 8-byte exits."""
-        vcpu = self.vcpu
-        vcpu.stats["mmio_exits"] += 1
-        for gpa, off, length in frags:
-            pos = 0
-            while pos < length:
-                k = min(8, length - pos)
-                if on_exit is not None:
-                    on_exit()  # type: ignore[operator]
-                ex = self.vm.vmm_mmio(vcpu, gpa + pos, k, write, data[off + pos:off + pos + k] if write else b"")
-                if not write:
-                    assert out is not None
-                    out[off + pos:off + pos + k] = ex.data
-                pos += k
-
-
 class _QuietReader:
     """Guest page-table reads through the memslots with no side effect (no A/D update, no count)."""
 
@@ -283,22 +162,6 @@ class _QuietReader:
 
     def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
         return True
-
-
-def _walker_address(vcpu: Vcpu, gva: int) -> int:
-    """KVM's walker indexes the guest tables with bits 47:0 (56:0 with LA57) and never looks above
-    them; the arch walker wants the canonical address with the same indices.  Only the second page
-    of an access straddling the canonical boundary gets here non-canonical (noncanonical_tail)."""
-    bits = 57 if vcpu.cr4 & X86_CR4_LA57 else 48
-    low = gva & ((1 << bits) - 1)
-    return low | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if low >> (bits - 1) else low
-
-
-def _pieces(gva: int, size: int) -> list[tuple[int, int, int]]:
-    first = 0x1000 - (gva & 0xFFF)
-    if first >= size:
-        return [(gva, 0, size)]
-    return [(gva, 0, first), ((gva + first) & ((1 << 64) - 1), first, size - first)]
 
 
 def _fault(vector: int, error_code: int, cr2: int | None) -> CpuFault:
@@ -402,7 +265,7 @@ class ModelBus:
         the read, which KVM emulates with the whole instruction."""
         vcpu = self.vcpu
         pfec = PFERR_WRITE_MASK | (PFERR_USER_MASK if cpl == 3 else 0)
-        for pgva, _off, n in _pieces(gva, size):
+        for pgva, _off, n in pieces(gva, size):
             if self.profile.mmu == "shadow":
                 vcpu.process_requests()          # as vcpu.access does before the CPU translates
                 hpa, _, _ = vcpu.cpu.translate(pgva, pfec)
@@ -417,9 +280,14 @@ class ModelBus:
                 if slot is None or slot.invalid or slot.readonly or vcpu_is_mmio_gpa(vcpu, w.gpa):
                     continue
                 current = int.from_bytes(vcpu.vm.read_phys(w.gpa, n), "little")
-            self._hw(pgva, n, "write", current, cpl, False)
-            if self.emulating:
-                return
+            # A piece of a split access may be 3, 5, 6 or 7 bytes: write it as access-sized chunks.
+            at = 0
+            while at < n:
+                k = 8 if n - at >= 8 else 4 if n - at >= 4 else 2 if n - at >= 2 else 1
+                self._hw(pgva + at, k, "write", (current >> (8 * at)) & ((1 << (8 * k)) - 1), cpl, False)
+                if self.emulating:
+                    return
+                at += k
 
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False) -> None:
         if self._in_emulator(cpl):
@@ -543,7 +411,7 @@ class PvmBus(ModelBus):
     def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
             restart: bool = False) -> int:
         if cpl == 3 and self.profile.user_slot256_faults:
-            for pgva, _off, _n in _pieces(gva, size):
+            for pgva, _off, _n in pieces(gva, size):
                 if pgva >> 39 == _SLOT256:
                     self._slot256_fault(pgva, kind)
         return super()._hw(gva, size, kind, value, cpl, implicit, restart)

@@ -74,4 +74,23 @@ PROGRAMS = [
             mov ecx, 3
             repe cmpsw
             hlt""")),
+    *both_rings(Program(
+        name="repe_cmps_ram_into_mmio", doc="repe cmpsb whose RDI runs from the end of a RAM page into the "
+                                            "MMIO page after it (hardware iterations, then KVM's emulator); "
+                                            "repne scasb over MMIO",
+        maps=(Map(DATA, 0x2000, flags="rw u"), Map(0x70_0000, 0x1000, 0x64_0000, "rw u"),
+              Map(0x70_1000, 0x1000, MMIO, "rw u")),
+        data={DATA: b"\x55" * 0x2000, 0x64_0000: b"\x55" * 0x1000}, mmio_read=_same_as_ram,
+        code=f"""
+            mov rsi, {DATA + 0x800:#x}
+            mov rdi, 0x700ffd
+            mov ecx, 6
+            repe cmpsb
+            mov r8, rcx
+            mov r9, rdi
+            mov al, 0x54
+            mov rdi, 0x701010
+            mov ecx, 5
+            repne scasb
+            hlt""")),
 ]
