@@ -403,7 +403,8 @@ class PvmBus(ModelBus):
             self.batch = 0
             self.vcpu.process_requests()
         self.batch += 1
-        self.stats["insn_emulation"] += 1
+        if cpu.rip >> 47 in (0, 0x1FFFF):
+            self.stats["insn_emulation"] += 1  # a non-canonical RIP is #GP before any decode (measured)
 
     def _in_emulator(self, cpl: int) -> bool:
         return self.emulating or self.delivering or cpl == 0

@@ -10,7 +10,11 @@ Measured on this host (KVM delivers every exception in software):
 - an exception frame that would land on MMIO (RSP, or TSS.RSP0 from CPL3) fails the delivery: no
   KVM_EXIT_MMIO, the escalation ends in KVM_EXIT_SHUTDOWN with RIP at the faulting instruction;
 - UD0 is an emulation failure where KVM's emulator runs it (CPL0: KVM_EXIT_INTERNAL_ERROR; CPL3:
-  #UD after the failed emulation).
+  #UD after the failed emulation);
+- a stack that is not present, read-only or non-canonical (RSP at CPL0, TSS.RSP0 from CPL3) fails
+  the delivery; a gate whose selector is beyond the GDT limit is #GP, hence #DF; a gate whose target
+  is non-canonical delivers, and the fetch at the target is #GP again, through the same gate, until
+  the frames have run the kernel stack down into the fault log (a long, deterministic loop).
 Gates are made not present by zeroing their IDT entries.
 """
 
@@ -24,6 +28,20 @@ NP = 0x60_0000
 
 def _no_gate(*vectors: int) -> dict[int, bytes]:
     return {RT_IDT + 16 * v: bytes(16) for v in vectors}
+
+
+def _gate(vector: int, selector: int, target: int) -> dict[int, bytes]:
+    """An interrupt gate (type 0xE, DPL0, present) of our own."""
+    return {RT_IDT + 16 * vector: pack("<HHBBHII", target & 0xFFFF, selector, 0, 0x8E, (target >> 16) & 0xFFFF,
+                                       (target >> 32) & 0xFFFFFFFF, 0)}
+
+
+def _stack(name: str, doc: str, stack: int, maps: tuple[Map, ...] = ()) -> list[Program]:
+    """A #GP whose frame goes to `stack`: RSP at CPL0, TSS.RSP0 from CPL3."""
+    return [Program(name=f"{name}_cpl0", cpl=0, doc=doc, maps=maps,
+                    code=f"mov rsp, {stack:#x}\n{RAISE['gp']}\nhlt"),
+            Program(name=f"{name}_cpl3", cpl=3, doc=doc, maps=maps, data={RT_TSS + 4: pack("<Q", stack)},
+                    code=f"{RAISE['gp']}\nhlt")]
 
 
 RAISE = {
@@ -73,4 +91,14 @@ PROGRAMS = [
             maps=(Map(MMIO, 0x1000, flags="rw"),), code=f"mov rsp, {MMIO + 0x800:#x}\npush rax\nhlt"),
     Program(name="push_to_mmio_stack_cpl3", cpl=3, doc="a plain push to an MMIO stack is an MMIO write exit",
             maps=(Map(MMIO, 0x1000, flags="rw u"),), code=f"mov rsp, {MMIO + 0x800:#x}\npush rax\nhlt"),
+    *_stack("stack_not_present", "#GP with its frame going to a not-present page: shutdown", NP + 0x800, NP_MAP),
+    *_stack("stack_read_only", "#GP with its frame going to a read-only page: shutdown", 0x61_0800,
+            (Map(0x61_0000, 0x1000, flags="u"),)),
+    *_stack("stack_non_canonical", "#GP with a non-canonical stack: shutdown", 0x8000_0000_0000_0800),
+    *both_rings(Program(name="gate_selector_beyond_gdt", doc="the #GP gate's selector is beyond the GDT "
+                        "limit: #GP while delivering, so #DF", data=_gate(13, 0x78, 0x8000),
+                        code=RAISE["gp"] + "\nhlt")),
+    *both_rings(Program(name="gate_non_canonical_target", doc="the #GP gate's target is non-canonical: "
+                        "every delivery is followed by #GP at the target", data=_gate(13, 0x08, 1 << 63),
+                        code=RAISE["gp"] + "\nhlt")),
 ]
