@@ -1,4 +1,4 @@
-"""VM(kvm_deviations=True): the three places where KVM's behaviour departs from the SDM in a way the
+"""VM(kvm_deviations=True): the places where KVM's behaviour departs from the SDM in a way the
 guest can see, reproduced as KVM does them.  The default (False) follows the SDM; those cases are
 the fuzzer's reproducers in tests/fuzz/test_found_bugs.py.  Expected values come from KVM's source:
 
@@ -11,7 +11,9 @@ the fuzzer's reproducers in tests/fuzz/test_found_bugs.py.  Expected values come
   allow, and a read caches the rights of a clean PTE without W (protect_clean_gpte), so a CR0.WP=0
   supervisor write through it never walks and never sets D;
 - arch/x86/kvm/x86.c, x86_emulate_instruction: with a direct MMU the fault address is always taken
-  as the data's gpa (ctxt->gpa_available), even when the fault was on a guest page-table access.
+  as the data's gpa (ctxt->gpa_available), even when the fault was on a guest page-table access;
+- arch/x86/kvm/emulate.c, __linearize: a 64-bit access is checked for canonicality at its first byte
+  only.
 """
 
 from __future__ import annotations
@@ -135,3 +137,26 @@ def test_mmio_write_after_a_read_sets_d_only_without_kvm_deviations(deviations: 
     dirty = bool(int.from_bytes(g.vm.read_phys(pte, 8), "little") & D)
     assert dirty is not deviations
     assert (v.counters["guest_walks"] == walks) is deviations, "KVM answers from the MMIO cache, no walk"
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_an_access_straddling_the_canonical_boundary_is_a_pf_only_with_kvm_deviations(deviations: bool) -> None:
+    """emulate.c, __linearize: in 64-bit mode only the first byte's address is checked; then
+    emulator_read_write writes the first page and walks 0x800000000000 (PML4 slot 256, not present:
+    #PF, CR2 = that address).  SDM: #GP(0) when any byte is non-canonical, nothing written."""
+    import dataclasses
+
+    from kvmmu.guest.runtime import Map, Program
+    from kvmmu.kvm.profiles import PROFILES
+    from kvmmu.report.realdiff import run_model
+    prog = Program("straddle", "mov rdi, 0x7ffffffffffe\nmov eax, 0xaabbccdd\nmov [rdi], eax\nf1: hlt",
+                   maps=(Map(0x7FFF_FFFF_F000, 0x1000, 0x60_0000, "rw"),), data={0x60_0000: b"\x11" * 4096},
+                   faults={"pf": "resume", "gp": "resume"}, fixup="f1")
+    obs = run_model(prog, dataclasses.replace(PROFILES["kvm-pvm"], kvm_deviations=deviations))
+    [fault] = obs.faults
+    if deviations:
+        assert (fault.vector, fault.error_code, fault.cr2) == (14, 0x2, 0x8000_0000_0000)
+        assert obs.memory[0x60_0000][-2:] == b"\xdd\xcc"
+    else:
+        assert (fault.vector, fault.error_code) == (13, 0)
+        assert obs.memory[0x60_0000][-2:] == b"\x11\x11"
