@@ -21,8 +21,10 @@ guest instructions reach it*.  A profile is that difference, made explicit:
   is a #PF exit that takes the full fault path and is emulated; the rest of that instruction is then
   done by the emulator (a REP string instruction continues in the emulator after an MMIO read, and
   returns to the guest without advancing RIP after each MMIO write, so the next iteration faults
-  again).  A #GP at CPL3 is intercepted and the instruction emulated first (``insn_emulation``);
-  #UD and other exceptions are a plain exit.
+  again); an instruction KVM must emulate (the #PF on RDI of a CMPS) runs in the emulator from its
+  start, in the emulator's operand order.  A #GP at CPL3 is intercepted and the instruction
+  emulated first (``insn_emulation``), which lets an access straddle the canonical boundary; a #UD
+  is decoded first (``insn_emulation``) except ``ud2``; other exceptions are a plain exit.
 - Exceptions are delivered by KVM in software: IDT, GDT, TSS and the frame on the stack are
   accessed through the software walker (A/D bits set), the frame writes are not tracked writes.
   A fault while delivering any exception becomes #DF (benign ones too), a failed delivery costs no
