@@ -23,7 +23,7 @@ def _split_table() -> bytes:
     return b"".join(p.to_bytes(8, "little") for p in ptes)
 
 
-PROGRAMS = both_rings(Program(
+PROGRAMS = [*both_rings(Program(
     name="large_page_ad_split",
     doc="read, then write through a 2 MiB page (PDE A, D); replace the PDE by a page table; INVLPG",
     maps=(Map(DATA, 0x1000, flags="rw u"), Map(VA, 0x20_0000, BIG, "rw u 2m")),
@@ -56,4 +56,20 @@ PROGRAMS = both_rings(Program(
         mov rax, [rdx + 0x3008]
         mov [r12 + 32], rax
         hlt
-    """))
+    """)), *both_rings(Program(
+    name="large_page_write_first",
+    doc="a write as the first access to a 2 MiB page (A and D at once), then a write to a read-only "
+        "2 MiB page (#PF with P|W, no D), resumed; a read of it sets A only",
+    maps=(Map(DATA, 0x1000, flags="rw u"), Map(VA, 0x20_0000, BIG, "rw u 2m"),
+          Map(0xE0_0000, 0x20_0000, 0x40_0000, "u 2m")),
+    faults={"pf": "resume"},
+    code=f"""
+        mov rdx, {VA + 0x12_3450:#x}
+        mov dword [rdx], 0x600d
+        mov rdx, 0xe01000
+        mov qword [RT_FIXUP], f1
+        mov byte [rdx], 1
+    f1: mov rax, [rdx + 0x1000]
+        mov [{DATA:#x}], rax
+        hlt
+    """))]
