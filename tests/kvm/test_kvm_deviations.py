@@ -1,4 +1,4 @@
-"""VM(kvm_deviations=True): the three places where KVM's behaviour departs from the SDM in a way the
+"""VM(kvm_deviations=True): the places where KVM's behaviour departs from the SDM in a way the
 guest can see, reproduced as KVM does them.  The default (False) follows the SDM; those cases are
 the fuzzer's reproducers in tests/fuzz/test_found_bugs.py.  Expected values come from KVM's source:
 
@@ -15,6 +15,8 @@ the fuzzer's reproducers in tests/fuzz/test_found_bugs.py.  Expected values come
 - arch/x86/kvm/mmu/mmu.c, kvm_mmu_track_write: mmu_pte_write_fetch_gpte turns a 4-byte write by a
   vCPU with CR4.PAE into the aligned 8-byte gpte around it before detect_write_misaligned and
   get_written_sptes look at it, so a dword over two gptes zaps only the first one's spte.
+- arch/x86/kvm/emulate.c, __linearize: a 64-bit access is checked for canonicality at its first byte
+  only.
 """
 
 from __future__ import annotations
@@ -169,3 +171,26 @@ def test_dword_store_over_two_ptes_keeps_the_second_stale_only_with_kvm_deviatio
     assert (after_invlpg, after_reload) == ((1, 1) if deviations else (2, 2))
     assert v.access(0x40_0000, 8, "read").fault is None
     g.vm.audit()
+
+
+@pytest.mark.parametrize("deviations", [False, True])
+def test_an_access_straddling_the_canonical_boundary_is_a_pf_only_with_kvm_deviations(deviations: bool) -> None:
+    """emulate.c, __linearize: in 64-bit mode only the first byte's address is checked; then
+    emulator_read_write writes the first page and walks 0x800000000000 (PML4 slot 256, not present:
+    #PF, CR2 = that address).  SDM: #GP(0) when any byte is non-canonical, nothing written."""
+    import dataclasses
+
+    from kvmmu.guest.runtime import Map, Program
+    from kvmmu.kvm.profiles import PROFILES
+    from kvmmu.report.realdiff import run_model
+    prog = Program("straddle", "mov rdi, 0x7ffffffffffe\nmov eax, 0xaabbccdd\nmov [rdi], eax\nf1: hlt",
+                   maps=(Map(0x7FFF_FFFF_F000, 0x1000, 0x60_0000, "rw"),), data={0x60_0000: b"\x11" * 4096},
+                   faults={"pf": "resume", "gp": "resume"}, fixup="f1")
+    obs = run_model(prog, dataclasses.replace(PROFILES["kvm-pvm"], kvm_deviations=deviations))
+    [fault] = obs.faults
+    if deviations:
+        assert (fault.vector, fault.error_code, fault.cr2) == (14, 0x2, 0x8000_0000_0000)
+        assert obs.memory[0x60_0000][-2:] == b"\xdd\xcc"
+    else:
+        assert (fault.vector, fault.error_code) == (13, 0)
+        assert obs.memory[0x60_0000][-2:] == b"\x11\x11"

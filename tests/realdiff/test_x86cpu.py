@@ -48,7 +48,8 @@ class FlatBus:
         self.log.append(("fetch", gva, n, False, False))
         return bytes(self.mem[gva:gva + n])
 
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False) -> int:
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False,
+             restart: bool = False) -> int:
         self._check(gva, size, "read", cpl)
         self.log.append(("read", gva, size, implicit, rmw))
         return int.from_bytes(self.mem[gva:gva + size], "little")
@@ -59,6 +60,9 @@ class FlatBus:
         self.mem[gva:gva + size] = value.to_bytes(size, "little")
 
     def rep_yield(self, cpu: X86Cpu) -> bool:
+        return False
+
+    def noncanonical_tail(self, cpu: X86Cpu) -> bool:
         return False
 
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None: ...

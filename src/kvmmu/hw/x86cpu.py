@@ -84,6 +84,11 @@ class Stop(Exception):
         super().__init__(reason if not detail else f"{reason}: {detail}")
 
 
+class Reexecute(Exception):
+    """Raised by a bus for a ``restart`` read: KVM's emulator executes this instruction from its start
+    (x86_emulate_instruction decodes it afresh), so its accesses come in the emulator's order."""
+
+
 class Bus(Protocol):
     """What the CPU needs from the host profile.  Accesses raise CpuFault for a guest exception."""
 
@@ -91,9 +96,11 @@ class Bus(Protocol):
     def commit(self, cpu: X86Cpu) -> None: ...           # it retired
     def abort(self, cpu: X86Cpu, fault: CpuFault) -> None: ...   # it faulted (before delivery)
     def fetch(self, gva: int, n: int, cpl: int) -> bytes: ...
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False) -> int: ...
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False,
+             restart: bool = False) -> int: ...   # restart: may raise Reexecute before any effect
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False) -> None: ...
     def rep_yield(self, cpu: X86Cpu) -> bool: ...        # after a string iteration: stop here?
+    def noncanonical_tail(self, cpu: X86Cpu) -> bool: ...   # only the last bytes are non-canonical: go on?
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None: ...     # MOV to CR0/CR3/CR4
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool: ...  # INT n/INT3; True: deliver, skip DPL check
     def unemulatable(self, cpu: X86Cpu, what: str) -> None: ...  # KVM's emulator cannot do this one
@@ -102,7 +109,8 @@ class Bus(Protocol):
     def iret(self, cpu: X86Cpu, new_cpl: int) -> None: ...   # IRETQ retired
     def deliver_begin(self, cpu: X86Cpu, vector: int) -> None: ...
     def deliver_end(self, cpu: X86Cpu, vector: int) -> None: ...
-    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None: ...   # delivering `vector` faulted
+    # Delivering `vector` faulted.  True: the host makes it #DF whatever the exception classes.
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> bool | None: ...
 
 
 def _canonical(addr: int) -> bool:
@@ -222,13 +230,14 @@ class X86Cpu:
     # -- exceptions ---------------------------------------------------------------------------------
     def deliver(self, vector: int, error_code: int | None, cr2: int | None, rip: int) -> None:
         """Deliver an exception through the 64-bit IDT (double and triple fault included)."""
+        force_df = False
         while True:
             first = self._delivering
             if first is not None:               # a fault while delivering `first`
                 if first == DF_VEC:
                     self._delivering = None
                     raise Stop("shutdown", f"triple fault: vector {vector} while delivering #DF")
-                if (first in _CONTRIBUTORY and vector in _CONTRIBUTORY) or \
+                if force_df or (first in _CONTRIBUTORY and vector in _CONTRIBUTORY) or \
                         (first == PF_VEC and (vector in _CONTRIBUTORY or vector == PF_VEC)):
                     vector, error_code, cr2 = DF_VEC, 0, None
             if vector == PF_VEC and cr2 is not None:
@@ -239,7 +248,7 @@ class X86Cpu:
             try:
                 self._deliver(vector, error_code, rip)
             except CpuFault as nested:
-                self.bus.deliver_failed(self, vector)
+                force_df = bool(self.bus.deliver_failed(self, vector))
                 vector, error_code, cr2 = nested.vector, nested.error_code, nested.cr2
                 continue
             except BaseException:
@@ -309,13 +318,18 @@ class X86Cpu:
         return addr & M64
 
     def _check(self, addr: int, size: int) -> None:
-        if not _canonical(addr) or not _canonical((addr + size - 1) & M64):
+        """SDM: an access with any byte outside the canonical range is #GP(0) (#SS for the stack).
+        A bus may let an access whose first byte is canonical go on (KVM's emulator checks no more)."""
+        if not _canonical(addr) or (not _canonical((addr + size - 1) & M64)
+                                    and not self.bus.noncanonical_tail(self)):
             raise CpuFault(SS_VEC if self._stack_ref else GP, 0)
 
     _stack_ref = False
 
-    def load(self, addr: int, size: int, rmw: bool = False) -> int:
+    def load(self, addr: int, size: int, rmw: bool = False, restart: bool = False) -> int:
         self._check(addr, size)
+        if restart:
+            return self.bus.read(addr, size, self.cpl, False, rmw, restart=True)
         return self.bus.read(addr, size, self.cpl, False, rmw)
 
     def store(self, addr: int, size: int, value: int) -> None:
@@ -1013,6 +1027,13 @@ def _ud2(cpu: X86Cpu, instr: ix.Instruction) -> None:
     raise CpuFault(UD)
 
 
+@_op(_I.UD0, _I.UD1)
+def _ud0(cpu: X86Cpu, instr: ix.Instruction) -> None:
+    """UD0/UD1: #UD (SDM); KVM's emulator does not know them (an emulation failure where it runs)."""
+    cpu.bus.unemulatable(cpu, cpu.text(instr))
+    raise CpuFault(UD)
+
+
 @_op(_I.INT3, _I.INT)
 def _int(cpu: X86Cpu, instr: ix.Instruction) -> None:
     """INT3 / INT n: a trap through the IDT (RIP after the instruction) if the gate's DPL allows it."""
@@ -1112,7 +1133,7 @@ def _string(cpu: X86Cpu, instr: ix.Instruction) -> None:
             regs[RSI] = (rsi + step) & M64
         else:
             if kind == "cmps":
-                a, b = cpu.load(rsi, size), cpu.load(rdi, size)
+                a, b = _cmps_operands(cpu, rsi, rdi, size)
                 regs[RSI] = (rsi + step) & M64
             else:
                 a, b = regs[RAX] & MASKS[size], cpu.load(rdi, size)
@@ -1132,6 +1153,19 @@ def _string(cpu: X86Cpu, instr: ix.Instruction) -> None:
         if regs[RCX] == 0:
             break
     cpu.advance()
+
+
+def _cmps_operands(cpu: X86Cpu, rsi: int, rdi: int, size: int) -> tuple[int, int]:
+    """CMPS on the CPU reads ES:[RDI] before DS:[RSI] (the SDM names no order; measured on this
+    host: when both fault, CR2 is RDI); KVM's emulator reads the source first (x86_emulate_insn reads
+    src, then dst).  The bus raises Reexecute when KVM's emulator runs the instruction — at once,
+    or after the CPU's access to RDI faulted into KVM's emulation path."""
+    try:
+        b = cpu.load(rdi, size, restart=True)
+    except Reexecute:
+        a = cpu.load(rsi, size)
+        return a, cpu.load(rdi, size)
+    return cpu.load(rsi, size), b
 
 
 # -- SSE moves ----------------------------------------------------------------------------------------
@@ -1180,4 +1214,4 @@ def _cmpxchg(cpu: X86Cpu, instr: ix.Instruction) -> None:
     cpu.advance()
 
 
-__all__ = ["Bus", "CpuFault", "StepLimitExceeded", "Stop", "UnsupportedInstruction", "X86Cpu"]
+__all__ = ["Bus", "CpuFault", "Reexecute", "StepLimitExceeded", "Stop", "UnsupportedInstruction", "X86Cpu"]

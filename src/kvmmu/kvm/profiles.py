@@ -12,18 +12,24 @@ guest instructions reach it*.  A profile is that difference, made explicit:
   ``kvm_mmu_track_write`` (``mmu_pte_write``) and MMIO leaves as KVM_EXIT_MMIO without any #PF
   (``pf_*`` stay 0 at CPL0).  kvm_pvm emulates up to ``pvm_emul_batch`` = 1024 instructions per
   entry: ``exits`` counts one per entry — an entry ends at its first exit to userspace (MMIO, HLT),
-  at an IRETQ (KVM's emulator cannot do IRET in long mode: ``insn_emulation_fail`` + 1 and kvm_pvm
-  finishes it), or after 1024 instructions.  Further MMIO exits made while KVM completes an
+  when an exception is queued, at a return to CPL3, or after 1024 instructions.  IRETQ is an
+  emulation failure (``insn_emulation_fail`` + 1: KVM's emulator has no long-mode IRET) that
+  kvm_pvm finishes inside the entry.  Further MMIO exits made while KVM completes an
   instruction (the 2nd fragment, the write of a read-modify-write, the next iteration of a REP
   read) do not enter the guest and are not counted.
 - CPL3 64-bit code runs natively under KVM's **shadow MMU with mmio_caching=N**: every MMIO access
   is a #PF exit that takes the full fault path and is emulated; the rest of that instruction is then
   done by the emulator (a REP string instruction continues in the emulator after an MMIO read, and
   returns to the guest without advancing RIP after each MMIO write, so the next iteration faults
-  again).  A #GP at CPL3 is intercepted and the instruction emulated first (``insn_emulation``);
-  #UD and other exceptions are a plain exit.
+  again); an instruction KVM must emulate (the #PF on RDI of a CMPS) runs in the emulator from its
+  start, in the emulator's operand order.  A #GP at CPL3 is intercepted and the instruction
+  emulated first (``insn_emulation``), which lets an access straddle the canonical boundary; a #UD
+  is decoded first (``insn_emulation``) except ``ud2``; other exceptions are a plain exit.
 - Exceptions are delivered by KVM in software: IDT, GDT, TSS and the frame on the stack are
   accessed through the software walker (A/D bits set), the frame writes are not tracked writes.
+  A fault while delivering any exception becomes #DF (benign ones too), a failed delivery costs no
+  exit (a triple fault is one KVM_EXIT_SHUTDOWN), and a frame that would land on MMIO fails the
+  delivery.  Every CPL3 access to PML4 slot 256 is a #PF of the host's own (docs/real-kvm.md).
 - Guest MAXPHYADDR and 1 GiB pages: whatever CPUID the VMM installs.  The real backend installs
   KVM_GET_SUPPORTED_CPUID (the host's width: 48 bits on some of these machines, 46 on others; no
   Page1GB), so the profile reads both at run time (``kvmmu.real.host_guest_paging``) instead of
@@ -40,30 +46,30 @@ supervisor accesses.  These profiles are the model's prediction only: no such ho
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import iced_x86 as ix
 
 from ..arch.bits import (
     PF_VECTOR,
     PFERR_FETCH_MASK,
-    PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
-    X86_CR4_PAE,
 )
 from ..arch.walker import walk
 from ..errors import InvalidArgument
-from ..hw.x86cpu import GP, UD, CpuFault, Stop, X86Cpu
-from .emulate import _iobus as _emulator_iobus
-from .emulate import cached_mmio_gpa, vcpu_is_mmio_gpa
-from .mmu.paging import guest_walk
+from ..hw.x86cpu import GP, UD, CpuFault, Reexecute, Stop, X86Cpu
+from .emulate import vcpu_is_mmio_gpa
+from .soft_emulator import Emulator, pieces
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
     from .vm import VM
 
 X86_EFLAGS_RF = 1 << 16
+_UD2 = ix.Mnemonic.UD2
+_SLOT256 = 0x1FFFF00          # gva >> 39 of PML4 slot 256 (0xffff800000000000..)
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 
@@ -83,6 +89,13 @@ class HostProfile:
     # An emulation failure (e.g. an instruction fetch from MMIO) exits to userspace at every CPL, not
     # only at CPL0 as upstream's handle_emulation_failure does (measured: fetch_from_mmio_cpl3).
     emulation_failure_exits: bool = False
+    # kvm_pvm (measured): every CPL3 access to PML4 slot 256 (0xffff800000000000-0xffff807fffffffff)
+    # is a #PF, whatever the guest's tables say, without pf_taken; its P and RSVD bits vary from
+    # run to run (0x4 or 0xd for a read), W, U and I/D follow the access.
+    user_slot256_faults: bool = False
+    # kvm_pvm (measured): a fault while delivering any exception — a benign #UD or #BP included —
+    # becomes #DF; the SDM delivers the second exception when the first is benign (Vol. 3A 6.15).
+    delivery_fault_is_df: bool = False
     # None: what the real backend's CPUID gives a guest on the machine running the model
     guest_maxphyaddr: int | None = 46
     guest_gbpages: bool | None = True
@@ -121,7 +134,7 @@ PROFILES: dict[str, HostProfile] = {
                 "mmio_caching=N",
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
         iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=None, guest_gbpages=None,
-        emulation_failure_exits=True,
+        emulation_failure_exits=True, user_slot256_faults=True, delivery_fault_is_df=True,
         quirks=(
             "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",
             "no A bit on a walk that ends in a fault (KVM's software walker at every ring)",
@@ -131,9 +144,13 @@ PROFILES: dict[str, HostProfile] = {
             "CPL3: CS/DS read as host selectors, RFLAGS.IF reads 1, PIO exits, SYSCALL stays at CPL3",
             "CR4.SMEP/SMAP/PKE accepted without CPUID; LA57/PCIDE rejected",
             "KVM_TRANSLATE sets A bits and reports writeable=1/usermode=0",
-            "IRETQ in the emulator counts insn_emulation_fail and ends the emulation batch",
+            "IRETQ in the emulator counts insn_emulation_fail (kvm_pvm finishes it in the same entry)",
             "pvm_emul_batch=1024 instructions per emulation entry (exits)",
             "an emulation failure at CPL3 (fetch from MMIO) exits with KVM_EXIT_INTERNAL_ERROR",
+            "every CPL3 access to PML4 slot 256 (0xffff800000000000..) is a #PF (P/RSVD bits unstable)",
+            "a fault while delivering any exception (benign ones too) becomes #DF",
+            "an exception frame that KVM would write to MMIO fails the delivery (KVM_EXIT_SHUTDOWN)",
+            "an emulation entry ends when an exception is queued and at a return to CPL3, not at IRETQ",
         )),
     "vmx-ept": HostProfile(
         name="vmx-ept", summary="plain KVM on VMX with EPT and today's MMIO caching; every ring native",
@@ -152,122 +169,6 @@ def get_profile(name: str | HostProfile) -> HostProfile:
     return PROFILES[name]
 
 
-class Emulator:
-    """The memory side of KVM's x86 emulator (emulator_read_write, kvm_fetch_guest_virt, the
-    kvm_{read,write}_guest_virt_system accesses of event delivery) over the model's vCPU."""
-
-    def __init__(self, vcpu: Vcpu) -> None:
-        self.vcpu = vcpu
-        self.vm = vcpu.vm
-        self.inject = True         # a failed walk injects #PF (pf_guest); not while delivering an event
-
-    def translate(self, gva: int, write: bool, fetch: bool, cpl: int, implicit: bool) -> tuple[int, bool]:
-        """vcpu_mmio_gva_to_gpa / kvm_mmu_gva_to_gpa_*: (gpa, is_mmio); a #PF is injected on failure."""
-        vcpu = self.vcpu
-        access = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if fetch else 0)
-        if cpl == 3 and not implicit:
-            access |= PFERR_USER_MASK
-        if implicit:
-            access |= PFERR_IMPLICIT_ACCESS
-        gpa = cached_mmio_gpa(vcpu, gva, access)
-        if gpa is not None:
-            return gpa, True
-        w = guest_walk(vcpu.mmu, gva, access)
-        if w.fault:
-            if self.inject:
-                vcpu.inject_page_fault(w.error_code, gva)
-                vcpu.take_exception()
-            raise CpuFault(PF_VECTOR, w.error_code & 0xFFFF, gva)
-        return w.gpa, vcpu_is_mmio_gpa(vcpu, w.gpa)
-
-    def _translated(self, gva: int, size: int, write: bool, cpl: int,
-                    implicit: bool) -> Iterable[tuple[tuple[int, int, int], tuple[int, bool]]]:
-        """The pieces of an access with their (gpa, is_mmio).  KVM's emulator_read_write translates each
-        page just before using it (kvm_deviations); the SDM has no effect before every page translates."""
-        pieces = _pieces(gva, size)
-        if self.vm.kvm_deviations:
-            return ((p, self.translate(p[0], write, False, cpl, implicit)) for p in pieces)
-        return [(p, self.translate(p[0], write, False, cpl, implicit)) for p in pieces]
-
-    def _ram(self, gpa: int, n: int, write: bool) -> int:
-        """Host address of guest RAM at gpa, or -1 if no (writable) memslot is there."""
-        slot = self.vcpu.gfn_to_memslot(gpa >> 12)
-        if slot is None or slot.invalid or (write and slot.readonly):
-            return -1
-        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
-        self.vm.host_touch(hva, write)
-        return hva
-
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, on_exit: object = None) -> int:
-        out = bytearray(size)
-        frags: list[tuple[int, int, int]] = []
-        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, False, cpl, implicit):
-            hva = -1 if mmio else self._ram(gpa, n, False)
-            if hva >= 0:
-                out[off:off + n] = self.vm.host.mem.read_bytes(hva, n)
-            else:
-                done = self._iobus(gpa, n, False, b"", out, off)
-                if done < n:
-                    frags.append((gpa + done, off + done, n - done))
-        if frags:
-            self._exit_to_vmm(frags, False, b"", out, on_exit)
-        return int.from_bytes(out, "little")
-
-    def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False, tracked: bool = True,
-              on_exit: object = None) -> bool:
-        """Returns True when (part of) the write left as KVM_EXIT_MMIO."""
-        data = value.to_bytes(size, "little")
-        frags: list[tuple[int, int, int]] = []
-        vm = self.vm
-        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, True, cpl, implicit):
-            hva = -1 if mmio else self._ram(gpa, n, True)
-            if hva >= 0:
-                vm.host.mem.write_bytes(hva, data[off:off + n])
-                slot = self.vcpu.gfn_to_memslot(gpa >> 12)
-                if slot is not None:
-                    vm.mark_page_dirty(slot, gpa >> 12)
-                if tracked:
-                    vm.mmu.track_write(gpa, n, pae=bool(self.vcpu.cr4 & X86_CR4_PAE))
-            else:
-                done = self._iobus(gpa, n, True, data[off:off + n], None, off)
-                if done < n:
-                    frags.append((gpa + done, off + done, n - done))
-        if frags:
-            self._exit_to_vmm(frags, True, data, None, on_exit)
-            return True
-        return False
-
-    def fetch(self, gva: int, n: int, cpl: int) -> bytes:
-        """kvm_fetch_guest_virt: instruction bytes from RAM; from MMIO KVM cannot emulate."""
-        gpa, mmio = self.translate(gva, False, True, cpl, False)
-        hva = -1 if mmio else self._ram(gpa, n, False)
-        if hva < 0:
-            self.vcpu.stats["insn_emulation_fail"] += 1
-            raise Stop("internal_error", f"instruction fetch from MMIO at gva {gva:#x} (gpa {gpa:#x})")
-        return self.vm.host.mem.read_bytes(hva, n)
-
-    def _iobus(self, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:
-        """In-kernel devices (KVM_MMIO_BUS) in <= 8-byte pieces: the emulator's own loop."""
-        return _emulator_iobus(self.vcpu, gpa, n, write, chunk, out, at)
-
-    def _exit_to_vmm(self, frags: list[tuple[int, int, int]], write: bool, data: bytes, out: bytearray | None,
-                     on_exit: object) -> None:
-        """One x86_emulate_instruction ending with mmio_needed: mmio_exits + 1, then <= 8-byte exits."""
-        vcpu = self.vcpu
-        vcpu.stats["mmio_exits"] += 1
-        for gpa, off, length in frags:
-            pos = 0
-            while pos < length:
-                k = min(8, length - pos)
-                if on_exit is not None:
-                    on_exit()  # type: ignore[operator]
-                ex = self.vm.vmm_mmio(vcpu, gpa + pos, k, write, data[off + pos:off + pos + k] if write else b"")
-                if not write:
-                    assert out is not None
-                    out[off + pos:off + pos + k] = ex.data
-                pos += k
-
-
 class _QuietReader:
     """Guest page-table reads through the memslots with no side effect (no A/D update, no count)."""
 
@@ -282,13 +183,6 @@ class _QuietReader:
 
     def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
         return True
-
-
-def _pieces(gva: int, size: int) -> list[tuple[int, int, int]]:
-    first = 0x1000 - (gva & 0xFFF)
-    if first >= size:
-        return [(gva, 0, size)]
-    return [(gva, 0, first), ((gva + first) & ((1 << 64) - 1), first, size - first)]
 
 
 def _fault(vector: int, error_code: int, cr2: int | None) -> CpuFault:
@@ -322,11 +216,19 @@ class ModelBus:
         pass
 
     # -- memory ---------------------------------------------------------------------------------
-    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
+            restart: bool = False) -> int:
         vcpu = self.vcpu
         before = self.stats["insn_emulation"]
         failed = self.stats["insn_emulation_fail"]
-        r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
+        vcpu.defer_emulation = restart
+        try:
+            r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
+        finally:
+            vcpu.defer_emulation = False
+        if r.emulate:
+            self.emulating = True              # KVM's emulator runs the instruction from its start
+            raise Reexecute()
         if r.internal_error is not None or (self.profile.emulation_failure_exits
                                             and self.stats["insn_emulation_fail"] != failed):
             self._userspace_exit()              # KVM_EXIT_INTERNAL_ERROR ends the entry
@@ -362,7 +264,12 @@ class ModelBus:
             addr += k
         return bytes(out)
 
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False) -> int:
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False,
+             restart: bool = False) -> int:
+        if restart:
+            if self._in_emulator(cpl):
+                raise Reexecute()
+            return self._hw(gva, size, "read", None, cpl, implicit, restart=True)
         if rmw and not self._in_emulator(cpl):
             self._write_intent(gva, size, cpl)      # may hand the instruction to KVM's emulator
         if self._in_emulator(cpl):
@@ -379,7 +286,7 @@ class ModelBus:
         the read, which KVM emulates with the whole instruction."""
         vcpu = self.vcpu
         pfec = PFERR_WRITE_MASK | (PFERR_USER_MASK if cpl == 3 else 0)
-        for pgva, _off, n in _pieces(gva, size):
+        for pgva, _off, n in pieces(gva, size):
             if self.profile.mmu == "shadow":
                 vcpu.process_requests()          # as vcpu.access does before the CPU translates
                 hpa, _, _ = vcpu.cpu.translate(pgva, pfec)
@@ -394,14 +301,19 @@ class ModelBus:
                 if slot is None or slot.invalid or slot.readonly or vcpu_is_mmio_gpa(vcpu, w.gpa):
                     continue
                 current = int.from_bytes(vcpu.vm.read_phys(w.gpa, n), "little")
-            self._hw(pgva, n, "write", current, cpl, False)
-            if self.emulating:
-                return
+            # A piece of a split access may be 3, 5, 6 or 7 bytes: write it as access-sized chunks.
+            at = 0
+            while at < n:
+                k = 8 if n - at >= 8 else 4 if n - at >= 4 else 2 if n - at >= 2 else 1
+                self._hw(pgva + at, k, "write", (current >> (8 * at)) & ((1 << (8 * k)) - 1), cpl, False)
+                if self.emulating:
+                    return
+                at += k
 
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False) -> None:
         if self._in_emulator(cpl):
             if self.emu.write(gva, size, value, cpl, implicit, tracked=not self.delivering,
-                              on_exit=self._userspace_exit):
+                              on_exit=self._userspace_exit, ram_only=self.delivering):
                 self.iter_mmio_write = True
             return
         self._hw(gva, size, "write", value, cpl, implicit)
@@ -418,6 +330,24 @@ class ModelBus:
         if not self.emulating:
             return False
         return wrote or cpu.regs[1] & 0x3FF == 0
+
+    def noncanonical_tail(self, cpu: X86Cpu) -> bool:
+        """An access whose first byte is canonical and last is not (a dword at 0x7ffffffffffe): #GP
+        per the SDM.  KVM's emulator checks only the first byte (__linearize), then accesses the
+        access page by page, so the bytes below the boundary are written and the walk of
+        0x800000000000 (PML4 slot 256 of the guest's tables) decides: a #PF there.  With
+        kvm_deviations that is what happens where KVM's emulator runs the instruction, and at CPL3
+        where the host intercepts the CPU's #GP and emulates the instruction (kvm_pvm)."""
+        if not self.vcpu.vm.kvm_deviations:
+            return False
+        if self._in_emulator(cpu.cpl):
+            return True
+        if cpu.cpl == 3 and self.profile.gp_at_cpl3_emulated:
+            self.stats["exits"] += 1            # the #GP exit; KVM emulates the instruction
+            self.stats["insn_emulation"] += 1
+            self.emulating = True
+            return True
+        return False
 
     # -- privileged operations ------------------------------------------------------------------
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
@@ -451,11 +381,12 @@ class ModelBus:
         self.delivering = False
         self.emu.inject = True
 
-    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None:
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> bool:
         self.delivering = False
         self.emu.inject = True
         if vector == 8:
             self.stats["exits"] += 1          # triple fault: KVM_EXIT_SHUTDOWN
+        return self.profile.delivery_fault_is_df
 
 
 class NativeBus(ModelBus):
@@ -493,10 +424,30 @@ class PvmBus(ModelBus):
             self.batch = 0
             self.vcpu.process_requests()
         self.batch += 1
-        self.stats["insn_emulation"] += 1
+        if cpu.rip >> 47 in (0, 0x1FFFF):
+            self.stats["insn_emulation"] += 1  # a non-canonical RIP is #GP before any decode (measured)
 
     def _in_emulator(self, cpl: int) -> bool:
         return self.emulating or self.delivering or cpl == 0
+
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
+            restart: bool = False) -> int:
+        if cpl == 3 and self.profile.user_slot256_faults:
+            for pgva, _off, _n in pieces(gva, size):
+                if pgva >> 39 == _SLOT256:
+                    self._slot256_fault(pgva, kind)
+        return super()._hw(gva, size, kind, value, cpl, implicit, restart)
+
+    def _slot256_fault(self, gva: int, kind: str) -> None:
+        """A CPL3 access to PML4 slot 256: the host's own #PF, not the MMU's (no pf_taken, no walk of
+        the guest's tables: no A bit); one exit and one insn_emulation_fail, then the #PF is
+        delivered (measured).  The error code is the not-present form, with I/D on a fetch even
+        without EFER.NXE (the host adds P|RSVD on some runs)."""
+        self.stats["exits"] += 1
+        self.stats["insn_emulation_fail"] += 1
+        err = PFERR_USER_MASK | (PFERR_WRITE_MASK if kind == "write" else 0) \
+            | (PFERR_FETCH_MASK if kind == "fetch" else 0)
+        raise CpuFault(PF_VECTOR, err, gva)
 
     def _end_entry(self) -> None:
         if self.in_entry:
@@ -507,13 +458,23 @@ class PvmBus(ModelBus):
         self._end_entry()
 
     def abort(self, cpu: X86Cpu, fault: CpuFault) -> None:
-        if cpu.cpl != 3 or self.emulating:
-            return                               # raised inside KVM (emulator): injected, no exit
+        if cpu.cpl == 0:
+            # kvm_pvm ends the emulation entry once an exception is queued, and delivers it at the
+            # next entry (measured: a #PF whose handler halts is 2 exits, a CPL0 IRETQ none).
+            self._end_entry()
+            return
+        if self.emulating:
+            return                               # raised inside KVM's emulation of a CPL3 exit
         if fault.vector == PF_VECTOR:
             return                               # the #PF exit was counted by the MMU (pf_taken)
         self.stats["exits"] += 1                 # exception exit from native user mode
         if fault.vector == GP and self.profile.gp_at_cpl3_emulated:
             self.stats["insn_emulation"] += 1    # #GP intercept: the instruction is emulated first
+        elif fault.vector == UD and not (cpu.instr is not None and cpu.instr.ip == cpu.rip
+                                         and cpu.instr.mnemonic == _UD2):
+            # #UD intercept: KVM decodes the instruction, then queues #UD (measured: `lock nop`
+            # counts one insn_emulation; `ud2` none).
+            self.stats["insn_emulation"] += 1
 
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
         vcpu = self.vcpu
@@ -531,13 +492,13 @@ class PvmBus(ModelBus):
         self.stats["exits"] += 1
         return True
 
-    def deliver_failed(self, cpu: X86Cpu, vector: int) -> None:
-        """kvm_pvm gives up on an event whose delivery faults and re-enters to deliver the next one
-        (#DF, then the triple fault): each attempt is an exit, no #PF is counted as injected."""
-        super().deliver_failed(cpu, vector)
-        if vector != 8:
-            self.stats["exits"] += 1
+    def deliver_failed(self, cpu: X86Cpu, vector: int) -> bool:
+        """kvm_pvm moves on to the next event (#DF, then the triple fault) inside the same entry: a
+        failed delivery costs no exit of its own, so an escalation to a triple fault is the one
+        KVM_EXIT_SHUTDOWN (measured: #PF, #GP, #DE, #UD through not-present gates, at both rings)."""
+        force_df = super().deliver_failed(cpu, vector)
         self.in_entry = False
+        return force_df
 
     def unemulatable(self, cpu: X86Cpu, what: str) -> None:
         """An instruction KVM's emulator fails on: at CPL0 KVM_EXIT_INTERNAL_ERROR; at CPL3 it faults
@@ -561,8 +522,12 @@ class PvmBus(ModelBus):
         raise Stop("hlt")
 
     def iret(self, cpu: X86Cpu, new_cpl: int) -> None:
+        """KVM's emulator has no long-mode IRET (insn_emulation_fail + 1) and kvm_pvm finishes it
+        without leaving the entry (measured: a CPL0 IRETQ to CPL0 then HLT is 1 exit); a return to
+        CPL3 ends the emulation entry (the guest runs natively again)."""
         if self.profile.iret_fails_emulation:
             self.stats["insn_emulation_fail"] += 1
+        if new_cpl != 0:
             self._end_entry()
 
 

@@ -92,6 +92,9 @@ class AccessResult:
     l1_exit: object | None = None       # NestedExit: the access by L2 ended in a VM exit to L1
     # KVM_EXIT_INTERNAL_ERROR's suberror when KVM gave up (kvm_deviations: a fetch from MMIO)
     internal_error: str | None = None
+    # With Vcpu.defer_emulation: the fault path returned RET_PF_EMULATE and nothing was accessed;
+    # the caller's emulator executes the instruction (x86_emulate_instruction decodes it afresh).
+    emulate: bool = False
 
     @property
     def ok(self) -> bool:
@@ -146,6 +149,9 @@ class Vcpu:
         self.requests: set[str] = {"KVM_REQ_TLB_FLUSH_GUEST"}
         self.pending_exception: GuestFault | None = None
         self.pending_nested_exit = None                 # NestedExit for L1, while L2 runs
+        # A CPU model that runs the instruction in its own emulator when KVM would emulate it sets
+        # this: RET_PF_EMULATE then returns AccessResult.emulate instead of emulating the access.
+        self.defer_emulation = False
         self.guest_mmu: VcpuMmu | None = None           # shadows L1's EPT (nested TDP)
         self.l1_state: tuple = ()
         self.pte_reader = GuestPteReader(self)
@@ -510,6 +516,12 @@ class Vcpu:
                     return self._nested_exit(result)
                 if self.pending_exception is not None:
                     result.fault = self.take_exception()
+                    return result
+                if r == RET_PF_EMULATE and self.defer_emulation:
+                    self.stats["insn_emulation"] += 1
+                    if vm.trace.enabled:
+                        vm.trace.emit("kvm_emulate_insn", rip=gva, size=size, write=write)
+                    result.emulate = True
                     return result
                 if r == RET_PF_EMULATE:
                     emulate_access(self, gva, size, pfec, data, addr, self._gpa_available(err), result)
