@@ -72,14 +72,13 @@ def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
                     host_pages=st.sampled_from((None, None, None, 16, 48)),
                     host_bits=st.sampled_from(HOST_MAXPHYADDRS), params=VM_PARAMS, alias=st.booleans())
         def setup(self, mode: str, seed: int, near_wrap: bool, quota: int | None, b_flavour: str, b_policy: str,
-                  b_mode: str, host_pages: int | None, host_bits: int, params: dict[str, object],
-                  alias: bool) -> None:
+                  b_mode: str, host_pages: int | None, host_bits: int = 46,
+                  params: dict[str, object] | None = None, alias: bool = False) -> None:
             # host_pages: a host with only that many 4 KiB pages for guest RAM and KVM's tables, so
             # guest pages are swapped out (their sptes zapped by the mmu notifier) all the time.
             host = kvmmu.Host(host_bits) if host_pages is None else \
                 kvmmu.Host(host_bits, memory_limit=4 << 20, reserved=(4 << 20) - (host_pages << 12))
-            if flavour != "ept":
-                params = {k: v for k, v in params.items() if k != "ept_ad"}
+            params = {k: v for k, v in (params or {}).items() if k != "ept_ad" or flavour == "ept"}
             self.w = [W.World("A", host, flavour, policy, mode, seed, near_wrap, quota, params, alias),
                       W.World("B", host, b_flavour, b_policy, b_mode, seed ^ 0x5A5A, not near_wrap, None)]
 
