@@ -924,7 +924,13 @@ class GuestOS:
         end = start + budget
         if not cpu.ticking:
             cpu.ticking = True
-            cpu.next_tick = start + self.tick_period
+            if cpu.next_tick == 0:
+                cpu.next_tick = start + self.tick_period
+            elif cpu.next_tick <= start:
+                # NO_HZ idle exit (tick_nohz_restart): the tick timer is forwarded on its own grid
+                # (last_tick + k * TICK_NSEC) to the first expiry after now, not re-armed a whole
+                # period from now, so a vCPU that idles more often than once a period still ticks.
+                cpu.next_tick += ((start - cpu.next_tick) // self.tick_period + 1) * self.tick_period
         self.vm.trace.current_vcpu = cpu.vcpu.id
         while cpu.clock < end:
             now = cpu.clock
@@ -945,7 +951,7 @@ class GuestOS:
                 self._account(cpu)
                 if proc is None:
                     cpu.idle = True
-                    cpu.ticking = False          # NO_HZ idle: no ticks while idle
+                    cpu.ticking = False          # NO_HZ idle: no ticks while idle (next_tick keeps the grid)
                     wake = cpu.events[0][0] if cpu.events else None
                     return max(1, cpu.clock - start), wake
             self._step(cpu, proc, end)
