@@ -299,13 +299,19 @@ class Scenario:
 _MISS_KEYS = ("mmio_accesses", "mmio_fast_path", "mmio_slow_path", "mmio_to_userspace")
 
 
+_SAMPLED_STATS = ("exits", "pf_taken", "pf_fixed", "pf_emulate", "pf_mmio_spte_created", "mmio_exits")
+_SAMPLED_COUNTERS = ("guest_walks", "memslot_searches", "shadow_walks", "host_swapins")
+# The counters of a scenario's time series (`sample_ms`; what `kvmmu plot --kind series` can draw).
+SAMPLED = (*_SAMPLED_STATS, *_SAMPLED_COUNTERS, *_MISS_KEYS)
+
+
 def _totals(machines: list[Machine], oses: list[GuestOS]) -> dict[str, int]:
     out: dict[str, int] = {}
     for m, o in zip(machines, oses, strict=True):
         for v in m.vcpus:
-            for k in ("exits", "pf_taken", "pf_fixed", "pf_emulate", "pf_mmio_spte_created", "mmio_exits"):
+            for k in _SAMPLED_STATS:
                 out[k] = out.get(k, 0) + v.stats[k]
-            for k in ("guest_walks", "memslot_searches", "shadow_walks", "host_swapins"):
+            for k in _SAMPLED_COUNTERS:
                 out[k] = out.get(k, 0) + v.counters[k]
         for k in _MISS_KEYS:
             out[k] = out.get(k, 0) + o.counters[k]

@@ -266,6 +266,14 @@ class Cpu:
     clock: int = 0
 
 
+# The guest kernel's own counters (GuestOS.counters; a scenario report's "guest" section).
+OS_COUNTERS = (
+    "forks", "execs", "exits", "page_faults", "cow_faults", "segfaults", "context_switches", "ticks",
+    "lost_ticks", "irqs", "ipis", "munmaps", "invlpgs", "tlb_flushes", "disk_requests", "net_requests",
+    "page_cache_misses", "page_cache_reclaims", "mmio_accesses", "mmio_fast_path", "mmio_slow_path",
+    "mmio_to_userspace", "kernel_pte_writes", "native_cycles")
+
+
 class GuestOS:
     """The kernel of one machine."""
 
@@ -295,11 +303,7 @@ class GuestOS:
         self._vmalloc_next = VMALLOC
         self.wake_requests: list[tuple[int, int]] = []     # (cpu index, time): the host must run it then
         self.vmm_timers: list = []                          # heap of (time, seq, fn) run by the VMM thread
-        self.counters: dict[str, int] = dict.fromkeys((
-            "forks", "execs", "exits", "page_faults", "cow_faults", "segfaults", "context_switches", "ticks",
-            "lost_ticks", "irqs", "ipis", "munmaps", "invlpgs", "tlb_flushes", "disk_requests", "net_requests",
-            "page_cache_misses", "page_cache_reclaims", "mmio_accesses", "mmio_fast_path", "mmio_slow_path",
-            "mmio_to_userspace", "kernel_pte_writes", "native_cycles"), 0)
+        self.counters: dict[str, int] = dict.fromkeys(OS_COUNTERS, 0)
         self.cr0 = X86_CR0_PG | X86_CR0_PE | X86_CR0_WP
         self.done = False
         self.booted = False

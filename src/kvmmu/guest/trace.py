@@ -404,13 +404,16 @@ def _add(into: dict[str, int], after: dict[str, int], before: dict[str, int]) ->
 
 
 def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[TraceRecord], *,
-           limit: int | None = None, check_values: bool = True, keep: int = 20) -> ReplayResult:
+           limit: int | None = None, check_values: bool = True, keep: int = 20,
+           progress: Callable[[float], None] | None = None) -> ReplayResult:
     """Run `records` in order, each on its vCPU, and count what KVM did per phase.
 
     `limit` stops after that many accesses (invlpg records do not count).  Reads whose record
     carries a value are checked against what the guest saw (`value_mismatches`, first `keep` kept);
     guest faults are collected the same way (a faithful replay of a real guest has none).
+    `progress(fraction)` is called every 1,000 records when `records` has a length.
     """
+    total = len(records) if progress is not None and hasattr(records, "__len__") else 0  # type: ignore[arg-type]
     setup = vm_setup() if callable(vm_setup) else vm_setup
     vcpus = setup.vcpus
     values = setup.values
@@ -436,6 +439,8 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
     for index, rec in enumerate(records, 1):
         if limit is not None and done >= limit and rec.op != "invlpg":
             break
+        if total and index % 1000 == 0:
+            progress(index / total)  # type: ignore[misc]
         if cur is None or rec.phase != cur.phase:
             close(cur)
             cur = phases.get(rec.phase)

@@ -23,6 +23,15 @@ def require_matplotlib() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str) -> None:
+    try:
+        fig.savefig(path, dpi=100)
+    except (OSError, ValueError) as exc:
+        raise KvmmuError(f"--output {path!r}: cannot write the chart ({exc})") from None
+    finally:
+        plt.close(fig)
+
+
 def plot_series(res: Any, path: str, metrics: list[str]) -> None:
     """Cumulative counters sampled over modelled time (the scenario's `sample_ms`)."""
     plt = require_matplotlib()
@@ -40,8 +49,7 @@ def plot_series(res: Any, path: str, metrics: list[str]) -> None:
     ax.set_title(f"{res.name}: " + ", ".join(f"{v.name} {v.mmu}/{v.mmio_caching}" for v in res.vms)[:90])
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def plot_compare(results: list[tuple[str, Any]], path: str, metrics: list[str]) -> None:
@@ -63,5 +71,4 @@ def plot_compare(results: list[tuple[str, Any]], path: str, metrics: list[str]) 
     ax.set_title(f"{results[0][1].name}: MMU flavours x MMIO policies")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, path)
