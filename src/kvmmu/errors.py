@@ -7,7 +7,7 @@ import re
 # Names whose values are addresses, registers or bit masks: a KVM engineer reads those in hex.  Every
 # other integer (a count, a size in MiB, a level, an index) is shown as the user wrote it: in decimal.
 _HEX_NAME = re.compile(r"(addr|address|gva|gpa|gfn|pfn|hva|phys|cr[02348]|efer|eptp|flags|mask|pte|base|pool|"
-                       r"memory_size|value|data|rip|rsp|pkru|page)", re.IGNORECASE)
+                       r"memory_size|value|data|rip|rsp|pkru|page|pci_hole)", re.IGNORECASE)
 _REGISTER = re.compile(r"r[abcd]x|r[sd]i|r[sb]p|rip|r(8|9|1[0-5])|rflags|dr[0-7]|xcr0", re.IGNORECASE)
 _DECIMAL_NAME = re.compile(r"maxphyaddr|page_size|pages|_mib|_kib|count", re.IGNORECASE)
 

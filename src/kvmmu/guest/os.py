@@ -76,6 +76,9 @@ class GuestPanic(KvmmuError):
     """The modelled guest OS cannot go on (e.g. out of memory for what the scenario asked)."""
 
 
+OS_INT_MAX = 10**10                    # a native cost (cycles: 4 modelled s) or a size, at most
+
+
 @dataclass(frozen=True)
 class OsParams:
     """Guest kernel configuration and its native costs (host cycles of work a real kernel does)."""
@@ -99,7 +102,7 @@ class OsParams:
     min_free_pages: int = 256          # reclaim the page cache below this many free frames
 
     def validate(self) -> None:
-        if not isinstance(self.hz, int) or not 10 <= self.hz <= 10000:
+        if not isinstance(self.hz, int) or isinstance(self.hz, bool) or not 10 <= self.hz <= 10000:
             raise InvalidArgument("os.hz", self.hz, "the timer frequency is 10 to 10000 Hz")
         if self.apic not in ("xapic", "x2apic"):
             raise InvalidArgument("os.apic", self.apic, "the APIC mode is 'xapic' or 'x2apic'")
@@ -107,15 +110,16 @@ class OsParams:
             raise InvalidArgument("os.timer", self.timer, "the timer mode is 'periodic', 'oneshot' or 'tsc-deadline'")
         if self.clocksource not in ("kvm-clock", "hpet"):
             raise InvalidArgument("os.clocksource", self.clocksource, "the clocksource is 'kvm-clock' or 'hpet'")
-        if not isinstance(self.ghz, (int, float)) or not 0.1 <= self.ghz <= 10:
+        if not isinstance(self.ghz, (int, float)) or isinstance(self.ghz, bool) or not 0.1 <= self.ghz <= 10:
             raise InvalidArgument("os.ghz", self.ghz, "the clock is 0.1 to 10 GHz")
-        if not isinstance(self.timeslice_ticks, int) or self.timeslice_ticks < 1:
-            raise InvalidArgument("os.timeslice_ticks", self.timeslice_ticks, "a timeslice is at least one tick")
+        if not isinstance(self.timeslice_ticks, int) or isinstance(self.timeslice_ticks, bool) \
+                or not 1 <= self.timeslice_ticks <= 10000:
+            raise InvalidArgument("os.timeslice_ticks", self.timeslice_ticks, "a timeslice is 1 to 10000 ticks")
         for name in ("boot_console_bytes", "cost_fault", "cost_syscall", "cost_ctxsw", "cost_irq", "cost_fork",
                      "cost_exec", "cost_exit", "cost_per_pte", "page_cache_mib", "min_free_pages"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidArgument(f"os.{name}", v, "must be a non-negative integer")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= OS_INT_MAX:
+                raise InvalidArgument(f"os.{name}", v, f"an integer from 0 to {OS_INT_MAX:,}")
 
     def cycles(self, seconds: float) -> int:
         return int(seconds * self.ghz * 1e9)
