@@ -40,7 +40,8 @@ def test_fast_path_share_follows_the_policy(report) -> None:
 
 def test_text_has_the_tables_and_the_reading(report) -> None:
     text = format_linux_boot(report)
-    for part in ("Workload: A real MMIO trace: Linux 6.1 booting on a 2-vCPU PC", "2 vCPUs", "firmware", "Totals", "Per phase, ept/generation:", "What the model makes",
+    for part in ("Workload: A real MMIO trace: Linux 6.1 booting on a 2-vCPU PC", "2 vCPUs",
+                 "firmware", "Totals", "Per phase, ept/generation:", "What the model makes",
                  "MMIO sptes created", "fast path hits (spte)", "cycles per MMIO access",
                  f"Replayed: the first {LIMIT:,}"):
         assert part in text
