@@ -24,7 +24,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _bad(text: str, rule: str) -> argparse.ArgumentTypeError:
-    shown = text if len(text) <= 60 else text[:57] + "..."
+    shown = text if len(text) <= 200 else text[:197] + "..."
     return argparse.ArgumentTypeError(f"{shown!r}: {rule}")
 
 

@@ -225,8 +225,9 @@ def _read_rows(text: io.TextIOBase, where: str) -> tuple[dict, list[Access]]:
         seq, vcpu, kind, is_write, addr, size, value, region, pc, gva, cpu_size, phase = row
         if kind not in KINDS:
             raise ScenarioError(f"{where} line {line}: kind={kind[:40]!r}: a row is one of {KINDS}")
-        if any(len(f) > MAX_FIELD for f in row):
-            raise ScenarioError(f"{where} line {line}: a field is longer than {MAX_FIELD} characters")
+        long = next((i for i, f in enumerate(row) if len(f) > MAX_FIELD), None)
+        if long is not None:
+            raise ScenarioError(f"{where} line {line}: column {HEADER[long]} is longer than {MAX_FIELD} characters")
         # vcpu -1 is the VMM's own threads: only a device model's access (dev) may come from there.
         v = _decfield(where, line, "vcpu", vcpu, -1 if kind == "dev" else 0, MAX_VCPUS - 1)
         s = _decfield(where, line, "seq", seq, 0, 10**12)
