@@ -186,7 +186,8 @@ class Progress:
             if self.bar is None:
                 self.bar = tqdm(total=self.total, desc=self.label[:40], unit=self.unit, file=self.stream,
                                 leave=True, mininterval=0.2, dynamic_ncols=True, bar_format=self._bar_format)
-                self.bar.start_t = self.t0
+                # the meter's clock starts when the work did, not when the bar first shows
+                self.bar.start_t -= time.monotonic() - self.t0
             self.bar.set_description_str(self.label[:40], refresh=False)
             self.bar.update(self._n(f) - self.bar.n)
         elif int(f * 4) > int(self.last_line * 4) or f >= 1.0 > self.last_line:
