@@ -195,7 +195,7 @@ def _cmd_flavours(args: argparse.Namespace) -> int:
     from .report.flavours import flavour_matrix
     from .report.table import format_table
     policy = args.policy[0]
-    prog = _progress(args, "flavours", total=len(args.mmu), unit=" runs")
+    prog = _progress(args, "flavours", total=len(args.mmu), unit="run")
     results = flavour_matrix(policy, args.iterations, args.seed, tuple(args.mmu), progress=prog)
     prog.done()
     rows = [[label, *[r.metric(where, name) for r in results]] for label, where, name in METRICS]

@@ -38,12 +38,12 @@ def test_done_brings_a_shown_meter_to_100_percent_even_if_the_work_reported_less
 
 def test_counted_units_show_the_count_and_their_rate() -> None:
     out = io.StringIO()
-    p = Progress("real-diff", stream=out, delay=0, total=8, unit=" programs")
+    p = Progress("real-diff", stream=out, delay=0, total=8, unit="program")
     for i in range(1, 9):
         p(i / 8)
     p.done()
     last = out.getvalue().splitlines()[-1]
-    assert "8/8" in last and "programs/s" in last and "100%" in last
+    assert "8/8" in last and "program/s" in last and "100%" in last
 
 
 def test_parts_never_move_the_meter_backwards() -> None:

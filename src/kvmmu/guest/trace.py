@@ -457,7 +457,7 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
             if cur is None:
                 cur = phases[rec.phase] = PhaseResult(rec.phase)
                 order.append(cur)
-        if rec.vcpu >= len(vcpus):
+        if not 0 <= rec.vcpu < len(vcpus):        # (a negative index would pick a vCPU from the end)
             err = ScenarioError(f"replay {_at(rec, index)}: vcpu={rec.vcpu}: the VM has {len(vcpus)} vCPUs")
             err.line, err.field, err.rule = rec.line, "vcpu", f"the VM has {len(vcpus)} vCPUs"  # type: ignore
             raise err

@@ -567,7 +567,7 @@ def _cmd(args: argparse.Namespace) -> int:
     if use_real and not available():
         print(f"real-diff: /dev/kvm unavailable ({unavailable_reason()}); running the model only", file=sys.stderr)
         use_real = False
-    prog = Progress("real-diff", getattr(args, "quiet", False), total=len(programs), unit=" programs")
+    prog = Progress("real-diff", getattr(args, "quiet", False), total=len(programs), unit="program")
     reports = []
     for i, p in enumerate(programs):
         reports.append(diff_program(p, args.profile, use_real, args.repeats))
