@@ -38,6 +38,7 @@ from .errors import KvmmuError, ScenarioError
 FLAVOURS = ("shadow", "ept", "npt")
 POLICIES = ("off", "zap", "generation")
 OUTPUT = output_file()
+SCENARIO_DEFAULT = "the scenario's"
 
 __all__ = ["Progress", "build_parser", "main"]
 
@@ -51,7 +52,7 @@ def _mmu_option(sp: argparse.ArgumentParser, allowed: tuple[str, ...], default: 
     kind = choice_list(allowed, "MMU flavour", single=not many)
     what = "comma list of MMU flavours" if many else "the MMU flavour"
     sp.add_argument("--mmu", type=kind, default=None if default is None else kind(default),
-                    help=f"{what} ({', '.join(allowed)}; default {default or 'the scenario’s'})")
+                    help=f"{what} ({', '.join(allowed)}; default {default or SCENARIO_DEFAULT})")
     add_alias(sp, "--mmus", "mmu", kind)
 
 
@@ -59,7 +60,7 @@ def _policy_option(sp: argparse.ArgumentParser, default: str | None, many: bool)
     kind = choice_list(POLICIES, "MMIO policy", single=not many)
     what = "comma list of MMIO policies" if many else "the MMIO policy"
     sp.add_argument("--policy", type=kind, default=None if default is None else kind(default),
-                    help=f"{what} ({', '.join(POLICIES)}; default {default or 'the scenario’s'})")
+                    help=f"{what} ({', '.join(POLICIES)}; default {default or SCENARIO_DEFAULT})")
     add_alias(sp, "--policies", "policy", kind)
 
 
@@ -143,6 +144,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
     from .report.plot import plot_compare, plot_series, require_matplotlib
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     _plot_metrics(args.kind, metrics)
+    for option, names in (("--mmu", args.mmu), ("--policy", args.policy)):
+        if args.kind == "series" and names and len(names) > 1:
+            raise ScenarioError(f"{option} {','.join(names)}: a series plot draws one run; give one (or use "
+                                "--kind compare)")
     require_matplotlib()
     sc = _load(args)
     prog = _progress(args, f"plot {sc.name}")

@@ -165,6 +165,10 @@ def test_plot_metrics_are_checked_before_the_run(capsys, good: Path, tmp_path: P
                        "exits,bogus"], "'bogus'")
 
 
+def test_a_series_plot_takes_one_mmu(capsys, good: Path, tmp_path: Path) -> None:
+    _one_line(capsys, ["plot", str(good), "-o", str(tmp_path / "x.png"), "--mmu", "shadow,ept"], "--mmu", "one run")
+
+
 # -- the same option names everywhere -------------------------------------------------------------
 def test_old_spellings_are_hidden_aliases(capsys, good: Path) -> None:
     assert main(["compare", str(good), "--mmus", "shadow", "--policies", "generation", "--csv", "-q"]) == 0
