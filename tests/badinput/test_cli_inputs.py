@@ -137,7 +137,7 @@ def test_bad_run_argument(capsys, good: Path, argv: list[str], mentions: tuple[s
 
 
 def test_trace_refuses_an_unknown_event_name(capsys, good: Path) -> None:
-    _one_line(capsys, ["trace", str(good), "--events", "kvm_page_fault,bogus"], "'bogus'", "unknown event")
+    _one_line(capsys, ["trace", str(good), "--events", "kvm_page_fault,bogus"], "bogus")
 
 
 @pytest.mark.parametrize("output,mentions", [

@@ -13,16 +13,6 @@ from typing import Any
 
 from ..errors import InvalidArgument
 
-# Every event the model emits (the CLI refuses other names in --events; a test keeps this in step).
-EVENTS = (
-    "check_mmio_spte", "fast_page_fault", "handle_mmio_page_fault", "host_swapin", "kvm_cr3", "kvm_emulate_insn",
-    "kvm_inj_exception", "kvm_invlpg", "kvm_mmio", "kvm_mmu_get_page", "kvm_mmu_invalidate_mmio_sptes",
-    "kvm_mmu_page_fault_done", "kvm_mmu_pagetable_walk", "kvm_mmu_prepare_zap_page", "kvm_mmu_set_spte",
-    "kvm_mmu_sync_page", "kvm_mmu_track_write", "kvm_mmu_unsync_page", "kvm_mmu_zap_all_fast",
-    "kvm_nested_ept_fault", "kvm_nested_vmenter", "kvm_nested_vmexit", "kvm_page_fault",
-    "kvm_set_user_memory_region", "kvm_unmap_hva_range", "mark_mmio_spte", "vcpu_match_mmio",
-)
-
 
 @dataclass(frozen=True)
 class TraceEvent:
