@@ -175,6 +175,8 @@ def test_old_spellings_are_hidden_aliases(capsys, good: Path) -> None:
     assert "shadow/generation" in capsys.readouterr().out
     assert main(["compare", str(good), "--mmu", "shadow", "--policy", "generation", "--csv", "-q"]) == 0
     assert "shadow/generation" in capsys.readouterr().out
+    assert main(["linux-boot", "--flavours", "ept", "--policies", "generation", "--limit", "50", "-q"]) == 0
+    assert "ept/generation" in capsys.readouterr().out
     for command in ("compare", "linux-boot", "plot"):
         assert main([command, "--help"]) == 0
         text = capsys.readouterr().out
