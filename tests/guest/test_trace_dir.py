@@ -38,6 +38,7 @@ def test_the_directory_is_read_not_the_package(q35) -> None:
     assert w.phases == exp.phases
     assert any(name == "System RAM" and start == 0x100000000 for start, _, name, _ in w.iomem)
     assert w.problems == []
+    assert [c.gva_page for c in w.conflicts] == exp.remapped
 
 
 def test_the_mmio_trace_file_path_means_its_directory(q35) -> None:
@@ -62,6 +63,8 @@ def test_every_vcpu_replays_its_own_accesses(q35, flavour) -> None:
     assert res.values_checked > 0
     assert {i: v.stats["mmio_exits"] for i, v in enumerate(setup.vcpus)} == exp.to_vmm_by_vcpu
     assert res.total.counters["iobus_handled"] == exp.in_kernel
+    # the remap: iounmap's TLB flush reaches every vCPU running with paging (all four by then)
+    assert res.total.invlpgs == 4 * len(exp.remapped)
 
 
 def test_the_report_names_the_machine_it_came_from(q35) -> None:

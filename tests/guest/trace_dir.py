@@ -7,7 +7,8 @@ The trace follows the rules a recording VMM obeys: firmware accesses run with pa
 gpa); the kernel reaches the LAPIC through the fixmap (0xffffffffff5fd000), the IOAPIC at
 0xffffffffff5fc000, PCI BARs through ioremap and the VGA text buffer through the direct map; a CPU
 access wider than its region is logged as several rows of the same pc with consecutive addresses,
-each carrying the access's `cpu_size`; vCPU -1 is the VMM's own thread (MSI writes by a device).
+each carrying the access's `cpu_size`; vCPU -1 is the VMM's own thread (MSI writes by a device); an
+ioremap'd gva page may be unmapped and reused for another device page later.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Expected:
     in_kernel: int = 0                              # of them: LAPIC or IOAPIC (KVM's in-kernel irqchip)
     to_vmm_by_vcpu: dict[int, int] = field(default_factory=dict)   # the others: KVM_EXIT_MMIO, per vCPU
     phases: list[str] = field(default_factory=list)
+    remapped: list[int] = field(default_factory=list)   # gva pages ioremapped to a second gpa page later
 
 
 class _Writer:
@@ -141,6 +143,9 @@ def write_trace_dir(path: Path, nr_vcpus: int = 4, machine: str = "Synthetic q35
         w.row(v, "pio", False, 0x3F8 + 5, 1, 0x60, "serial", "kernel-boot", pc=0x2000 + v)
     w.mmio(0, True, IOAPIC, FIXMAP_IOAPIC, 4, 0x10, "ioapic", "kernel-boot")            # IOREGSEL
     w.mmio(0, False, IOAPIC + 0x10, FIXMAP_IOAPIC + 0x10, 4, 0x170011, "ioapic", "kernel-boot")
+    # An ioremap that is unmapped and reused: the same gva page reaches the HPET, later a virtio page.
+    w.mmio(1, False, HPET + 0xF0, IOREMAP + 0x5000 + 0xF0, 4, 0x1234, "hpet", "kernel-boot")
+    exp.remapped.append(IOREMAP + 0x5000)
     for i, ch in enumerate(b"OK"):                                                       # VGA text, 2-byte stores
         gpa = VGA_TEXT + 2 * i
         w.mmio(0, True, gpa, DIRECT_MAP + gpa, 2, 0x0700 | ch, "vga-lowmem", "kernel-boot", piece=1)
@@ -149,7 +154,9 @@ def write_trace_dir(path: Path, nr_vcpus: int = 4, machine: str = "Synthetic q35
         w.mmio(v, False, VIRTIO_BAR + 0x1000, IOREMAP + 0x1000, 1, 1, "virtio-pci-isr-virtio-net", "devices-probed")
         w.mmio(v, True, VIRTIO_BAR + 0x3000 + 4 * v, IOREMAP + 0x3000 + 4 * v, 2, v,
                "virtio-pci-notify-virtio-net", "devices-probed")
-        w.row(-1, "dev", True, LAPIC + 0x1000 * 0, 4, 0x41 + v, "apic-msi", "devices-probed")
+        w.row(-1, "dev", True, LAPIC, 4, 0x41 + v, "apic-msi", "devices-probed")
+    w.mmio(2, False, VIRTIO_BAR + 0x2000 + 0xF0, IOREMAP + 0x5000 + 0xF0, 4, 0x5678, "virtio-pci-device-virtio-net",
+           "devices-probed")
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(HEADER)
