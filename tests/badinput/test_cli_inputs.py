@@ -185,10 +185,14 @@ def test_old_spellings_are_hidden_aliases(capsys, good: Path) -> None:
 
 
 # -- the process --------------------------------------------------------------------------------------
-def test_a_closed_pipe_ends_quietly(good: Path) -> None:
+@pytest.mark.parametrize("command", ["trace", "real-diff"])
+def test_a_closed_pipe_ends_quietly(good: Path, command: str) -> None:
     """`kvmmu ... | head`: the reader goes away; no BrokenPipeError traceback."""
-    p = subprocess.Popen([sys.executable, "-m", "kvmmu.cli", "trace", str(good), "-q", "--max-events", "100000"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    corpus = Path(__file__).parents[1] / "realdiff" / "corpus" / "mmio_widths.py"
+    argv = ["trace", str(good), "--max-events", "100000"] if command == "trace" else \
+        ["real-diff", str(corpus), "--model-only", "--json"]
+    p = subprocess.Popen([sys.executable, "-m", "kvmmu.cli", *argv, "-q"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
     p.stdout.close()                  # before the child (still importing) writes its first byte
     err = p.stderr.read().decode()
     p.wait(timeout=120)
