@@ -9,68 +9,40 @@
     kvmmu plot SCENARIO.toml -o FILE.png              counters over time / policy bars (needs matplotlib)
     kvmmu experiment a|b|c [--full]                   the seed's experiments (docs/experiments.md)
     kvmmu demo                                        experiment (a), small enough for about a minute
+    kvmmu flavours | linux-boot [--trace DIR] | real-diff PATH...
 
-Progress goes to stderr (after a second of work, unless --quiet); results go to stdout or --output.
+Conventions (docs/cli.md): every argument is checked before anything runs; `--mmu` and `--policy`
+name the MMU flavour(s) and MMIO policy(ies) in every command (a comma list where a command runs
+several); progress with rate and ETA goes to stderr after a second of work (unless --quiet);
+results go to stdout or --output; a closed pipe (`| head`) ends the command quietly.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import TextIO
 
+from .cliargs import (
+    PLOT_SUFFIXES,
+    SEED,
+    Progress,
+    add_alias,
+    address,
+    choice_list,
+    emit,
+    integer,
+    output_file,
+    seconds,
+)
 from .errors import KvmmuError, ScenarioError
 
 FLAVOURS = ("shadow", "ept", "npt")
 POLICIES = ("off", "zap", "generation")
-
-
-class Progress:
-    """A one-line progress bar on stderr, shown only once the work has taken more than a second."""
-
-    def __init__(self, label: str, quiet: bool, stream: TextIO | None = None) -> None:
-        self.label = label
-        self.quiet = quiet
-        self.stream = stream or sys.stderr
-        self.t0 = time.monotonic()
-        self.shown = False
-        self.base = 0.0
-        self.span = 1.0
-        self.last = 0.0
-        self.last_f = 0.0
-
-    def part(self, index: int, count: int, label: str) -> Callable[[float], None]:
-        """A callback for part `index` of `count` (fractions of the part map into the whole)."""
-        self.base, self.span = index / count, 1 / count
-        self.label = label
-        self(0.0)
-        return self
-
-    def __call__(self, fraction: float) -> None:
-        if self.quiet:
-            return
-        now = time.monotonic()
-        if not self.shown and now - self.t0 < 1.0:
-            return
-        f = min(1.0, self.base + self.span * fraction)
-        tty = self.stream.isatty()
-        # A terminal gets a bar redrawn at most 5 times a second; a pipe a line every 25 %.
-        if tty and now - self.last < 0.2 or not tty and int(f * 4) <= int(self.last_f * 4) and self.shown:
-            return
-        self.shown = True
-        self.last, self.last_f = now, f
-        bar = "#" * int(30 * f)
-        line = f"{self.label[:40]:<40} [{bar:<30}] {100 * f:5.1f}% {now - self.t0:6.1f}s"
-        self.stream.write(f"\r{line}" if tty else f"{line}\n")
-        self.stream.flush()
-
-    def done(self) -> None:
-        if self.shown and not self.quiet and self.stream.isatty():
-            self.stream.write("\n")
-            self.stream.flush()
+OUTPUT = output_file()
+SCENARIO_DEFAULT = "the scenario's"
+_emit = emit                   # the name report modules import
+__all__ = ["Progress", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,14 +50,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"kvmmu: error: {message} (see `{self.prog} --help`)\n")
 
 
-def _csv_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    items = [x.strip() for x in value.split(",") if x.strip()]
-    for x in items:
-        if x not in allowed:
-            raise ScenarioError(f"{what} {x!r}: choose from {', '.join(allowed)}")
-    if not items:
-        raise ScenarioError(f"{what}: give at least one of {', '.join(allowed)}")
-    return items
+def _mmu_option(sp: argparse.ArgumentParser, allowed: tuple[str, ...], default: str | None, many: bool) -> None:
+    kind = choice_list(allowed, "MMU flavour", single=not many)
+    what = "comma list of MMU flavours" if many else "the MMU flavour"
+    sp.add_argument("--mmu", type=kind, default=None if default is None else kind(default),
+                    help=f"{what} ({', '.join(allowed)}; default {default or SCENARIO_DEFAULT})")
+    add_alias(sp, "--mmus", "mmu", kind)
+
+
+def _policy_option(sp: argparse.ArgumentParser, default: str | None, many: bool) -> None:
+    kind = choice_list(POLICIES, "MMIO policy", single=not many)
+    what = "comma list of MMIO policies" if many else "the MMIO policy"
+    sp.add_argument("--policy", type=kind, default=None if default is None else kind(default),
+                    help=f"{what} ({', '.join(POLICIES)}; default {default or SCENARIO_DEFAULT})")
+    add_alias(sp, "--policies", "policy", kind)
 
 
 def _load(args: argparse.Namespace):
@@ -93,86 +71,102 @@ def _load(args: argparse.Namespace):
     from .scenario import Scenario
     sc = Scenario.load(args.scenario)
     sc = sc.scaled(duration_s=args.duration, seed=args.seed)
-    if getattr(args, "mmu", None) or getattr(args, "policy", None):
-        sc = sc.with_policy(getattr(args, "mmu", None), getattr(args, "policy", None))
     if getattr(args, "cost", None):
         sc.cost = CostModel.from_file(args.cost)
     return sc
 
 
-def _emit(args: argparse.Namespace, text: str) -> None:
-    out = getattr(args, "output", None)
-    if out:
-        try:
-            Path(out).write_text(text, encoding="utf-8")
-        except OSError as e:
-            raise ScenarioError(f"--output {out!r}: cannot write it ({e.strerror})") from None
-    else:
-        sys.stdout.write(text)
+def _combos(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [(f, p) for f in args.mmu for p in args.policy]
+
+
+def _progress(args: argparse.Namespace, label: str, **kw: object) -> Progress:
+    return Progress(label, getattr(args, "quiet", False), **kw)  # type: ignore[arg-type]
 
 
 # -- commands ---------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report.render import run_csv, run_json, run_text
     sc = _load(args)
-    prog = Progress(f"run {sc.name}", args.quiet)
+    if args.mmu or args.policy:
+        sc = sc.with_policy(args.mmu[0] if args.mmu else None, args.policy[0] if args.policy else None)
+    prog = _progress(args, f"run {sc.name}")
     res = sc.run(progress=prog)
     prog.done()
-    _emit(args, run_json(res) + "\n" if args.json else run_csv(res) if args.csv else run_text(res))
+    emit(args, run_json(res) + "\n" if args.json else run_csv(res) if args.csv else run_text(res))
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from .report.render import compare_csv, compare_json, compare_text
     sc = _load(args)
-    flavours = _csv_list(args.mmus, FLAVOURS, "--mmus")
-    policies = _csv_list(args.policies, POLICIES, "--policies")
-    combos = [(f, p) for f in flavours for p in policies]
-    prog = Progress("compare", args.quiet)
+    combos = _combos(args)
+    prog = _progress(args, "compare")
     results = []
     for i, (f, p) in enumerate(combos):
         cb = prog.part(i, len(combos), f"compare {f}/{p}")
         results.append((f"{f}/{p}", sc.with_policy(f, p).run(progress=cb)))
     prog.done()
-    _emit(args, compare_json(results) + "\n" if args.json else compare_csv(results) if args.csv
+    emit(args, compare_json(results) + "\n" if args.json else compare_csv(results) if args.csv
           else compare_text(results))
     return 0
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     from .report.explain import explain
-    gva = int(args.gva, 0) if args.gva else None
-    _emit(args, explain(mmu=args.mmu or "shadow", policy=args.policy or "generation", target=args.target,
-                        gva=gva, kind=args.kind, warm=args.warm, memslot_change=args.memslot_change,
-                        swap_tables=args.swapped_tables, plot=args.plot))
+    emit(args, explain(mmu=args.mmu[0], policy=args.policy[0], target=args.target, gva=args.gva, kind=args.kind,
+                        warm=args.warm, memslot_change=args.memslot_change, swap_tables=args.swapped_tables,
+                        plot=args.plot))
     return 0
+
+
+def _plot_metrics(kind: str, metrics: list[str]) -> None:
+    """Refuse a metric the chosen plot cannot draw, before anything runs."""
+    from .guest.os import OS_COUNTERS
+    from .kvm.stats import MODEL_COUNTERS, VCPU_STATS, VM_STATS
+    from .scenario import SAMPLED
+    known = SAMPLED if kind == "series" else (*VCPU_STATS, *VM_STATS, *MODEL_COUNTERS, *OS_COUNTERS)
+    for m in metrics:
+        if m not in known:
+            raise ScenarioError(f"--metrics {m!r}: a {kind} plot draws {', '.join(known)}")
+    if not metrics:
+        raise ScenarioError("--metrics: name at least one counter")
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
     from .report.plot import plot_compare, plot_missrate, plot_series, require_matplotlib
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    _plot_metrics("series" if args.kind == "missrate" else args.kind, metrics)
+    for option, names in (("--mmu", args.mmu), ("--policy", args.policy)):
+        if args.kind == "series" and names and len(names) > 1:
+            raise ScenarioError(f"{option} {','.join(names)}: a series plot draws one run; give one (or use "
+                                "--kind compare)")
     require_matplotlib()
     sc = _load(args)
-    prog = Progress(f"plot {sc.name}", args.quiet)
+    prog = _progress(args, f"plot {sc.name}")
     log = True if args.log else False if args.linear else None
     if args.kind == "series":
+        if args.mmu or args.policy:
+            sc = sc.with_policy(args.mmu[0] if args.mmu else None, args.policy[0] if args.policy else None)
         if not sc.sample_ms:
             sc.sample_ms = max(sc.duration_s * 1000 / 50, 0.01)
         res = sc.run(progress=prog)
-        plot_series(res, args.output, args.metrics.split(","), cumulative=args.cumulative, log=log)
+        prog.done()
+        plot_series(res, args.output, metrics, cumulative=args.cumulative, log=log)
     else:
-        flavours = _csv_list(args.mmus, FLAVOURS, "--mmus")
-        policies = _csv_list(args.policies, POLICIES, "--policies")
-        combos = [(f, p) for f in flavours for p in policies]
+        args.mmu = args.mmu or ["shadow", "ept"]
+        args.policy = args.policy or list(POLICIES)
+        combos = _combos(args)
         if args.kind == "missrate" and not sc.sample_ms:
             sc.sample_ms = max(sc.duration_s * 1000 / 50, 0.01)
         results = []
         for i, (f, p) in enumerate(combos):
             results.append((f"{f}/{p}", sc.with_policy(f, p).run(progress=prog.part(i, len(combos), f"{f}/{p}"))))
+        prog.done()
         if args.kind == "missrate":
             plot_missrate(results, args.output, log=log)
         else:
-            plot_compare(results, args.output, args.metrics.split(","), log=log)
-    prog.done()
+            plot_compare(results, args.output, metrics, log=log)
     if not args.quiet:
         print(f"kvmmu: wrote {args.output}", file=sys.stderr)
     return 0
@@ -180,50 +174,53 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .report import experiments
-    prog = Progress(f"experiment {args.which}", args.quiet)
-    engine = {"results": args.results, "scheduler": args.scheduler, "workers": args.workers, "quiet": args.quiet}
+    if args.which == "b" and args.duration is not None:
+        raise ScenarioError(f"--duration {args.duration:g}: experiment b counts accesses, not modelled time "
+                            "(--duration applies to experiments a and c)")
+    prog = _progress(args, f"experiment {args.which}")
+    engine = {"results": args.results, "scheduler": args.scheduler, "workers": args.workers,
+              "quiet": args.quiet}
     text = experiments.run_experiment(args.which, full=args.full, seed=args.seed, progress=prog,
                                       duration=args.duration, engine=engine)
     prog.done()
-    _emit(args, text)
+    emit(args, text)
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .report.demo import run_demo
-    prog = Progress("demo: experiment (a)", args.quiet)
+    prog = _progress(args, "demo: experiment (a)")
     text = run_demo(seed=args.seed, progress=prog)
     prog.done()
-    _emit(args, text)
+    emit(args, text)
     return 0
 
 
 def _cmd_flavours(args: argparse.Namespace) -> int:
     from .report.experiments import METRICS
-    from .report.flavours import FLAVOURS as ALL_FLAVOURS
     from .report.flavours import flavour_matrix
     from .report.table import format_table
-    flavours = tuple(_csv_list(args.mmus, ALL_FLAVOURS, "--mmus"))
-    policy = _csv_list(args.policy, POLICIES, "--policy")[0]
-    if args.iterations <= 0:
-        raise ScenarioError(f"--iterations {args.iterations}: must be a positive number of loop iterations")
-    results = flavour_matrix(policy, args.iterations, args.seed, flavours)
+    policy = args.policy[0]
+    prog = _progress(args, "flavours", total=len(args.mmu), unit="run")
+    results = flavour_matrix(policy, args.iterations, args.seed, tuple(args.mmu), progress=prog)
+    prog.done()
     rows = [[label, *[r.metric(where, name) for r in results]] for label, where, name in METRICS]
     rows.append(["modelled cycles per MMIO access", *[r.cycles / r.mmio_accesses for r in results]])
     head = (f"The driver loop ({args.iterations} iterations, MMIO policy {policy!r}) under each MMU; "
             "nested-ept runs it as L2 on L1's EPT.\n\n")
-    _emit(args, head + format_table(["", *[r.flavour for r in results]], rows) + "\n")
+    emit(args, head + format_table(["", *[r.flavour for r in results]], rows) + "\n")
     return 0
 
 
 def _cmd_linux_boot(args: argparse.Namespace) -> int:
+    from .guest.linux_boot import load_linux_boot
     from .report.linux_boot import format_linux_boot, run_linux_boot
-    if args.limit is not None and args.limit <= 0:
-        raise ScenarioError(f"--limit {args.limit}: must be a positive number of MMIO accesses")
-    flavours = tuple(_csv_list(args.mmus, FLAVOURS, "--mmus"))
-    policies = tuple(_csv_list(args.policies, POLICIES, "--policies"))
-    report = run_linux_boot(flavours, policies, args.limit, profile=args.profile)
-    _emit(args, format_linux_boot(report) + "\n")
+    workload = load_linux_boot(args.trace) if args.trace else None
+    prog = _progress(args, "linux-boot")
+    report = run_linux_boot(tuple(args.mmu), tuple(args.policy), args.limit, profile=args.profile,
+                            workload=workload, progress=prog)
+    prog.done()
+    emit(args, format_linux_boot(report) + "\n")
     return 0
 
 
@@ -233,19 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version="kvmmu 0.1.0")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(sp: argparse.ArgumentParser, scenario: bool = True) -> None:
-        if scenario:
-            sp.add_argument("scenario", help="a scenario TOML file (see docs/cli.md)")
-            sp.add_argument("--duration", type=float, help="modelled seconds (overrides duration_s)")
-            sp.add_argument("--seed", type=int, help="the seed (overrides the scenario's)")
-            sp.add_argument("--cost", help="cost-model overrides: a TOML or JSON file of parameter = cycles")
-        sp.add_argument("-o", "--output", help="write the result to this file instead of stdout")
+    def output(sp: argparse.ArgumentParser, kind=OUTPUT, required: bool = False, what: str = "the result") -> None:
+        sp.add_argument("-o", "--output", type=kind, required=required,
+                        help=f"write {what} to this file instead of stdout")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+
+    def common(sp: argparse.ArgumentParser, out_kind=OUTPUT, out_required: bool = False) -> None:
+        sp.add_argument("scenario", help="a scenario TOML file (see docs/cli.md)")
+        sp.add_argument("--duration", type=seconds, help="modelled seconds (overrides duration_s)")
+        sp.add_argument("--seed", type=SEED, help="the seed (overrides the scenario's)")
+        sp.add_argument("--cost", help="cost-model overrides: a TOML or JSON file of parameter = cycles")
+        output(sp, out_kind, out_required)
 
     r = sub.add_parser("run", help="run one scenario: KVM's counters and the modelled cost")
     common(r)
-    r.add_argument("--mmu", choices=FLAVOURS, help="override every VM's MMU flavour")
-    r.add_argument("--policy", choices=POLICIES, help="override every VM's MMIO policy")
+    _mmu_option(r, FLAVOURS, None, many=False)
+    _policy_option(r, None, many=False)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="machine-readable JSON")
     g.add_argument("--csv", action="store_true", help="CSV rows: vm,section,name,value")
@@ -253,23 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="the same scenario under MMU flavours x MMIO policies, one table")
     common(c)
-    c.add_argument("--mmus", default="shadow,ept", help="comma list of MMU flavours (default shadow,ept)")
-    c.add_argument("--policies", default="off,zap,generation", help="comma list of MMIO policies")
+    _mmu_option(c, FLAVOURS, "shadow,ept", many=True)
+    _policy_option(c, "off,zap,generation", many=True)
     g = c.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true")
     g.add_argument("--csv", action="store_true")
     c.set_defaults(func=_cmd_compare)
 
+    from .report.explain import TARGETS
     e = sub.add_parser("explain", help="one access on the default machine, step by step")
-    common(e, scenario=False)
-    e.add_argument("--mmu", choices=FLAVOURS, default="shadow")
-    e.add_argument("--policy", choices=POLICIES, default="generation")
-    e.add_argument("--target", default="doorbell",
-                   help="doorbell | status | lapic | serial | testdev | ram | user (what the access touches)")
-    e.add_argument("--gva", help="an explicit guest-linear address instead of --target")
+    output(e)
+    _mmu_option(e, FLAVOURS, "shadow", many=False)
+    _policy_option(e, "generation", many=False)
+    e.add_argument("--target", default="doorbell", choices=tuple(TARGETS),
+                   help="what the access touches: " + " | ".join(TARGETS))
+    e.add_argument("--gva", type=address, help="an explicit guest-linear address instead of --target")
     e.add_argument("--kind", choices=("read", "write", "fetch"), default=None,
                    help="the access (default: what the target usually gets)")
-    e.add_argument("--warm", type=int, default=1, help="identical accesses before the explained one (default 1)")
+    e.add_argument("--warm", type=integer(0, 1000, "a number of warm-up accesses"), default=1,
+                   help="identical accesses before the explained one (0-1000, default 1)")
     e.add_argument("--memslot-change", action="store_true",
                    help="the VMM creates a memslot just before the explained access")
     e.add_argument("--swapped-tables", action="store_true",
@@ -280,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .report.tracecli import add_cli as add_trace_tools
     add_trace_tools(sub, common)
 
-    pl = sub.add_parser("plot", help="PNG charts (needs the optional extra: pip install 'kvmmu[plot]')")
-    common(pl)
+    pl = sub.add_parser("plot", help="charts (PNG, SVG or PDF; needs the optional extra: pip install 'kvmmu[plot]')")
+    common(pl, output_file(PLOT_SUFFIXES), out_required=True)
     pl.add_argument("--kind", choices=("series", "compare", "missrate"), default="series",
                     help="series: counters over modelled time (per-interval rates); compare: bars per "
                          "flavour/policy; missrate: the MMIO miss rate per interval, one line per flavour/policy")
@@ -291,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     scale.add_argument("--linear", action="store_true", help="a linear scale")
     pl.add_argument("--metrics", default="mmio_fast_path,mmio_slow_path,pf_taken,exits",
                     help="comma list of counters to draw")
-    pl.add_argument("--mmus", default="shadow,ept")
-    pl.add_argument("--policies", default="off,zap,generation")
+    _mmu_option(pl, FLAVOURS, None, many=True)
+    _policy_option(pl, None, many=True)
     pl.set_defaults(func=_cmd_plot)
 
     x = sub.add_parser("experiment", help="the seed's experiments (a), (b), (c) of docs/experiments.md")
@@ -301,51 +303,63 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the full size (a: one modelled hour per pair, its six pairs as cells on Dask, resumable)")
     x.add_argument("--results", help="(a --full) the result store (default .kvmmu-sweeps/experiment-a-...)")
     x.add_argument("--scheduler", metavar="ADDRESS", help="(a --full) a running Dask scheduler")
-    x.add_argument("--workers", type=int, default=2, help="(a --full) local worker processes (default 2)")
-    x.add_argument("--duration", type=float, help="modelled seconds (a, c) instead of the preset")
-    x.add_argument("--seed", type=int, default=1)
-    x.add_argument("-o", "--output")
-    x.add_argument("-q", "--quiet", action="store_true")
+    x.add_argument("--workers", type=integer(1, 256, "a number of local worker processes"), default=2,
+                   help="(a --full) local worker processes (default 2)")
+    x.add_argument("--duration", type=seconds, help="modelled seconds (a, c) instead of the preset")
+    x.add_argument("--seed", type=SEED, default=1)
+    output(x)
     x.set_defaults(func=_cmd_experiment)
 
     d = sub.add_parser("demo", help="experiment (a) at a size that runs in about a minute")
-    d.add_argument("--seed", type=int, default=1)
-    d.add_argument("-o", "--output")
-    d.add_argument("-q", "--quiet", action="store_true")
+    d.add_argument("--seed", type=SEED, default=1)
+    output(d)
     d.set_defaults(func=_cmd_demo)
 
+    from .report.flavours import FLAVOURS as ALL_FLAVOURS
     fl = sub.add_parser("flavours", help="one workload under shadow, EPT, NPT and nested EPT, side by side")
-    fl.add_argument("--mmus", default="shadow,ept,npt,nested-ept")
-    fl.add_argument("--policy", default="generation")
-    fl.add_argument("--iterations", type=int, default=1000)
-    fl.add_argument("--seed", type=int, default=1)
-    fl.add_argument("-o", "--output")
+    _mmu_option(fl, ALL_FLAVOURS, ",".join(ALL_FLAVOURS), many=True)
+    _policy_option(fl, "generation", many=False)
+    fl.add_argument("--iterations", type=integer(1, 10**7, "a number of loop iterations"), default=1000)
+    fl.add_argument("--seed", type=SEED, default=1)
+    output(fl)
     fl.set_defaults(func=_cmd_flavours)
 
-    lb = sub.add_parser("linux-boot", help="replay the recorded Linux-boot MMIO trace (docs/workloads.md)")
-    lb.add_argument("--limit", type=int, default=None, help="replay only the first N MMIO accesses")
-    lb.add_argument("--mmus", default="shadow,ept")
-    lb.add_argument("--policies", default="off,zap,generation")
+    lb = sub.add_parser("linux-boot", help="replay a recorded Linux-boot MMIO trace (docs/workloads.md)")
+    lb.add_argument("--trace", metavar="DIR", help="a recorded trace directory (default: the shipped boot)")
+    lb.add_argument("--limit", type=integer(1, 10**9, "a number of MMIO accesses"), default=None,
+                    help="replay only the first N MMIO accesses")
+    _mmu_option(lb, FLAVOURS, "shadow,ept", many=True)
+    add_alias(lb, "--flavours", "mmu", choice_list(FLAVOURS, "MMU flavour"))
+    _policy_option(lb, "off,zap,generation", many=True)
     lb.add_argument("--profile", default="irqchip", choices=("irqchip", "qemu"))
-    lb.add_argument("-o", "--output")
+    output(lb)
     lb.set_defaults(func=_cmd_linux_boot)
 
     from .sweep import add_cli as add_sweep
     add_sweep(sub)
     from .report.realdiff import add_cli as add_real_diff
-    add_real_diff(sub)
+    rd = add_real_diff(sub)
+    output(rd)
     return p
+
+
+def _closed_pipe() -> int:
+    """stdout's reader went away (`kvmmu ... | head`): stop quietly, as `seq | head` does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 128 + 13                                  # what a shell reports for SIGPIPE
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "output", None) == "" and args.command == "plot":
-        parser.error("plot needs --output FILE.png")
-    if args.command == "plot" and not args.output:
-        print("kvmmu: error: plot needs -o/--output FILE.png", file=sys.stderr)
-        return 2
     try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:              # --help, --version, or a bad argument (already printed)
+            return exc.code if isinstance(exc.code, int) else 2
         return int(args.func(args))
     except KvmmuError as exc:
         if sys.stderr.isatty():
@@ -353,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).replace("\n", " ")
         print(f"kvmmu: error: {msg}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _closed_pipe()
     except KeyboardInterrupt:
         print("kvmmu: interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,7 @@ it on one line and exits with status 2.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,39 @@ _VM_KEYS = {"name": str, "count": int, "ram_mib": int, "vcpus": int, "mmu": str,
             "pci_hole_start": int, "framebuffer_mib": int, "kernel_irqchip": bool, "ioeventfd": bool, "msix": bool,
             "nic": str, "mmu_pages": (int, str), "initial_generation": int, "os": dict, "workload": dict}
 _OS_FIELDS = {f.name: f for f in dataclasses.fields(OsParams)}
+
+
+MAX_FILE_BYTES = 1 << 20            # a scenario or cost file is a page of text, not megabytes
+MAX_SAMPLES = 100_000               # points of a time series (duration_s * 1000 / sample_ms)
+U64 = 1 << 64
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """TOML text as a dict; every way it can be malformed is a ScenarioError naming `source`."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{source}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ScenarioError(f"{source}: not valid TOML: tables or arrays nested too deeply") from None
+    except ValueError as e:                        # e.g. an integer of thousands of digits
+        raise ScenarioError(f"{source}: not valid TOML: {str(e)[:120]}") from None
+
+
+def _finite(where: str, key: str, value: Any, lo: float, hi: float, rule: str) -> float:
+    """A number that is finite and in [lo, hi] (NaN fails every comparison, so it is tested first)."""
+    v = float(value)
+    if not math.isfinite(v) or not lo <= v <= hi:
+        raise ScenarioError(f"{where}: {key} = {value!r}: {rule}")
+    return v
+
+
+def _check_samples(where: str, key: str, sample_ms: float, duration_s: float) -> None:
+    if sample_ms and sample_ms < 0.001:
+        raise ScenarioError(f"{where}: {key} = {sample_ms!r}: a sampling period is 0 (none) or at least 0.001 ms")
+    if sample_ms and duration_s * 1000 / sample_ms > MAX_SAMPLES:
+        raise ScenarioError(f"{where}: {key} = {sample_ms!r}: at most {MAX_SAMPLES:,} samples, so at least "
+                            f"{duration_s * 1000 / MAX_SAMPLES:g} ms for a duration of {duration_s:g} s")
 
 
 def _type_name(t: Any) -> str:
@@ -111,20 +145,26 @@ class Scenario:
     def load(cls, path: str | Path) -> Scenario:
         p = Path(path)
         try:
-            text = p.read_text(encoding="utf-8")
+            with p.open("rb") as fh:
+                raw = fh.read(MAX_FILE_BYTES + 1)
         except FileNotFoundError:
             raise ScenarioError(f"scenario {str(p)!r}: no such file") from None
+        except IsADirectoryError:
+            raise ScenarioError(f"scenario {str(p)!r}: is a directory, not a TOML file") from None
         except OSError as e:
             raise ScenarioError(f"scenario {str(p)!r}: cannot read it ({e.strerror})") from None
+        if len(raw) > MAX_FILE_BYTES:
+            raise ScenarioError(f"scenario {str(p)!r}: larger than {MAX_FILE_BYTES >> 20} MiB, not a scenario")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ScenarioError(f"scenario {str(p)!r}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") \
+                from None
         return cls.loads(text, str(p))
 
     @classmethod
     def loads(cls, text: str, source: str = "<scenario>") -> Scenario:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ScenarioError(f"{source}: not valid TOML: {e}") from None
-        return cls.from_dict(data, source)
+        return cls.from_dict(parse_toml(text, source), source)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "<scenario>") -> Scenario:
@@ -132,16 +172,17 @@ class Scenario:
         sc = cls(source=source)
         sc.name = data.get("name", Path(source).stem if source != "<scenario>" else "scenario")
         sc.seed = data.get("seed", 1)
-        sc.duration_s = float(data.get("duration_s", 0.1))
-        if not 0 < sc.duration_s <= 86400:
-            raise ScenarioError(f"{source}: duration_s = {data.get('duration_s')!r}: the modelled duration is "
-                                "> 0 and at most 86400 seconds")
-        sc.slice_us = float(data.get("slice_us", 1000.0))
-        if not 10 <= sc.slice_us <= 1e6:
-            raise ScenarioError(f"{source}: slice_us = {sc.slice_us!r}: a host timeslice is 10 us to 1 s")
-        sc.sample_ms = float(data.get("sample_ms", 0.0))
-        if sc.sample_ms < 0:
-            raise ScenarioError(f"{source}: sample_ms = {sc.sample_ms!r}: a sampling period is >= 0 (0: none)")
+        if not 0 <= sc.seed < U64:
+            raise ScenarioError(f"{source}: seed = {sc.seed!r}: a seed is 0 to 2^64-1")
+        sc.duration_s = _finite(source, "duration_s", data.get("duration_s", 0.1), 0, 86400,
+                                "the modelled duration is > 0 and at most 86400 seconds")
+        if sc.duration_s == 0:
+            raise ScenarioError(f"{source}: duration_s = 0: the modelled duration is > 0 and at most 86400 seconds")
+        sc.slice_us = _finite(source, "slice_us", data.get("slice_us", 1000.0), 10, 1e6,
+                              "a host timeslice is 10 us to 1 s")
+        sc.sample_ms = _finite(source, "sample_ms", data.get("sample_ms", 0.0), 0, sc.duration_s * 1000,
+                               "a sampling period is 0 (none) or a number of ms up to the duration")
+        _check_samples(source, "sample_ms", sc.sample_ms, sc.duration_s)
         host = data.get("host", {})
         _check_keys(f"{source}: [host]", host, _HOST_KEYS)
         sc.host_cores = host.get("cores", 4)
@@ -149,6 +190,9 @@ class Scenario:
             raise ScenarioError(f"{source}: [host] cores = {sc.host_cores!r}: a host has 1 to 1024 cores")
         sc.host_memory_mib = host.get("memory_mib")
         sc.host_reserved_mib = host.get("reserved_mib", 0)
+        for key, value in (("memory_mib", sc.host_memory_mib), ("reserved_mib", sc.host_reserved_mib)):
+            if value is not None and value > 1 << 30:
+                raise ScenarioError(f"{source}: [host] {key} = {value!r}: at most 2^30 MiB (1 EiB)")
         sc.host_maxphyaddr = host.get("maxphyaddr", 46)
         if not 36 <= sc.host_maxphyaddr <= 52:
             raise ScenarioError(f"{source}: [host] maxphyaddr = {sc.host_maxphyaddr!r}: between 36 and 52")
@@ -245,10 +289,13 @@ class Scenario:
     def scaled(self, duration_s: float | None = None, seed: int | None = None) -> Scenario:
         out = dataclasses.replace(self, vms=list(self.vms))
         if duration_s is not None:
-            if not 0 < duration_s <= 86400:
+            if not (math.isfinite(duration_s) and 0 < duration_s <= 86400):
                 raise ScenarioError(f"--duration {duration_s!r}: the modelled duration is > 0 and at most 86400 s")
             out.duration_s = duration_s
+            _check_samples(f"--duration {duration_s:g}", "sample_ms", out.sample_ms, duration_s)
         if seed is not None:
+            if not 0 <= seed < U64:
+                raise ScenarioError(f"--seed {seed}: a seed is 0 to 2^64-1")
             out.seed = seed
         return out
 
@@ -299,13 +346,19 @@ class Scenario:
 _MISS_KEYS = ("mmio_accesses", "mmio_fast_path", "mmio_slow_path", "mmio_to_userspace")
 
 
+_SAMPLED_STATS = ("exits", "pf_taken", "pf_fixed", "pf_emulate", "pf_mmio_spte_created", "mmio_exits")
+_SAMPLED_COUNTERS = ("guest_walks", "memslot_searches", "shadow_walks", "host_swapins")
+# The counters of a scenario's time series (`sample_ms`; what `kvmmu plot --kind series` can draw).
+SAMPLED = (*_SAMPLED_STATS, *_SAMPLED_COUNTERS, *_MISS_KEYS)
+
+
 def _totals(machines: list[Machine], oses: list[GuestOS]) -> dict[str, int]:
     out: dict[str, int] = {}
     for m, o in zip(machines, oses, strict=True):
         for v in m.vcpus:
-            for k in ("exits", "pf_taken", "pf_fixed", "pf_emulate", "pf_mmio_spte_created", "mmio_exits"):
+            for k in _SAMPLED_STATS:
                 out[k] = out.get(k, 0) + v.stats[k]
-            for k in ("guest_walks", "memslot_searches", "shadow_walks", "host_swapins"):
+            for k in _SAMPLED_COUNTERS:
                 out[k] = out.get(k, 0) + v.counters[k]
         for k in _MISS_KEYS:
             out[k] = out.get(k, 0) + o.counters[k]

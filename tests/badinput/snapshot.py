@@ -87,16 +87,26 @@ def assert_unchanged(before: dict[str, object], after: dict[str, object], what: 
         f"{k}: {before[k]!r} -> {after[k]!r}"[:300] for k in changed)
 
 
-def shown(value: object) -> str:
-    """How kvmmu.InvalidArgument shows a value in its message."""
-    return hex(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+# The parameters whose values are addresses, registers or bit masks (docs/cli.md, "Error messages"):
+# an error shows them in hex; every other integer (counts, sizes in MiB, levels, slots) in decimal.
+HEX_PARAMETERS = {"gva", "gpa", "guest_phys_addr", "userspace_addr", "memory_size", "address", "addr", "flags",
+                  "cr0", "cr3", "cr4", "efer", "eptp", "pkru", "value", "data", "pool", "pool_end", "pte_in",
+                  "page", "pfn", "Map.gpa", "Map.flags", "io.addr", "page-table", "pdpte", "rflags", "rip", "rsp",
+                  "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", *(f"r{n}" for n in range(8, 16))}
+
+
+def shown(what: str, value: object) -> str:
+    """How kvmmu.InvalidArgument shows a value of parameter `what` in its message."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return hex(value) if what in HEX_PARAMETERS else str(value)
+    return repr(value)
 
 
 def assert_names(err: kvmmu.InvalidArgument, what: str, value: object) -> None:
     """The message names the parameter, its bad value and a rule."""
     msg = str(err)
     assert err.what == what, f"the error names {err.what!r}, not the bad parameter {what!r}: {msg}"
-    assert shown(value) in msg, f"the message does not show the bad value {shown(value)}: {msg}"
+    assert shown(what, value) in msg, f"the message does not show the bad value {shown(what, value)}: {msg}"
     assert err.rule and err.rule in msg, f"the message states no rule: {msg}"
 
 

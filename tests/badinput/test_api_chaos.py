@@ -275,7 +275,8 @@ def check_message(err: kvmmu.KvmmuError) -> None:
     if isinstance(err, kvmmu.InvalidArgument):
         msg = str(err)
         assert err.what and err.what in msg, f"the message does not name the parameter: {msg}"
-        assert shown(err.value) in msg, f"the message does not show the value {shown(err.value)}: {msg}"
+        value = shown(err.what, err.value)
+        assert value in msg, f"the message does not show the value {value}: {msg}"
         assert err.rule and err.rule in msg, f"the message states no rule: {msg}"
 
 

@@ -40,7 +40,8 @@ def test_fast_path_share_follows_the_policy(report) -> None:
 
 def test_text_has_the_tables_and_the_reading(report) -> None:
     text = format_linux_boot(report)
-    for part in ("Workload: Linux 6.1", "firmware", "Totals", "Per phase, ept/generation:", "What the model makes",
+    for part in ("Workload: A real MMIO trace: Linux 6.1 booting on a 2-vCPU PC", "2 vCPUs",
+                 "firmware", "Totals", "Per phase, ept/generation:", "What the model makes",
                  "MMIO sptes created", "fast path hits (spte)", "cycles per MMIO access",
                  f"Replayed: the first {LIMIT:,}"):
         assert part in text
@@ -59,7 +60,7 @@ def test_bad_arguments_are_scenario_errors() -> None:
 
 
 def test_main_prints_one_line_and_exits_2_on_a_user_error(capsys) -> None:
-    assert main(["--policies", "nope", "--limit", "10"]) == 2
-    assert capsys.readouterr().err.startswith("kvmmu: error: policy='nope'")
-    assert main(["--flavours", "ept", "--policies", "generation", "--limit", "200"]) == 0
+    assert main(["--policy", "nope", "--limit", "10"]) == 2
+    assert capsys.readouterr().err.startswith("kvmmu: error: argument --policy: 'nope': unknown MMIO policy")
+    assert main(["--mmu", "ept", "--policy", "generation", "--limit", "200", "-q"]) == 0
     assert "ept/generation" in capsys.readouterr().out

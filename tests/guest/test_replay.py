@@ -131,3 +131,11 @@ def test_limit_counts_accesses() -> None:
     setup, pt = machine()
     lines = [f'{{"vcpu": 0, "op": "read", "gva": "{IO + 4 * i:#x}", "size": 4}}' for i in range(10)]
     assert replay(setup, trace(pt, *lines), limit=4).total.accesses == 4
+
+
+def test_a_record_built_with_a_negative_vcpu_is_refused_not_run_on_the_last_vcpu() -> None:
+    from kvmmu.guest.trace import TraceRecord
+    setup, _ = machine()
+    with pytest.raises(ScenarioError, match=r"vcpu=-1: the VM has 2 vCPUs"):
+        replay(setup, [TraceRecord(-1, "read", IO, 4)])
+    assert setup.vcpus[1].stats["exits"] == 0

@@ -34,16 +34,14 @@ device models (MSI writes).  Only ``mmio`` rows are guest memory accesses; the o
 
 from __future__ import annotations
 
-import csv
 import functools
-import gzip
-import io
 import json
-import re
+import os
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from importlib.abc import Traversable
+from pathlib import Path
 
 from ..arch.bits import (
     EFER_LMA,
@@ -61,17 +59,31 @@ from ..arch.bits import (
     X86_CR4_PGE,
     X86_CR4_PSE,
 )
-from ..errors import ScenarioError
+from ..errors import InvalidArgument, ScenarioError
 from ..kvm.iobus import CoalescedMmio
-from ..kvm.memslots import KVM_MEM_READONLY
 from ..kvm.vm import VM
+from .boot_trace import (
+    IOMEM,
+    KINDS,
+    MEMORY_MAP,
+    Access,
+    MemoryRange,
+    Source,
+    access_value,
+    machine_name,
+    mtree_vcpus,
+    open_rows,
+    parse_iomem,
+    parse_mtree_flat,
+    read_rows,
+    read_text_file,
+)
 from .pagetables import NX, PCD, RW, A, D, G, GuestPageTables, P
 from .trace import RecordedValues, ReplayResult, ReplaySetup, TraceRecord, replay
 
 DATASET = "linux-boot-mmio-pc-smp2"
-KINDS = ("mmio", "pio", "dev")
 FIRMWARE_PHASE = "firmware"
-NR_VCPUS = 2
+NR_VCPUS = 2                                         # the shipped recording's machine
 
 LAPIC_BASE, LAPIC_SIZE = 0xFEE00000, 0x1000          # KVM's in-kernel LAPIC (apic_mmio_in_range)
 IOAPIC_BASE, IOAPIC_SIZE = 0xFEC00000, 0x100         # KVM's in-kernel IOAPIC (IOAPIC_MEM_LENGTH)
@@ -91,8 +103,6 @@ KERNEL_MMIO = KERNEL_DATA | PCD                      # ioremap / fixmap (uncache
 # base randomised by KASLR; the loader reads it off the recorded direct-map accesses.
 DIRECT_MAP_RANGE = (0xFFFF888000000000, 0xFFFFC88000000000)
 
-_MTREE_LINE = re.compile(r"^\s+([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (\w+)\): (.+)$")
-_IOMEM_LINE = re.compile(r"^(\s*)([0-9a-f]+)-([0-9a-f]+) : (.+)$")
 
 
 # -- the shipped data ------------------------------------------------------------------------------
@@ -102,61 +112,15 @@ def data_dir() -> Traversable:
 
 
 def read_text(name: str) -> str:
-    return data_dir().joinpath(name).read_text(encoding="utf-8")
+    """A text file of the shipped data set."""
+    text = read_text_file(data_dir(), name)
+    assert text is not None
+    return text
 
 
 def summary() -> dict:
     """The recorder's own summary.json (counts per kind, phase, vCPU, region)."""
     return json.loads(read_text("summary.json"))
-
-
-# -- the memory map --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MemoryRange:
-    """One RAM or ROM section of the guest's flat memory view: one memslot."""
-
-    start: int
-    end: int                 # exclusive
-    kind: str                # "ram" | "rom"
-    name: str
-
-    @property
-    def size(self) -> int:
-        return self.end - self.start
-
-    @property
-    def flags(self) -> int:
-        return KVM_MEM_READONLY if self.kind == "rom" else 0
-
-
-def parse_mtree_flat(text: str, address_space: str = "memory") -> list[MemoryRange]:
-    """RAM/ROM sections of the flat view that serves `address_space` (QEMU's `info mtree -f`)."""
-    views = text.split("FlatView #")[1:]
-    for view in views:
-        if f'AS "{address_space}",' not in view:
-            continue
-        out = []
-        for line in view.splitlines():
-            m = _MTREE_LINE.match(line)
-            if m and m.group(3) in ("ram", "rom"):
-                start, last = int(m.group(1), 16), int(m.group(2), 16)
-                out.append(MemoryRange(start, last + 1, m.group(3), m.group(4).strip()))
-        for r in out:
-            if r.start % 4096 or r.end % 4096:
-                raise ScenarioError(f"mtree_flat.txt: section {r.name} [{r.start:#x}, {r.end:#x}) is not "
-                                    "page-aligned, so it cannot be a memslot")
-        return out
-    raise ScenarioError(f"mtree_flat.txt: no flat view serves the address space {address_space!r}")
-
-
-def parse_iomem(text: str) -> list[tuple[int, int, str, int]]:
-    """/proc/iomem as (start, end exclusive, name, nesting depth)."""
-    out = []
-    for line in text.splitlines():
-        m = _IOMEM_LINE.match(line)
-        if m:
-            out.append((int(m.group(2), 16), int(m.group(3), 16) + 1, m.group(4), len(m.group(1)) // 2))
-    return out
 
 
 # -- guest page tables, built once as an image -----------------------------------------------------
@@ -262,6 +226,9 @@ class LinuxBootWorkload:
     notify_addrs: tuple[int, ...]                     # virtio notify addresses the guest wrote
     wide_values: int                                  # mmio rows whose logged value exceeded their size
     iomem: list[tuple[int, int, str, int]] = field(default_factory=list)
+    nr_vcpus: int = NR_VCPUS                          # the recorded machine's vCPUs
+    machine: str = "Linux 6.1 booting on a 2-vCPU QEMU PC"   # what the recording says it is
+    source: str = DATASET                             # where it was loaded from
 
     @property
     def phases(self) -> list[str]:
@@ -313,7 +280,7 @@ class LinuxBootWorkload:
     # -- the machine -----------------------------------------------------------------------------
     def setup(self, flavour: str = "shadow", policy: str = "generation", profile: str = "irqchip",
               **vm_options: object) -> ReplaySetup:
-        """A fresh VM for this workload: memslots, page tables in RAM, devices, two vCPUs."""
+        """A fresh VM for this workload: memslots, page tables in RAM, devices, the recorded machine's vCPUs."""
         if profile not in PROFILES:
             raise ScenarioError(f"profile={profile!r}: the device profile is one of {PROFILES}")
         vm = VM(mmu=flavour, mmio_caching=policy, **vm_options)
@@ -330,137 +297,59 @@ class LinuxBootWorkload:
             for addr in self.notify_addrs:
                 vm.register_io_device(addr, 0, IoEventFd(values))
         vm.mmio_handler = values
-        vcpus = [vm.create_vcpu() for _ in range(NR_VCPUS)]
+        vcpus = [vm.create_vcpu() for _ in range(self.nr_vcpus)]
         return ReplaySetup(vm, vcpus, values)
 
     def replay(self, flavour: str = "shadow", policy: str = "generation", limit: int | None = None,
-               profile: str = "irqchip", **vm_options: object) -> ReplayResult:
+               profile: str = "irqchip", progress=None, **vm_options: object) -> ReplayResult:
         """Replay the first `limit` MMIO accesses (all if None) on a fresh VM."""
-        return replay(self.setup(flavour, policy, profile, **vm_options), self.records_upto(limit))
+        return replay(self.setup(flavour, policy, profile, **vm_options), self.records_upto(limit),
+                      progress=progress)
 
 
 # -- loading ---------------------------------------------------------------------------------------
-def _hexfield(text: str, line: int, name: str) -> int:
-    try:
-        return int(text, 16)
-    except ValueError:
-        raise ScenarioError(f"mmio_trace.csv line {line}: column {name}={text!r} is not a hex number") from None
-
-
-@dataclass
-class _Access:
-    line: int
-    seq: int
-    vcpu: int
-    write: bool
-    gva: int
-    gpa: int
-    size: int
-    region: str
-    phase: str
-    parts: list[str]
-    got: int
-    pc: str
-
-
-def _read_rows(text: io.TextIOBase) -> tuple[dict, list[_Access]]:
-    reader = csv.reader(text)
-    header = next(reader, None)
-    want = ["seq", "vcpu", "kind", "is_write", "addr", "size", "value", "region", "pc", "gva", "cpu_size", "phase"]
-    if header != want:
-        raise ScenarioError(f"mmio_trace.csv: the header is {header}, expected {want}")
-    counts = {"rows": 0, "kind": Counter(), "vcpu": Counter(), "phase_kind": {}, "merged": 0}
-    phase_kind: dict[str, Counter] = counts["phase_kind"]
-    accesses: list[_Access] = []
-    pending: dict[int, _Access] = {}
-    for line, row in enumerate(reader, 2):
-        if len(row) != len(want):
-            raise ScenarioError(f"mmio_trace.csv line {line}: {len(row)} columns, expected {len(want)}")
-        seq, vcpu, kind, is_write, addr, size, value, region, pc, gva, cpu_size, phase = row
-        if kind not in KINDS:
-            raise ScenarioError(f"mmio_trace.csv line {line}: kind={kind!r}: a row is one of {KINDS}")
-        counts["rows"] += 1
-        counts["kind"][kind] += 1
-        counts["vcpu"][int(vcpu)] += 1
-        phase_kind.setdefault(phase, Counter())[kind] += 1
-        if kind != "mmio":
-            continue
-        if not gva or not cpu_size:
-            raise ScenarioError(f"mmio_trace.csv line {line}: an mmio row needs gva and cpu_size")
-        v, n, cs = int(vcpu), int(size), int(cpu_size)
-        g, a = _hexfield(gva, line, "gva"), _hexfield(addr, line, "addr")
-        part = _Access(line, int(seq), v, is_write == "1", g, a, n, region, phase, [value], n, pc)
-        cur = pending.get(v)
-        if cur is not None:
-            if g != cur.gva + cur.got or a != cur.gpa + cur.got or pc != cur.pc or part.write != cur.write \
-                    or cur.size != cs:
-                raise ScenarioError(f"mmio_trace.csv line {line}: vCPU {v}'s access split at line {cur.line} "
-                                    "is interrupted by an access that does not continue it")
-            cur.parts.append(value)
-            cur.got += n
-            counts["merged"] += 1
-            if cur.got == cur.size:
-                del pending[v]
-            elif cur.got > cur.size:
-                raise ScenarioError(f"mmio_trace.csv line {line}: the pieces exceed cpu_size={cur.size}")
-            continue
-        if n == cs:
-            accesses.append(part)
-        elif n < cs:
-            part.size = cs
-            pending[v] = part
-            accesses.append(part)
-        else:
-            raise ScenarioError(f"mmio_trace.csv line {line}: size={n} exceeds cpu_size={cs}")
-    if pending:
-        cur = next(iter(pending.values()))
-        raise ScenarioError(f"mmio_trace.csv line {cur.line}: the trace ends inside a split access")
-    return counts, accesses
-
-
-def _value(acc: _Access) -> tuple[int | None, int]:
-    """The access's value from its rows, and how many rows logged more bits than their size.
-
-    The recorder logged what the device model returned; for a few 4-byte HPET reads that is the
-    whole 64-bit register, of which the CPU (and so the guest) got the low `size` bytes."""
-    if any(p == "" for p in acc.parts):
-        return None, 0
-    piece = acc.size // len(acc.parts)
-    mask = (1 << (8 * piece)) - 1
-    out = wide = 0
-    for i, p in enumerate(acc.parts):
-        try:
-            v = int(p, 16)
-        except ValueError:
-            raise ScenarioError(f"mmio_trace.csv line {acc.line}: value={p!r} is not a hex number") from None
-        wide += v > mask
-        out |= (v & mask) << (8 * piece * i)
-    return out, wide
-
-
-def load_linux_boot(path: str | None = None) -> LinuxBootWorkload:
-    """Load the shipped data set (or a copy of `mmio_trace.csv.gz` at `path`; the memory map files
-    always come from the package).  The shipped data is loaded once and cached."""
+def load_linux_boot(path: str | os.PathLike | None = None) -> LinuxBootWorkload:
+    """Load a recorded boot: the shipped data set (None; loaded once and cached) or the trace
+    directory at `path` (or its ``mmio_trace.csv[.gz]``), whose own memory map, iomem and machine
+    description are read (docs/workloads.md, "Recorded trace directories").  Damaged or
+    inconsistent files raise `ScenarioError` before anything is replayed."""
     if path is None:
         return _load_shipped()
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
-        return _build(fh)
+    p = Path(path)
+    if p.is_file() and p.name.startswith("mmio_trace.csv"):
+        p = p.parent
+    if not p.exists():
+        raise ScenarioError(f"trace directory {str(path)!r}: no such directory")
+    if not p.is_dir():
+        raise ScenarioError(f"trace directory {str(path)!r}: not a directory (give the folder holding "
+                            "mmio_trace.csv.gz and mtree_flat.txt)")
+    return _build(p, machine_name(p, p.resolve().name or str(p)), str(p))
 
 
 @functools.lru_cache(maxsize=1)
 def _load_shipped() -> LinuxBootWorkload:
-    with data_dir().joinpath("mmio_trace.csv.gz").open("rb") as raw, \
-            gzip.open(raw, "rt", encoding="utf-8", newline="") as fh:
-        return _build(fh)
+    root = data_dir()
+    return _build(root, machine_name(root, DATASET), DATASET)
 
 
-def _build(fh: io.TextIOBase) -> LinuxBootWorkload:
-    try:
-        counts, accesses = _read_rows(fh)
-    except (OSError, EOFError) as exc:
-        raise ScenarioError(f"mmio_trace.csv.gz: damaged or truncated ({exc})") from None
-    memory = parse_mtree_flat(read_text("mtree_flat.txt"))
-    iomem = parse_iomem(read_text("guest_iomem.txt"))
+def _build(root: Source, machine: str, source: str) -> LinuxBootWorkload:
+    memory_text = read_text_file(root, MEMORY_MAP)
+    assert memory_text is not None
+    memory = parse_mtree_flat(memory_text)
+    iomem_text = read_text_file(root, IOMEM, required=False)
+    iomem = parse_iomem(iomem_text) if iomem_text is not None else []
+    fh, where = open_rows(root)
+    with fh:
+        counts, accesses = read_rows(fh, where)
+    seen = [v for v in counts["vcpu"] if v >= 0]
+    nr_vcpus = mtree_vcpus(memory_text) or (max(seen) + 1 if seen else 1)
+    for acc in accesses:
+        if acc.vcpu >= nr_vcpus:
+            raise ScenarioError(f"{where} line {acc.line}: vcpu={acc.vcpu}: the recorded machine has {nr_vcpus} "
+                                f"vCPUs ({MEMORY_MAP} names cpu-memory-0..{nr_vcpus - 1})")
+    if accesses and not any(r.kind == "ram" and r.start <= PT_POOL and r.end >= PT_POOL_END for r in memory):
+        raise ScenarioError(f"{MEMORY_MAP}: no RAM section holds [{PT_POOL:#x}, {PT_POOL_END:#x}), where the "
+                            "replay builds the kernel's page tables (a Linux guest has RAM there)")
     problems: list[str] = []
     for start, end, name, depth in iomem:
         if depth == 0 and name == "System RAM" and not any(r.start <= start and end <= r.end and r.kind == "ram"
@@ -476,6 +365,9 @@ def _build(fh: io.TextIOBase) -> LinuxBootWorkload:
         if any(r.start <= acc.gpa < r.end for r in memory):
             problems.append(f"line {acc.line}: MMIO at gpa {acc.gpa:#x} lies inside a memslot")
         if acc.phase == FIRMWARE_PHASE:
+            if acc.gva >> 32:
+                raise ScenarioError(f"{where} line {acc.line}: gva={acc.gva:#x}: firmware runs with paging off "
+                                    "in 32-bit protected mode, so its addresses are below 4 GiB")
             if acc.gva != acc.gpa:
                 problems.append(f"line {acc.line}: firmware runs with paging off, but gva {acc.gva:#x} != gpa")
             continue
@@ -492,19 +384,22 @@ def _build(fh: io.TextIOBase) -> LinuxBootWorkload:
     direct_map = direct_bases.most_common(1)[0][0] if direct_bases else DIRECT_MAP_RANGE[0]
     conflicts = [MappingConflict(g, tuple(tuple(x) for x in h)) for g, h in sorted(history.items()) if len(h) > 1]
     initial = {g: h[0][0] for g, h in history.items()}
-    tables = _build_page_tables(initial, direct_map)
+    try:
+        tables = _build_page_tables(initial, direct_map)
+    except InvalidArgument as exc:
+        raise ScenarioError(f"{where}: the kernel's mappings cannot be built as 4-level page tables ({exc})") from None
 
-    records, mmio_index, wide = _records(accesses, tables)
+    records, mmio_index, wide = _records(accesses, tables, where)
     notify = tuple(sorted({a.gpa for a in accesses if a.write and a.region.startswith("virtio-pci-notify")}))
     return LinuxBootWorkload(
         rows=counts["rows"], rows_by_kind=dict(counts["kind"]), rows_by_vcpu=dict(counts["vcpu"]),
         rows_by_phase_kind={p: dict(c) for p, c in counts["phase_kind"].items()},
         mmio_rows=counts["kind"]["mmio"], split_rows_merged=counts["merged"], memory=memory, page_tables=tables,
         initial_map=initial, conflicts=conflicts, problems=problems, records=records, mmio_index=mmio_index,
-        notify_addrs=notify, wide_values=wide, iomem=iomem)
+        notify_addrs=notify, wide_values=wide, iomem=iomem, nr_vcpus=nr_vcpus, machine=machine, source=source)
 
 
-def _records(accesses: list[_Access], tables: PageTables) -> tuple[list[TraceRecord], list[int], int]:
+def _records(accesses: list[Access], tables: PageTables, where: str) -> tuple[list[TraceRecord], list[int], int]:
     """The replayable stream: MMIO accesses, control registers where a vCPU's mode changes, and the
     guest's page-table updates where a gva page changes its mapping."""
     records: list[TraceRecord] = []
@@ -536,7 +431,7 @@ def _records(accesses: list[_Access], tables: PageTables) -> tuple[list[TraceRec
                         records.append(TraceRecord(v, "invlpg", gp, phase=acc.phase))
                 records.append(TraceRecord(acc.vcpu, "write", store, 8, pp | KERNEL_MMIO, pte, phase=acc.phase))
                 current[gp] = pp
-        value, w = _value(acc)
+        value, w = access_value(acc, where)
         wide += w
         mmio_index.append(len(records))
         records.append(TraceRecord(acc.vcpu, "write" if acc.write else "read", acc.gva, acc.size, value,
@@ -546,7 +441,7 @@ def _records(accesses: list[_Access], tables: PageTables) -> tuple[list[TraceRec
 
 
 __all__ = [
-    "DATASET", "FIRMWARE_PHASE", "IOAPIC_BASE", "LAPIC_BASE", "PROFILES", "CoalescedZone", "IoEventFd",
+    "DATASET", "FIRMWARE_PHASE", "IOAPIC_BASE", "KINDS", "LAPIC_BASE", "PROFILES", "CoalescedZone", "IoEventFd",
     "LinuxBootWorkload", "MappingConflict", "MemoryRange", "PageTables", "data_dir", "load_linux_boot",
     "parse_iomem", "parse_mtree_flat", "summary",
 ]

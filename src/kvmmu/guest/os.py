@@ -76,6 +76,9 @@ class GuestPanic(KvmmuError):
     """The modelled guest OS cannot go on (e.g. out of memory for what the scenario asked)."""
 
 
+OS_INT_MAX = 10**10                    # a native cost (cycles: 4 modelled s) or a size, at most
+
+
 @dataclass(frozen=True)
 class OsParams:
     """Guest kernel configuration and its native costs (host cycles of work a real kernel does)."""
@@ -99,7 +102,7 @@ class OsParams:
     min_free_pages: int = 256          # reclaim the page cache below this many free frames
 
     def validate(self) -> None:
-        if not isinstance(self.hz, int) or not 10 <= self.hz <= 10000:
+        if not isinstance(self.hz, int) or isinstance(self.hz, bool) or not 10 <= self.hz <= 10000:
             raise InvalidArgument("os.hz", self.hz, "the timer frequency is 10 to 10000 Hz")
         if self.apic not in ("xapic", "x2apic"):
             raise InvalidArgument("os.apic", self.apic, "the APIC mode is 'xapic' or 'x2apic'")
@@ -107,15 +110,16 @@ class OsParams:
             raise InvalidArgument("os.timer", self.timer, "the timer mode is 'periodic', 'oneshot' or 'tsc-deadline'")
         if self.clocksource not in ("kvm-clock", "hpet"):
             raise InvalidArgument("os.clocksource", self.clocksource, "the clocksource is 'kvm-clock' or 'hpet'")
-        if not isinstance(self.ghz, (int, float)) or not 0.1 <= self.ghz <= 10:
+        if not isinstance(self.ghz, (int, float)) or isinstance(self.ghz, bool) or not 0.1 <= self.ghz <= 10:
             raise InvalidArgument("os.ghz", self.ghz, "the clock is 0.1 to 10 GHz")
-        if not isinstance(self.timeslice_ticks, int) or self.timeslice_ticks < 1:
-            raise InvalidArgument("os.timeslice_ticks", self.timeslice_ticks, "a timeslice is at least one tick")
+        if not isinstance(self.timeslice_ticks, int) or isinstance(self.timeslice_ticks, bool) \
+                or not 1 <= self.timeslice_ticks <= 10000:
+            raise InvalidArgument("os.timeslice_ticks", self.timeslice_ticks, "a timeslice is 1 to 10000 ticks")
         for name in ("boot_console_bytes", "cost_fault", "cost_syscall", "cost_ctxsw", "cost_irq", "cost_fork",
                      "cost_exec", "cost_exit", "cost_per_pte", "page_cache_mib", "min_free_pages"):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise InvalidArgument(f"os.{name}", v, "must be a non-negative integer")
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= OS_INT_MAX:
+                raise InvalidArgument(f"os.{name}", v, f"an integer from 0 to {OS_INT_MAX:,}")
 
     def cycles(self, seconds: float) -> int:
         return int(seconds * self.ghz * 1e9)
@@ -266,6 +270,14 @@ class Cpu:
     clock: int = 0
 
 
+# The guest kernel's own counters (GuestOS.counters; a scenario report's "guest" section).
+OS_COUNTERS = (
+    "forks", "execs", "exits", "page_faults", "cow_faults", "segfaults", "context_switches", "ticks",
+    "lost_ticks", "irqs", "ipis", "munmaps", "invlpgs", "tlb_flushes", "disk_requests", "net_requests",
+    "page_cache_misses", "page_cache_reclaims", "mmio_accesses", "mmio_fast_path", "mmio_slow_path",
+    "mmio_to_userspace", "kernel_pte_writes", "native_cycles")
+
+
 class GuestOS:
     """The kernel of one machine."""
 
@@ -295,11 +307,7 @@ class GuestOS:
         self._vmalloc_next = VMALLOC
         self.wake_requests: list[tuple[int, int]] = []     # (cpu index, time): the host must run it then
         self.vmm_timers: list = []                          # heap of (time, seq, fn) run by the VMM thread
-        self.counters: dict[str, int] = dict.fromkeys((
-            "forks", "execs", "exits", "page_faults", "cow_faults", "segfaults", "context_switches", "ticks",
-            "lost_ticks", "irqs", "ipis", "munmaps", "invlpgs", "tlb_flushes", "disk_requests", "net_requests",
-            "page_cache_misses", "page_cache_reclaims", "mmio_accesses", "mmio_fast_path", "mmio_slow_path",
-            "mmio_to_userspace", "kernel_pte_writes", "native_cycles"), 0)
+        self.counters: dict[str, int] = dict.fromkeys(OS_COUNTERS, 0)
         self.cr0 = X86_CR0_PG | X86_CR0_PE | X86_CR0_WP
         self.done = False
         self.booted = False
@@ -924,7 +932,13 @@ class GuestOS:
         end = start + budget
         if not cpu.ticking:
             cpu.ticking = True
-            cpu.next_tick = start + self.tick_period
+            if cpu.next_tick == 0:
+                cpu.next_tick = start + self.tick_period
+            elif cpu.next_tick <= start:
+                # NO_HZ idle exit (tick_nohz_restart): the tick timer is forwarded on its own grid
+                # (last_tick + k * TICK_NSEC) to the first expiry after now, not re-armed a whole
+                # period from now, so a vCPU that idles more often than once a period still ticks.
+                cpu.next_tick += ((start - cpu.next_tick) // self.tick_period + 1) * self.tick_period
         self.vm.trace.current_vcpu = cpu.vcpu.id
         while cpu.clock < end:
             now = cpu.clock
@@ -945,7 +959,7 @@ class GuestOS:
                 self._account(cpu)
                 if proc is None:
                     cpu.idle = True
-                    cpu.ticking = False          # NO_HZ idle: no ticks while idle
+                    cpu.ticking = False          # NO_HZ idle: no ticks while idle (next_tick keeps the grid)
                     wake = cpu.events[0][0] if cpu.events else None
                     return max(1, cpu.clock - start), wake
             self._step(cpu, proc, end)

@@ -10,7 +10,7 @@ One JSON object per line, UTF-8.  Empty lines are ignored.  The first line may b
 =========  ======================================================================================
 field      meaning
 =========  ======================================================================================
-``vcpu``   required; the vCPU index (integer >= 0)
+``vcpu``   required; the vCPU index (integer 0 to 1023)
 ``op``     required; ``"read"``, ``"write"``, ``"fetch"`` (an access) or ``"invlpg"`` (the guest
            invalidates the TLB entry of ``gva`` on that vCPU: a record with no ``size``/``value``)
 ``gva``    required; the guest-linear address (with paging off, the guest-physical address)
@@ -27,12 +27,13 @@ field      meaning
 ``cpl``    optional; the privilege level of the access (0-3; absent: the vCPU's current one)
 ``phase``  optional; a label for reports (e.g. "firmware", "kernel-boot")
 ``region`` optional; the device region the access reached (absent: RAM or not recorded)
-``seq``    optional; the record's position in the original recording (integer >= 0)
+``seq``    optional; the record's position in the original recording (integer 0 to 2**63-1)
 =========  ======================================================================================
 
 Addresses, values and control registers are JSON strings ``"0x"`` + 1 to 16 hex digits (JSON
 numbers lose precision above 2**53); ``value`` may have up to 32 digits for 16-byte accesses.
-Fields not listed are refused, so a misspelt field never passes silently.  Example::
+Fields not listed are refused, so a misspelt field never passes silently; a line holds at most
+4,096 characters.  Example::
 
     {"format": "kvmmu-trace", "version": 1}
     {"vcpu": 0, "op": "read", "gva": "0xffffffffff5fd030", "size": 4, "value": "0x50014", "gpa": "0xfee00030"}
@@ -49,6 +50,7 @@ import io
 import json
 import os
 import re
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
@@ -70,6 +72,8 @@ FIELDS = ("vcpu", "op", "gva", "size", "value", "gpa", "cr0", "cr3", "cr4", "efe
 _CREGS = ("cr0", "cr3", "cr4", "efer")
 _HEX = re.compile(r"0x[0-9a-fA-F]{1,32}\Z")
 _GPA_BITS = 52
+MAX_VCPU_INDEX = 1023            # KVM_MAX_VCPUS on x86 is 1024
+MAX_LINE = 4096                   # characters of one record (a full record is about 300)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +168,7 @@ def parse_record(obj: object, line: int = 0, where: str = "trace") -> TraceRecor
     for name in ("vcpu", "op", "gva"):
         if name not in obj:
             raise _error(where, line, name, "", "this field is required")
-    vcpu = _int(obj, "vcpu", where, line, 0, None, "a vCPU index is an integer >= 0")
+    vcpu = _int(obj, "vcpu", where, line, 0, MAX_VCPU_INDEX, f"a vCPU index is an integer from 0 to {MAX_VCPU_INDEX}")
     op = obj["op"]
     if op not in OPS:
         raise _error(where, line, "op", _show(op), f"an operation is one of {', '.join(OPS)}")
@@ -186,18 +190,24 @@ def parse_record(obj: object, line: int = 0, where: str = "trace") -> TraceRecor
         raise _error(where, line, "gpa", _show(obj["gpa"]), f"gva {gva:#x} and gpa must share the page offset")
     regs = {name: _hex(obj, name, where, line, 64) for name in _CREGS}
     cpl = _int(obj, "cpl", where, line, 0, 3, "CPL is 0, 1, 2 or 3")
-    seq = _int(obj, "seq", where, line, 0, None, "a sequence number is an integer >= 0")
+    seq = _int(obj, "seq", where, line, 0, 2**63 - 1, "a sequence number is an integer from 0 to 2^63-1")
     return TraceRecord(vcpu, op, gva, size, value, gpa, regs["cr0"], regs["cr3"], regs["cr4"], regs["efer"], cpl,
                        _str(obj, "phase", where, line), _str(obj, "region", where, line), seq, line)
 
 
 def _decode(text: str, line: int, where: str) -> object:
+    if len(text) > MAX_LINE:
+        raise _error(where, line, "record", "", f"a record is at most {MAX_LINE:,} characters")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         if exc.pos >= len(text.rstrip()):
             raise _error(where, line, "record", "", "the line is truncated (the JSON object is not closed)") from None
         raise _error(where, line, "record", "", f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise _error(where, line, "record", "", "not valid JSON (nested too deeply)") from None
+    except ValueError as exc:                      # e.g. an integer of thousands of digits
+        raise _error(where, line, "record", "", f"not valid JSON ({str(exc)[:80]})") from None
 
 
 def _lines(source: str | os.PathLike | IO[str] | Iterable[str]) -> tuple[Iterable[str], str, IO[str] | None]:
@@ -233,7 +243,7 @@ def read_trace(source: str | os.PathLike | IO[str] | Iterable[str]) -> Iterator[
             yield parse_record(obj, n, where)
     except UnicodeDecodeError as exc:
         raise ScenarioError(f"{where}: not UTF-8 text ({exc.reason})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ScenarioError(f"{where}: the file ends early or is damaged ({exc})") from None
     finally:
         if owned is not None:
@@ -404,13 +414,16 @@ def _add(into: dict[str, int], after: dict[str, int], before: dict[str, int]) ->
 
 
 def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[TraceRecord], *,
-           limit: int | None = None, check_values: bool = True, keep: int = 20) -> ReplayResult:
+           limit: int | None = None, check_values: bool = True, keep: int = 20,
+           progress: Callable[[float], None] | None = None) -> ReplayResult:
     """Run `records` in order, each on its vCPU, and count what KVM did per phase.
 
     `limit` stops after that many accesses (invlpg records do not count).  Reads whose record
     carries a value are checked against what the guest saw (`value_mismatches`, first `keep` kept);
     guest faults are collected the same way (a faithful replay of a real guest has none).
+    `progress(fraction)` is called every 1,000 records when `records` has a length.
     """
+    total = len(records) if progress is not None and hasattr(records, "__len__") else 0  # type: ignore[arg-type]
     setup = vm_setup() if callable(vm_setup) else vm_setup
     vcpus = setup.vcpus
     values = setup.values
@@ -436,13 +449,15 @@ def replay(vm_setup: ReplaySetup | Callable[[], ReplaySetup], records: Iterable[
     for index, rec in enumerate(records, 1):
         if limit is not None and done >= limit and rec.op != "invlpg":
             break
+        if total and index % 1000 == 0:
+            progress(index / total)  # type: ignore[misc]
         if cur is None or rec.phase != cur.phase:
             close(cur)
             cur = phases.get(rec.phase)
             if cur is None:
                 cur = phases[rec.phase] = PhaseResult(rec.phase)
                 order.append(cur)
-        if rec.vcpu >= len(vcpus):
+        if not 0 <= rec.vcpu < len(vcpus):        # (a negative index would pick a vCPU from the end)
             err = ScenarioError(f"replay {_at(rec, index)}: vcpu={rec.vcpu}: the VM has {len(vcpus)} vCPUs")
             err.line, err.field, err.rule = rec.line, "vcpu", f"the VM has {len(vcpus)} vCPUs"  # type: ignore
             raise err

@@ -18,6 +18,7 @@ time they took is modelled host time; the counters KVM moved are in the scenario
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -30,19 +31,26 @@ if TYPE_CHECKING:
     from .os import Cpu, GuestOS, Process
 
 
-def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
-        rule = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-        raise InvalidArgument(f"workload.{name}", value, rule)
+INT_RANGE = (0, 10**9)                 # a count parameter without a range of its own
+FLOAT_RANGE = (0.0, 1e9)
 
 
-def _check_num(name: str, value: Any, lo: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < lo:
-        raise InvalidArgument(f"workload.{name}", value, f"a number >= {lo}")
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidArgument(f"workload.{name}", value, f"an integer from {lo:,} to {hi:,}")
+
+
+def _check_num(name: str, value: Any, lo: float, hi: float) -> None:
+    # NaN passes neither comparison, so it is refused with infinities and out-of-range values.
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not lo <= value <= hi:
+        raise InvalidArgument(f"workload.{name}", value, f"a finite number from {lo:g} to {hi:g}")
 
 
 class Workload:
     kind: ClassVar[str] = ""
+    # parameter -> (lo, hi): its stated range (docs/cli.md); others: INT_RANGE / FLOAT_RANGE
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def validate(self) -> None:
         for f in fields(self):  # type: ignore[arg-type]
@@ -51,9 +59,13 @@ class Workload:
                 if not isinstance(v, bool):
                     raise InvalidArgument(f"workload.{f.name}", v, "must be true or false")
             elif isinstance(f.default, int):
-                _check_int(f.name, v, 0)
+                lo, hi = self.RANGES.get(f.name, INT_RANGE)
+                _check_int(f.name, v, int(lo), int(hi))
             elif isinstance(f.default, float):
-                _check_num(f.name, v, 0)
+                lo, hi = self.RANGES.get(f.name, FLOAT_RANGE)
+                _check_num(f.name, v, lo, hi)
+            elif isinstance(f.default, str) and not isinstance(v, str):
+                raise InvalidArgument(f"workload.{f.name}", v, "must be a string")
 
     def setup(self, os_: GuestOS) -> None:
         raise NotImplementedError
@@ -68,6 +80,11 @@ class KernelCompile(Workload):
     """make -j`jobs` of short compiler processes (0 jobs: two per vCPU)."""
 
     kind: ClassVar[str] = "kernel-compile"
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "jobs": (0, 4096), "total_jobs": (0, 10**7), "mmaps": (0, 1024), "compute_ms": (0, 1e5),
+        "reaccess": (0, 1000),
+        **{f"{n}_pages": (0, 1 << 20) for n in ("make", "text", "data", "bss", "heap", "stack", "src", "header", "obj",
+                                                 "mmap")}}
     jobs: int = 0
     total_jobs: int = 0                 # stop after this many (0: run for the scenario's duration)
     make_pages: int = 32                # make's own pages, copied at every fork
@@ -168,6 +185,7 @@ class NetperfRR(Workload):
     """Request/response streams (0 streams: one per vCPU, each pinned to its vCPU)."""
 
     kind: ClassVar[str] = "netperf-rr"
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {"streams": (0, 4096), "rtt_us": (0, 1e7), "stack_us": (0, 1e7)}
     streams: int = 0
     transactions: int = 0          # per stream (0: run for the scenario's duration)
     rtt_us: float = 50.0           # wire + peer time from the doorbell to the reply interrupt
@@ -252,6 +270,7 @@ class MmioBench(Workload):
     """kvm-unit-tests vmexit mmio: `iterations` accesses to one register, on every vCPU."""
 
     kind: ClassVar[str] = "mmio-bench"
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {"size": (1, 8)}
     target: str = "userspace"      # userspace (pci-testdev) | ioeventfd (pci-testdev with an ioeventfd) | lapic
     access: str = "write"          # read | write
     size: int = 4
@@ -306,6 +325,9 @@ class MemslotChurn(Workload):
     """A driver loop on every vCPU while the VMM changes memslots every `period_us`."""
 
     kind: ClassVar[str] = "memslot-churn"
+    # A period below 10 us (or a display above 1 kHz) would reschedule the VMM's timer every few cycles.
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "period_us": (10, 1e7), "hotplug_mib": (1, 1 << 20), "display_hz": (0, 1000), "ram_pages": (1, 1 << 20)}
     period_us: float = 2000.0
     actions: str = "hotplug,dirty-log"     # any of hotplug, dirty-log, move
     hotplug_mib: int = 16
@@ -321,8 +343,6 @@ class MemslotChurn(Workload):
                 raise InvalidArgument("workload.actions", self.actions, "a comma list of hotplug, dirty-log, move")
         if not acts:
             raise InvalidArgument("workload.actions", self.actions, "name at least one action")
-        if self.period_us <= 0:
-            raise InvalidArgument("workload.period_us", self.period_us, "a period is > 0")
 
     def setup(self, os_: GuestOS) -> None:
         self.validate()

@@ -36,6 +36,9 @@ from typing import Any
 
 from ..errors import ScenarioError
 
+MAX_COST = 10**10                  # cycles per event: 4 modelled seconds at 2.5 GHz
+MAX_COST_FILE = 64 << 10
+
 # parameter -> (where the counter lives: "stats" | "counters" | "vm", counter name)
 COUNTERS: dict[str, tuple[str, str]] = {
     "vm_exit": ("stats", "exits"),
@@ -98,23 +101,34 @@ class CostModel:
         for key, value in values.items():
             if key not in known:
                 raise ScenarioError(f"{where}: unknown cost parameter {key!r} (known: {', '.join(sorted(known))})")
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ScenarioError(f"{where}: {key}={value!r}: a cost is a non-negative integer number of cycles")
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_COST:
+                raise ScenarioError(f"{where}: {key}={value!r}: a cost is an integer number of cycles from 0 to "
+                                    f"{MAX_COST:,}")
         return cls(**values)
 
     @classmethod
     def from_file(cls, path: str | Path) -> CostModel:
         """Defaults overridden by a TOML (or .json) file of `parameter = cycles` lines."""
         p = Path(path)
+        where = f"cost file {str(p)!r}"
         try:
-            text = p.read_text(encoding="utf-8")
+            with p.open("rb") as fh:
+                raw = fh.read(MAX_COST_FILE + 1)
         except OSError as e:
-            raise ScenarioError(f"cost file {str(p)!r}: cannot read it ({e.strerror})") from None
+            raise ScenarioError(f"{where}: cannot read it ({e.strerror})") from None
+        if len(raw) > MAX_COST_FILE:
+            raise ScenarioError(f"{where}: larger than {MAX_COST_FILE >> 10} KiB, not a table of costs")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ScenarioError(f"{where}: not UTF-8 text (byte {e.start})") from None
+        fmt = "JSON" if p.suffix == ".json" else "TOML"
         try:
             data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ScenarioError(f"cost file {str(p)!r}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: "
-                                f"{e}") from None
+        except RecursionError:
+            raise ScenarioError(f"{where}: not valid {fmt}: nested too deeply") from None
+        except ValueError as e:              # JSONDecodeError, TOMLDecodeError, an integer of 5,000 digits
+            raise ScenarioError(f"{where}: not valid {fmt}: {str(e)[:120]}") from None
         if not isinstance(data, dict):
             raise ScenarioError(f"cost file {str(p)!r}: expected a table of parameter = cycles")
         if "cost" in data and isinstance(data["cost"], dict) and len(data) == 1:

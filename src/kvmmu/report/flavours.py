@@ -8,6 +8,8 @@ KVM shadows L1's EPT and every L2 fault arrives with an L2 physical address.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
 from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
 from ..guest.program import run_program
@@ -59,5 +61,11 @@ def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000
 
 
 def flavour_matrix(policy: str = "generation", iterations: int = 1000, seed: int = 1,
-                   flavours: tuple[str, ...] = FLAVOURS) -> list[RunResult]:
-    return [run_flavour(f, policy, iterations, seed) for f in flavours]
+                   flavours: tuple[str, ...] = FLAVOURS,
+                   progress: Callable[[float], None] | None = None) -> list[RunResult]:
+    out = []
+    for i, f in enumerate(flavours):
+        out.append(run_flavour(f, policy, iterations, seed))
+        if progress is not None:
+            progress((i + 1) / len(flavours))
+    return out

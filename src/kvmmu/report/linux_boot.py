@@ -5,16 +5,15 @@ cost, and a paragraph that reads the numbers.
     report = run_linux_boot(("shadow", "ept"), ("off", "generation"), limit=20_000)
     print(format_linux_boot(report))
 
-or ``python -m kvmmu.report.linux_boot [--limit N] [--flavours shadow,ept] [--policies off,zap,generation]``.
+or ``kvmmu linux-boot [--trace DIR] [--limit N] [--mmu shadow,ept] [--policy off,zap,generation]``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import KvmmuError, ScenarioError
+from ..errors import ScenarioError
 from ..guest.linux_boot import PROFILES, LinuxBootWorkload, load_linux_boot
 from ..guest.trace import PhaseResult, ReplayResult
 from ..kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
@@ -78,8 +77,11 @@ class LinuxBootReport:
 
 def run_linux_boot(flavours: tuple[str, ...] | list[str] = ("shadow", "ept"),
                    policies: tuple[str, ...] | list[str] = MMIO_POLICIES, limit: int | None = None, *,
-                   profile: str = "irqchip", cost: CostModel | None = None) -> LinuxBootReport:
-    """Replay the first `limit` MMIO accesses of the boot (all if None) under every flavour x policy."""
+                   profile: str = "irqchip", cost: CostModel | None = None,
+                   workload: LinuxBootWorkload | None = None,
+                   progress: Callable[[float], None] | None = None) -> LinuxBootReport:
+    """Replay the first `limit` MMIO accesses of the boot (all if None) under every flavour x policy:
+    the shipped boot, or `workload` (`load_linux_boot(DIR)` of a recorded trace directory)."""
     for f in flavours:
         if f not in MMU_FLAVOURS:
             raise ScenarioError(f"flavour={f!r}: the MMU flavour is one of {MMU_FLAVOURS}")
@@ -88,16 +90,20 @@ def run_linux_boot(flavours: tuple[str, ...] | list[str] = ("shadow", "ept"),
             raise ScenarioError(f"policy={p!r}: the MMIO policy is one of {MMIO_POLICIES}")
     if profile not in PROFILES:
         raise ScenarioError(f"profile={profile!r}: the device profile is one of {PROFILES}")
-    if limit is not None and limit < 0:
-        raise ScenarioError(f"limit={limit}: the number of MMIO accesses to replay is >= 0")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ScenarioError(f"limit={limit!r}: the number of MMIO accesses to replay is an integer >= 0")
     model = cost or CostModel()
-    workload = load_linux_boot()
+    workload = workload if workload is not None else load_linux_boot()
     report = LinuxBootReport(workload, limit, profile, cost=model)
-    for f in flavours:
-        for p in policies:
-            res = workload.replay(f, p, limit, profile=profile)
-            by_phase = {ph.phase: model.cycles(ph.stats, ph.counters) for ph in res.phases}
-            report.runs.append(LinuxBootRun(f, p, res, model.cycles(res.total.stats, res.total.counters), by_phase))
+    combos = [(f, p) for f in flavours for p in policies]
+    for i, (f, p) in enumerate(combos):
+        part = None
+        if progress is not None:
+            def part(x: float, i: int = i) -> None:
+                progress((i + x) / len(combos))
+        res = workload.replay(f, p, limit, profile=profile, progress=part)
+        by_phase = {ph.phase: model.cycles(ph.stats, ph.counters) for ph in res.phases}
+        report.runs.append(LinuxBootRun(f, p, res, model.cycles(res.total.stats, res.total.counters), by_phase))
     return report
 
 
@@ -107,7 +113,7 @@ def _pct(x: float) -> str:
 
 
 def _workload_section(w: LinuxBootWorkload, limit: int | None, profile: str) -> list[str]:
-    out = ["Workload: Linux 6.1 booting on a 2-vCPU QEMU PC (real trace, "
+    out = [f"Workload: {w.machine} (recorded trace {w.source}, {w.nr_vcpus} vCPUs, "
            f"{w.rows:,} rows: {w.rows_by_kind.get('mmio', 0):,} mmio, {w.rows_by_kind.get('pio', 0):,} pio, "
            f"{w.rows_by_kind.get('dev', 0):,} dev).",
            f"The {w.mmio_rows:,} mmio rows are {w.mmio_accesses:,} CPU accesses ({w.split_rows_merged:,} rows were "
@@ -240,21 +246,11 @@ def format_linux_boot(report: LinuxBootReport) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvmmu.report.linux_boot",
-                                description="Replay the Linux-boot MMIO trace under each MMU flavour and policy.")
-    p.add_argument("--limit", type=int, default=None, help="replay only the first N MMIO accesses")
-    p.add_argument("--flavours", default="shadow,ept")
-    p.add_argument("--policies", default=",".join(MMIO_POLICIES))
-    p.add_argument("--profile", default="irqchip", choices=PROFILES)
-    args = p.parse_args(argv)
-    try:
-        report = run_linux_boot(tuple(args.flavours.split(",")), tuple(args.policies.split(",")), args.limit,
-                                profile=args.profile)
-    except KvmmuError as exc:
-        print(f"kvmmu: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_linux_boot(report))
-    return 0
+    """``python -m kvmmu.report.linux_boot ...``: the same as ``kvmmu linux-boot ...``."""
+    import sys
+
+    from ..cli import main as cli_main
+    return cli_main(["linux-boot", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

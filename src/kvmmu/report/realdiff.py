@@ -468,6 +468,14 @@ def diff_program(program: Program, profile: str = "kvm-pvm", real: bool = True, 
 
 
 # -- corpus ----------------------------------------------------------------------------------------------------
+def _short(value: object) -> str:
+    try:
+        text = repr(value)
+    except Exception:                       # a corpus object whose __repr__ fails is still named
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def load_programs(paths: Iterable[str | Path]) -> list[Program]:
     """Programs from corpus files / folders (``PROGRAMS`` list or ``PROGRAM`` in each ``*.py``)."""
     out: list[Program] = []
@@ -485,16 +493,24 @@ def load_programs(paths: Iterable[str | Path]) -> list[Program]:
                 spec.loader.exec_module(module)
             except KvmmuError:
                 raise
+            except SystemExit as e:
+                # A corpus file is imported, never run as a script: exiting would end kvmmu itself.
+                raise ScenarioError(f"corpus file {str(f)!r} called sys.exit({e.code!r}) while loading: a corpus "
+                                    "file only defines PROGRAMS or PROGRAM") from None
             except Exception as e:
-                raise ScenarioError(f"corpus file {str(f)!r} failed to load: {type(e).__name__}: {e}") from None
+                msg = str(e).replace("\n", " ")[:200]
+                raise ScenarioError(f"corpus file {str(f)!r} failed to load: {type(e).__name__}: {msg}") from None
             progs = getattr(module, "PROGRAMS", None)
             if progs is None and hasattr(module, "PROGRAM"):
                 progs = [module.PROGRAM]
             if progs is None:
                 raise ScenarioError(f"corpus file {str(f)!r} defines neither PROGRAMS nor PROGRAM")
+            if not isinstance(progs, (list, tuple)):
+                raise ScenarioError(f"corpus file {str(f)!r}: PROGRAMS = {_short(progs)}: a list of "
+                                    "kvmmu.guest.runtime.Program")
             for prog in progs:
                 if not isinstance(prog, Program):
-                    raise ScenarioError(f"{str(f)!r}: {prog!r} is not a kvmmu.guest.runtime.Program")
+                    raise ScenarioError(f"{str(f)!r}: {_short(prog)} is not a kvmmu.guest.runtime.Program")
                 out.append(prog)
     names = [p.name for p in out]
     dup = {n for n in names if names.count(n) > 1}
@@ -567,6 +583,7 @@ def report_json(reports: list[ProgramReport]) -> str:
 
 # -- CLI --------------------------------------------------------------------------------------------------------
 def _cmd(args: argparse.Namespace) -> int:
+    from ..cliargs import Progress, emit
     from ..real import available, unavailable_reason
 
     programs = load_programs(args.paths)
@@ -578,24 +595,27 @@ def _cmd(args: argparse.Namespace) -> int:
     if use_real and not available():
         print(f"real-diff: /dev/kvm unavailable ({unavailable_reason()}); running the model only", file=sys.stderr)
         use_real = False
-    reports = [diff_program(p, args.profile, use_real, args.repeats) for p in programs]
-    if args.json:
-        print(report_json(reports))
-    else:
-        print(format_report(reports, args.verbose))
+    prog = Progress("real-diff", getattr(args, "quiet", False), total=len(programs), unit="program")
+    reports = []
+    for i, p in enumerate(programs):
+        reports.append(diff_program(p, args.profile, use_real, args.repeats))
+        prog((i + 1) / len(programs))
+    prog.done()
+    emit(args, (report_json(reports) if args.json else format_report(reports, args.verbose)) + "\n")
     return 1 if any(r.status in ("differ", "error") for r in reports) else 0
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``real-diff`` on the kvmmu command line."""
+    from ..cliargs import integer
     p = subparsers.add_parser("real-diff", help="run guest programs on the model and on /dev/kvm and compare",
                               description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="corpus folders or program files")
     p.add_argument("-k", action="append", default=[], help="only programs whose name contains this (repeatable)")
     p.add_argument("--profile", default="kvm-pvm", help="model host profile (kvm-pvm, vmx-ept, vmx-shadow)")
     p.add_argument("--model-only", action="store_true", help="do not touch /dev/kvm")
-    p.add_argument("--repeats", type=int, default=5,
-                   help="real runs of a program at most, while its exits exceed the model's (host noise)")
+    p.add_argument("--repeats", type=integer(1, 100, "a number of real runs"), default=5,
+                   help="real runs of a program at most (1-100), while its exits exceed the model's (host noise)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("-v", "--verbose", action="store_true", help="details for every program")
     p.set_defaults(func=_cmd)
@@ -608,14 +628,8 @@ __all__ = ["COUNTERS", "Device", "FaultRecord", "Mmio", "Observation", "ProgramR
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvmmu.report.realdiff PATH...`` — the same as ``kvmmu real-diff PATH...``."""
-    parser = argparse.ArgumentParser(prog="kvmmu")
-    add_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["real-diff", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return int(args.func(args))
-    except KvmmuError as exc:
-        print(f"kvmmu: error: {exc}", file=sys.stderr)
-        return 2
+    from ..cli import main as cli_main
+    return cli_main(["real-diff", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
