@@ -67,8 +67,10 @@ def test_model_runs_the_corpus_under_every_profile(profile: str, rings: str) -> 
 @pytest.mark.parametrize("program", PROGRAMS, ids=[p.name for p in PROGRAMS])
 def test_model_agrees_with_real_kvm(program: Program) -> None:
     """Stops, MMIO stream, final memory, fault log, counters and registers are equal, or the
-    difference is one the program documents."""
-    report = diff_program(program)
+    difference is one the program documents.  A real run that a host interrupt lengthened (one more
+    `exits`) is run again, up to 20 times, before its minimum is compared (a loaded CI machine takes
+    more interrupts than the default 5 runs absorb)."""
+    report = diff_program(program, repeats=20)
     undocumented = [d for d in report.diffs if not d.equal and not d.documented]
     assert not undocumented, format_report([report])
     documented = [d for d in report.diffs if not d.equal and d.documented]
