@@ -259,6 +259,8 @@ def kvm_unmap_hva(vm: object, hva: int) -> bool:
         for sptep in _leaf_sptes(vm, as_id, gfn):
             mmu.drop_spte(sptep)
             dropped = True
+        if mmu.tdp_mmu is not None:
+            dropped |= mmu.tdp_mmu.unmap_gfn_range(as_id, gfn, gfn + 1)     # kvm_tdp_mmu_unmap_gfn_range
     if dropped:
         vm.trace.emit("kvm_unmap_hva_range", start=hva & ~0xFFF, end=(hva & ~0xFFF) + 0x1000)  # type: ignore
         mmu.flush_remote_tlbs()
@@ -279,4 +281,6 @@ def kvm_age_hva(vm: object, hva: int) -> bool:
             if spte & abit:
                 mmu.write_spte(sptep, spte & ~abit)
                 young = True
+        if mmu.tdp_mmu is not None:
+            young |= mmu.tdp_mmu.age_gfn_range(as_id, gfn, gfn + 1)         # kvm_tdp_mmu_age_gfn_range
     return young

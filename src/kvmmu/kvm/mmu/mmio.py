@@ -131,11 +131,16 @@ def get_mmio_spte(vcpu: Vcpu, addr: int) -> tuple[bool, int]:
     c = vcpu.counters
     c["shadow_walks"] += 1
     walked: list[tuple[int, int]] = []
-    for level, spte in mmu.shadow_walk(addr):
-        c["shadow_walk_steps"] += 1
-        walked.append((level, spte))
-        if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
-            break
+    sp = mmu.root_sp
+    if sp is not None and sp.tdp:
+        walked = kvm.tdp_mmu.get_walk(mmu, addr)        # kvm_tdp_mmu_get_walk
+        c["shadow_walk_steps"] += len(walked)
+    else:
+        for level, spte in mmu.shadow_walk(addr):
+            c["shadow_walk_steps"] += 1
+            walked.append((level, spte))
+            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
+                break
     if not walked:
         return False, 0
     rsvd0, rsvd1 = mmu.shadow_zero_check.rsvd
