@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "VM", "AccessResult", "AuditError", "GuestFault", "Host",
-    "HostOutOfMemory", "InvalidArgument", "KvmBug", "KvmParams", "KvmmuError", "MemslotError", "MmioExit", "ScenarioError", "Vcpu",
+    "HostOutOfMemory", "InvalidArgument", "KvmBug", "KvmParams", "KvmmuError", "MemslotError", "MmioExit",
+    "ScenarioError", "Vcpu",
     "__version__",
 ]

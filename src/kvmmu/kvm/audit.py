@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from ..errors import AuditError
 from .mmu.page import ShadowPage
-from .tdp_audit import audit_tdp_mmu
 from .mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
     is_mmio_spte,
     spte_access,
     spte_to_pfn,
 )
+from .tdp_audit import audit_tdp_mmu
 
 if TYPE_CHECKING:
     from .vm import VM

@@ -101,5 +101,6 @@ def _audit_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
               f"page {slot.gfn_to_hva(gfn) >> 12:#x}")
     if spte & 2 and slot.readonly:
         _fail(f"TDP MMU spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
-    if spte & 2 and sp.level == 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES and gfn - slot.base_gfn not in slot.dirty_bitmap:
+    if spte & 2 and sp.level == 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES \
+            and gfn - slot.base_gfn not in slot.dirty_bitmap:
         _fail(f"TDP MMU spte {spte:#x} lets the guest write gfn {gfn:#x} of dirty-logged slot {slot.id} unrecorded")

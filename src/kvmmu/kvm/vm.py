@@ -16,9 +16,9 @@ from .emulate import MmioExit
 from .iobus import CoalescedMmio, IoBus, IoDevice
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
 from .mmu.mmu import KvmMmu
+from .mmu.spte import TODAY_GEN_LAYOUT, MmioGenLayout, ept_masks, shadow_masks
 from .mmu.tdp_mmu import TdpMmu
 from .params import KvmParams, resolve
-from .mmu.spte import TODAY_GEN_LAYOUT, MmioGenLayout, ept_masks, shadow_masks
 from .stats import VM_STATS, Stats, delta
 from .trace import Trace
 from .vcpu import Vcpu

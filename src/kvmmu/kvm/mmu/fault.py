@@ -10,7 +10,6 @@ from ...arch.bits import PFERR_RSVD_MASK
 from .direct import direct_page_fault
 from .mmio import handle_mmio_page_fault
 from .paging import page_fault
-from .tdp_mmu import is_tdp_mmu, kvm_tdp_mmu_page_fault
 from .pf import (
     RET_PF_EMULATE,
     RET_PF_FIXED,
@@ -20,6 +19,7 @@ from .pf import (
     RET_PF_WRITE_PROTECTED,
     KvmPageFault,
 )
+from .tdp_mmu import is_tdp_mmu, kvm_tdp_mmu_page_fault
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu

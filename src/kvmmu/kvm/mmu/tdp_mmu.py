@@ -167,7 +167,8 @@ class TdpMmu:
         if was_present and not was_leaf and (is_leaf or not is_present):
             self._handle_removed_pt(self.kvm.pages_by_pfn[spte_to_pfn(old)])
         # handle_changed_spte_dirty_log: a 4 KiB spte that becomes writable dirties its page.
-        if record_dirty and level == 1 and is_leaf and new & 2 and (not old & 2 or spte_to_pfn(old) != spte_to_pfn(new)):
+        if record_dirty and level == 1 and is_leaf and new & 2 and \
+                (not old & 2 or spte_to_pfn(old) != spte_to_pfn(new)):
             slot = self.vm.memslots.spaces[as_id].search(gfn)
             if slot is not None:
                 self.vm.mark_page_dirty(slot, gfn)
