@@ -56,7 +56,8 @@ _TOP_KEYS = {"name": str, "seed": int, "duration_s": (int, float), "slice_us": (
 _HOST_KEYS = {"cores": int, "memory_mib": int, "reserved_mib": int, "maxphyaddr": int}
 _VM_KEYS = {"name": str, "count": int, "ram_mib": int, "vcpus": int, "mmu": str, "mmio_caching": str,
             "pci_hole_start": int, "framebuffer_mib": int, "kernel_irqchip": bool, "ioeventfd": bool, "msix": bool,
-            "nic": str, "mmu_pages": (int, str), "initial_generation": int, "os": dict, "workload": dict}
+            "nic": str, "mmu_pages": (int, str), "initial_generation": int, "tdp_mmu": bool, "os": dict,
+            "workload": dict}
 _OS_FIELDS = {f.name: f for f in dataclasses.fields(OsParams)}
 
 

@@ -65,15 +65,26 @@ class KvmParams:
                 f"kvm_{self.vendor}.{vendor}")
 
 
-def resolve(mmu: str | None, mmio_caching: str | None, tdp_mmu: bool | None,
+class _Default(str):
+    """A default argument value that can be told apart from the same value passed explicitly."""
+
+
+DEFAULT_MMU = _Default("shadow")
+DEFAULT_MMIO_CACHING = _Default("generation")
+
+
+def resolve(mmu: str, mmio_caching: str, tdp_mmu: bool | None,
             params: KvmParams | None) -> tuple[str, str, bool]:
     """(mmu, mmio_caching, tdp_mmu) from the VM's arguments and, if given, the module parameters;
     an argument that contradicts a parameter is refused."""
+    if tdp_mmu is not None and type(tdp_mmu) is not bool:
+        raise InvalidArgument("tdp_mmu", tdp_mmu, "tdp_mmu is True (the TDP MMU) or False (the legacy MMU)")
     if params is None:
-        if tdp_mmu is not None and type(tdp_mmu) is not bool:
-            raise InvalidArgument("tdp_mmu", tdp_mmu, "tdp_mmu is True (the TDP MMU) or False (the legacy MMU)")
-        return (mmu if mmu is not None else "shadow", mmio_caching if mmio_caching is not None else "generation",
-                True if tdp_mmu is None else tdp_mmu)
+        return str(mmu) if mmu is DEFAULT_MMU else mmu, \
+            str(mmio_caching) if mmio_caching is DEFAULT_MMIO_CACHING else mmio_caching, \
+            True if tdp_mmu is None else tdp_mmu
+    mmu = None if mmu is DEFAULT_MMU else mmu
+    mmio_caching = None if mmio_caching is DEFAULT_MMIO_CACHING else mmio_caching
     if not isinstance(params, KvmParams):
         raise InvalidArgument("params", params, "params is a kvmmu.KvmParams (or None)")
     if mmu is not None and mmu != params.mmu:

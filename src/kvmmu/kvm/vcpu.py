@@ -462,6 +462,12 @@ class Vcpu:
                     result.fault = self.take_exception()
                     return result
                 self.stats["exits"] += 1
+                if err == PFERR_RSVD_MASK and self.vm.fast_mmio and not self.mmu_is_nested \
+                        and self.vm.fast_mmio_bus.ranges and self.vm.fast_mmio_bus.write(addr, 0, 0):
+                    # handle_ept_misconfig: a length-0 ioeventfd took it; the instruction is skipped.
+                    self.counters["fast_mmio"] += 1
+                    self.vm.trace.emit("kvm_fast_mmio", gpa=addr)
+                    return result
                 r = kvm_mmu_page_fault(self, addr, err)
                 if self.pending_nested_exit is not None:
                     return self._nested_exit(result)

@@ -14,11 +14,12 @@ from ..errors import InvalidArgument, MemslotError
 from ..hw.host import Host
 from .emulate import MmioExit
 from .iobus import CoalescedMmio, IoBus, IoDevice
+from .ioeventfd import IoEventFd, check_ioeventfd
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
 from .mmu.mmu import KvmMmu
 from .mmu.spte import TODAY_GEN_LAYOUT, MmioGenLayout, ept_masks, shadow_masks
 from .mmu.tdp_mmu import TdpMmu
-from .params import KvmParams, resolve
+from .params import DEFAULT_MMIO_CACHING, DEFAULT_MMU, KvmParams, resolve
 from .stats import VM_STATS, Stats, delta
 from .trace import Trace
 from .vcpu import Vcpu
@@ -44,7 +45,7 @@ def _check_gen_layout(layout: object) -> None:
 class VM:
     """A KVM virtual machine on a modelled host."""
 
-    def __init__(self, mmu: str | None = None, mmio_caching: str | None = None, *, host: Host | None = None,
+    def __init__(self, mmu: str = DEFAULT_MMU, mmio_caching: str = DEFAULT_MMIO_CACHING, *, host: Host | None = None,
                  address_spaces: int = 2, initial_generation: int = 0, guest_maxphyaddr: int = 46,
                  guest_gbpages: bool = True, max_mmu_pages: int | None = None,
                  mmio_gen_layout: MmioGenLayout | None = None, tdp_level: int = 4,
@@ -119,6 +120,8 @@ class VM:
                                 npt=mmu == "npt" if vendor == "amd" else True, vendor=vendor)
         self.vcpus: list[Vcpu] = []
         self.iobus = IoBus()
+        self.fast_mmio_bus = IoBus()          # KVM_FAST_MMIO_BUS: length-0 ioeventfds, consulted by VMX only
+        self.fast_mmio = mmu == "ept"         # handle_ept_misconfig tries it; SVM's #NPF path has none
         self.coalesced_ring: deque = deque()
         self._mmio_handler: MmioHandler | None = None
         self.mmio_log: deque[MmioExit] = deque(maxlen=mmio_log_size)   # the most recent exits only
@@ -298,6 +301,18 @@ class VM:
         """An in-kernel device on KVM_MMIO_BUS (ioeventfd, in-kernel LAPIC/IOAPIC/HPET...): an object with
         read(addr, length) -> int | None and write(addr, length, value) -> bool (see IoDevice)."""
         self.iobus.register(addr, length, device)
+
+    def ioeventfd(self, addr: int, length: int = 0, datamatch: int | None = None,
+                  on_signal: Callable[[int, int, int], None] | None = None) -> IoEventFd:
+        """KVM_IOEVENTFD (MMIO): writes at `addr` signal the returned eventfd in the kernel, no exit.
+        Length 0 matches any write size and also registers on KVM_FAST_MMIO_BUS (see kvm/ioeventfd.py);
+        `datamatch` (KVM_IOEVENTFD_FLAG_DATAMATCH) needs a length."""
+        check_ioeventfd(addr, length, datamatch, on_signal)
+        fd = IoEventFd(addr, length, datamatch, on_signal)
+        self.iobus.register(addr, length, fd)
+        if not length:
+            self.fast_mmio_bus.register(addr, 0, fd)
+        return fd
 
     def register_coalesced_mmio(self, addr: int, size: int) -> None:
         """KVM_REGISTER_COALESCED_MMIO: writes inside the zone are queued in the ring, no exit."""
