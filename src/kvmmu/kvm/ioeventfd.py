@@ -70,7 +70,7 @@ def check_ioeventfd(addr: object, length: object, datamatch: object, on_signal: 
     if datamatch is not None:
         if not length:
             raise InvalidArgument("ioeventfd datamatch", datamatch,
-                                  "KVM_IOEVENTFD_FLAG_DATAMATCH needs a length (a length-0 ioeventfd matches any write)")
+                                  "KVM_IOEVENTFD_FLAG_DATAMATCH needs a length (length 0 matches any write)")
         if type(datamatch) is not int or datamatch < 0 or datamatch >> (8 * length):
             raise InvalidArgument("ioeventfd datamatch", datamatch, f"datamatch is an unsigned {8 * length}-bit value")
     if on_signal is not None and not callable(on_signal):
