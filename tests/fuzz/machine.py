@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import kvmmu
 from tests.fuzz import world as W
 
-FLAVOURS = ("shadow", "ept", "npt")
+FLAVOURS = ("shadow", "ept", "npt", "ept-legacy", "npt-legacy")      # plain ept/npt: the TDP MMU
 POLICIES = ("off", "zap", "generation")
 MODES = ("4level", "4level", "5level", "pae", "32bit")
 CONTROLS = ("wp", "nx", "smep", "smap", "pke", "pge", "pse")

@@ -149,7 +149,9 @@ class World:
             kw["initial_generation"] = (1 << 19) - 8
         if quota is not None:
             kw["max_mmu_pages"] = quota
-        self.vm = kvmmu.VM(mmu=flavour, mmio_caching=policy, host=host, **kw)
+        # "ept-legacy" / "npt-legacy": EPT/NPT on the legacy MMU (kvm.tdp_mmu=N); plain names use the TDP MMU.
+        mmu, _, legacy = flavour.partition("-")
+        self.vm = kvmmu.VM(mmu=mmu, mmio_caching=policy, host=host, tdp_mmu=not legacy, **kw)
         self.vm.mmio_handler = self._vmm_mmio
         self.maxphyaddr = self.vm.guest_maxphyaddr
         self.ref = R.Reference(self.maxphyaddr, "kvm" if flavour == "shadow" else "hardware")
