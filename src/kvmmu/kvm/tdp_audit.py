@@ -2,6 +2,7 @@
 
 - every TDP MMU page is reachable from exactly one root, through exactly one parent spte, and
   every page the tables reach is a TDP MMU page (no leak, no sharing, nothing freed in use);
+- no leaf maps a host page the host swapped out (the MMU notifier zapped it);
 - a valid root is referenced (by a vCPU or the zap worker); an invalidated one is still listed
   only while someone holds it;
 - a present leaf maps the memslot's own host page for its gfn (huge ones: aligned, inside one slot),
@@ -99,6 +100,9 @@ def _audit_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
     if spte_to_pfn(spte) != slot.gfn_to_hva(gfn) >> 12:
         _fail(f"TDP MMU spte {spte:#x} in {sp!r}[{i}] maps host frame {spte_to_pfn(spte):#x}, not gfn {gfn:#x}'s "
               f"page {slot.gfn_to_hva(gfn) >> 12:#x}")
+    if not vm.host.is_resident(spte_to_pfn(spte)):
+        _fail(f"TDP MMU spte {spte:#x} maps host page {spte_to_pfn(spte):#x}, which the host swapped out "
+              "(the MMU notifier must have zapped it)")
     if spte & 2 and slot.readonly:
         _fail(f"TDP MMU spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
     if spte & 2 and sp.level == 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES \
