@@ -110,9 +110,20 @@ def _emit(args: argparse.Namespace, text: str) -> None:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+TDP_MMU_HELP = "kvm.tdp_mmu for EPT/NPT: Y the TDP MMU (KVM's default), N the legacy MMU"
+
+
+def _tdp_mmu(args: argparse.Namespace) -> bool | None:
+    """--tdp-mmu Y|N: kvm.tdp_mmu for every VM (None: as the scenario says)."""
+    value = getattr(args, "tdp_mmu", None)
+    return None if value is None else value == "Y"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report.render import run_csv, run_json, run_text
     sc = _load(args)
+    if _tdp_mmu(args) is not None:
+        sc = sc.with_policy(tdp_mmu=_tdp_mmu(args))
     prog = Progress(f"run {sc.name}", args.quiet)
     res = sc.run(progress=prog)
     prog.done()
@@ -130,7 +141,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     results = []
     for i, (f, p) in enumerate(combos):
         cb = prog.part(i, len(combos), f"compare {f}/{p}")
-        results.append((f"{f}/{p}", sc.with_policy(f, p).run(progress=cb)))
+        results.append((f"{f}/{p}", sc.with_policy(f, p, _tdp_mmu(args)).run(progress=cb)))
     prog.done()
     _emit(args, compare_json(results) + "\n" if args.json else compare_csv(results) if args.csv
           else compare_text(results))
@@ -209,11 +220,15 @@ def _cmd_flavours(args: argparse.Namespace) -> int:
     policy = _csv_list(args.policy, POLICIES, "--policy")[0]
     if args.iterations <= 0:
         raise ScenarioError(f"--iterations {args.iterations}: must be a positive number of loop iterations")
-    results = flavour_matrix(policy, args.iterations, args.seed, flavours)
+    tdp_mmu = _tdp_mmu(args) is not False
+    results = flavour_matrix(policy, args.iterations, args.seed, flavours, tdp_mmu=tdp_mmu)
     rows = [[label, *[r.metric(where, name) for r in results]] for label, where, name in METRICS]
     rows.append(["modelled cycles per MMIO access", *[r.cycles / r.mmio_accesses for r in results]])
     head = (f"The driver loop ({args.iterations} iterations, MMIO policy {policy!r}) under each MMU; "
-            "nested-ept runs it as L2 on L1's EPT.\n\n")
+            "nested-ept runs it as L2 on L1's EPT.\n"
+            f"KVM module parameters: tdp_mmu={'Y' if tdp_mmu else 'N'} (EPT/NPT on the "
+            f"{'TDP' if tdp_mmu else 'legacy'} MMU; L2's shadow EPT is always the shadow MMU), "
+            f"mmio_caching={'N' if policy == 'off' else 'Y'}\n\n")
     _emit(args, head + format_table(["", *[r.flavour for r in results]], rows) + "\n")
     return 0
 
@@ -248,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     r.add_argument("--mmu", choices=FLAVOURS, help="override every VM's MMU flavour")
     r.add_argument("--policy", choices=POLICIES, help="override every VM's MMIO policy")
+    r.add_argument("--tdp-mmu", choices=("Y", "N"), help=TDP_MMU_HELP)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="machine-readable JSON")
     g.add_argument("--csv", action="store_true", help="CSV rows: vm,section,name,value")
@@ -257,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--mmus", default="shadow,ept", help="comma list of MMU flavours (default shadow,ept)")
     c.add_argument("--policies", default="off,zap,generation", help="comma list of MMIO policies")
+    c.add_argument("--tdp-mmu", choices=("Y", "N"), help=TDP_MMU_HELP)
     g = c.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true")
     g.add_argument("--csv", action="store_true")
@@ -313,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--mmus", default="shadow,ept,npt,nested-ept")
     fl.add_argument("--policy", default="generation")
     fl.add_argument("--iterations", type=int, default=1000)
+    fl.add_argument("--tdp-mmu", choices=("Y", "N"), help=TDP_MMU_HELP)
     fl.add_argument("--seed", type=int, default=1)
     fl.add_argument("-o", "--output")
     fl.set_defaults(func=_cmd_flavours)
