@@ -88,23 +88,26 @@ def test_zap_all_fast_invalidates_roots_and_counts_no_shadow_zap() -> None:
     assert legacy.stats["mmu_shadow_zapped"] == 5      # root, PDPT, the first GiB's PD, the PTs of 0 and 64 MiB
 
 
-def test_roots_are_shared_by_role_and_reference_counted() -> None:
-    """kvm_tdp_mmu_get_vcpu_root_hpa: a second vCPU with the same role takes a reference to the same
-    root.  kvm_tdp_mmu_put_root (Linux 6.1): a context reset of one vCPU only drops its reference;
-    when the last reference goes, the valid root is invalidated, zapped and freed."""
+def test_roots_are_shared_by_role_and_outlive_their_vcpus() -> None:
+    """kvm_tdp_mmu_get_vcpu_root_hpa: a new root has two references (the vCPU's and the TDP MMU's own),
+    a second vCPU with the same role takes a third.  A context reset (kvm_mmu_unload ->
+    kvm_tdp_mmu_put_root) drops only the vCPU's: the root stays, and the next entry finds it by role,
+    so nothing faults again (measured on the lab's 6.1: a CR0.WP toggle rebuilt no table)."""
     vm, v0 = _vm()
     v1 = vm.create_vcpu()
     v1.set_sregs(cr0=X86_CR0_PE)
     _touch(v0, [0x100])
     _touch(v1, [0x101])
     root = v0.mmu.root_sp
-    assert v1.mmu.root_sp is root and root.root_count == 2 and vm.stats["pages_4k"] == 2
+    assert v1.mmu.root_sp is root and root.root_count == 3 and vm.stats["pages_4k"] == 2
     v0.set_sregs(cr0=X86_CR0_PE)                           # kvm_mmu_reset_context -> kvm_mmu_unload
-    assert root.root_count == 1 and not root.invalid and vm.stats["pages_4k"] == 2
     v1.set_sregs(cr0=X86_CR0_PE)
-    assert root not in vm.mmu.tdp_mmu.roots and vm.stats["pages_4k"] == 0 and vm.mmu.tdp_mmu.pages == 0
-    assert vm.stats["mmu_shadow_zapped"] == 0
+    assert root.root_count == 1 and not root.invalid and vm.stats["pages_4k"] == 2
     vm.audit()
+    taken = v0.stats["pf_taken"]
+    _touch(v0, [0x100, 0x101])
+    assert v0.mmu.root_sp is root and root.root_count == 2 and v0.stats["pf_taken"] == taken
+    assert vm.stats["mmu_shadow_zapped"] == 0 and vm.mmu.tdp_mmu.roots == [root]
 
 
 def test_mmio_spte_at_4k_with_the_generation_and_kvms_access_field() -> None:

@@ -8,15 +8,18 @@ zapped one page at a time: `mmu_shadow_zapped` never moves for them.  Every walk
 iterator of `tdp_iter.py`, and every change of an spte through `_set_spte`, whose
 `handle_changed_spte` keeps `pages_4k/2m/1g`, frees removed tables and records dirty pages.
 
-Modelled as in Linux 6.1 (the release measured in docs/real-kvm.md): when the last reference to a
-still-valid root is put (kvm_mmu_unload on a context reset), the root is invalidated, zapped and
-freed (6.6 keeps it until the next invalidation instead).
+The TDP MMU holds a reference of its own to every valid root, so a root outlives the vCPUs that
+drop it (kvm_mmu_unload on an MMU context reset) and is found again by role; it goes only when it is
+invalidated, zapped and its last reference put.  That is mainline KVM, and what the Debian 6.1 kernel
+of the real-KVM lab did (docs/real-kvm.md: a CR0.WP toggle, which resets the MMU context, rebuilt
+no table).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...errors import KvmBug
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .direct import ACC_ALL, _hugepage_level, fast_pf_fix_leaf
 from .install import build_spte, faultin_pfn, new_mmio_spte, trace_mark_mmio_spte
@@ -83,29 +86,26 @@ class TdpMmu:
 
     # -- roots ---------------------------------------------------------------------------------------
     def get_vcpu_root(self, mmu: VcpuMmu) -> ShadowPage:
-        """kvm_tdp_mmu_get_vcpu_root_hpa: a valid root of this role gains a reference, else a new one.
-        The role word includes the invalid bit, so an invalidated root never matches."""
+        """kvm_tdp_mmu_get_vcpu_root_hpa: a valid root of this role gains a reference, else a new one
+        with two (the vCPU's and the TDP MMU's own).  The role word includes the invalid bit, so an
+        invalidated root never matches."""
         role = mmu.root_role
         for root in self.roots:
             if root.role == role and root.root_count:
                 root.root_count += 1
                 return root
         root = self._alloc_sp(0, role)
-        root.root_count = 1
+        root.root_count = 2
         self.roots.insert(0, root)
         return root
 
     def put_root(self, root: ShadowPage) -> None:
-        """kvm_tdp_mmu_put_root."""
+        """kvm_tdp_mmu_put_root: the last reference (never that of a valid root) frees it."""
         root.root_count -= 1
         if root.root_count:
             return
         if not root.invalid:
-            # 6.1: the last reference to a valid root invalidates it and has the worker zap it.
-            self._mark_invalid(root)
-            root.root_count = 1
-            self._zap_root(root)
-            root.root_count = 0
+            raise KvmBug(f"the last reference to the valid TDP MMU root {root!r} was put")
         self.roots.remove(root)
         self._free_sp(root)
 
@@ -114,17 +114,16 @@ class TdpMmu:
         root.role |= ROLE_INVALID
 
     def invalidate_all_roots(self) -> None:
-        """kvm_tdp_mmu_invalidate_all_roots: each valid root is marked invalid and handed, with a
-        reference of its own, to the zap worker; vCPUs drop theirs on KVM_REQ_MMU_FREE_OBSOLETE_ROOTS."""
+        """kvm_tdp_mmu_invalidate_all_roots: each valid root is marked invalid and scheduled to be zapped
+        (tdp_mmu_scheduled_root_to_zap); vCPUs drop their references on KVM_REQ_MMU_FREE_OBSOLETE_ROOTS."""
         for root in self.roots:
-            if not root.invalid and root.root_count:
-                root.root_count += 1
+            if not root.invalid:
                 self._mark_invalid(root)
                 self.zap_queue.append(root)
 
     def zap_invalidated_roots(self) -> None:
         """kvm_tdp_mmu_zap_invalidated_roots: every invalidated root loses all its sptes before the
-        memslot update returns; the worker's reference is put (the root is freed with the last one)."""
+        memslot update returns; then the TDP MMU's own reference is put (freed with the last one)."""
         queue, self.zap_queue = self.zap_queue, []
         for root in queue:
             self._zap_root(root)
