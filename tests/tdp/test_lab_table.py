@@ -1,5 +1,5 @@
-"""The 64-read MMIO program measured on a real KVM 6.1 (SVM with NPT, mmio_caching=1), docs/real-kvm.md
-"A real KVM with MMIO caching on": the model must give the same counters.
+"""The 64-read MMIO program measured on a real KVM 6.1 (SVM with NPT, mmio_caching=1), docs/tdp-mmu.md
+"Checked against a real KVM with MMIO caching on": the model must give the same counters.
 
 The program, shaped like the lab's (the project's own guest runtime, CPL0, long mode):
 

@@ -11,7 +11,7 @@ iterator of `tdp_iter.py`, and every change of an spte through `_set_spte`, whos
 The TDP MMU holds a reference of its own to every valid root, so a root outlives the vCPUs that
 drop it (kvm_mmu_unload on an MMU context reset) and is found again by role; it goes only when it is
 invalidated, zapped and its last reference put.  That is mainline KVM, and what the Debian 6.1 kernel
-of the real-KVM lab did (docs/real-kvm.md: a CR0.WP toggle, which resets the MMU context, rebuilt
+of the real-KVM lab did (docs/tdp-mmu.md: a CR0.WP toggle, which resets the MMU context, rebuilt
 no table).
 """
 
