@@ -40,6 +40,8 @@ def run(only: tuple[str, ...], quiet: bool = False) -> list[Figure]:
     if "faults" in only:
         step("full shadow faults")
         figures += micro.bench_shadow_faults()
+        step("NPT faults, TDP MMU and legacy MMU")
+        figures += micro.bench_tdp_faults()
     if "mmio" in only or "real" in only:
         step("MMIO fast and full paths")
         mmio = micro.bench_mmio()

@@ -38,9 +38,9 @@ def check(cond: bool, what: str) -> None:
 
 
 def long_mode_guest(mmu: str = "shadow", mmio_caching: str = "generation", ram: int = 64 << 20,
-                    pool: int = 0x10_0000) -> tuple[kvmmu.VM, GuestPageTables, kvmmu.Vcpu]:
+                    pool: int = 0x10_0000, tdp_mmu: bool = True) -> tuple[kvmmu.VM, GuestPageTables, kvmmu.Vcpu]:
     """A VM with `ram` bytes at gpa 0, 4-level guest tables from `pool` (VMM-written), one vCPU."""
-    vm = kvmmu.VM(mmu=mmu, mmio_caching=mmio_caching)
+    vm = kvmmu.VM(mmu=mmu, mmio_caching=mmio_caching, tdp_mmu=tdp_mmu)
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=ram)
     pt = GuestPageTables("4level", *vm_writer(vm), pool=pool, pool_end=pool + (16 << 20))
     vcpu = vm.create_vcpu()
@@ -139,11 +139,49 @@ def bench_shadow_faults(n: int = 16_384, repeats: int = 2) -> list[Figure]:
                    note="guest walk + spte install + retry")]
 
 
+# -- TDP faults ----------------------------------------------------------------------------------
+def bench_tdp_faults(n: int = 8_192, repeats: int = 2) -> list[Figure]:
+    """NPT faults on fresh pages, the TDP MMU (kvm_tdp_mmu_map) next to the legacy MMU (__direct_map).
+
+    Paging is off in the guest, so each access is one NPT walk; the pages are 8 apart, so the legacy
+    MMU's prefetch (one 8-entry block) maps no page of a later access: one fault per page either way.
+    """
+    figs = []
+    for tdp_mmu in (True, False):
+        def run(tdp_mmu: bool = tdp_mmu) -> tuple[int, float]:
+            vm = kvmmu.VM(mmu="npt", tdp_mmu=tdp_mmu)
+            vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=(8 * n + 16) << 12)
+            vcpu = vm.create_vcpu()
+            vcpu.set_sregs(cr0=X86_CR0_PE)
+            vcpu.access(0, 8, "read")
+            before = vcpu.stats["pf_fixed"]
+            access = vcpu.access
+            t0 = clock()
+            for i in range(1, n):
+                access(i << 15, 8, "read")
+            dt = clock() - t0
+            check(vcpu.stats["pf_fixed"] - before == n - 1, "not exactly one NPT fault per fresh page")
+            return n - 1, dt
+
+        rate, _, _ = best_rate(run, repeats)
+        figs.append(Figure(f"NPT faults (fresh pages), {'TDP MMU' if tdp_mmu else 'legacy MMU'}", rate, "faults/s",
+                           note="kvm_tdp_mmu_map: tdp_iter walk, tables on the way down" if tdp_mmu
+                           else "__direct_map + prefetch of the 8-entry block"))
+    return figs
+
+
 # -- MMIO ----------------------------------------------------------------------------------------
-def mmio_rate(mmu: str, policy: str, n: int, repeats: int) -> float:
-    """The real-KVM loop `mov [rdi], ecx; dec ecx; jnz` as the model sees it: n 4-byte MMIO writes."""
-    vm, pt, vcpu = long_mode_guest(mmu=mmu, mmio_caching=policy)
-    pt.map(MMIO_GVA, MMIO_GPA, flags=P | RW)
+def mmio_rate(mmu: str, policy: str, n: int, repeats: int, tdp_mmu: bool = True, pages: int = 1,
+              doorbell: bool = False) -> float:
+    """The real-KVM loop `mov [rdi], ecx; dec ecx; jnz` as the model sees it: n 4-byte MMIO writes.
+
+    `pages` > 1 alternates between MMIO pages, so the per-vCPU MMIO cache misses and every fast-path
+    exit walks KVM's tables locklessly (get_mmio_spte; kvm_tdp_mmu_get_walk on the TDP MMU).
+    `doorbell`: the page's first address is a length-0 ioeventfd (EPT: the fast MMIO bus)."""
+    vm, pt, vcpu = long_mode_guest(mmu=mmu, mmio_caching=policy, tdp_mmu=tdp_mmu)
+    for p in range(pages):
+        pt.map(MMIO_GVA + 0x1000 * p, MMIO_GPA + 0x1000 * p, flags=P | RW)
+    fd = vm.ioeventfd(MMIO_GPA, 0) if doorbell else None
     vcpu.set_sregs(cr3=pt.cr3, **LONG_MODE)
     seen = [0]
 
@@ -152,8 +190,10 @@ def mmio_rate(mmu: str, policy: str, n: int, repeats: int) -> float:
         return 0
 
     vm.mmio_handler = handler
-    vcpu.access(MMIO_GVA, 4, "write", 0)          # the first access takes the full path
+    for p in range(pages):
+        vcpu.access(MMIO_GVA + 0x1000 * p, 4, "write", 0)     # the first access takes the full path
     fast = policy != "off"
+    gvas = [MMIO_GVA + 0x1000 * (i % pages) for i in range(n)]
 
     def run() -> tuple[int, float]:
         vm.mmio_log.clear()
@@ -161,9 +201,13 @@ def mmio_rate(mmu: str, policy: str, n: int, repeats: int) -> float:
         access = vcpu.access
         t0 = clock()
         for ecx in range(n, 0, -1):
-            access(MMIO_GVA, 4, "write", ecx)
+            access(gvas[ecx - 1], 4, "write", ecx)
         dt = clock() - t0
         s, c = vcpu.stats, vcpu.counters
+        if fd is not None:
+            check(c["fast_mmio"] - c0["fast_mmio"] == n and s["pf_taken"] == s0["pf_taken"],
+                  "a doorbell write left the fast MMIO bus")
+            return n, dt
         check(s["mmio_exits"] - s0["mmio_exits"] == n and seen[0] - h0 == n, "not one MMIO exit per write")
         if fast:
             check(s["pf_taken"] == s0["pf_taken"], "an MMIO write left the fast path")
@@ -179,10 +223,19 @@ def mmio_rate(mmu: str, policy: str, n: int, repeats: int) -> float:
 
 
 def bench_mmio(n: int = 40_000, repeats: int = 3) -> list[Figure]:
-    figs = []
-    for mmu in ("shadow", "ept"):
-        figs.append(Figure(f"MMIO fast path, {mmu}", mmio_rate(mmu, "generation", n, repeats), "acc/s",
-                           MMIO_FAST_TARGET, note="MMIO spte/cache -> emulate -> handler"))
+    figs = [Figure("MMIO fast path, shadow", mmio_rate("shadow", "generation", n, repeats), "acc/s",
+                   MMIO_FAST_TARGET, note="MMIO spte/cache -> emulate -> handler")]
+    for tdp_mmu in (True, False):
+        figs.append(Figure(f"MMIO fast path, ept ({'TDP' if tdp_mmu else 'legacy'} MMU)",
+                           mmio_rate("ept", "generation", n, repeats, tdp_mmu), "acc/s", MMIO_FAST_TARGET,
+                           note="misconfig -> gpa cache -> emulate -> handler"))
+    for tdp_mmu in (True, False):
+        figs.append(Figure(f"  two MMIO pages alternating, ept ({'TDP' if tdp_mmu else 'legacy'} MMU)",
+                           mmio_rate("ept", "generation", n, repeats, tdp_mmu, pages=2), "acc/s",
+                           note="cache misses: lockless walk" + (" (kvm_tdp_mmu_get_walk)" if tdp_mmu else "")))
+    figs.append(Figure("  doorbell on the fast MMIO bus, ept (TDP MMU)",
+                       mmio_rate("ept", "generation", n, repeats, doorbell=True), "acc/s",
+                       note="length-0 ioeventfd: no decode, no MMU"))
     for mmu in ("shadow", "ept"):
         figs.append(Figure(f"MMIO full path (mmio_caching=off), {mmu}", mmio_rate(mmu, "off", n, repeats),
                            "acc/s", note="informational"))

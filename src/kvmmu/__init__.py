@@ -4,6 +4,7 @@ from .errors import AuditError, HostOutOfMemory, InvalidArgument, KvmBug, KvmmuE
 from .hw.host import Host
 from .kvm.emulate import MmioExit
 from .kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
+from .kvm.params import KvmParams
 from .kvm.vcpu import AccessResult, GuestFault, Vcpu
 from .kvm.vm import VM
 
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVM_MEM_LOG_DIRTY_PAGES", "KVM_MEM_READONLY", "VM", "AccessResult", "AuditError", "GuestFault", "Host",
-    "HostOutOfMemory", "InvalidArgument", "KvmBug", "KvmmuError", "MemslotError", "MmioExit", "ScenarioError", "Vcpu",
+    "HostOutOfMemory", "InvalidArgument", "KvmBug", "KvmParams", "KvmmuError", "MemslotError", "MmioExit",
+    "ScenarioError", "Vcpu",
     "__version__",
 ]

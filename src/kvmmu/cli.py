@@ -85,11 +85,22 @@ def _progress(args: argparse.Namespace, label: str, **kw: object) -> Progress:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+TDP_MMU_HELP = "kvm.tdp_mmu for EPT/NPT: Y the TDP MMU (KVM's default), N the legacy MMU"
+
+
+def _tdp_mmu(args: argparse.Namespace) -> bool | None:
+    """--tdp-mmu Y|N: kvm.tdp_mmu for every VM (None: as the scenario says)."""
+    value = getattr(args, "tdp_mmu", None)
+    return None if value is None else value == "Y"
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report.render import run_csv, run_json, run_text
     sc = _load(args)
     if args.mmu or args.policy:
         sc = sc.with_policy(args.mmu[0] if args.mmu else None, args.policy[0] if args.policy else None)
+    if _tdp_mmu(args) is not None:
+        sc = sc.with_policy(tdp_mmu=_tdp_mmu(args))
     prog = _progress(args, f"run {sc.name}")
     res = sc.run(progress=prog)
     prog.done()
@@ -105,7 +116,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     results = []
     for i, (f, p) in enumerate(combos):
         cb = prog.part(i, len(combos), f"compare {f}/{p}")
-        results.append((f"{f}/{p}", sc.with_policy(f, p).run(progress=cb)))
+        results.append((f"{f}/{p}", sc.with_policy(f, p, _tdp_mmu(args)).run(progress=cb)))
     prog.done()
     emit(args, compare_json(results) + "\n" if args.json else compare_csv(results) if args.csv
           else compare_text(results))
@@ -201,13 +212,17 @@ def _cmd_flavours(args: argparse.Namespace) -> int:
     from .report.flavours import flavour_matrix
     from .report.table import format_table
     policy = args.policy[0]
+    tdp_mmu = _tdp_mmu(args) is not False
     prog = _progress(args, "flavours", total=len(args.mmu), unit="run")
-    results = flavour_matrix(policy, args.iterations, args.seed, tuple(args.mmu), progress=prog)
+    results = flavour_matrix(policy, args.iterations, args.seed, tuple(args.mmu), tdp_mmu=tdp_mmu, progress=prog)
     prog.done()
     rows = [[label, *[r.metric(where, name) for r in results]] for label, where, name in METRICS]
     rows.append(["modelled cycles per MMIO access", *[r.cycles / r.mmio_accesses for r in results]])
     head = (f"The driver loop ({args.iterations} iterations, MMIO policy {policy!r}) under each MMU; "
-            "nested-ept runs it as L2 on L1's EPT.\n\n")
+            "nested-ept runs it as L2 on L1's EPT.\n"
+            f"KVM module parameters: tdp_mmu={'Y' if tdp_mmu else 'N'} (EPT/NPT on the "
+            f"{'TDP' if tdp_mmu else 'legacy'} MMU; L2's shadow EPT is always the shadow MMU), "
+            f"mmio_caching={'N' if policy == 'off' else 'Y'}\n\n")
     emit(args, head + format_table(["", *[r.flavour for r in results]], rows) + "\n")
     return 0
 
@@ -246,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(r)
     _mmu_option(r, FLAVOURS, None, many=False)
     _policy_option(r, None, many=False)
+    r.add_argument("--tdp-mmu", choices=("Y", "N"), help=TDP_MMU_HELP)
     g = r.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="machine-readable JSON")
     g.add_argument("--csv", action="store_true", help="CSV rows: vm,section,name,value")
@@ -255,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(c)
     _mmu_option(c, FLAVOURS, "shadow,ept", many=True)
     _policy_option(c, "off,zap,generation", many=True)
+    c.add_argument("--tdp-mmu", choices=("Y", "N"), help=TDP_MMU_HELP)
     g = c.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true")
     g.add_argument("--csv", action="store_true")
@@ -320,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _mmu_option(fl, ALL_FLAVOURS, ",".join(ALL_FLAVOURS), many=True)
     _policy_option(fl, "generation", many=False)
     fl.add_argument("--iterations", type=integer(1, 10**7, "a number of loop iterations"), default=1000)
+    fl.add_argument("--tdp-mmu", choices=("Y", "N"), help=TDP_MMU_HELP)
     fl.add_argument("--seed", type=SEED, default=1)
     output(fl)
     fl.set_defaults(func=_cmd_flavours)

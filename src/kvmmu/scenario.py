@@ -46,6 +46,7 @@ from .errors import InvalidArgument, KvmmuError, ScenarioError
 from .guest.os import GuestOS, OsParams
 from .guest.workloads import WORKLOADS, Workload, make_workload
 from .hw.host import Host
+from .kvm.params import KvmParams
 from .kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
 from .report.cost import CostModel
 from .vmm.machine import Machine, MachineSpec
@@ -57,7 +58,8 @@ _TOP_KEYS = {"name": str, "seed": int, "duration_s": (int, float), "slice_us": (
 _HOST_KEYS = {"cores": int, "memory_mib": int, "reserved_mib": int, "maxphyaddr": int}
 _VM_KEYS = {"name": str, "count": int, "ram_mib": int, "vcpus": int, "mmu": str, "mmio_caching": str,
             "pci_hole_start": int, "framebuffer_mib": int, "kernel_irqchip": bool, "ioeventfd": bool, "msix": bool,
-            "nic": str, "mmu_pages": (int, str), "initial_generation": int, "os": dict, "workload": dict}
+            "nic": str, "mmu_pages": (int, str), "initial_generation": int, "tdp_mmu": bool, "os": dict,
+            "workload": dict}
 _OS_FIELDS = {f.name: f for f in dataclasses.fields(OsParams)}
 
 
@@ -273,8 +275,9 @@ class Scenario:
         return p
 
     # -- variations -----------------------------------------------------------------------------------
-    def with_policy(self, mmu: str | None = None, mmio_caching: str | None = None) -> Scenario:
-        """The same scenario with every VM's MMU flavour and / or MMIO policy replaced."""
+    def with_policy(self, mmu: str | None = None, mmio_caching: str | None = None,
+                    tdp_mmu: bool | None = None) -> Scenario:
+        """The same scenario with every VM's MMU flavour, MMIO policy and / or kvm.tdp_mmu replaced."""
         if mmu is not None and mmu not in MMU_FLAVOURS:
             raise ScenarioError(f"--mmu {mmu!r}: the MMU flavours are {list(MMU_FLAVOURS)}")
         if mmio_caching is not None and mmio_caching not in MMIO_POLICIES:
@@ -282,7 +285,8 @@ class Scenario:
         out = dataclasses.replace(self, vms=[])
         for v in self.vms:
             spec = dataclasses.replace(v.spec, **({"mmu": mmu} if mmu else {}),
-                                       **({"mmio_caching": mmio_caching} if mmio_caching else {}))
+                                       **({"mmio_caching": mmio_caching} if mmio_caching else {}),
+                                       **({"tdp_mmu": tdp_mmu} if tdp_mmu is not None else {}))
             out.vms.append(VmPlan(spec, v.os, v.workload_kind, dict(v.workload_params)))
         return out
 
@@ -379,6 +383,7 @@ class VmResult:
     devices: dict[str, dict[str, Any]]
     cost: dict[str, tuple[int, int]]     # category -> (events, cycles)
     native_cycles: int
+    kvm_params: KvmParams = field(default_factory=KvmParams)   # the module parameters, as the VM reads them
 
     @property
     def overhead_cycles(self) -> int:
@@ -420,7 +425,7 @@ class ScenarioResult:
             vms.append(VmResult(m.spec.name, m.spec.mmu, m.spec.mmio_caching, m.spec.vcpus, stats, counters,
                                 vm_stats, o.summary(), w.result(o), m.device_counts(),
                                 sc.cost.by_category(stats, counters, vm_stats, m.spec.mmu),
-                                o.counters["native_cycles"]))
+                                o.counters["native_cycles"], m.vm.params))
         hostd = {"cores": host.cores, "memory_limit_mib": (host.memory_limit or 0) // MiB,
                  "swapins": host.swapins, "swapouts": host.swapouts, "resident_pages": len(host.resident),
                  "kvm_kernel_pages": host.kernel_pages_in_use}
@@ -435,6 +440,7 @@ class ScenarioResult:
             "scenario": self.name, "seed": self.seed, "duration_s": self.duration_s, "modelled_s": self.modelled_s,
             "stopped_by": self.stopped_by, "host": self.host, "cost_model": self.cost_model,
             "vms": [{"name": v.name, "mmu": v.mmu, "mmio_caching": v.mmio_caching, "vcpus": v.vcpus,
+                     "kvm_params": v.kvm_params.sysfs(),
                      "kvm_vcpu_stats": v.stats, "kvm_vm_stats": v.vm_stats, "model_counters": v.counters,
                      "guest": v.guest, "workload": v.workload, "devices": v.devices,
                      "cost": {k: {"events": e, "cycles": c} for k, (e, c) in v.cost.items()},

@@ -23,7 +23,7 @@ import kvmmu
 from kvmmu.kvm.mmu.spte import MmioGenLayout
 from tests.fuzz import world as W
 
-FLAVOURS = ("shadow", "ept", "npt")
+FLAVOURS = ("shadow", "ept", "npt", "ept-legacy", "npt-legacy")      # plain ept/npt: the TDP MMU
 POLICIES = ("off", "zap", "generation")
 MODES = ("4level", "4level", "5level", "pae", "32bit")
 CONTROLS = ("wp", "nx", "smep", "smap", "pke", "pge", "pse")

@@ -1,4 +1,5 @@
-"""The stateful fuzzer, for every MMU flavour x MMIO policy (the guest paging mode and the rest are drawn).
+"""The stateful fuzzer, for every MMU flavour (EPT/NPT on the TDP MMU and on the legacy MMU) x MMIO policy
+(the guest paging mode and the rest are drawn).
 
 Fast profile (default, part of `make test`): derandomized, so every run executes the same examples.
 Long profile (`make fuzz`, KVMMU_FUZZ_PROFILE=long): random, seeded by pytest's --hypothesis-seed,

@@ -153,7 +153,9 @@ class World:
         if quota is not None:
             kw["max_mmu_pages"] = quota
         self.params = kw
-        self.vm = kvmmu.VM(mmu=flavour, mmio_caching=policy, host=host, **kw)  # type: ignore[arg-type]
+        # "ept-legacy" / "npt-legacy": EPT/NPT on the legacy MMU (kvm.tdp_mmu=N); plain names use the TDP MMU.
+        mmu, _, legacy = flavour.partition("-")
+        self.vm = kvmmu.VM(mmu=mmu, mmio_caching=policy, host=host, tdp_mmu=not legacy, **kw)  # type: ignore[arg-type]
         self.vm.mmio_handler = self._vmm_mmio
         self.maxphyaddr = self.vm.guest_maxphyaddr
         self.ref = R.Reference(self.maxphyaddr, "kvm" if flavour == "shadow" else "hardware")

@@ -20,9 +20,9 @@ SLOT_GPA = 1 << 30          # 1 GiB aligned, so every host huge-page size fits
 LOG = 1                     # KVM_MEM_LOG_DIRTY_PAGES
 
 
-def _vm(mmu: str, level: int, npages: int) -> tuple[kvmmu.VM, kvmmu.Vcpu]:
+def _vm(mmu: str, level: int, npages: int, tdp_mmu: bool = True) -> tuple[kvmmu.VM, kvmmu.Vcpu]:
     """Guest paging off (gva = gpa), one data slot at 1 GiB backed by host huge pages of `level`."""
-    vm = kvmmu.VM(mmu=mmu, host_hugepage_level=level)
+    vm = kvmmu.VM(mmu=mmu, host_hugepage_level=level, tdp_mmu=tdp_mmu if mmu != "shadow" else None)
     vm.set_user_memory_region(slot=1, guest_phys_addr=SLOT_GPA, memory_size=npages << 12)
     vcpu = vm.create_vcpu()
     vcpu.set_sregs(cr0=X86_CR0_PE, cr3=0, cr4=0, efer=0)
@@ -64,14 +64,22 @@ def test_f5_a_1g_spte_is_split_on_the_first_logged_write() -> None:
     vm.audit()
 
 
-def test_write_protect_gfn_reaches_a_huge_spte_from_any_of_its_gfns() -> None:
-    """kvm_mmu_slot_gfn_write_protect: any gfn inside a 2 MiB spte write-protects that spte."""
-    vm, v = _vm("ept", 2, 512)
+@pytest.mark.parametrize("tdp_mmu", [False, True], ids=["legacy", "tdp_mmu"])
+def test_write_protect_gfn_reaches_a_huge_spte_from_any_of_its_gfns(tdp_mmu: bool) -> None:
+    """kvm_mmu_slot_gfn_write_protect (the rmap walk, or kvm_tdp_mmu_write_protect_gfn): any gfn
+    inside a 2 MiB spte write-protects that spte."""
+    vm, v = _vm("ept", 2, 512, tdp_mmu)
     v.access(SLOT_GPA, 4, "write", 1)
-    (sptep,) = vm.mmu.gfn_leaf_sptes(0, (SLOT_GPA >> 12) + 0x123)
-    assert vm.host.mem.read(sptep, 8) & 2
+
+    def leaf() -> tuple[int, int]:
+        if tdp_mmu:
+            return vm.mmu.tdp_mmu.get_walk(v.mmu, SLOT_GPA + 0x123000)[-1]
+        (sptep,) = vm.mmu.gfn_leaf_sptes(0, (SLOT_GPA >> 12) + 0x123)
+        return 2, vm.host.mem.read(sptep, 8)
+    level, spte = leaf()
+    assert level == 2 and spte & 0x80 and spte & 2
     assert vm.mmu.write_protect_gfn((SLOT_GPA >> 12) + 0x123, 0, for_dirty_log=True)
-    assert not vm.host.mem.read(sptep, 8) & 2
+    assert not leaf()[1] & 2
 
 
 # Pages: 0-3 in the first 2 MiB, then one in each of the next 2 MiB ranges, and one 1 GiB - 4 KiB in.

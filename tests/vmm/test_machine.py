@@ -39,8 +39,8 @@ def test_impossible_machines_are_refused_naming_the_field(field, value):
         MachineSpec(**{field: value}).validate()
 
 
-def _booted(mmu="shadow", policy="generation", host=None):
-    m = Machine(MachineSpec(ram_mib=64, vcpus=1, mmu=mmu, mmio_caching=policy), host or kvmmu.Host())
+def _booted(mmu="shadow", policy="generation", host=None, tdp_mmu=True):
+    m = Machine(MachineSpec(ram_mib=64, vcpus=1, mmu=mmu, mmio_caching=policy, tdp_mmu=tdp_mmu), host or kvmmu.Host())
     os_ = GuestOS(m, OsParams(boot_console_bytes=0))
     os_.boot()
     return m, os_
@@ -75,20 +75,32 @@ def test_lapic_address_is_kvms_apic_base():
     assert LAPIC_GPA == 0xFEE00000
 
 
-@pytest.mark.parametrize("mmu", ["shadow", "ept"])
-def test_swapped_out_page_loses_its_spte_and_comes_back_with_a_swapin(mmu):
-    """The mmu notifier drops the sptes of a page the host swaps out; the next guest access faults, and
-    KVM's fault-in of the page is a swap-in (host_swapins +1)."""
+def _maps_gfn(vm, vcpu, gfn):
+    """Some leaf spte maps gfn: an rmap entry (shadow MMU), or the TDP MMU root's walk ends on a leaf."""
+    if vm.mmu.rmap.get((0, gfn)):
+        return True
+    if not vm.tdp_mmu_enabled:
+        return False
+    walk = vm.mmu.tdp_mmu.get_walk(vcpu.mmu, gfn << 12)
+    level, spte = walk[-1]
+    return bool(spte & (1 << 11)) and (level == 1 or bool(spte & 0x80))
+
+
+@pytest.mark.parametrize("mmu,tdp_mmu", [("shadow", True), ("ept", False), ("ept", True)])
+def test_swapped_out_page_loses_its_spte_and_comes_back_with_a_swapin(mmu, tdp_mmu):
+    """The mmu notifier drops the sptes of a page the host swaps out (kvm_unmap_gfn_range: the rmaps, and
+    kvm_tdp_mmu_unmap_gfn_range for the TDP MMU); the next guest access faults, and KVM's fault-in of
+    the page is a swap-in (host_swapins +1)."""
     host = kvmmu.Host(memory_limit=1 << 30)
-    m, os_ = _booted(mmu, host=host)
+    m, os_ = _booted(mmu, host=host, tdp_mmu=tdp_mmu)
     v = m.vcpus[0]
     gfn = os_.slab[10]
     gva = DIRECT_MAP + (gfn << 12)
     v.access(gva, 8, "write", 5, cpl=0)
     hva = m.vm.memslots.spaces[0].search(gfn).gfn_to_hva(gfn)
-    assert m.vm.mmu.rmap.get((0, gfn))
+    assert _maps_gfn(m.vm, v, gfn)
     assert host.swap_out_pages([hva >> 12]) == 1
-    assert not m.vm.mmu.rmap.get((0, gfn))
+    assert not _maps_gfn(m.vm, v, gfn)
     swapins, taken = v.counters["host_swapins"], v.stats["pf_taken"]
     assert v.access(gva, 8, "read", cpl=0).value == 5          # contents survive the swap
     assert v.counters["host_swapins"] == swapins + 1

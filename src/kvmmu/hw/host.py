@@ -72,6 +72,9 @@ class Host:
         # Host memory pressure: resident guest pages in LRU order (oldest first) and swapped-out pages.
         self.resident: OrderedDict[int, None] = OrderedDict()
         self.swapped: set[int] = set()
+        # Huge frames (pfn >> 9 for 2 MiB, pfn >> 18 for 1 GiB) that lost a page to swap: Linux splits
+        # a huge page to swap part of it, and nothing here puts it back together (no khugepaged).
+        self.split_frames: set[tuple[int, int]] = set()
         self.swapins = 0
         self.swapouts = 0
         self.second_chances = 0
@@ -133,6 +136,22 @@ class Host:
     def is_resident(self, pfn: int) -> bool:
         """A page the host can map without sleeping (what a non-sleeping get_user_pages finds)."""
         return self.memory_limit is None or pfn in self.resident
+
+    def mapping_level(self, pfn: int, level: int) -> int:
+        """The largest level, up to `level`, at which the host maps `pfn` with one huge page (what
+        host_pfn_mapping_level reads from the host's page tables).  Under a memory limit, where the
+        model tracks residency per 4 KiB page, a frame is one huge page only while every page of it
+        is resident and none was ever swapped (swapping part of a huge page splits it for good)."""
+        if self.memory_limit is None:
+            return level
+        while level > 1:
+            span = 1 << (9 * (level - 1))
+            if (level, pfn >> (9 * (level - 1))) not in self.split_frames:
+                first = pfn & ~(span - 1)
+                if all(p in self.resident for p in range(first, first + span)):
+                    return level
+            level -= 1
+        return level
 
     def anon_fault(self, pfn: int, write: bool, span: int = 1) -> bool:
         """A read or write of guest page `pfn` by someone who may sleep (the VMM, KVM's copy to/from
@@ -275,6 +294,7 @@ class Host:
                     continue           # no residency tracking: nothing to swap
                 del self.resident[pfn]
                 self.swapped.add(pfn)
+                self.split_frames.update(((2, pfn >> 9), (3, pfn >> 18)))
                 self.swapouts += 1
                 n += 1
         return n
@@ -303,6 +323,8 @@ def kvm_unmap_hva(vm: object, hva: int) -> bool:
         for sptep in mmu.gfn_leaf_sptes(as_id, gfn):
             mmu.drop_spte(sptep)
             dropped = True
+        if mmu.tdp_mmu is not None:
+            dropped |= mmu.tdp_mmu.unmap_gfn_range(as_id, gfn, gfn + 1)     # kvm_tdp_mmu_unmap_gfn_range
     if dropped:
         vm.trace.emit("host_unmap", start=hva & ~0xFFF, end=(hva & ~0xFFF) + 0x1000)  # type: ignore
         mmu.flush_remote_tlbs()
@@ -323,4 +345,6 @@ def kvm_age_hva(vm: object, hva: int) -> bool:
             if spte & abit:
                 mmu.write_spte(sptep, spte & ~abit)
                 young = True
+        if mmu.tdp_mmu is not None:
+            young |= mmu.tdp_mmu.age_gfn_range(as_id, gfn, gfn + 1)         # kvm_tdp_mmu_age_gfn_range
     return young

@@ -19,6 +19,7 @@ from .mmu.spte import (
     spte_access,
     spte_to_pfn,
 )
+from .tdp_audit import audit_tdp_mmu
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -36,7 +37,10 @@ def audit_vm(vm: VM) -> None:
     rmap_seen: dict[tuple[int, int], set[int]] = {}
     writable_gfns: set[tuple[int, int]] = set()
     unsync = 0
+    tdp_leaves = audit_tdp_mmu(vm)
     for sp in list(kvm.pages_by_pfn.values()):
+        if sp.tdp:
+            continue                    # checked by audit_tdp_mmu
         if sp.unsync:
             unsync += 1
             if sp.level != 1:
@@ -88,7 +92,8 @@ def audit_vm(vm: VM) -> None:
         for sp in [sp for g in gfns for sp in kvm.indirect_pages_for_gfn(g)]:
             if sp.level > 1 or not sp.unsync:
                 _fail(f"gfn {gfn:#x} is shadowed by {sp!r} yet mapped writable")
-    for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), (pages[0], pages[1], pages[2]), strict=True):
+    for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), (pages[0] + tdp_leaves[0], pages[1] + tdp_leaves[1],
+                                                              pages[2] + tdp_leaves[2]), strict=True):
         if vm.stats[name] != n:
             _fail(f"{name} says {vm.stats[name]} but the tables hold {n} such leaf sptes")
     _check_disallow_lpage(vm)
@@ -154,8 +159,9 @@ def _check_tlbs(vm: VM) -> None:
     ranges = [(s.userspace_addr >> 12, (s.userspace_addr >> 12) + s.npages) for s in vm.memslots.all_slots()
               if not s.invalid]
     for v in vm.vcpus:
-        if v.requests & {"KVM_REQ_TLB_FLUSH", "KVM_REQ_TLB_FLUSH_GUEST", "KVM_REQ_TLB_FLUSH_CURRENT"}:
-            continue            # flushed before this vCPU can enter the guest again
+        if v.requests & {"KVM_REQ_TLB_FLUSH", "KVM_REQ_TLB_FLUSH_GUEST", "KVM_REQ_TLB_FLUSH_CURRENT",
+                         "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"}:
+            continue            # flushed before this vCPU can enter the guest again (a new root is flushed too)
         for vpn, entry in v.cpu.tlb.items():
             page = entry[0] >> 12
             if not any(lo <= page < hi for lo, hi in ranges):

@@ -36,6 +36,7 @@ MODEL_COUNTERS = (
     "emulated_accesses",
     "userspace_exits",       # KVM_EXIT_MMIO records (one per <= 8-byte piece)
     "iobus_handled",         # accesses completed by an in-kernel device
+    "fast_mmio",             # EPT misconfigurations completed by KVM_FAST_MMIO_BUS (no decode, no MMU)
     "host_swapins",          # host pages faulted back in
 )
 

@@ -509,6 +509,14 @@ class Vcpu:
                 self.stats["exits"] += 1
                 if vm.trace.enabled:
                     trace_page_fault_exit(self, addr, err)
+                if err == PFERR_RSVD_MASK and vm.fast_mmio and not self.mmu_is_nested \
+                        and vm.fast_mmio_bus.ranges and vm.fast_mmio_bus.write(addr, 0, 0):
+                    # handle_ept_misconfig: a length-0 ioeventfd took it; the instruction is skipped.
+                    self.counters["fast_mmio"] += 1
+                    if vm.trace.enabled:
+                        vm.trace.emit("kvm_fast_mmio", gpa=addr)
+                        vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)
+                    return result
                 r = kvm_mmu_page_fault(self, addr, err)
                 if vm.trace.enabled and r != RET_PF_EMULATE:
                     vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)

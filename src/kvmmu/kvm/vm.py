@@ -15,9 +15,12 @@ from ..hw.host import Host
 from ..hw.vmm_space import VmmAddressSpace
 from .emulate import MmioExit
 from .iobus import CoalescedMmio, IoBus, IoDevice
+from .ioeventfd import IoEventFd, check_ioeventfd
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
 from .mmu.mmu import KvmMmu
 from .mmu.spte import TODAY_GEN_LAYOUT, MmioGenLayout, ept_masks, shadow_masks
+from .mmu.tdp_mmu import TdpMmu
+from .params import DEFAULT_MMIO_CACHING, DEFAULT_MMU, KvmParams, resolve
 from .stats import VM_STATS, Stats, delta
 from .trace import Trace
 from .vcpu import Vcpu
@@ -58,15 +61,21 @@ def kvm_mmu_max_gfn(vm: VM) -> int:
 class VM:
     """A KVM virtual machine on a modelled host."""
 
-    def __init__(self, mmu: str = "shadow", mmio_caching: str = "generation", *, host: Host | None = None,
+    def __init__(self, mmu: str = DEFAULT_MMU, mmio_caching: str = DEFAULT_MMIO_CACHING, *, host: Host | None = None,
                  address_spaces: int = 2, initial_generation: int = 0, guest_maxphyaddr: int = 46,
                  guest_gbpages: bool = True, max_mmu_pages: int | None = None,
                  mmio_gen_layout: MmioGenLayout | None = None, tdp_level: int = 4,
                  host_hugepage_level: int = 1, ept_ad: bool = True, mmio_log_size: int = 10_000,
-                 kvm_deviations: bool = False) -> None:
-        """`kvm_deviations=True` reproduces the places where KVM knowingly departs from the SDM in a way
+                 kvm_deviations: bool = False, tdp_mmu: bool | None = None,
+                 params: KvmParams | None = None) -> None:
+        """`mmu` is "shadow" (the default), "ept" or "npt"; `mmio_caching` "generation" (the default),
+        "zap" or "off".  `tdp_mmu` (default True) runs EPT/NPT on KVM's TDP MMU, False on the legacy
+        MMU; `params` gives the same choices as KVM's module parameters (kvmmu.KvmParams).
+
+        `kvm_deviations=True` reproduces the places where KVM knowingly departs from the SDM in a way
         a guest can see (docs/reliability.md, "Where KVM departs from the SDM"); by default the model
         follows the SDM there, so that a guest can never tell."""
+        mmu, mmio_caching, tdp_mmu = resolve(mmu, mmio_caching, tdp_mmu, params)
         if mmu not in MMU_FLAVOURS:
             raise InvalidArgument("mmu", mmu, f"the MMU flavour is one of {MMU_FLAVOURS}")
         if mmio_caching not in MMIO_POLICIES:
@@ -99,6 +108,7 @@ class VM:
         self.flavour = mmu
         self.mmio_caching = mmio_caching
         self.tdp_enabled = mmu != "shadow"
+        self.tdp_mmu_enabled = self.tdp_enabled and tdp_mmu
         self.tdp_level = tdp_level
         self.guest_maxphyaddr = guest_maxphyaddr
         self.guest_gbpages = guest_gbpages
@@ -115,8 +125,18 @@ class VM:
         self.memslots.on_flush_slot = self._flush_shadow_memslot
         self.memslots.on_updated = self._memslots_updated
         self.mmu = KvmMmu(self, masks, max_mmu_pages)
+        if self.tdp_mmu_enabled:
+            self.mmu.tdp_mmu = TdpMmu(self.mmu)
+        vendor = {"ept": "intel", "npt": "amd"}.get(mmu, params.vendor if params is not None else "intel")
+        # What /sys/module/*/parameters would read for this VM: enable_mmio_caching is cleared by KVM when
+        # the host leaves no bits for MMIO sptes (kvm_mmu_set_mmio_spte_mask).
+        self.params = KvmParams(tdp_mmu=self.tdp_mmu_enabled, mmio_caching=masks.mmio_enabled,
+                                ept=mmu == "ept" if vendor == "intel" else True,
+                                npt=mmu == "npt" if vendor == "amd" else True, vendor=vendor)
         self.vcpus: list[Vcpu] = []
         self.iobus = IoBus()
+        self.fast_mmio_bus = IoBus()          # KVM_FAST_MMIO_BUS: length-0 ioeventfds, consulted by VMX only
+        self.fast_mmio = mmu == "ept"         # handle_ept_misconfig tries it; SVM's #NPF path has none
         self.coalesced_ring: deque = deque()
         self._mmio_handler: MmioHandler | None = None
         self.mmio_log: deque[MmioExit] = deque(maxlen=mmio_log_size)   # the most recent exits only
@@ -237,7 +257,7 @@ class VM:
             self.mmu.zap_all_fast()
 
     def _write_protect_slot(self, slot: Memslot) -> None:
-        changed = False
+        changed = self.mmu.tdp_mmu is not None and self.mmu.tdp_mmu.wrprot_slot(slot)
         for gfn in range(slot.base_gfn, slot.end_gfn):
             if (slot.as_id, gfn) in self.mmu.rmap:
                 changed |= self.mmu.write_protect_gfn(gfn, slot.as_id, for_dirty_log=True)
@@ -254,7 +274,8 @@ class VM:
         if not s.flags & KVM_MEM_LOG_DIRTY_PAGES:
             raise InvalidArgument("slot", slot, "dirty logging (KVM_MEM_LOG_DIRTY_PAGES) is off for this slot")
         dirty, s.dirty_bitmap = set(s.dirty_bitmap), set()
-        changed = False
+        changed = self.mmu.tdp_mmu is not None and self.mmu.tdp_mmu.clear_dirty_pt_masked(
+            s, sorted(s.base_gfn + i for i in dirty))
         for index in dirty:
             changed |= self.mmu.write_protect_gfn(s.base_gfn + index, s.as_id, for_dirty_log=True)
         if changed:
@@ -368,6 +389,18 @@ class VM:
         """An in-kernel device on KVM_MMIO_BUS (ioeventfd, in-kernel LAPIC/IOAPIC/HPET...): an object with
         read(addr, length) -> int | None and write(addr, length, value) -> bool (see IoDevice)."""
         self.iobus.register(addr, length, device)
+
+    def ioeventfd(self, addr: int, length: int = 0, datamatch: int | None = None,
+                  on_signal: Callable[[int, int, int], None] | None = None) -> IoEventFd:
+        """KVM_IOEVENTFD (MMIO): writes at `addr` signal the returned eventfd in the kernel, no exit.
+        Length 0 matches any write size and also registers on KVM_FAST_MMIO_BUS (see kvm/ioeventfd.py);
+        `datamatch` (KVM_IOEVENTFD_FLAG_DATAMATCH) needs a length."""
+        check_ioeventfd(addr, length, datamatch, on_signal)
+        fd = IoEventFd(addr, length, datamatch, on_signal)
+        self.iobus.register(addr, length, fd)
+        if not length:
+            self.fast_mmio_bus.register(addr, 0, fd)
+        return fd
 
     def register_coalesced_mmio(self, addr: int, size: int) -> None:
         """KVM_REGISTER_COALESCED_MMIO: writes inside the zone are queued in the ring, no exit."""

@@ -22,9 +22,10 @@ L2_BASE = 64 << 20
 CR0 = X86_CR0_PG | X86_CR0_PE | X86_CR0_WP
 
 
-def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000, seed: int = 1) -> RunResult:
+def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000, seed: int = 1,
+                tdp_mmu: bool = True) -> RunResult:
     nested = flavour == "nested-ept"
-    vm = VM(mmu="ept" if nested else flavour, mmio_caching=policy)
+    vm = VM(mmu="ept" if nested else flavour, mmio_caching=policy, tdp_mmu=tdp_mmu)
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=2 * L2_BASE if nested else RAM)
     vm.mmio_handler = lambda e: None if e.is_write else 0
     write, read = vm_writer(vm)
@@ -61,11 +62,11 @@ def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000
 
 
 def flavour_matrix(policy: str = "generation", iterations: int = 1000, seed: int = 1,
-                   flavours: tuple[str, ...] = FLAVOURS,
+                   flavours: tuple[str, ...] = FLAVOURS, tdp_mmu: bool = True,
                    progress: Callable[[float], None] | None = None) -> list[RunResult]:
     out = []
     for i, f in enumerate(flavours):
-        out.append(run_flavour(f, policy, iterations, seed))
+        out.append(run_flavour(f, policy, iterations, seed, tdp_mmu))
         if progress is not None:
             progress((i + 1) / len(flavours))
     return out

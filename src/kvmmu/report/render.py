@@ -110,7 +110,8 @@ def cost_table(res: ScenarioResult) -> str:
 def run_text(res: ScenarioResult) -> str:
     head = (f"scenario {res.name!r}  seed {res.seed}  modelled {res.modelled_s:.3f} s of host time "
             f"(asked {res.duration_s:g} s; stopped: {res.stopped_by})\n"
-            f"VMs: " + ", ".join(f"{v.name} ({v.vcpus} vCPU, {v.mmu}/{v.mmio_caching})" for v in res.vms))
+            f"VMs: " + ", ".join(f"{v.name} ({v.vcpus} vCPU, {v.mmu}/{v.mmio_caching})" for v in res.vms)
+            + "\nKVM module parameters: " + "; ".join(f"{v.name}: {v.kvm_params.header()}" for v in res.vms))
     if res.host.get("memory_limit_mib"):
         head += (f"\nhost: {res.host['memory_limit_mib']} MiB limit, {res.host['swapouts']:,} pages swapped out, "
                  f"{res.host['swapins']:,} swapped back in")
@@ -201,7 +202,9 @@ def _per_mmio(r: ScenarioResult) -> float:
 def compare_text(results: list[tuple[str, ScenarioResult]]) -> str:
     header, rows = compare_rows(results)
     first = results[0][0]
-    return (f"scenario {results[0][1].name!r}, seed {results[0][1].seed}: ratios are to the first column ({first})\n\n"
+    params = "\n".join(f"  {label}: {r.vms[0].kvm_params.header()}" for label, r in results if r.vms)
+    return (f"scenario {results[0][1].name!r}, seed {results[0][1].seed}: ratios are to the first column ({first})\n"
+            f"KVM module parameters per column:\n{params}\n\n"
             + format_table(header, rows) + "\n")
 
 

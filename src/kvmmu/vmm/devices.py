@@ -124,12 +124,21 @@ class Uart16550(Device):
 
 
 class VirtioDoorbell(Device):
-    """A virtio-pci notify region (queue doorbells).  With ioeventfd it is in the kernel: a write
-    signals an eventfd and the guest continues; reads are not handled by an ioeventfd."""
+    """A virtio-pci notify region (queue doorbells).  With ioeventfd it is in the kernel: as QEMU does
+    when KVM accepts any-length ioeventfds, each queue's notify address (queue index x the notify
+    offset multiplier, 4) gets a length-0 ioeventfd, so a write there signals an eventfd and the guest
+    continues (under EPT straight from the EPT misconfiguration: the fast MMIO bus); reads, and writes
+    elsewhere in the region, go to the VMM."""
 
-    def __init__(self, name: str, base: int, in_kernel: bool = True) -> None:
+    NOTIFY_OFF_MULTIPLIER = 4
+
+    def __init__(self, name: str, base: int, in_kernel: bool = True, queues: int = 2) -> None:
         super().__init__(name, base, PAGE, in_kernel)
         self.kicks = 0
+        self.queues = queues
+
+    def notify_addrs(self) -> list[int]:
+        return [self.base + q * self.NOTIFY_OFF_MULTIPLIER for q in range(self.queues)]
 
     def read(self, addr: int, length: int) -> int | None:
         if self.in_kernel:

@@ -81,6 +81,7 @@ class MachineSpec:
     nic: str = "virtio"                # virtio | e1000
     mmu_pages: int | str = "kvm-default"   # KVM's shadow-page quota: "kvm-default", "unlimited" or a number
     initial_generation: int = 0
+    tdp_mmu: bool = True               # kvm.tdp_mmu: EPT/NPT on the TDP MMU (False: the legacy MMU)
 
     def validate(self) -> None:
         def bad(what: str, value: object, rule: str) -> InvalidArgument:
@@ -108,7 +109,7 @@ class MachineSpec:
         if not (mp in ("kvm-default", "unlimited") or (isinstance(mp, int) and not isinstance(mp, bool)
                                                        and mp >= KVM_MIN_ALLOC_MMU_PAGES)):
             raise bad("mmu_pages", mp, f"'kvm-default', 'unlimited' or at least {KVM_MIN_ALLOC_MMU_PAGES}")
-        for flag in ("kernel_irqchip", "ioeventfd", "msix"):
+        for flag in ("kernel_irqchip", "ioeventfd", "msix", "tdp_mmu"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, getattr(self, flag), "must be true or false")
 
@@ -156,7 +157,8 @@ class Machine:
         spec = self.spec
         spec.validate()
         self.vm = VM(mmu=spec.mmu, mmio_caching=spec.mmio_caching, host=self.host,
-                     max_mmu_pages=spec.max_mmu_pages(), initial_generation=spec.initial_generation)
+                     max_mmu_pages=spec.max_mmu_pages(), initial_generation=spec.initial_generation,
+                     tdp_mmu=spec.tdp_mmu)
         self.vm.mmio_handler = self.handle_mmio
         self._user_bases: list[int] = []
         self._user_devs: list[Device] = []
@@ -207,7 +209,10 @@ class Machine:
                 raise InvalidArgument(f"machine {self.spec.name}: device {dev.name}", dev.base,
                                       f"overlaps memslot {r.name} at [{r.start:#x}, {r.end:#x})")
         self.devices.append(dev)
-        if dev.in_kernel:
+        if dev.in_kernel and isinstance(dev, VirtioDoorbell):
+            for addr in dev.notify_addrs():
+                self.vm.ioeventfd(addr, 0, on_signal=dev.write)
+        elif dev.in_kernel:
             self.vm.register_io_device(dev.base, dev.size, dev)
         i = bisect_right(self._user_bases, dev.base)
         self._user_bases.insert(i, dev.base)

@@ -171,7 +171,8 @@ class VcpuMmu:
             self.sync_roots()
             return
         if self.vm.tdp_enabled:
-            self.root_sp = self._get_root(0, self.root_role)
+            tdp_mmu = self.kvm.tdp_mmu
+            self.root_sp = tdp_mmu.get_vcpu_root(self) if tdp_mmu is not None else self._get_root(0, self.root_role)
             self.root_hpa = self.root_sp.hpa
             self.pgd = 0
             return
@@ -215,6 +216,9 @@ class VcpuMmu:
         return [sp for sp in self.pae_sps if sp is not None]
 
     def _put_root(self, sp: ShadowPage) -> None:
+        if sp.tdp:
+            self.kvm.tdp_mmu.put_root(sp)
+            return
         sp.root_count -= 1
         if sp.root_count == 0 and sp.invalid:
             invalid: list[ShadowPage] = []

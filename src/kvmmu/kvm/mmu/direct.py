@@ -50,30 +50,35 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
     if fault.rsvd or not fault.present or not fault.write or not mmu.root_hpa:
         return None
     kvm = mmu.kvm
-    m = mmu.masks
     for level, sptep in mmu.shadow_walk_ptrs(fault.gfn << 12):
         spte = kvm.read_spte(sptep)
         if not spte & SPTE_MMU_PRESENT_MASK:
             return None
         if level == 1 or spte & 0x80:
-            if spte & 2:
-                mmu.vcpu.stats["pf_fast"] += 1
-                return RET_PF_SPURIOUS
-            if not spte & m.mmu_writable:
-                return None
-            if level > 1 and fault.slot is not None and fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-                # fast_page_fault marks one gfn dirty; a large spte made writable would let writes to
-                # its other 511 (or 262,143) pages go unlogged.  The slow path maps a 4 KiB spte.
-                return None
-            kvm.write_spte(sptep, spte | 2 | m.dirty)
-            if fault.slot is not None:
-                mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
-            mmu.vcpu.stats["pf_fast"] += 1
-            mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
-                              error_code=fault.error_code, sptep=sptep, old_spte=spte,
-                              new_spte=spte | 2 | m.dirty, ret="FIXED")
-            return RET_PF_FIXED
+            return fast_pf_fix_leaf(mmu, fault, sptep, spte, level)
     return None
+
+
+def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, level: int) -> int | None:
+    """The lockless fix of a present leaf (fast_pf_fix_direct_spte), or None for the slow path."""
+    m = mmu.masks
+    if spte & 2:
+        mmu.vcpu.stats["pf_fast"] += 1
+        return RET_PF_SPURIOUS
+    if not spte & m.mmu_writable:
+        return None
+    if level > 1 and fault.slot is not None and fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+        # fast_page_fault marks one gfn dirty; a large spte made writable would let writes to
+        # its other 511 (or 262,143) pages go unlogged.  The slow path maps a 4 KiB spte.
+        return None
+    mmu.kvm.write_spte(sptep, spte | 2 | m.dirty)
+    if fault.slot is not None:
+        mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
+    mmu.vcpu.stats["pf_fast"] += 1
+    mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
+                      error_code=fault.error_code, sptep=sptep, old_spte=spte,
+                      new_spte=spte | 2 | m.dirty, ret="FIXED")
+    return RET_PF_FIXED
 
 
 def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:

@@ -19,6 +19,7 @@ from .pf import (
     RET_PF_WRITE_PROTECTED,
     KvmPageFault,
 )
+from .tdp_mmu import is_tdp_mmu, kvm_tdp_mmu_page_fault
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
@@ -27,7 +28,9 @@ if TYPE_CHECKING:
 def kvm_mmu_do_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
     mmu = vcpu.mmu
     fault = KvmPageFault(addr, error_code, is_tdp=vcpu.vm.tdp_enabled and not vcpu.mmu_is_nested)
-    if mmu.direct:
+    if is_tdp_mmu(mmu):
+        r = kvm_tdp_mmu_page_fault(mmu, fault)
+    elif mmu.direct:
         r = direct_page_fault(mmu, fault)
     else:
         r = page_fault(mmu, fault)

@@ -70,6 +70,8 @@ def kvm_mmu_hugepage_adjust(mmu: VcpuMmu, fault: KvmPageFault) -> None:
     if slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         return                          # kvm_slot_dirty_track_enabled: dirty pages are tracked at 4 KiB
     level = max_mapping_level(mmu, slot, fault.gfn, fault.max_level)
+    if level > PG_LEVEL_4K:
+        level = mmu.vm.host.mapping_level(fault.pfn, level)
     if level == PG_LEVEL_4K:
         return
     fault.goal_level = level

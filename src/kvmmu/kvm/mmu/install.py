@@ -21,6 +21,7 @@ from .pf import (
 )
 from .spte import (
     SPTE_MMU_PRESENT_MASK,
+    get_mmio_spte_generation,
     is_large_pte,
     make_mmio_spte,
     make_spte,
@@ -73,15 +74,24 @@ def build_spte(mmu: VcpuMmu, sp: ShadowPage, slot: Memslot | None, pte_access: i
     return spte, wrprot
 
 
+def new_mmio_spte(mmu: VcpuMmu, gfn: int, access: int) -> int:
+    """make_mmio_spte with the vCPU's current memslot generation."""
+    return make_mmio_spte(mmu.masks, gfn, access, mmu.vm.memslots.generation(mmu.vcpu.as_id))
+
+
+def trace_mark_mmio_spte(mmu: VcpuMmu, sptep: int, gfn: int, spte: int) -> None:
+    """The mark_mmio_spte tracepoint: KVM records `spte & ACC_ALL` as the access, so on shadow/NPT the
+    present bit of the MMIO value shows (7 or 5 where the cached access is 6 or 4)."""
+    trace = mmu.vm.trace
+    if trace.enabled:
+        trace.emit("mark_mmio_spte", sptep=sptep, gfn=gfn, access=spte & 7,
+                   gen=get_mmio_spte_generation(mmu.masks, spte))
+
+
 def mark_mmio_spte(mmu: VcpuMmu, sptep: int, gfn: int, access: int) -> None:
-    vcpu = mmu.vcpu
-    gen = mmu.vm.memslots.generation(vcpu.as_id)
-    spte = make_mmio_spte(mmu.masks, gfn, access, gen)
+    spte = new_mmio_spte(mmu, gfn, access)
     mmu.kvm.write_spte(sptep, spte)
-    # The tracepoint's access is `spte & ACC_ALL`: on shadow/NPT that includes the MMIO value's P bit
-    # (7 or 5 where the cached access is 6 or 4); on EPT the W+X marker (6).
-    mmu.vm.trace.emit("mark_mmio_spte", sptep=sptep, gfn=gfn, access=spte & 7,
-                      gen=gen & (mmu.masks.gen.mask if mmu.masks.gen else 0))
+    trace_mark_mmio_spte(mmu, sptep, gfn, spte)
 
 
 def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int, gfn: int, pfn: int,

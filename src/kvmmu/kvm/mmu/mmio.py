@@ -78,6 +78,10 @@ def handle_noslot_fault(vcpu: Vcpu, fault: KvmPageFault, access: int) -> int:
         # The gfn would not survive get_mmio_spte_gfn: emulate without caching, as KVM does for a
         # gfn above kvm_mmu_max_gfn (whose TDP value is the same host-MAXPHYADDR limit).
         return RET_PF_EMULATE
+    if fault.is_tdp and fault.gfn >> (9 * vcpu.mmu.root_level):
+        # Past what the TDP root translates (4-level EPT: 48 bits).  KVM never meets this, as it caps
+        # the guest's MAXPHYADDR at the TDP reach; an MMIO spte here would land on gfn mod the reach.
+        return RET_PF_EMULATE
     return RET_PF_CONTINUE
 
 
@@ -132,11 +136,16 @@ def get_mmio_spte(vcpu: Vcpu, addr: int) -> tuple[bool, int]:
     c = vcpu.counters
     c["shadow_walks"] += 1
     walked: list[tuple[int, int]] = []
-    for level, spte in mmu.shadow_walk(addr):
-        c["shadow_walk_steps"] += 1
-        walked.append((level, spte))
-        if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
-            break
+    sp = mmu.root_sp
+    if sp is not None and sp.tdp:
+        walked = kvm.tdp_mmu.get_walk(mmu, addr)        # kvm_tdp_mmu_get_walk
+        c["shadow_walk_steps"] += len(walked)
+    else:
+        for level, spte in mmu.shadow_walk(addr):
+            c["shadow_walk_steps"] += 1
+            walked.append((level, spte))
+            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
+                break
     if not walked:
         return False, 0
     rsvd0, rsvd1 = mmu.shadow_zero_check.rsvd

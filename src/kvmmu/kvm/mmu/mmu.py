@@ -20,6 +20,7 @@ from .spte import (
 
 if TYPE_CHECKING:
     from ..vm import VM
+    from .tdp_mmu import TdpMmu
 
 _NONPRESENT_PAGE = SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512
 KVM_MIN_FREE_MMU_PAGES = 5
@@ -47,6 +48,7 @@ class KvmMmu:
         self.mmu_valid_gen = 0
         self.n_used_mmu_pages = 0
         self.n_max_mmu_pages = max_mmu_pages if max_mmu_pages is not None else 1 << 30
+        self.tdp_mmu: TdpMmu | None = None                      # set by the VM when tdp_mmu is on
 
     # -- spte access (KVM's tables are in host memory; the CPU walks them) ---------------------------
     def read_spte(self, sptep: int) -> int:
@@ -66,7 +68,8 @@ class KvmMmu:
 
     # -- shadow page lifetime -------------------------------------------------------------------
     def is_obsolete(self, sp: ShadowPage) -> bool:
-        return sp.invalid or sp.mmu_valid_gen != self.mmu_valid_gen
+        """is_obsolete_sp: TDP MMU pages do not use the MMU generation, only the invalid bit."""
+        return sp.invalid or (not sp.tdp and sp.mmu_valid_gen != self.mmu_valid_gen)
 
     def pages_for_gfn(self, gfn: int) -> list[ShadowPage]:
         return [sp for sp in self.page_hash.get(gfn, ()) if not self.is_obsolete(sp)]
@@ -203,6 +206,8 @@ class KvmMmu:
             if spte & clear:
                 self.write_spte(sptep, spte & ~clear)
                 changed |= bool(spte & 2)
+        if self.tdp_mmu is not None:
+            changed |= self.tdp_mmu.write_protect_gfn(as_id, gfn, clear)
         return changed
 
     # -- linking ----------------------------------------------------------------------------------
@@ -364,19 +369,27 @@ class KvmMmu:
             if sp in self.active_mmu_pages:
                 self.prepare_zap_page(sp, invalid)
         self.commit_zap_page(invalid)
+        if self.tdp_mmu is not None:
+            self.tdp_mmu.zap_all()
+            self.flush_remote_tlbs()
 
     def zap_all_fast(self) -> None:
-        """kvm_mmu_zap_all_fast: make every page obsolete, have vCPUs drop their roots, zap the rest."""
-        # KVM traces before it flips the generation (kvm_mmu_zap_all_fast).
+        """kvm_mmu_zap_all_fast: make every page obsolete, have vCPUs drop their roots, zap the rest.
+        The tracepoint records the generation before it flips; TDP MMU roots are invalidated (in
+        the same step as the request) and zapped at the end, outside the shadow MMU's accounting."""
         self.vm.trace.emit("kvm_mmu_zap_all_fast", mmu_valid_gen=self.mmu_valid_gen,
                            mmu_used_pages=self.n_used_mmu_pages)
         self.mmu_valid_gen ^= 1
+        if self.tdp_mmu is not None:
+            self.tdp_mmu.invalidate_all_roots()
         self.vm.request_all("KVM_REQ_MMU_FREE_OBSOLETE_ROOTS")
         invalid: list[ShadowPage] = []
         for sp in list(self.active_mmu_pages):
             if sp in self.active_mmu_pages and sp.mmu_valid_gen != self.mmu_valid_gen:
                 self.prepare_zap_page(sp, invalid)
         self.commit_zap_page(invalid)
+        if self.tdp_mmu is not None:
+            self.tdp_mmu.zap_invalidated_roots()
 
     def zap_gfn_range(self, as_id: int, start: int, end: int) -> None:
         """Zap leaf mappings of gfns in [start, end) and the shadow pages of those gfns."""
