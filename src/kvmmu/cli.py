@@ -327,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .report.realdiff import add_cli as add_real_diff
     add_real_diff(sub)
+    from .lab.cli import add_cli as add_lab
+    add_lab(sub)
     return p
 
 

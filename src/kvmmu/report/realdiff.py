@@ -108,6 +108,8 @@ class Observation:
     per_run: list[dict[str, int]] = field(default_factory=list)   # counters at the end of each run
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Every statistic of KVM's binary stats fds that moved (VM ones prefixed "vm."); real runs only.
+    stats: dict[str, int] = field(default_factory=dict)
 
 
 # -- the MMIO device both backends use ---------------------------------------------------------------
@@ -308,6 +310,8 @@ def run_real(program: Program, image: GuestImage | None = None, timeout: float =
         obs.memory = _capture_memory(program, vm.read_phys)
         final = vcpu.get_regs()
     obs.faults, obs.fault_count = _decode_log(obs.memory.get(RT_LOG, bytes(4096)))
+    obs.stats = {**{n: v for n, v in dv.items() if isinstance(v, int) and v},
+                 **{f"vm.{n}": v for n, v in dm.items() if isinstance(v, int) and v}}
     for name in COUNTERS + EXTRA_COUNTERS:
         src = dm if (name in VM_COUNTERS or name in _VM_EXTRA) else dv
         value = src.get(name, 0)
