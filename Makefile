@@ -42,7 +42,7 @@ LAB_CORPUS  := tests/realdiff/corpus tests/realdiff/lab/scenarios
 lab: $(STAMP)
 	$(BIN)/kvmmu lab setup
 	for c in $(LAB_CONFIGS); do \
-	  $(BIN)/kvmmu lab real-diff $(LAB_CORPUS) --config $$c --save tests/realdiff/lab/$$c.json > tests/realdiff/lab/$$c.txt || true; \
+	  $(BIN)/kvmmu lab real-diff $(LAB_CORPUS) --config $$c --save tests/realdiff/lab/$$c.json || true; \
 	  $(BIN)/kvmmu lab real-diff tests/realdiff/lab/scenarios -k mmio64 --config $$c --no-mmio-caching \
-	    --save tests/realdiff/lab/$$c-nommio.json > tests/realdiff/lab/$$c-nommio.txt || true; \
+	    --save tests/realdiff/lab/$$c-nommio.json || true; \
 	done
