@@ -1,5 +1,5 @@
 """Host profiles on the model.  Expected values are measurements of the real kvm_pvm host
-(docs/real-kvm-on-these-machines.md §2, §4, §6 and docs/real-kvm.md), not the model's output."""
+(docs/real-kvm.md), not the model's output."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 from kvmmu.errors import InvalidArgument
 from kvmmu.guest.runtime import Map, Program, WritePhys, build
 from kvmmu.kvm.profiles import PROFILES, get_profile
+from kvmmu.real import RealVM, available, host_guest_paging
 from kvmmu.report.realdiff import run_model
 
 MMIO = 0xD000_0000
@@ -18,10 +19,22 @@ def test_the_kvm_pvm_profile_is_an_explicit_option() -> None:
     """kvm-pvm: shadow MMU, mmio_caching=N, CPL0 emulated with batches of 1024, KVM delivers events."""
     p = get_profile("kvm-pvm")
     assert (p.mmu, p.mmio_caching, p.cpl0, p.delivery, p.emul_batch) == ("shadow", "off", "emulated", "kvm", 1024)
-    assert p.guest_maxphyaddr == 48 and not p.guest_gbpages
     assert {"vmx-ept", "vmx-shadow"} <= set(PROFILES)
     vm = p.make_vm()
     assert (vm.flavour, vm.mmio_caching) == ("shadow", "off")
+
+
+def test_kvm_pvm_guest_width_is_measured_not_assumed() -> None:
+    """The profile's guest MAXPHYADDR / Page1GB are what the real backend's CPUID gives a guest on
+    the machine running the test (measured: 48 here, 46 on the December machines), never a constant."""
+    p = get_profile("kvm-pvm")
+    assert p.guest_maxphyaddr is None and p.guest_gbpages is None
+    width, gb, source = host_guest_paging()
+    vm = p.make_vm()
+    assert (vm.guest_maxphyaddr, vm.guest_gbpages) == (width, gb), source
+    if available():
+        with RealVM() as real:
+            assert real.guest_maxphyaddr == width
 
 
 def test_unknown_profile_is_refused() -> None:

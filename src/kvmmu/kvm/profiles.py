@@ -3,7 +3,7 @@
 The MMU model (VM, vCPU, shadow/TDP MMU) is the same everywhere; what differs between hosts is *how
 guest instructions reach it*.  A profile is that difference, made explicit:
 
-``"kvm-pvm"`` — the nested kvm_pvm hosts this project runs on (docs/real-kvm-on-these-machines.md):
+``"kvm-pvm"`` — the nested kvm_pvm hosts this project runs on (docs/real-kvm.md):
 
 - CPL0 code never runs on hardware: KVM's instruction emulator executes every instruction
   (``insn_emulation`` counts each decode).  Its accesses use KVM's software walker (A/D bits set
@@ -24,7 +24,10 @@ guest instructions reach it*.  A profile is that difference, made explicit:
   #UD and other exceptions are a plain exit.
 - Exceptions are delivered by KVM in software: IDT, GDT, TSS and the frame on the stack are
   accessed through the software walker (A/D bits set), the frame writes are not tracked writes.
-- Guest MAXPHYADDR 48, no 1 GiB pages; 32-bit/PAE paging is refused (the runtime is 64-bit only).
+- Guest MAXPHYADDR and 1 GiB pages: whatever CPUID the VMM installs.  The real backend installs
+  KVM_GET_SUPPORTED_CPUID (the host's width: 48 bits on some of these machines, 46 on others; no
+  Page1GB), so the profile reads both at run time (``kvmmu.real.host_guest_paging``) instead of
+  assuming one machine's value.  32-bit/PAE paging is refused (the runtime is 64-bit only).
 - Not modelled (quirks of §6 that the runtime avoids): CS/DS selectors read at CPL3, RFLAGS.IF at
   CPL3 (the runtime starts CPL3 code with IF=1), PIO at CPL3, int n / int3 at CPL0, vmcall,
   SYSCALL at CPL3, and the host's own interrupts (timer ticks add ``exits`` on the real host; the
@@ -79,16 +82,28 @@ class HostProfile:
     # An emulation failure (e.g. an instruction fetch from MMIO) exits to userspace at every CPL, not
     # only at CPL0 as upstream's handle_emulation_failure does (measured: fetch_from_mmio_cpl3).
     emulation_failure_exits: bool = False
-    guest_maxphyaddr: int = 46
-    guest_gbpages: bool = True
+    # None: what the real backend's CPUID gives a guest on the machine running the model
+    guest_maxphyaddr: int | None = 46
+    guest_gbpages: bool | None = True
     quirks: tuple[str, ...] = field(default_factory=tuple)
     # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
     kvm_deviations: bool = True
 
+    def guest_paging(self) -> tuple[int, bool]:
+        """(guest MAXPHYADDR, 1 GiB pages) of this profile's guests, measured where it says None."""
+        width, gb = self.guest_maxphyaddr, self.guest_gbpages
+        if width is None or gb is None:
+            from ..real.cpuid import host_guest_paging
+            host_width, host_gb, _source = host_guest_paging()
+            width = host_width if width is None else width
+            gb = host_gb if gb is None else gb
+        return width, gb
+
     def make_vm(self) -> VM:
         from .vm import VM
-        return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=self.guest_maxphyaddr,
-                  guest_gbpages=self.guest_gbpages, kvm_deviations=self.kvm_deviations)
+        width, gb = self.guest_paging()
+        return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width,
+                  guest_gbpages=gb, kvm_deviations=self.kvm_deviations)
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)
@@ -100,7 +115,7 @@ PROFILES: dict[str, HostProfile] = {
         summary="nested kvm_pvm host: CPL0 in KVM's emulator (no TLB), CPL3 native on shadow paging, "
                 "mmio_caching=N",
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
-        iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=48, guest_gbpages=False,
+        iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=None, guest_gbpages=None,
         emulation_failure_exits=True,
         quirks=(
             "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",

@@ -20,6 +20,7 @@ from typing import Any
 
 from ..errors import InvalidArgument, KvmmuError, MemslotError
 from . import ioctls as K
+from .cpuid import CpuidEntry, for_vcpu, get_supported_cpuid, maxphyaddr, pack_cpuid2
 from .longmode import flat_segments
 from .stats import StatsReader, StatValue
 from .vcpu_state import (
@@ -125,9 +126,15 @@ class _Slot:
 
 
 class RealVM:
-    """A VM on the real /dev/kvm with the model's memslot / memory / vCPU methods."""
+    """A VM on the real /dev/kvm with the model's memslot / memory / vCPU methods.
 
-    def __init__(self) -> None:
+    ``cpuid``: what every vCPU gets with KVM_SET_CPUID2 before it first runs — ``"supported"``
+    (the default, as VMMs do: KVM_GET_SUPPORTED_CPUID with each vCPU's APIC ID filled in), a tuple
+    of ``CpuidEntry``, or None for no KVM_SET_CPUID2 at all (KVM's defaults, e.g. a 36-bit guest
+    MAXPHYADDR).  ``guest_maxphyaddr`` is the width KVM derives from it.
+    """
+
+    def __init__(self, cpuid: str | tuple[CpuidEntry, ...] | None = "supported") -> None:
         self._kvm_fd = -1
         self._fd = -1
         self._slots: dict[int, _Slot] = {}
@@ -140,9 +147,28 @@ class RealVM:
         try:
             self._fd = _ioctl(self._kvm_fd, K.KVM_CREATE_VM, 0)
             self.vcpu_mmap_size: int = _ioctl(self._kvm_fd, K.KVM_GET_VCPU_MMAP_SIZE, 0)
+            self.cpuid: tuple[CpuidEntry, ...] | None = self._resolve_cpuid(cpuid)
         except BaseException:
             self.close()
             raise
+
+    def _resolve_cpuid(self, cpuid: str | tuple[CpuidEntry, ...] | None) -> tuple[CpuidEntry, ...] | None:
+        if cpuid is None:
+            return None
+        if cpuid == "supported":
+            try:
+                return get_supported_cpuid(self._kvm_fd)
+            except OSError as e:
+                raise KvmIoctlError("KVM_GET_SUPPORTED_CPUID", e.errno or 0) from None
+        if isinstance(cpuid, tuple) and all(isinstance(e, CpuidEntry) for e in cpuid):
+            return cpuid
+        raise InvalidArgument("cpuid", cpuid, '"supported", a tuple of CpuidEntry, or None '
+                              "(no KVM_SET_CPUID2)")
+
+    @property
+    def guest_maxphyaddr(self) -> int:
+        """The guest MAXPHYADDR KVM uses for this VM's vCPUs (from ``cpuid``; 36 without one)."""
+        return maxphyaddr(self.cpuid)
 
     # -- lifetime ----------------------------------------------------------------------------
     @property
@@ -349,11 +375,15 @@ class RealVM:
 
     # -- vCPUs and stats ---------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int | None = None) -> RealVcpu:
-        """KVM_CREATE_VCPU (ids count up from 0 unless given) and map its kvm_run page."""
+        """KVM_CREATE_VCPU (ids count up from 0 unless given), KVM_SET_CPUID2 of the VM's ``cpuid``
+        and map its kvm_run page."""
         if vcpu_id is None:
             vcpu_id = max((v.vcpu_id for v in self._vcpus), default=-1) + 1
         fd = _ioctl(self.fd, K.KVM_CREATE_VCPU, vcpu_id, detail=f"vcpu id {vcpu_id}")
         try:
+            if self.cpuid is not None:
+                _ioctl(fd, K.KVM_SET_CPUID2, pack_cpuid2(for_vcpu(self.cpuid, vcpu_id)),
+                       detail=f"vcpu id {vcpu_id}, {len(self.cpuid)} entries")
             vcpu = RealVcpu(self, fd, vcpu_id)
         except BaseException:
             os.close(fd)
