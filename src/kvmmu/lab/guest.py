@@ -35,6 +35,14 @@ def module_parameters() -> dict[str, str]:
     return out
 
 
+def _guest_paging() -> dict[str, Any]:
+    """What a default RealVM gives its guest here (from KVM_GET_SUPPORTED_CPUID): the host profile's
+    guest_maxphyaddr / guest_gbpages must match it."""
+    from ..real.cpuid import host_guest_paging
+    width, gb, source = host_guest_paging()
+    return {"maxphyaddr": width, "gbpages": gb, "source": source}
+
+
 def _comparable(o: Any) -> tuple[Any, ...]:
     return (o.stops, o.mmio, o.memory, o.faults, o.fault_count, o.regs,
             {k: v for k, v in o.counters.items() if k != "exits"})
@@ -58,7 +66,8 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "format": FORMAT, "config": spec.get("config"), "mmio_caching": spec.get("mmio_caching"),
         "profile": spec.get("profile"), "kernel": {"release": platform.release(), "version": platform.version()},
-        "parameters": module_parameters(), "cpu": spec.get("cpu"), "source": spec.get("source"),
+        "parameters": module_parameters(), "cpu": spec.get("cpu"), "guest_paging": _guest_paging(),
+        "source": spec.get("source"),
         "paths": spec["paths"], "repeats": repeats, "captured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "programs": {},
     }

@@ -27,7 +27,8 @@ def observation_to_json(o: Observation) -> dict[str, Any]:
     return {
         "backend": o.backend, "stops": o.stops,
         "mmio": [[m.addr, m.len, int(m.write), m.data.hex()] for m in o.mmio],
-        "memory": {f"{gpa:#x}": base64.b64encode(zlib.compress(page, 9)).decode() for gpa, page in sorted(o.memory.items())},
+        "memory": {f"{gpa:#x}": base64.b64encode(zlib.compress(page, 9)).decode()
+                   for gpa, page in sorted(o.memory.items())},
         "faults": [[f.vector, f.error_code, f.cr2, f.rip] for f in o.faults], "fault_count": o.fault_count,
         "counters": o.counters, "extra": o.extra, "regs": o.regs, "per_run": o.per_run, "error": o.error,
         "notes": o.notes, "stats": o.stats,

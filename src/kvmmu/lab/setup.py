@@ -124,7 +124,8 @@ def unpack_deb(root: Path, deb: Path) -> tuple[Path, Path]:
     mods = sorted(p for p in (target / "lib" / "modules").glob("*") if p.is_dir()) if (
         target / "lib" / "modules").exists() else []
     if not images or not mods:
-        raise LabError(f"setup: {deb.name} has no boot/vmlinuz-* or lib/modules/<release> (not a kernel image package?)")
+        raise LabError(f"setup: {deb.name} has no boot/vmlinuz-* or lib/modules/<release> "
+                       "(not a kernel image package?)")
     return images[0], mods[0]
 
 

@@ -1,0 +1,131 @@
+"""Host profiles for KVM on AMD SVM as the nested lab runs it (``kvmmu lab``, docs/real-kvm.md).
+
+A stock KVM (``kvm_amd``) in L1 of a QEMU TCG machine: every ring of the guest runs "natively" (on
+TCG's emulated CPU, with its TLB), exceptions are delivered by the CPU, MMIO caching is on unless a
+``-nommio`` profile says otherwise.  Three MMU set-ups:
+
+- ``svm-npt-tdp``    npt=1 tdp_mmu=1: nested paging on the TDP MMU (KVM's default)
+- ``svm-npt-legacy`` npt=1 tdp_mmu=0: nested paging on the legacy shadow-page MMU
+- ``svm-shadow``     npt=0: shadow paging
+
+What TCG's SVM does differently from an AMD CPU is part of these profiles, not of the programs
+(measured in the lab):
+
+- No NRIPS and no decode assists (``kvm_amd.nrips`` reads 0): to skip an intercepted HLT KVM decodes
+  it (``svm_skip_emulated_instruction`` -> ``kvm_emulate_instruction(EMULTYPE_SKIP)``), and an
+  intercepted MOV CR or INVLPG is emulated (``cr_interception`` / ``invlpg_interception`` fall back
+  to the emulator): one more ``insn_emulation`` for each.
+- The exception frame's RFLAGS has RF clear (QEMU never sets it when it delivers a fault).
+- The CPU's TLB is flushed on every VMRUN and #VMEXIT (QEMU's SVM flushes its softmmu TLB), so a
+  guest never sees a stale translation across an exit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING
+
+from ..errors import KvmmuError
+from .profiles import HostProfile, NativeBus
+
+if TYPE_CHECKING:
+    from ..hw.x86cpu import X86Cpu
+    from .vm import VM
+
+X86_EFLAGS_RF = 1 << 16
+# QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on)
+# and no 1 GiB pages (qemu64 has no pdpe1gb).
+TCG_MAXPHYADDR = 40
+
+
+class ModelFeatureMissing(KvmmuError):
+    """The profile needs a model feature this build does not have (named in the message)."""
+
+
+def vm_has_tdp_mmu() -> bool:
+    """Whether ``VM(tdp_mmu=...)`` exists in this build of the model."""
+    from .vm import VM
+    return "tdp_mmu" in inspect.signature(VM.__init__).parameters
+
+
+class SvmTcgBus(NativeBus):
+    """SVM as QEMU's TCG emulates it (see the module docstring)."""
+
+    def __init__(self, profile: HostProfile, vcpu: object) -> None:
+        super().__init__(profile, vcpu)   # type: ignore[arg-type]
+        self._exits_seen = -1
+
+    def begin(self, cpu: X86Cpu) -> None:
+        exits = self.stats["exits"]
+        if exits != self._exits_seen:
+            self.vcpu.cpu.flush()        # a VMRUN after an exit starts with an empty TLB
+            self._exits_seen = exits
+        super().begin(cpu)
+
+    def _emulated_if_exited(self, before: int) -> None:
+        if self.stats["exits"] != before:
+            self.stats["insn_emulation"] += 1     # no decode assists: KVM emulates the instruction
+
+    def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
+        before = self.stats["exits"]
+        super().write_cr(cpu, cr, value)
+        self._emulated_if_exited(before)
+
+    def invlpg(self, cpu: X86Cpu, gva: int) -> None:
+        before = self.stats["exits"]
+        super().invlpg(cpu, gva)
+        self._emulated_if_exited(before)
+
+    def halt(self, cpu: X86Cpu) -> None:
+        self.stats["insn_emulation"] += 1         # no NRIPS: the HLT is decoded to be skipped
+        super().halt(cpu)
+
+    def deliver_begin(self, cpu: X86Cpu, vector: int) -> None:
+        cpu.rflags &= ~X86_EFLAGS_RF             # TCG pushes the frame without RF
+        super().deliver_begin(cpu, vector)
+
+
+class SvmProfile(HostProfile):
+    """A HostProfile with KVM's ``tdp_mmu`` module parameter (from the name) and TCG's SVM bus."""
+
+    def make_vm(self) -> VM:
+        from .vm import VM
+        width, gb = self.guest_paging()
+        kwargs: dict[str, object] = {}
+        if self.mmu != "shadow":
+            tdp = self.name.startswith("svm-npt-tdp")
+            if vm_has_tdp_mmu():
+                kwargs["tdp_mmu"] = tdp
+            elif tdp:
+                raise ModelFeatureMissing(f"profile {self.name!r} needs VM(tdp_mmu=True), which this model "
+                                          "does not have yet (the TDP MMU); its comparison is expected to differ")
+        return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width, guest_gbpages=gb,
+                  kvm_deviations=self.kvm_deviations, **kwargs)  # type: ignore[arg-type]
+
+    def make_bus(self, vcpu: object) -> SvmTcgBus:   # type: ignore[override]
+        return SvmTcgBus(self, vcpu)
+
+
+_QUIRKS = (
+    "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV CR, INVLPG",
+    "RF clear in exception frames",
+    "TLB flushed on every VMRUN and #VMEXIT",
+)
+
+
+def _profile(name: str, mmu: str, caching: bool, summary: str) -> SvmProfile:
+    return SvmProfile(name=name if caching else f"{name}-nommio",
+                      summary=summary + ("" if caching else ", mmio_caching=0"),
+                      mmu=mmu, mmio_caching="generation" if caching else "off", cpl0="native",
+                      delivery="hardware", guest_maxphyaddr=TCG_MAXPHYADDR, guest_gbpages=False, quirks=_QUIRKS)
+
+
+SVM_PROFILES: dict[str, HostProfile] = {
+    p.name: p for caching in (True, False) for p in (
+        _profile("svm-npt-tdp", "npt", caching, "KVM 6.1 kvm_amd npt=1 tdp_mmu=1 in QEMU TCG (the lab)"),
+        _profile("svm-npt-legacy", "npt", caching, "KVM 6.1 kvm_amd npt=1 tdp_mmu=0 in QEMU TCG (the lab)"),
+        _profile("svm-shadow", "shadow", caching, "KVM 6.1 kvm_amd npt=0 (shadow paging) in QEMU TCG (the lab)"),
+    )
+}
+
+__all__ = ["SVM_PROFILES", "ModelFeatureMissing", "SvmProfile", "SvmTcgBus", "TCG_MAXPHYADDR", "vm_has_tdp_mmu"]
