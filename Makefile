@@ -46,3 +46,4 @@ lab: $(STAMP)
 	  $(BIN)/kvmmu lab real-diff tests/realdiff/lab/scenarios -k mmio64 --config $$c --no-mmio-caching \
 	    --save tests/realdiff/lab/$$c-nommio.json || true; \
 	done
+	$(BIN)/python -m pytest -p no:xdist -m lab tests/lab
