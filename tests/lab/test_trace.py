@@ -2,7 +2,7 @@
 
 from kvmmu.lab.trace import PFERR_RSVD, fields, parse_line, parse_trace, rsvd_faults, summarize
 
-MARK = "          python-170     [000] d..1.   412.331052: mark_mmio_spte: sptep:000000008872c9bd gfn d0000 access 7 gen 2"
+MARK = "   python-170     [000] d..1.   412.331052: mark_mmio_spte: sptep:000000008872c9bd gfn d0000 access 7 gen 2"
 CHECK = "  python-170  [000] ....1   413.000001: check_mmio_spte: spte 80000d0000017 kvm_gen 4 spte-gen 2 valid 0"
 ZAP = " python3.11-171 [000] .....  9.5: kvm_mmu_zap_all_fast: kvm-mmu-valid-gen 0 used_pages 0"
 

@@ -564,9 +564,8 @@ class PvmBus(ModelBus):
             self._end_entry()
 
 
-# KVM on AMD SVM in the nested lab (QEMU TCG): svm-npt-tdp, svm-npt-legacy, svm-shadow (+ -nommio).
-from .profiles_svm import SVM_PROFILES  # noqa: E402  (it subclasses NativeBus above)
-
-PROFILES.update(SVM_PROFILES)
+# KVM on AMD SVM in the nested lab (QEMU TCG): svm-npt-tdp, svm-npt-legacy, svm-shadow (+ -nommio);
+# the module adds them to PROFILES (it subclasses NativeBus above, hence the import down here).
+from . import profiles_svm  # noqa: E402, F401
 
 __all__ = ["PROFILES", "Emulator", "HostProfile", "ModelBus", "NativeBus", "PvmBus", "get_profile"]

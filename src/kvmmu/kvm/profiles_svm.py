@@ -15,7 +15,9 @@ What TCG's SVM does differently from an AMD CPU is part of these profiles, not o
   it (``svm_skip_emulated_instruction`` -> ``kvm_emulate_instruction(EMULTYPE_SKIP)``), and an
   intercepted MOV CR or INVLPG is emulated (``cr_interception`` / ``invlpg_interception`` fall back
   to the emulator): one more ``insn_emulation`` for each.
-- The exception frame's RFLAGS has RF clear (QEMU never sets it when it delivers a fault).
+- RF is left clear in the RFLAGS saved on a fault-class #VMEXIT (an SVM CPU sets it, SDM-style, as
+  the model's other profiles do): seen after KVM_EXIT_INTERNAL_ERROR on an instruction fetch from
+  MMIO.  Exception frames do have RF (KVM sets it before injecting a fault).
 - The CPU's TLB is flushed on every VMRUN and #VMEXIT (QEMU's SVM flushes its softmmu TLB), so a
   guest never sees a stale translation across an exit.
 """
@@ -26,7 +28,8 @@ import inspect
 from typing import TYPE_CHECKING
 
 from ..errors import KvmmuError
-from .profiles import HostProfile, NativeBus
+from ..hw.x86cpu import Stop
+from .profiles import PROFILES, HostProfile, NativeBus
 
 if TYPE_CHECKING:
     from ..hw.x86cpu import X86Cpu
@@ -62,6 +65,28 @@ class SvmTcgBus(NativeBus):
             self._exits_seen = exits
         super().begin(cpu)
 
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+        before = self.stats["exits"]
+        rf = self.cpu.rflags & X86_EFLAGS_RF if self.cpu is not None else 0
+        try:
+            return super()._hw(gva, size, kind, value, cpl, implicit)
+        except Stop as stop:
+            if stop.reason == "internal_error" and self.cpu is not None and not rf:
+                self.cpu.rflags &= ~X86_EFLAGS_RF    # TCG saves RFLAGS without RF on a fault-class exit
+            raise
+        finally:
+            if self.stats["exits"] != before:
+                # The exit flushed the TLB before the access was retried; what the retry cached stays.
+                self._flush_keeping(gva, size)
+                self._exits_seen = self.stats["exits"]
+
+    def _flush_keeping(self, gva: int, size: int) -> None:
+        cpu = self.vcpu.cpu
+        pages = {gva >> 12, ((gva + size - 1) & ((1 << 64) - 1)) >> 12}
+        kept = {vpn: cpu.tlb[vpn] for vpn in pages if vpn in cpu.tlb}
+        cpu.flush()
+        cpu.tlb.update(kept)
+
     def _emulated_if_exited(self, before: int) -> None:
         if self.stats["exits"] != before:
             self.stats["insn_emulation"] += 1     # no decode assists: KVM emulates the instruction
@@ -80,9 +105,6 @@ class SvmTcgBus(NativeBus):
         self.stats["insn_emulation"] += 1         # no NRIPS: the HLT is decoded to be skipped
         super().halt(cpu)
 
-    def deliver_begin(self, cpu: X86Cpu, vector: int) -> None:
-        cpu.rflags &= ~X86_EFLAGS_RF             # TCG pushes the frame without RF
-        super().deliver_begin(cpu, vector)
 
 
 class SvmProfile(HostProfile):
@@ -108,7 +130,7 @@ class SvmProfile(HostProfile):
 
 _QUIRKS = (
     "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV CR, INVLPG",
-    "RF clear in exception frames",
+    "RF clear in the RFLAGS saved on a fault-class #VMEXIT",
     "TLB flushed on every VMRUN and #VMEXIT",
 )
 
@@ -127,5 +149,7 @@ SVM_PROFILES: dict[str, HostProfile] = {
         _profile("svm-shadow", "shadow", caching, "KVM 6.1 kvm_amd npt=0 (shadow paging) in QEMU TCG (the lab)"),
     )
 }
+
+PROFILES.update(SVM_PROFILES)
 
 __all__ = ["SVM_PROFILES", "ModelFeatureMissing", "SvmProfile", "SvmTcgBus", "TCG_MAXPHYADDR", "vm_has_tdp_mmu"]

@@ -110,6 +110,8 @@ class Observation:
     notes: list[str] = field(default_factory=list)
     # Every statistic of KVM's binary stats fds that moved (VM ones prefixed "vm."); real runs only.
     stats: dict[str, int] = field(default_factory=dict)
+    # The model's trace events (name, fields) when run_model(trace=True): the lab compares them.
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 # -- the MMIO device both backends use ---------------------------------------------------------------
@@ -166,8 +168,10 @@ def _capture_memory(program: Program, read: Any) -> dict[int, bytes]:
 
 
 # -- the model backend ------------------------------------------------------------------------------------
-def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: GuestImage | None = None) -> Observation:
-    """Run ``program`` on the model under a host profile (kvmmu.kvm.profiles)."""
+def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: GuestImage | None = None,
+              trace: bool = False) -> Observation:
+    """Run ``program`` on the model under a host profile (kvmmu.kvm.profiles); ``trace`` keeps the
+    model's trace events in ``Observation.events``."""
     from ..hw.x86cpu import StepLimitExceeded, UnsupportedInstruction, X86Cpu
     from ..kvm.profiles import get_profile
 
@@ -175,6 +179,9 @@ def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: G
     obs = Observation(f"model:{prof.name}")
     img = image or build(program)
     vm = prof.make_vm()
+    if trace:
+        # A subscriber, not the bounded ring: a long program's early events must not be dropped.
+        vm.trace.subscribe(lambda e: obs.events.append((e.name, dict(e.fields))))
     for s in program.slots:
         vm.set_user_memory_region(s.slot, s.gpa, s.size, s.flags)
     for gpa, data in img.writes():
