@@ -15,9 +15,10 @@ What TCG's SVM does differently from an AMD CPU is part of these profiles, not o
   it (``svm_skip_emulated_instruction`` -> ``kvm_emulate_instruction(EMULTYPE_SKIP)``), and an
   intercepted MOV CR or INVLPG is emulated (``cr_interception`` / ``invlpg_interception`` fall back
   to the emulator): one more ``insn_emulation`` for each.
-- RF is left clear in the RFLAGS saved on a fault-class #VMEXIT (an SVM CPU sets it, SDM-style, as
-  the model's other profiles do): seen after KVM_EXIT_INTERNAL_ERROR on an instruction fetch from
-  MMIO.  Exception frames do have RF (KVM sets it before injecting a fault).
+- RF is left clear where the CPU itself should set it: in the frame of a fault TCG delivers without
+  KVM (a #GP at CPL3, a #PF under NPT) and in the RFLAGS saved on a fault-class #VMEXIT (seen after
+  KVM_EXIT_INTERNAL_ERROR on an instruction fetch from MMIO).  A fault KVM injects keeps the RF KVM
+  sets before injecting it.
 - The CPU's TLB is flushed on every VMRUN and #VMEXIT (QEMU's SVM flushes its softmmu TLB), so a
   guest never sees a stale translation across an exit.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING
 
+from ..arch.bits import PF_VECTOR
 from ..errors import KvmmuError
 from ..hw.x86cpu import Stop
 from .profiles import PROFILES, HostProfile, NativeBus
@@ -57,13 +59,26 @@ class SvmTcgBus(NativeBus):
     def __init__(self, profile: HostProfile, vcpu: object) -> None:
         super().__init__(profile, vcpu)   # type: ignore[arg-type]
         self._exits_seen = -1
+        self._insn_start = (0, 0)
 
     def begin(self, cpu: X86Cpu) -> None:
         exits = self.stats["exits"]
         if exits != self._exits_seen:
             self.vcpu.cpu.flush()        # a VMRUN after an exit starts with an empty TLB
             self._exits_seen = exits
+        self._insn_start = (exits, self.stats["pf_guest"])
         super().begin(cpu)
+
+    def deliver_begin(self, cpu: X86Cpu, vector: int) -> None:
+        # KVM sets RF before injecting a fault-class exception (kvm_inject_exception / inject_pending_event),
+        # and the frame TCG pushes keeps it; a fault TCG delivers by itself has RF clear in its frame.
+        # KVM injected it when this instruction exited to KVM and, for a #PF, KVM injected that #PF
+        # (pf_guest): under NPT a #PF after an #NPF exit is the CPU's own on the retried instruction.
+        exits, pf_guest = self._insn_start
+        injected = self.stats["exits"] != exits and (vector != PF_VECTOR or self.stats["pf_guest"] != pf_guest)
+        if not injected:
+            cpu.rflags &= ~X86_EFLAGS_RF
+        super().deliver_begin(cpu, vector)
 
     def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
         before = self.stats["exits"]
@@ -130,7 +145,7 @@ class SvmProfile(HostProfile):
 
 _QUIRKS = (
     "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV CR, INVLPG",
-    "RF clear in the RFLAGS saved on a fault-class #VMEXIT",
+    "RF clear in frames of faults the CPU delivers itself and in RFLAGS saved on a fault-class #VMEXIT",
     "TLB flushed on every VMRUN and #VMEXIT",
 )
 
