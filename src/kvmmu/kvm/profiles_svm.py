@@ -15,10 +15,12 @@ What TCG's SVM does differently from an AMD CPU is part of these profiles, not o
   it (``svm_skip_emulated_instruction`` -> ``kvm_emulate_instruction(EMULTYPE_SKIP)``), and an
   intercepted MOV CR or INVLPG is emulated (``cr_interception`` / ``invlpg_interception`` fall back
   to the emulator): one more ``insn_emulation`` for each.
-- RF is left clear where the CPU itself should set it: in the frame of a fault TCG delivers without
-  KVM (a #GP at CPL3, a #PF under NPT) and in the RFLAGS saved on a fault-class #VMEXIT (seen after
-  KVM_EXIT_INTERNAL_ERROR on an instruction fetch from MMIO).  A fault KVM injects keeps the RF KVM
-  sets before injecting it.
+- RF: TCG never sets it itself, neither in the frame of a fault it delivers without KVM (a #GP at
+  CPL3, a #PF under NPT) nor in the RFLAGS saved on a fault-class #VMEXIT (seen after
+  KVM_EXIT_INTERNAL_ERROR on an instruction fetch from MMIO); a fault KVM injects keeps the RF KVM
+  sets before injecting it.  And TCG clears RF only where its translation block ends: RF restored
+  by an IRETQ stays set through the straight-line code after it (up to a control transfer or HLT),
+  so a fault there pushes RF=1.
 - The CPU's TLB is flushed on every VMRUN and #VMEXIT (QEMU's SVM flushes its softmmu TLB), so a
   guest never sees a stale translation across an exit.
 """
@@ -27,6 +29,8 @@ from __future__ import annotations
 
 import inspect
 from typing import TYPE_CHECKING
+
+from iced_x86 import FlowControl
 
 from ..arch.bits import PF_VECTOR
 from ..errors import KvmmuError
@@ -60,6 +64,7 @@ class SvmTcgBus(NativeBus):
         super().__init__(profile, vcpu)   # type: ignore[arg-type]
         self._exits_seen = -1
         self._insn_start = (0, 0)
+        self._rf = 0
 
     def begin(self, cpu: X86Cpu) -> None:
         exits = self.stats["exits"]
@@ -67,7 +72,15 @@ class SvmTcgBus(NativeBus):
             self.vcpu.cpu.flush()        # a VMRUN after an exit starts with an empty TLB
             self._exits_seen = exits
         self._insn_start = (exits, self.stats["pf_guest"])
+        self._rf = cpu.rflags & X86_EFLAGS_RF
         super().begin(cpu)
+
+    def commit(self, cpu: X86Cpu) -> None:
+        # TCG clears RF only where a translation block ends (a control transfer), not after every
+        # instruction: RF from an IRETQ stays through the straight-line code after it.
+        if self._rf and cpu.instr is not None and cpu.instr.flow_control == FlowControl.NEXT:
+            cpu.rflags |= X86_EFLAGS_RF
+        super().commit(cpu)
 
     def deliver_begin(self, cpu: X86Cpu, vector: int) -> None:
         # KVM sets RF before injecting a fault-class exception (kvm_inject_exception / inject_pending_event),
@@ -77,7 +90,7 @@ class SvmTcgBus(NativeBus):
         exits, pf_guest = self._insn_start
         injected = self.stats["exits"] != exits and (vector != PF_VECTOR or self.stats["pf_guest"] != pf_guest)
         if not injected:
-            cpu.rflags &= ~X86_EFLAGS_RF
+            cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
         super().deliver_begin(cpu, vector)
 
     def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
@@ -118,6 +131,7 @@ class SvmTcgBus(NativeBus):
 
     def halt(self, cpu: X86Cpu) -> None:
         self.stats["insn_emulation"] += 1         # no NRIPS: the HLT is decoded to be skipped
+        cpu.rflags &= ~X86_EFLAGS_RF              # HLT ends TCG's translation block
         super().halt(cpu)
 
 
@@ -145,7 +159,8 @@ class SvmProfile(HostProfile):
 
 _QUIRKS = (
     "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV CR, INVLPG",
-    "RF clear in frames of faults the CPU delivers itself and in RFLAGS saved on a fault-class #VMEXIT",
+    "RF never set by the CPU (frames of its own faults, RFLAGS saved on a fault-class #VMEXIT)",
+    "RF from IRETQ kept until a control transfer or HLT",
     "TLB flushed on every VMRUN and #VMEXIT",
 )
 
