@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from .vm import VM
 
 X86_EFLAGS_RF = 1 << 16
-# QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on)
-# and no 1 GiB pages (qemu64 has no pdpe1gb).
+# QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on);
+# 1 GiB pages are offered to the guest only under shadow paging (measured in L1).
 TCG_MAXPHYADDR = 40
 
 
@@ -169,7 +169,8 @@ def _profile(name: str, mmu: str, caching: bool, summary: str) -> SvmProfile:
     return SvmProfile(name=name if caching else f"{name}-nommio",
                       summary=summary + ("" if caching else ", mmio_caching=0"),
                       mmu=mmu, mmio_caching="generation" if caching else "off", cpl0="native",
-                      delivery="hardware", guest_maxphyaddr=TCG_MAXPHYADDR, guest_gbpages=False, quirks=_QUIRKS)
+                      delivery="hardware", guest_maxphyaddr=TCG_MAXPHYADDR,
+                      guest_gbpages=mmu == "shadow", quirks=_QUIRKS)
 
 
 SVM_PROFILES: dict[str, HostProfile] = {
