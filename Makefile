@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-full bench lint fuzz clean
+.PHONY: demo test test-full bench lint fuzz clean lab
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,17 @@ fuzz: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
+
+# The nested real-KVM lab (docs/real-kvm.md): QEMU TCG + a stock Debian kernel's KVM.  Not part of
+# `make test`.  Captures the corpus under each configuration into tests/realdiff/lab/ (the recorded
+# observations `kvmmu real-diff --recorded` compares the model with).  LAB_CONFIGS narrows it.
+LAB_CONFIGS ?= npt npt-legacy shadow
+LAB_CORPUS  := tests/realdiff/corpus tests/realdiff/lab/scenarios
+lab: $(STAMP)
+	$(BIN)/kvmmu lab setup
+	for c in $(LAB_CONFIGS); do \
+	  $(BIN)/kvmmu lab real-diff $(LAB_CORPUS) --config $$c --save tests/realdiff/lab/$$c.json || true; \
+	  $(BIN)/kvmmu lab real-diff tests/realdiff/lab/scenarios -k mmio64 --config $$c --no-mmio-caching \
+	    --save tests/realdiff/lab/$$c-nommio.json || true; \
+	done
+	$(BIN)/python -m pytest -p no:xdist -m lab tests/lab

@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .report.realdiff import add_cli as add_real_diff
     rd = add_real_diff(sub)
     output(rd)
+    from .lab.cli import add_cli as add_lab
+    add_lab(sub)
     return p
 
 

@@ -86,7 +86,8 @@ def test_kvm_deviations_must_be_a_bool() -> None:
 
 def test_host_profiles_keep_kvm_deviations() -> None:
     from kvmmu.kvm.profiles import PROFILES
-    assert all(p.make_vm().kvm_deviations for p in PROFILES.values())
+    for p in PROFILES.values():
+        assert p.make_vm().kvm_deviations, p.name
 
 
 @pytest.mark.parametrize("deviations", [False, True])

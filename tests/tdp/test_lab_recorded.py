@@ -30,9 +30,9 @@ pytestmark = pytest.mark.skipif(not RECORDED.exists() or not SCENARIOS.exists(),
 
 @dataclass(frozen=True)
 class _Npt(HostProfile):
-    def make_vm(self) -> VM:
+    def make_vm(self, host_hugepage_level: int = 1) -> VM:
         return VM(mmu="npt", mmio_caching=self.mmio_caching, tdp_mmu=True, kvm_deviations=True,
-                  guest_maxphyaddr=40, guest_gbpages=False)
+                  guest_maxphyaddr=40, guest_gbpages=False, host_hugepage_level=host_hugepage_level)
 
 
 @pytest.mark.parametrize("name", ["mmio64", "gen_slot_created", "gen_slot_deleted"])

@@ -39,6 +39,9 @@ guest instructions reach it*.  A profile is that difference, made explicit:
   SYSCALL at CPL3, and the host's own interrupts (timer ticks add ``exits`` on the real host; the
   differential runner takes the minimum over repeated real runs).
 
+``"svm-npt-tdp"`` / ``"svm-npt-legacy"`` / ``"svm-shadow"`` (and ``-nommio``) — KVM 6.1 on SVM
+as the nested lab runs it (``kvmmu lab``); see ``profiles_svm``.
+
 ``"vmx-ept"`` / ``"vmx-shadow"`` — a plain KVM host with VMX: every ring runs natively (TLB and all),
 EPT (today's MMIO caching) or shadow paging; the CPU delivers exceptions itself with implicit
 supervisor accesses.  These profiles are the model's prediction only: no such host is at hand.
@@ -530,5 +533,9 @@ class PvmBus(ModelBus):
         if new_cpl != 0:
             self._end_entry()
 
+
+# KVM on AMD SVM in the nested lab (QEMU TCG): svm-npt-tdp, svm-npt-legacy, svm-shadow (+ -nommio);
+# the module adds them to PROFILES (it subclasses NativeBus above, hence the import down here).
+from . import profiles_svm  # noqa: E402, F401
 
 __all__ = ["PROFILES", "Emulator", "HostProfile", "ModelBus", "NativeBus", "PvmBus", "get_profile"]

@@ -113,6 +113,10 @@ class Observation:
     undefined_uses: list[str] = field(default_factory=list)
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    # Every statistic of KVM's binary stats fds that moved (VM ones prefixed "vm."); real runs only.
+    stats: dict[str, int] = field(default_factory=dict)
+    # The model's trace events (name, fields) when run_model(trace=True): the lab compares them.
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
 
 # -- the MMIO device both backends use ---------------------------------------------------------------
@@ -169,8 +173,10 @@ def _capture_memory(program: Program, read: Any) -> dict[int, bytes]:
 
 
 # -- the model backend ------------------------------------------------------------------------------------
-def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: GuestImage | None = None) -> Observation:
-    """Run ``program`` on the model under a host profile (kvmmu.kvm.profiles)."""
+def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: GuestImage | None = None,
+              trace: bool = False) -> Observation:
+    """Run ``program`` on the model under a host profile (kvmmu.kvm.profiles); ``trace`` keeps the
+    model's trace events in ``Observation.events``."""
     from ..hw.x86cpu import StepLimitExceeded, UnsupportedInstruction, X86Cpu
     from ..kvm.profiles import get_profile
 
@@ -178,6 +184,9 @@ def run_model(program: Program, profile: str | HostProfile = "kvm-pvm", image: G
     obs = Observation(f"model:{prof.name}")
     img = image or build(program)
     vm = prof.make_vm(host_hugepage_level=2 if program.host_hugepages else 1)
+    if trace:
+        # A subscriber, not the bounded ring: a long program's early events must not be dropped.
+        vm.trace.subscribe(lambda e: obs.events.append((e.name, dict(e.fields))))
     touch = _guest_pages(program, img) if program.prefault else set()
 
     def add_slot(s: Slot) -> None:
@@ -327,6 +336,8 @@ def run_real(program: Program, image: GuestImage | None = None, timeout: float =
         obs.memory = _capture_memory(program, vm.read_phys)
         final = vcpu.get_regs()
     obs.faults, obs.fault_count = _decode_log(obs.memory.get(RT_LOG, bytes(4096)))
+    obs.stats = {**{n: v for n, v in dv.items() if isinstance(v, int) and v},
+                 **{f"vm.{n}": v for n, v in dm.items() if isinstance(v, int) and v}}
     for name in COUNTERS + EXTRA_COUNTERS:
         src = dm if (name in VM_COUNTERS or name in _VM_EXTRA) else dv
         value = src.get(name, 0)
@@ -433,11 +444,12 @@ def compare(program: Program, model: Observation, real: Observation) -> list[Obs
         _diff_seq("faults", model.faults, real.faults)
         + ([f"  fault count model {model.fault_count} real {real.fault_count}"]
            if model.fault_count != real.fault_count else []))
-    bad = [n for n in COUNTERS if model.counters.get(n) != real.counters.get(n)]
+    # A counter the real side did not record (an older recording) is not compared.
+    bad = [n for n in COUNTERS if n in real.counters and model.counters.get(n) != real.counters[n]]
     lines = [f"  {n:<22} model {model.counters.get(n)!s:>8}  real {real.counters.get(n)!s:>8}" for n in bad]
     if bad and len(model.per_run) > 1:
         for i, (a, b) in enumerate(zip(model.per_run, real.per_run, strict=False)):
-            lines.append(f"    after run {i + 1}: " + ", ".join(f"{n} {a[n]}/{b[n]}" for n in bad))
+            lines.append(f"    after run {i + 1}: " + ", ".join(f"{n} {a.get(n)}/{b.get(n)}" for n in bad))
     add("counters", not bad, lines)
     badr = [n for n in REG_NAMES if model_regs.get(n) != real_regs.get(n)]
     add("regs", not badr, [f"  {n:<7} model {model_regs.get(n, 0):#x}  real {real_regs.get(n, 0):#x}" for n in badr])
@@ -591,6 +603,8 @@ def _cmd(args: argparse.Namespace) -> int:
         programs = [p for p in programs if any(k in p.name for k in args.k)]
     if not programs:
         raise ScenarioError("no program matched")
+    if getattr(args, "recorded", None):
+        return _cmd_recorded(args, programs)
     use_real = not args.model_only
     if use_real and not available():
         print(f"real-diff: /dev/kvm unavailable ({unavailable_reason()}); running the model only", file=sys.stderr)
@@ -605,6 +619,24 @@ def _cmd(args: argparse.Namespace) -> int:
     return 1 if any(r.status in ("differ", "error") for r in reports) else 0
 
 
+def _cmd_recorded(args: argparse.Namespace, programs: list[Program]) -> int:
+    """``--recorded FILE``: the real side comes from a lab results file (kvmmu.lab), no /dev/kvm needed."""
+    from ..lab.compare import diff_recorded
+    from ..lab.record import load_results
+
+    results = load_results(args.recorded)
+    profile = args.profile if args.profile_given else results.get("profile") or args.profile
+    reports = diff_recorded(programs, results, profile)
+    print(report_json(reports) if args.json else format_report(reports, args.verbose))
+    return 1 if any(r.status in ("differ", "error") for r in reports) else 0
+
+
+class _ProfileAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        namespace.profile, namespace.profile_given = values, True
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``real-diff`` on the kvmmu command line."""
     from ..cliargs import integer
@@ -612,7 +644,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                               description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", help="corpus folders or program files")
     p.add_argument("-k", action="append", default=[], help="only programs whose name contains this (repeatable)")
-    p.add_argument("--profile", default="kvm-pvm", help="model host profile (kvm-pvm, vmx-ept, vmx-shadow)")
+    p.add_argument("--profile", default="kvm-pvm", action=_ProfileAction,
+                   help="model host profile (kvm-pvm, vmx-ept, vmx-shadow, svm-npt-tdp, svm-npt-legacy, svm-shadow)")
+    p.add_argument("--recorded", metavar="FILE",
+                   help="compare with real observations recorded by `kvmmu lab` (tests/realdiff/lab/*.json) "
+                        "instead of running /dev/kvm; the profile defaults to the file's")
+    p.set_defaults(profile_given=False)
     p.add_argument("--model-only", action="store_true", help="do not touch /dev/kvm")
     p.add_argument("--repeats", type=integer(1, 100, "a number of real runs"), default=5,
                    help="real runs of a program at most (1-100), while its exits exceed the model's (host noise)")

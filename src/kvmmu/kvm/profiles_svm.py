@@ -1,0 +1,169 @@
+"""Host profiles for KVM on AMD SVM as the nested lab runs it (``kvmmu lab``, docs/real-kvm.md).
+
+A stock KVM (``kvm_amd``) in L1 of a QEMU TCG machine: every ring of the guest runs "natively" (on
+TCG's emulated CPU, with its TLB), exceptions are delivered by the CPU, MMIO caching is on unless a
+``-nommio`` profile says otherwise.  Three MMU set-ups:
+
+- ``svm-npt-tdp``    npt=1 tdp_mmu=1: nested paging on the TDP MMU (KVM's default)
+- ``svm-npt-legacy`` npt=1 tdp_mmu=0: nested paging on the legacy shadow-page MMU
+- ``svm-shadow``     npt=0: shadow paging
+
+What TCG's SVM does differently from an AMD CPU is part of these profiles, not of the programs
+(measured in the lab):
+
+- No NRIPS and no decode assists (``kvm_amd.nrips`` reads 0): to skip an intercepted HLT KVM decodes
+  it (``svm_skip_emulated_instruction`` -> ``kvm_emulate_instruction(EMULTYPE_SKIP)``), and an
+  intercepted MOV CR or INVLPG is emulated (``cr_interception`` / ``invlpg_interception`` fall back
+  to the emulator): one more ``insn_emulation`` for each.
+- RF: TCG never sets it itself, neither in the frame of a fault it delivers without KVM (a #GP at
+  CPL3, a #PF under NPT) nor in the RFLAGS saved on a fault-class #VMEXIT (seen after
+  KVM_EXIT_INTERNAL_ERROR on an instruction fetch from MMIO); a fault KVM injects keeps the RF KVM
+  sets before injecting it.  And TCG clears RF only where its translation block ends: RF restored
+  by an IRETQ stays set through the straight-line code after it (up to a control transfer or HLT),
+  so a fault there pushes RF=1.
+- The CPU's TLB is flushed on every VMRUN and #VMEXIT (QEMU's SVM flushes its softmmu TLB), so a
+  guest never sees a stale translation across an exit.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from iced_x86 import FlowControl
+
+from ..arch.bits import PF_VECTOR
+from ..hw.x86cpu import Stop
+from .profiles import PROFILES, HostProfile, NativeBus
+
+if TYPE_CHECKING:
+    from ..hw.x86cpu import X86Cpu
+    from .vm import VM
+
+X86_EFLAGS_RF = 1 << 16
+# QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on);
+# 1 GiB pages are offered to the guest only under shadow paging (measured in L1).
+TCG_MAXPHYADDR = 40
+
+
+class SvmTcgBus(NativeBus):
+    """SVM as QEMU's TCG emulates it (see the module docstring)."""
+
+    def __init__(self, profile: HostProfile, vcpu: object) -> None:
+        super().__init__(profile, vcpu)   # type: ignore[arg-type]
+        self._exits_seen = -1
+        self._insn_start = (0, 0)
+        self._rf = 0
+
+    def begin(self, cpu: X86Cpu) -> None:
+        exits = self.stats["exits"]
+        if exits != self._exits_seen:
+            self.vcpu.cpu.flush()        # a VMRUN after an exit starts with an empty TLB
+            self._exits_seen = exits
+        self._insn_start = (exits, self.stats["pf_guest"])
+        self._rf = cpu.rflags & X86_EFLAGS_RF
+        super().begin(cpu)
+
+    def commit(self, cpu: X86Cpu) -> None:
+        # TCG clears RF only where a translation block ends (a control transfer), not after every
+        # instruction: RF from an IRETQ stays through the straight-line code after it.
+        if self._rf and cpu.instr is not None and cpu.instr.flow_control == FlowControl.NEXT:
+            cpu.rflags |= X86_EFLAGS_RF
+        super().commit(cpu)
+
+    def deliver_begin(self, cpu: X86Cpu, vector: int) -> None:
+        # KVM sets RF before injecting a fault-class exception (kvm_inject_exception / inject_pending_event),
+        # and the frame TCG pushes keeps it; a fault TCG delivers by itself has RF clear in its frame.
+        # KVM injected it when this instruction exited to KVM and, for a #PF, KVM injected that #PF
+        # (pf_guest): under NPT a #PF after an #NPF exit is the CPU's own on the retried instruction.
+        exits, pf_guest = self._insn_start
+        injected = self.stats["exits"] != exits and (vector != PF_VECTOR or self.stats["pf_guest"] != pf_guest)
+        if not injected:
+            cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
+        super().deliver_begin(cpu, vector)
+
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+        before = self.stats["exits"]
+        rf = self.cpu.rflags & X86_EFLAGS_RF if self.cpu is not None else 0
+        try:
+            return super()._hw(gva, size, kind, value, cpl, implicit)
+        except Stop as stop:
+            if stop.reason == "internal_error" and self.cpu is not None and not rf:
+                self.cpu.rflags &= ~X86_EFLAGS_RF    # TCG saves RFLAGS without RF on a fault-class exit
+            raise
+        finally:
+            if self.stats["exits"] != before:
+                # The exit flushed the TLB before the access was retried; what the retry cached stays.
+                self._flush_keeping(gva, size)
+                self._exits_seen = self.stats["exits"]
+
+    def _flush_keeping(self, gva: int, size: int) -> None:
+        cpu = self.vcpu.cpu
+        pages = {gva >> 12, ((gva + size - 1) & ((1 << 64) - 1)) >> 12}
+        kept = {vpn: cpu.tlb[vpn] for vpn in pages if vpn in cpu.tlb}
+        cpu.flush()
+        cpu.tlb.update(kept)
+
+    def _emulated_if_exited(self, before: int) -> None:
+        if self.stats["exits"] != before:
+            self.stats["insn_emulation"] += 1     # no decode assists: KVM emulates the instruction
+
+    def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
+        before = self.stats["exits"]
+        super().write_cr(cpu, cr, value)
+        self._emulated_if_exited(before)
+
+    def invlpg(self, cpu: X86Cpu, gva: int) -> None:
+        before = self.stats["exits"]
+        super().invlpg(cpu, gva)
+        self._emulated_if_exited(before)
+
+    def halt(self, cpu: X86Cpu) -> None:
+        self.stats["insn_emulation"] += 1         # no NRIPS: the HLT is decoded to be skipped
+        cpu.rflags &= ~X86_EFLAGS_RF              # HLT ends TCG's translation block
+        super().halt(cpu)
+
+
+
+class SvmProfile(HostProfile):
+    """A HostProfile with KVM's ``tdp_mmu`` module parameter (from the name) and TCG's SVM bus."""
+
+    def make_vm(self, host_hugepage_level: int = 1) -> VM:
+        from ..hw.host import Host
+        from .vm import VM
+        width, gb = self.guest_paging()
+        tdp_mmu = self.name.startswith("svm-npt-tdp") if self.mmu != "shadow" else None
+        return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width, guest_gbpages=gb,
+                  kvm_deviations=self.kvm_deviations, host_hugepage_level=host_hugepage_level,
+                  host=Host(prealloc=False), tdp_mmu=tdp_mmu)
+
+    def make_bus(self, vcpu: object) -> SvmTcgBus:   # type: ignore[override]
+        return SvmTcgBus(self, vcpu)
+
+
+_QUIRKS = (
+    "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV CR, INVLPG",
+    "RF never set by the CPU (frames of its own faults, RFLAGS saved on a fault-class #VMEXIT)",
+    "RF from IRETQ kept until a control transfer or HLT",
+    "TLB flushed on every VMRUN and #VMEXIT",
+)
+
+
+def _profile(name: str, mmu: str, caching: bool, summary: str) -> SvmProfile:
+    return SvmProfile(name=name if caching else f"{name}-nommio",
+                      summary=summary + ("" if caching else ", mmio_caching=0"),
+                      mmu=mmu, mmio_caching="generation" if caching else "off", cpl0="native",
+                      delivery="hardware", guest_maxphyaddr=TCG_MAXPHYADDR,
+                      guest_gbpages=mmu == "shadow", quirks=_QUIRKS)
+
+
+SVM_PROFILES: dict[str, HostProfile] = {
+    p.name: p for caching in (True, False) for p in (
+        _profile("svm-npt-tdp", "npt", caching, "KVM 6.1 kvm_amd npt=1 tdp_mmu=1 in QEMU TCG (the lab)"),
+        _profile("svm-npt-legacy", "npt", caching, "KVM 6.1 kvm_amd npt=1 tdp_mmu=0 in QEMU TCG (the lab)"),
+        _profile("svm-shadow", "shadow", caching, "KVM 6.1 kvm_amd npt=0 (shadow paging) in QEMU TCG (the lab)"),
+    )
+}
+
+PROFILES.update(SVM_PROFILES)
+
+__all__ = ["SVM_PROFILES", "SvmProfile", "SvmTcgBus", "TCG_MAXPHYADDR"]
