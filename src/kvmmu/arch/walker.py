@@ -261,11 +261,14 @@ def _walk_once(plan: tuple, ctx: PagingContext, mem: PteReader, root: int, addr:
         not_smap = ac and not access & PFERR_IMPLICIT_ACCESS
         idx = ((access & _ACCESS_BITS) | (PFERR_RSVD_MASK if not_smap else 0)) >> 1
         fault_code = PFERR_PRESENT_MASK if (ctx.permissions[idx] >> acc) & 1 else 0
-        if ctx.pkeys_active and acc & 4 and not access & PFERR_FETCH_MASK:
+        if ctx.pkeys_active:
+            # The leaf's key is part of the translation whatever this access is: a TLB entry that a
+            # fetch filled must still check the right key for a later read (SDM 4.10.2.2).
             w.pkey = pkey = (pte >> 59) & 15
-            kbits = (pkru >> (2 * pkey)) & 3
-            if kbits & 1 or (kbits & 2 and write and (access & PFERR_USER_MASK or ctx.wp)):
-                fault_code = PFERR_PRESENT_MASK | PFERR_PK_MASK
+            if acc & 4 and not access & PFERR_FETCH_MASK:
+                kbits = (pkru >> (2 * pkey)) & 3
+                if kbits & 1 or (kbits & 2 and write and (access & PFERR_USER_MASK or ctx.wp)):
+                    fault_code = PFERR_PRESENT_MASK | PFERR_PK_MASK
         if fault_code:
             return _fault(ctx, w, access, fault_code, acc)
 
@@ -404,11 +407,12 @@ def probe(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int,
         not_smap = ac and not access & PFERR_IMPLICIT_ACCESS
         if (ctx.permissions[((access & _ACCESS_BITS) | (PFERR_RSVD_MASK if not_smap else 0)) >> 1] >> acc) & 1:
             code = PFERR_PRESENT_MASK
-        if ctx.pkeys_active and acc & 4 and not access & PFERR_FETCH_MASK:
+        if ctx.pkeys_active:
             pkey = (pte >> 59) & 15
-            kbits = (pkru >> (2 * pkey)) & 3
-            if kbits & 1 or (kbits & 2 and access & PFERR_WRITE_MASK and (access & PFERR_USER_MASK or ctx.wp)):
-                code = PFERR_PRESENT_MASK | PFERR_PK_MASK
+            if acc & 4 and not access & PFERR_FETCH_MASK:
+                kbits = (pkru >> (2 * pkey)) & 3
+                if kbits & 1 or (kbits & 2 and access & PFERR_WRITE_MASK and (access & PFERR_USER_MASK or ctx.wp)):
+                    code = PFERR_PRESENT_MASK | PFERR_PK_MASK
     if code >= 0:                         # walk()'s _fault(), with nothing written on the way
         if table_hpa is not None:
             return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import AuditError
-from .mmu.page import ShadowPage
+from .mmu.page import ShadowPage, role_smm
 from .mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
     is_mmio_spte,
@@ -64,10 +64,10 @@ def audit_vm(vm: VM) -> None:
             level = sp.level
             pages[level - 1] += 1
             gfn = sp.gfn_at(i)
-            rmap_seen.setdefault((sp.role >> 24, gfn), set()).add(sptep)
+            rmap_seen.setdefault((role_smm(sp.role), gfn), set()).add(sptep)
             _check_leaf(vm, sp, i, spte, gfn)
             if spte & 2:
-                writable_gfns.add((sp.role >> 24, gfn))
+                writable_gfns.add((role_smm(sp.role), gfn))
         for parent in sp.parent_ptes:
             pspte = mem.read(parent, 8)
             if not pspte & SPTE_MMU_PRESENT_MASK or spte_to_pfn(pspte) != sp.hpa >> 12:
@@ -105,7 +105,7 @@ def _check_mmio_caches(vm: VM) -> None:
 
 def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
     """A present leaf maps this VM's memory for gfn, with no more rights than slot and guest allow."""
-    slot = vm.memslots.spaces[sp.role >> 24].search(gfn)
+    slot = vm.memslots.spaces[role_smm(sp.role)].search(gfn)
     if slot is None:
         _fail(f"spte {spte:#x} in {sp!r}[{i}] maps gfn {gfn:#x}, which no memslot backs")
     pfn = spte_to_pfn(spte)

@@ -84,11 +84,13 @@ class HostProfile:
     quirks: tuple[str, ...] = field(default_factory=tuple)
     # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
     kvm_deviations: bool = True
+    # VM(pku=...): None is upstream KVM's rule (no PKU with shadow paging, so CR4.PKE is reserved).
+    pku: bool | None = None
 
     def make_vm(self) -> VM:
         from .vm import VM
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=self.guest_maxphyaddr,
-                  guest_gbpages=self.guest_gbpages, kvm_deviations=self.kvm_deviations)
+                  guest_gbpages=self.guest_gbpages, kvm_deviations=self.kvm_deviations, pku=self.pku)
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)
@@ -102,6 +104,9 @@ PROFILES: dict[str, HostProfile] = {
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
         iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=48, guest_gbpages=False,
         emulation_failure_exits=True,
+        # Measured: KVM_SET_SREGS accepts CR4.PKE although this host's KVM reports no PKU
+        # (docs/real-kvm.md); PKRU stays 0 there (the host CPU has no PKU), so no key ever denies.
+        pku=True,
         quirks=(
             "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",
             "no A bit on a walk that ends in a fault (KVM's software walker at every ring)",
@@ -403,7 +408,10 @@ class ModelBus:
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
         vcpu = self.vcpu
         fn = {0: vcpu.write_cr0, 3: vcpu.write_cr3, 4: vcpu.write_cr4}[cr]
-        fn(value)
+        try:
+            fn(value)
+        except InvalidArgument:
+            raise CpuFault(GP, 0) from None     # KVM refuses the value (kvm_set_cr4 &c. return 1): #GP
 
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool:
         return False
@@ -498,7 +506,10 @@ class PvmBus(ModelBus):
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
         vcpu = self.vcpu
         fn = {0: vcpu.write_cr0, 3: vcpu.write_cr3, 4: vcpu.write_cr4}[cr]
-        fn(value, exit=False)          # an emulated MOV CR takes no exit of its own
+        try:
+            fn(value, exit=False)      # an emulated MOV CR takes no exit of its own
+        except InvalidArgument:
+            raise CpuFault(GP, 0) from None     # KVM refuses the value: the emulator injects #GP
         if not vcpu.mmu.root_valid:
             self._end_entry()       # no usable root (a new CR3, a new role): loaded at the next entry
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ...errors import KvmBug
-from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage
+from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, role_smm
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
@@ -129,7 +129,7 @@ class KvmMmu:
         """Clear a present leaf spte and its rmap entry."""
         sp = self.sptep_to_sp(sptep)
         index = (sptep & 0xFFF) >> 3
-        self.rmap_remove(sp.role >> 24, sp.gfn_at(index), sptep, sp.level)
+        self.rmap_remove(role_smm(sp.role), sp.gfn_at(index), sptep, sp.level)
         self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
 
     def write_protect_gfn(self, gfn: int, as_id: int = 0, for_dirty_log: bool = False) -> bool:
