@@ -97,6 +97,9 @@ class Rig:
         st = R.cpu_state(case)
         if case.has(R.TWICE):
             self.vcpu.access(lay.la, 1, "read", cpl=0)
+        if case.prior is not None:
+            cpl, kind = case.prior
+            self.vcpu.access(lay.la, 1, kind, 0xC3 if kind == "write" else None, cpl=cpl)
         value = 0xC3 if access == "write" else None
         r = self.vcpu.access(lay.la, 1, access, value, cpl=st.cpl, implicit=case.has(R.IMPLICIT))
         exp = R.expected(case)

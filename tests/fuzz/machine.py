@@ -44,6 +44,12 @@ VM_PARAMS = st.fixed_dictionaries({}, optional={
     "ept_ad": st.just(False),
 })
 worlds = st.sampled_from((0, 0, 0, 1))
+# Protection keys (issue 19): any key, and PKRU values that deny key 0 or one other key as well as
+# fully random ones, under every flavour.
+pkeys = st.one_of(st.sampled_from((0, 0, 1, 2, 15)), st.integers(0, 15))
+pkrus = st.one_of(st.sampled_from((0, 0x1, 0x2, 0x3, 0x4, 0x8, 0xC, 0x38, 0x55555554, 0xFFFFFFFC, 0xFFFFFFFF)),
+                  st.integers(0, 15).map(lambda k: 1 << (2 * k)), st.integers(0, 15).map(lambda k: 2 << (2 * k)),
+                  st.integers(0, 2 ** 32 - 1))
 vcpus = st.sampled_from((0, 1, 1, 2, 2))
 offsets = st.one_of(st.just(0), st.integers(0, 0xFFF), st.integers(0xFF0, 0xFFF), st.sampled_from((8, 0x800)))
 
@@ -112,7 +118,7 @@ def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
 
         @rule(wi=worlds, writer=vcpus, k=st.integers(0, 2), where=st.integers(0, 255), level=st.integers(1, 5),
               kind=st.sampled_from(ENTRY_KINDS), frame=st.integers(0, 255), flags=st.integers(0, 0xFFF),
-              pkey=st.sampled_from((0, 0, 1, 2, 15)), nx=st.sampled_from((False, False, False, True)),
+              pkey=pkeys, nx=st.sampled_from((False, False, False, True)),
               rsvd=st.integers(0, 7), raw=st.integers(0, 2 ** 64 - 1), part=st.sampled_from((0, 0, 0, 0, 1, 2, 3, 4)))
         def pte_write(self, wi: int, writer: int, k: int, where: int, level: int, kind: str, frame: int, flags: int,
                       pkey: int, nx: bool, rsvd: int, raw: int, part: int) -> None:
@@ -157,7 +163,7 @@ def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
 
         @rule(wi=worlds, writer=vcpus, k=st.integers(0, 2), where=st.integers(0, 255), level=st.integers(1, 5),
               kind=st.sampled_from(ENTRY_KINDS), frame=st.integers(0, 255), flags=st.integers(0, 0xFFF),
-              pkey=st.sampled_from((0, 1)), nx=st.booleans(), rsvd=st.integers(0, 7), raw=st.integers(0, 2 ** 64 - 1),
+              pkey=pkeys, nx=st.booleans(), rsvd=st.integers(0, 7), raw=st.integers(0, 2 ** 64 - 1),
               part=st.just(0))
         def pte_write_again(self, wi: int, writer: int, k: int, where: int, level: int, kind: str, frame: int,
                             flags: int, pkey: int, nx: bool, rsvd: int, raw: int, part: int) -> None:
@@ -176,14 +182,14 @@ def machine_for(flavour: str, policy: str) -> type[RuleBasedStateMachine]:
             w.invlpg(vi, _linear_target(w, where))
 
         @rule(wi=worlds, vi=st.sampled_from((1, 2)), op=st.sampled_from(CONTROLS + ("pkru", "ac")),
-              arg=st.integers(0, 7))
-        def cpu_control(self, wi: int, vi: int, op: str, arg: int) -> None:
+              arg=st.integers(0, 7), pkru=pkrus)
+        def cpu_control(self, wi: int, vi: int, op: str, arg: int, pkru: int = 0) -> None:
             """Toggle CR0.WP / CR4.SMEP/SMAP/PKE/PGE/PSE / EFER.NXE, WRPKRU, STAC/CLAC."""
             if not self._step():
                 return
             w = self.w[wi]
             if op == "pkru":
-                w.set_pkru(vi, (0, 0x4, 0x8, 0xC, 0x10, 0x55555554, 0xFFFFFFFC, 0xFFFFFFFF)[arg])
+                w.set_pkru(vi, pkru)
             elif op == "ac":
                 w.set_ac(vi, bool(arg & 1))
             else:

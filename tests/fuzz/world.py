@@ -760,7 +760,7 @@ class World:
             if any(req in v.requests for req in _REQ_FLUSHES) or not v.mmu.root_valid:
                 continue                      # flushed before this vCPU can run again
             for vpn, entry in v.cpu.tlb.items():
-                page, acc, dirty = entry[0], entry[1], entry[2]
+                page, acc, dirty = entry[0], entry[1], entry[2] & 2      # kinds: written through
                 if any(lo <= page < hi for lo, hi in other_ranges):
                     self.fail(f"vcpu{vi}'s TLB maps page {vpn:#x} to host page {page:#x} of the OTHER VM")
                 slot = next((s for s in phys.slots.values() if s.hva <= page < s.hva + s.size), None)

@@ -98,14 +98,24 @@ class Case(NamedTuple):
     flags: int
     maxphyaddr: int = 46
     ad_policy: str = "kvm"
+    # Protection keys beyond access.c's fixed values: `key` is the leaf's key (bits 62:59; the
+    # non-leaf PDE then gets key ^ 0xF, which must be ignored) instead of the PKEY flag, and
+    # `pkru_value` is PKRU instead of pkru()'s choice.
+    key: int | None = None
+    pkru_value: int | None = None
+    # An access made first (same CPU state), as (cpl, kind) with kind "read"/"write"/"fetch"; its A/D
+    # updates are kept.  The TWICE flag is prior=(0, "read").
+    prior: tuple[int, str] | None = None
 
     def has(self, flag: int) -> bool:
         return bool(self.flags & flag)
 
     def __str__(self) -> str:
         names = [n for n in FLAG_NAMES if self.flags & FLAG[n]]
+        extra = "".join(f" {n}={v!r}" for n, v in (("key", self.key), ("pkru", self.pkru_value),
+                                                   ("prior", self.prior)) if v is not None)
         return (f"{self.mode} maxphyaddr={self.maxphyaddr} ad={self.ad_policy} "
-                f"[{' '.join(names) or '-'}]")
+                f"[{' '.join(names) or '-'}]{extra}")
 
 
 def make_case(mode: str, names: Iterable[str] = (), **kw: object) -> Case:
@@ -220,11 +230,15 @@ def initial_entries(case: Case) -> dict[int, int]:
     pde |= _flag_bits(f, ((PDE_P, P), (PDE_RW, RW), (PDE_USER, US), (PDE_A, ACC), (PDE_D, DIRTY),
                           (PDE_NX, XD), (PDE_51, 1 << 51), (PDE_36, 1 << 36), (PDE_13, 1 << 13),
                           (PDE_21, 1 << 21)))
-    if f & PKEY:
+    if case.key is not None and has_pkeys(mode):
+        pde |= (case.key if leaf_pde else case.key ^ 0xF) << 59
+    elif f & PKEY:
         pde |= (1 if leaf_pde else 2) << 59
     pte = FRAME | _flag_bits(f, ((PTE_P, P), (PTE_RW, RW), (PTE_USER, US), (PTE_A, ACC), (PTE_D, DIRTY),
                                  (PTE_NX, XD), (PTE_51, 1 << 51), (PTE_36, 1 << 36)))
-    if f & PKEY:
+    if case.key is not None and has_pkeys(mode):
+        pte |= case.key << 59
+    elif f & PKEY:
         pte |= 1 << 59
     out[2] = pde
     out[1] = pte
@@ -267,6 +281,8 @@ def pkru(case: Case) -> int:
     CR4.PKE=0: 0xFFFFFFFC, denying every key but 0 (PKRU must then be ignored).
     CR4.PKE=1 in a mode without keys (32-bit, PAE): 0xFFFFFFFF (must be ignored too).
     """
+    if case.pkru_value is not None:
+        return case.pkru_value
     if not case.has(CR4_PKE):
         return 0xFFFFFFFC
     if not has_pkeys(case.mode):
@@ -480,6 +496,10 @@ def expected(case: Case) -> Outcome:
     if case.has(TWICE):
         # A supervisor read first (same CPU state); only its A updates are kept.
         _apply(entries, _access(case, entries, user=False, write=False, fetch=False, implicit=False))
+    if case.prior is not None:
+        cpl, kind = case.prior
+        _apply(entries, _access(case, entries, user=cpl == 3, write=kind == "write", fetch=kind == "fetch",
+                                implicit=False))
     w = _access(case, entries, user=case.has(USER), write=case.has(WRITE), fetch=case.has(FETCH),
                 implicit=case.has(IMPLICIT))
     _apply(entries, w)

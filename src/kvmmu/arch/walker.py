@@ -261,11 +261,14 @@ def _walk_once(plan: tuple, ctx: PagingContext, mem: PteReader, root: int, addr:
         not_smap = ac and not access & PFERR_IMPLICIT_ACCESS
         idx = ((access & _ACCESS_BITS) | (PFERR_RSVD_MASK if not_smap else 0)) >> 1
         fault_code = PFERR_PRESENT_MASK if (ctx.permissions[idx] >> acc) & 1 else 0
-        if ctx.pkeys_active and acc & 4 and not access & PFERR_FETCH_MASK:
+        if ctx.pkeys_active:
+            # The leaf's key is part of the translation whatever this access is: a TLB entry that a
+            # fetch filled must still check the right key for a later read (SDM 4.10.2.2).
             w.pkey = pkey = (pte >> 59) & 15
-            kbits = (pkru >> (2 * pkey)) & 3
-            if kbits & 1 or (kbits & 2 and write and (access & PFERR_USER_MASK or ctx.wp)):
-                fault_code = PFERR_PRESENT_MASK | PFERR_PK_MASK
+            if acc & 4 and not access & PFERR_FETCH_MASK:
+                kbits = (pkru >> (2 * pkey)) & 3
+                if kbits & 1 or (kbits & 2 and write and (access & PFERR_USER_MASK or ctx.wp)):
+                    fault_code = PFERR_PRESENT_MASK | PFERR_PK_MASK
         if fault_code:
             return _fault(ctx, w, access, fault_code, acc)
 
@@ -407,11 +410,12 @@ def probe(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int,
         not_smap = ac and not access & PFERR_IMPLICIT_ACCESS
         if (ctx.permissions[((access & _ACCESS_BITS) | (PFERR_RSVD_MASK if not_smap else 0)) >> 1] >> acc) & 1:
             code = PFERR_PRESENT_MASK
-        if ctx.pkeys_active and acc & 4 and not access & PFERR_FETCH_MASK:
+        if ctx.pkeys_active:
             pkey = (pte >> 59) & 15
-            kbits = (pkru >> (2 * pkey)) & 3
-            if kbits & 1 or (kbits & 2 and access & PFERR_WRITE_MASK and (access & PFERR_USER_MASK or ctx.wp)):
-                code = PFERR_PRESENT_MASK | PFERR_PK_MASK
+            if acc & 4 and not access & PFERR_FETCH_MASK:
+                kbits = (pkru >> (2 * pkey)) & 3
+                if kbits & 1 or (kbits & 2 and access & PFERR_WRITE_MASK and (access & PFERR_USER_MASK or ctx.wp)):
+                    code = PFERR_PRESENT_MASK | PFERR_PK_MASK
     if code >= 0:                         # walk()'s _fault(), with nothing written on the way
         if table_hpa is not None:
             return None
@@ -431,13 +435,19 @@ def probe_ept(ctx: PagingContext, mem: PteReader, root: int, gpa: int, access: i
     """EPT: the host physical address when walk() would translate, PROBE_MISCONFIG when it would
     report a misconfiguration, PROBE_WALK when walk() must run (an A/D bit to set, a violation, an
     out-of-range gpa, or another mode).  `mem` is plain memory (`direct_pte_reads`)."""
+    return probe_ept_rights(ctx, mem, root, gpa, access)[0]
+
+
+def probe_ept_rights(ctx: PagingContext, mem: PteReader, root: int, gpa: int, access: int) -> tuple[int, int]:
+    """probe_ept's answer, with the R/W/X rights of the whole translation (the AND over every level,
+    SDM Vol. 3C 29.3.3.2) when it translates, for a TLB that caches combined rights."""
     plan = _PROBE_PLANS.get(id(ctx))
     if plan is None or plan[0] is not ctx:
         plan = _probe_plan(ctx)
     (_, _, level, canon_shift, _, addr_mask, rsvd0, rsvd1, is_large, hw_ad, a_bit, d_bit, use_ad, bad_mt_xwr,
      ept) = plan
     if not ept or gpa < 0 or gpa >> canon_shift:
-        return PROBE_WALK
+        return PROBE_WALK, 0
     pages_get = mem.pages.get
     table = root & PT64_ADDR_MASK
     acc = 7
@@ -445,27 +455,27 @@ def probe_ept(ctx: PagingContext, mem: PteReader, root: int, gpa: int, access: i
     while True:
         page = pages_get(table >> 12)
         if page is None:
-            return PROBE_WALK             # a zero entry (a violation) or nothing there
+            return PROBE_WALK, 0          # a zero entry (a violation) or nothing there
         pte = _UNPACK_Q(page, 8 * ((gpa >> (3 + 9 * level)) & 511))[0]
         low = pte & 0xFFF
         if not low & 7:
-            return PROBE_WALK
+            return PROBE_WALK, 0
         if pte & (rsvd1 if low & 0x80 else rsvd0)[level] or (bad_mt_xwr >> (low & 0x3F)) & 1:
-            return PROBE_MISCONFIG
+            return PROBE_MISCONFIG, 0
         acc &= low
         if level == 1 or (low & 0x80 and is_large[level]):
             break
         if not low & a_bit:
             if hw_ad and use_ad:
-                return PROBE_WALK
+                return PROBE_WALK, 0
             missing_a = True
         table = pte & addr_mask
         level -= 1
     write = access & PFERR_WRITE_MASK
     need = (2 if write else 0) | (4 if access & PFERR_FETCH_MASK else 0) or 1
     if acc & need != need or (use_ad and (missing_a or not low & a_bit or (write and not low & d_bit))):
-        return PROBE_WALK
+        return PROBE_WALK, 0
     if level == 1:
-        return (pte & addr_mask) | (gpa & 0xFFF)
+        return (pte & addr_mask) | (gpa & 0xFFF), acc & 7
     off = (1 << (3 + 9 * level)) - 1
-    return (pte & addr_mask & ~off) | (gpa & off)
+    return (pte & addr_mask & ~off) | (gpa & off), acc & 7

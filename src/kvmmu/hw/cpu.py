@@ -27,6 +27,15 @@ if TYPE_CHECKING:
     from ..kvm.vcpu import Vcpu
 
 _ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
+# A TLB entry is (host page, ACC, kinds, pkey).  `kinds` are the access kinds it may serve without a
+# walk, as PFERR bits, TLB_READ standing for a read: a write only through an entry a write filled
+# (D bits set, KVM's spte writable); under EPT/NPT a read or fetch only if the TDP tables allowed
+# it too, since a TLB entry holds the rights of both stages combined (SDM Vol. 3C 29.4.2).  The
+# kind an access needs is `pfec & KIND_BITS or TLB_READ`.
+TLB_READ = 1
+KIND_BITS = PFERR_WRITE_MASK | PFERR_FETCH_MASK
+# A shadow-paging entry: KVM's sptes already combine guest and host rights (ACC says it all).
+SHADOW_KINDS = TLB_READ | PFERR_FETCH_MASK
 # translate() returns (hpa, fault address, error code); a negative hpa says what happened instead.
 VM_EXIT = -1        # exit to KVM with (address, error code)
 GUEST_FAULT = -2    # an exception went straight to the guest (vcpu.pending_exception)
@@ -53,8 +62,8 @@ class TlbCpu:
         entry = self.tlb.get(gva >> 12)
         if entry is None:
             return -1
-        page, acc, dirty, _ = entry
-        if pfec & PFERR_WRITE_MASK and not dirty:
+        page, acc, kinds, _ = entry
+        if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
         vcpu = self.vcpu
         ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
@@ -71,7 +80,9 @@ class TlbCpu:
         entry = self.tlb.get(gva >> 12)
         if entry is None:
             return -1
-        page, acc, dirty, _ = entry
+        page, acc, kinds, _ = entry
+        if not kinds & (pfec & KIND_BITS or TLB_READ):
+            return -1
         vcpu = self.vcpu
         ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
         if (ctx.permissions[((pfec & _ACCESS_BITS) | (8 if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1] >> acc) & 1 \
@@ -83,8 +94,6 @@ class TlbCpu:
             return -1
         host_page = mem.pages.get(hpa >> 12)
         if pfec & PFERR_WRITE_MASK:
-            if not dirty:
-                return -1
             if host_page is None:
                 host_page = mem.pages[hpa >> 12] = bytearray(0x1000)
             PACK_INTO[size](host_page, hpa & 0xFFF, value)
@@ -128,8 +137,8 @@ class TlbCpu:
                 pfec |= user & umask
                 entry = tlb_get(vpn)
                 if entry is not None:
-                    page, acc, dirty, _ = entry
-                    if (perms[(pfec | not_smap) >> 1] >> acc) & 1 or (pfec & PFERR_WRITE_MASK and not dirty):
+                    page, acc, kinds, _ = entry
+                    if (perms[(pfec | not_smap) >> 1] >> acc) & 1 or not kinds & (pfec & KIND_BITS or TLB_READ):
                         # translate() drops such an entry and walks again (a write through an entry
                         # filled by a read, say): the same here, unless the walk needs more.
                         del self.tlb[vpn]
@@ -259,7 +268,7 @@ class Cpu(TlbCpu):
 
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
-        self.tlb: dict[int, tuple[int, int, bool, int]] = {}   # vpn -> (host page, ACC, dirty, pkey)
+        self.tlb: dict[int, tuple[int, int, int, int]] = {}    # vpn -> (host page, ACC, kinds, pkey)
         self.mem = vcpu.vm.host.mem
         self.counters = vcpu.counters
 
@@ -280,7 +289,7 @@ class Cpu(TlbCpu):
         gpa, acc, pkey = r
         self.counters["hw_walks"] += 1
         page = gpa & ~0xFFF
-        self.tlb[gva >> 12] = (page, acc, bool(pfec & PFERR_WRITE_MASK), pkey)
+        self.tlb[gva >> 12] = (page, acc, SHADOW_KINDS | (pfec & PFERR_WRITE_MASK), pkey)
         return page
 
     def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
@@ -292,10 +301,10 @@ class Cpu(TlbCpu):
         entry = self.tlb.get(vpn)
         write = pfec & PFERR_WRITE_MASK
         if entry is not None:
-            page, acc, dirty, pkey = entry
+            page, acc, kinds, pkey = entry
             not_smap = vcpu.ac and not pfec & PFERR_IMPLICIT_ACCESS
             idx = ((pfec & _ACCESS_BITS) | (8 if not_smap else 0)) >> 1
-            ok = not (ctx.permissions[idx] >> acc) & 1 and (dirty or not write)
+            ok = not (ctx.permissions[idx] >> acc) & 1 and kinds & (pfec & KIND_BITS or TLB_READ)
             if ok and ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK:
                 kbits = (vcpu.pkru >> (2 * pkey)) & 3
                 ok = not (kbits & 1 or (kbits & 2 and write))
@@ -309,7 +318,7 @@ class Cpu(TlbCpu):
             if type(r) is int:
                 return VM_EXIT, gva, r | (pfec & PFERR_IMPLICIT_ACCESS)
             gpa, acc, pkey = r
-            self.tlb[vpn] = (gpa & ~0xFFF, acc, bool(write), pkey)
+            self.tlb[vpn] = (gpa & ~0xFFF, acc, SHADOW_KINDS | write, pkey)
             return gpa, gva, 0
         w = walk(ctx, self.mem, mmu.root_hpa, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru)
         if w.fault:
@@ -317,5 +326,5 @@ class Cpu(TlbCpu):
                 return GP_FAULT, gva, 0
             # The real error code cannot say "implicit"; the model tells KVM (docs/ARCHITECTURE.md).
             return VM_EXIT, gva, w.error_code | (pfec & PFERR_IMPLICIT_ACCESS)
-        self.tlb[vpn] = (w.gpa & ~0xFFF, w.pte_access, bool(write), w.pkey)
+        self.tlb[vpn] = (w.gpa & ~0xFFF, w.pte_access, SHADOW_KINDS | write, w.pkey)
         return w.gpa, gva, 0

@@ -25,13 +25,18 @@ from ..arch.bits import (
     X86_EFLAGS_AC,
 )
 from ..arch.modes import PagingContext
-from ..arch.walker import PROBE_MISCONFIG, probe, probe_ept, walk
-from .cpu import GP_FAULT, GUEST_FAULT, VM_EXIT, TlbCpu
+from ..arch.walker import PROBE_MISCONFIG, probe, probe_ept, probe_ept_rights, walk
+from .cpu import GP_FAULT, GUEST_FAULT, KIND_BITS, TLB_READ, VM_EXIT, TlbCpu
 
 if TYPE_CHECKING:
     from ..kvm.vcpu import Vcpu
 
 _ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
+# The TLB kinds (hw/cpu.py) that the rights of a TDP translation allow: from EPT's R/W/X, and from
+# NPT's ACC bits (every NPT access is a user access, so U is always there).
+_EPT_KINDS = tuple((TLB_READ if r & 1 else 0) | (PFERR_WRITE_MASK if r & 2 else 0) | (PFERR_FETCH_MASK if r & 4 else 0)
+                   for r in range(8))
+_NPT_KINDS = tuple(TLB_READ | (PFERR_WRITE_MASK if a & 2 else 0) | (PFERR_FETCH_MASK if a & 1 else 0) for a in range(8))
 
 
 class _TdpExit(Exception):
@@ -66,7 +71,7 @@ class TdpCpu(TlbCpu):
 
     def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
-        self.tlb: dict[int, tuple[int, int, bool, int]] = {}
+        self.tlb: dict[int, tuple[int, int, int, int]] = {}
         # Guest-physical mappings of guest page-table pages, for reads (SDM Vol. 3C 29.4: a CPU may
         # cache EPT translations; KVM flushes after changing a TDP spte, and flush() drops them).
         self.gpa_cache: dict[int, int] = {}
@@ -111,6 +116,10 @@ class TdpCpu(TlbCpu):
 
     def gpa_to_hpa(self, gpa: int, pfec: int, final: bool) -> int:
         """Translate through KVM's TDP tables or raise the exit the hardware would take."""
+        return self.tdp_translate(gpa, pfec, final)[0]
+
+    def tdp_translate(self, gpa: int, pfec: int, final: bool) -> tuple[int, int]:
+        """gpa_to_hpa, with the TLB kinds the TDP translation's rights allow (reads, writes, fetches)."""
         vcpu = self.vcpu
         ctx = self._ctx()
         root = vcpu.mmu.root_hpa
@@ -120,9 +129,9 @@ class TdpCpu(TlbCpu):
             # past kvm_mmu_max_gfn) and emulates the access.
             raise _TdpExit(gpa, _unmapped_code(self.ept, pfec, final), final)
         if self.ept:
-            hpa = probe_ept(ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            hpa, rights = probe_ept_rights(ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
             if hpa >= 0:
-                return hpa
+                return hpa, _EPT_KINDS[rights]
             if hpa == PROBE_MISCONFIG:
                 raise _TdpExit(gpa, PFERR_RSVD_MASK, final)
             w = walk(ctx, self.mem, root, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
@@ -130,18 +139,18 @@ class TdpCpu(TlbCpu):
                 raise _TdpExit(gpa, PFERR_RSVD_MASK, final)
             if w.fault == EXIT_REASON_EPT_VIOLATION:
                 raise _TdpExit(gpa, ept_violation_to_pfec(w.error_code, final))
-        else:
-            # NPT: every access through the nested tables is a user access.
-            kind = (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
-            r = probe(ctx, self.mem, root, gpa, kind)
-            if r is not None:
-                if type(r) is int:
-                    raise _TdpExit(gpa, r | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
-                return r[0]
-            w = walk(ctx, self.mem, root, gpa, kind)
-            if w.fault:
-                raise _TdpExit(gpa, w.error_code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
-        return w.gpa
+            return w.gpa, _EPT_KINDS[w.pte_access & 7]
+        # NPT: every access through the nested tables is a user access.
+        kind = (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK
+        r = probe(ctx, self.mem, root, gpa, kind)
+        if r is not None:
+            if type(r) is int:
+                raise _TdpExit(gpa, r | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
+            return r[0], _NPT_KINDS[r[1]]
+        w = walk(ctx, self.mem, root, gpa, kind)
+        if w.fault:
+            raise _TdpExit(gpa, w.error_code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
+        return w.gpa, _NPT_KINDS[w.pte_access & 7]
 
     def _table_hpa(self, gpa: int) -> int:
         """Where a guest page-table entry is in host memory, if reading it through KVM's tables
@@ -181,16 +190,18 @@ class TdpCpu(TlbCpu):
         if gpa >> (12 + 9 * ctx.mode.root_level):
             return -1
         if self.ept:
-            hpa = probe_ept(ctx, self.mem, mmu.root_hpa, gpa, pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            hpa, rights = probe_ept_rights(ctx, self.mem, mmu.root_hpa, gpa,
+                                           pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK))
+            kinds = _EPT_KINDS[rights]
         else:
             r = probe(ctx, self.mem, mmu.root_hpa, gpa,
                       (pfec & (PFERR_WRITE_MASK | PFERR_FETCH_MASK)) | PFERR_USER_MASK)
-            hpa = r[0] if type(r) is tuple else -1
+            hpa, kinds = (r[0], _NPT_KINDS[r[1]]) if type(r) is tuple else (-1, 0)
         if hpa < 0 or hpa + 0x1000 > self.mem.size:
             return -1
         self.counters["hw_walks"] += 1
         page = hpa & ~0xFFF
-        self.tlb[gva >> 12] = (page, acc, bool(pfec & PFERR_WRITE_MASK), pkey)
+        self.tlb[gva >> 12] = (page, acc, kinds & (TLB_READ | PFERR_FETCH_MASK | (pfec & PFERR_WRITE_MASK)), pkey)
         return page
 
     def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
@@ -201,11 +212,12 @@ class TdpCpu(TlbCpu):
         ctx = vcpu.mmu.cpu_role
         if entry is not None:
             # An entry filled by a read never serves a write: the write re-walks (guest D bit, and
-            # KVM's TDP spte may be write-protected for dirty logging).
-            page, acc, dirty, pkey = entry
+            # KVM's TDP spte may be write-protected for dirty logging).  Nor does one serve a kind of
+            # access the TDP translation does not allow (a fetch from a page EPT maps without X).
+            page, acc, kinds, pkey = entry
             not_smap = vcpu.ac and not pfec & PFERR_IMPLICIT_ACCESS
             idx = ((pfec & _ACCESS_BITS) | (8 if not_smap else 0)) >> 1
-            ok = not (ctx.permissions[idx] >> acc) & 1 and (dirty or not write)
+            ok = not (ctx.permissions[idx] >> acc) & 1 and kinds & (pfec & KIND_BITS or TLB_READ)
             if ok and ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK:
                 kbits = (vcpu.pkru >> (2 * pkey)) & 3
                 ok = not (kbits & 1 or (kbits & 2 and write and (pfec & PFERR_USER_MASK or ctx.wp)))
@@ -237,7 +249,7 @@ class TdpCpu(TlbCpu):
                         vcpu.deliver_guest_fault(w.error_code, gva)
                         return GUEST_FAULT, gva, 0
                     gpa, acc, pkey = w.gpa, w.pte_access, w.pkey
-            hpa = self.gpa_to_hpa(gpa, pfec, True)
+            hpa, kinds = self.tdp_translate(gpa, pfec, True)
         except _TdpExit as e:
             self.exit_final = e.final
             if self.host.memory_limit is not None:
@@ -246,7 +258,7 @@ class TdpCpu(TlbCpu):
             return VM_EXIT, e.gpa, e.error_code
         if self.host.walk_pins:
             self.host.unpin_walk()
-        self.tlb[vpn] = (hpa & ~0xFFF, acc, bool(write), pkey)
+        self.tlb[vpn] = (hpa & ~0xFFF, acc, kinds & (TLB_READ | PFERR_FETCH_MASK | write), pkey)
         return hpa, gva, 0
 
     def _walk_pages(self, gva: int, pfec: int, probed: tuple[int, int, int] | int | None) -> list[int]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from ..errors import AuditError
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index
-from .mmu.page import ShadowPage
+from .mmu.page import ShadowPage, role_smm
 from .mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
     is_mmio_spte,
@@ -70,11 +70,11 @@ def audit_vm(vm: VM) -> None:
             level = sp.level
             pages[level - 1] += 1
             gfn = sp.gfn_at(i)
-            rmap_seen.setdefault((sp.role >> 24, gfn), set()).add(sptep)
+            rmap_seen.setdefault((role_smm(sp.role), gfn), set()).add(sptep)
             _check_leaf(vm, sp, i, spte, gfn)
             if spte & 2:
-                writable_gfns.add((sp.role >> 24, gfn))
-                if level > 1 and (sp.role >> 24, level, lpage_index(gfn, level)) in kvm.disallow_lpage:
+                writable_gfns.add((role_smm(sp.role), gfn))
+                if level > 1 and (role_smm(sp.role), level, lpage_index(gfn, level)) in kvm.disallow_lpage:
                     _fail(f"writable huge spte {spte:#x} in {sp!r}[{i}] covers a shadowed guest table's gfn")
         for parent in sp.parent_ptes:
             pspte = mem.read(parent, 8)
@@ -112,7 +112,7 @@ def _check_disallow_lpage(vm: VM) -> None:
     for sp in kvm.active_mmu_pages:
         if sp.accounted:
             for level in range(2, KVM_MAX_HUGEPAGE_LEVEL + 1):
-                key = (sp.role >> 24, level, lpage_index(sp.gfn, level))
+                key = (role_smm(sp.role), level, lpage_index(sp.gfn, level))
                 want[key] = want.get(key, 0) + 1
     if want != kvm.disallow_lpage:
         bad = sorted(set(want.items()) ^ set(kvm.disallow_lpage.items()))[:4]
@@ -130,7 +130,7 @@ def _check_mmio_caches(vm: VM) -> None:
 
 def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
     """A present leaf maps this VM's memory for gfn, with no more rights than slot and guest allow."""
-    slot = vm.memslots.spaces[sp.role >> 24].search(gfn)
+    slot = vm.memslots.spaces[role_smm(sp.role)].search(gfn)
     if slot is None:
         _fail(f"spte {spte:#x} in {sp!r}[{i}] maps gfn {gfn:#x}, which no memslot backs")
     pfn = spte_to_pfn(spte)

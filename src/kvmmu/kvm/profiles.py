@@ -105,6 +105,8 @@ class HostProfile:
     quirks: tuple[str, ...] = field(default_factory=tuple)
     # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
     kvm_deviations: bool = True
+    # VM(pku=...): None is upstream KVM's rule (no PKU with shadow paging, so CR4.PKE is reserved).
+    pku: bool | None = None
 
     def guest_paging(self) -> tuple[int, bool]:
         """(guest MAXPHYADDR, 1 GiB pages) of this profile's guests, measured where it says None."""
@@ -124,7 +126,7 @@ class HostProfile:
         # A real host's VMM gets lazily allocated anonymous memory (the zero page for reads).
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width,
                   guest_gbpages=gb, kvm_deviations=self.kvm_deviations,
-                  host_hugepage_level=host_hugepage_level, host=Host(prealloc=False))
+                  host_hugepage_level=host_hugepage_level, host=Host(prealloc=False), pku=self.pku)
 
     def make_bus(self, vcpu: Vcpu) -> ModelBus:
         return PvmBus(self, vcpu) if self.cpl0 == "emulated" else NativeBus(self, vcpu)
@@ -138,6 +140,9 @@ PROFILES: dict[str, HostProfile] = {
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
         iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=None, guest_gbpages=None,
         emulation_failure_exits=True, user_slot256_faults=True, delivery_fault_is_df=True,
+        # Measured: KVM_SET_SREGS accepts CR4.PKE although this host's KVM reports no PKU
+        # (docs/real-kvm.md); PKRU stays 0 there (the host CPU has no PKU), so no key ever denies.
+        pku=True,
         quirks=(
             "32-bit and PAE paging refused (shutdown / #GP on MOV CR0)",
             "no A bit on a walk that ends in a fault (KVM's software walker at every ring)",
@@ -356,7 +361,10 @@ class ModelBus:
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
         vcpu = self.vcpu
         fn = {0: vcpu.write_cr0, 3: vcpu.write_cr3, 4: vcpu.write_cr4}[cr]
-        fn(value)
+        try:
+            fn(value)
+        except InvalidArgument:
+            raise CpuFault(GP, 0) from None     # KVM refuses the value (kvm_set_cr4 &c. return 1): #GP
 
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool:
         return False
@@ -482,7 +490,10 @@ class PvmBus(ModelBus):
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None:
         vcpu = self.vcpu
         fn = {0: vcpu.write_cr0, 3: vcpu.write_cr3, 4: vcpu.write_cr4}[cr]
-        fn(value, exit=False)          # an emulated MOV CR takes no exit of its own
+        try:
+            fn(value, exit=False)      # an emulated MOV CR takes no exit of its own
+        except InvalidArgument:
+            raise CpuFault(GP, 0) from None     # KVM refuses the value: the emulator injects #GP
         if not vcpu.mmu.root_valid:
             self._end_entry()       # no usable root (a new CR3, a new role): loaded at the next entry
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import AuditError
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
+from .mmu.page import role_smm
 from .mmu.spte import SPTE_MMU_PRESENT_MASK, get_mmio_spte_generation, is_mmio_spte, spte_to_pfn
 from .mmu.tdp_iter import pages_per_level
 
@@ -66,7 +67,7 @@ def _audit_table(vm: VM, sp: ShadowPage, parent: int | None, seen: set[int], lea
     seen.add(sp.hpa >> 12)
     if parent is not None and parent not in sp.parent_ptes:
         _fail(f"TDP MMU table {sp!r} does not record its parent spte {parent:#x}")
-    as_id = sp.role >> 24
+    as_id = role_smm(sp.role)
     gen = vm.memslots.generation(as_id)
     for i in range(512):
         spte = mem.read(sp.sptep(i), 8)
@@ -93,7 +94,7 @@ def _audit_table(vm: VM, sp: ShadowPage, parent: int | None, seen: set[int], lea
 
 
 def _audit_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
-    slot = vm.memslots.spaces[sp.role >> 24].search(gfn)
+    slot = vm.memslots.spaces[role_smm(sp.role)].search(gfn)
     span = pages_per_level(sp.level)
     if slot is None or slot.invalid or gfn + span > slot.end_gfn:
         _fail(f"TDP MMU spte {spte:#x} in {sp!r}[{i}] maps gfn {gfn:#x} (+{span} pages), which no memslot backs")

@@ -101,13 +101,17 @@ class AccessResult:
         return self.fault is None and self.internal_error is None
 
 
-def _check_control(regs: dict[str, int]) -> None:
+def _check_control(regs: dict[str, int], pku: bool = True) -> None:
     """The #GP conditions of MOV to CR0/CR4 and WRMSR(EFER) (SDM Vol. 3A 2.5; KVM's kvm_is_valid_cr0 /
-    kvm_is_valid_cr4 / efer_reserved_bits, which KVM_SET_SREGS applies too)."""
+    kvm_is_valid_cr4 / efer_reserved_bits, which KVM_SET_SREGS applies too).  Without PKU (`VM.pku`)
+    CR4.PKE is reserved, as KVM's __cr4_reserved_bits makes it."""
     for name, rsvd, what in (("cr0", _CR0_RESERVED, "CR0 bits 63:32"), ("cr4", _CR4_RESERVED, "reserved CR4 bits"),
                              ("efer", _EFER_RESERVED, "reserved EFER bits")):
         if regs[name] & rsvd:
             raise InvalidArgument(name, regs[name], f"{what} must be 0 ({regs[name] & rsvd:#x} set: #GP)")
+    if not pku and regs["cr4"] & X86_CR4_PKE:
+        raise InvalidArgument("cr4", regs["cr4"], "CR4.PKE is reserved: the vCPU has no PKU (KVM offers it only "
+                              "with TDP: kvm_set_cpu_caps) (#GP)")
     cr0 = regs["cr0"]
     if cr0 & X86_CR0_PG and not cr0 & X86_CR0_PE:
         raise InvalidArgument("cr0", cr0, "CR0.PG needs CR0.PE (#GP)")
@@ -207,7 +211,7 @@ class Vcpu:
         for name, value in new.items():
             if not isinstance(value, int) or value < 0 or value >> 64:
                 raise InvalidArgument(name, value, "control registers are unsigned 64-bit integers")
-        _check_control(new)
+        _check_control(new, self.vm.pku)
         efer_v = new["efer"]
         if new["cr0"] & X86_CR0_PG and efer_v & EFER_LME:
             if not new["cr4"] & X86_CR4_PAE:
@@ -271,7 +275,7 @@ class Vcpu:
             self._set_control(**{"cr0": None, "cr3": None, "cr4": None, "efer": None, name: value},
                               reload_pdptrs=bool(changed & pdptr_bits))
         else:
-            _check_control({"cr0": self.cr0, "cr4": self.cr4, "efer": self.efer, name: value})
+            _check_control({"cr0": self.cr0, "cr4": self.cr4, "efer": self.efer, name: value}, self.vm.pku)
             setattr(self, name, value)
         if exit:
             self._exit(EXIT_CR_ACCESS)

@@ -67,14 +67,18 @@ class VM:
                  mmio_gen_layout: MmioGenLayout | None = None, tdp_level: int = 4,
                  host_hugepage_level: int = 1, ept_ad: bool = True, mmio_log_size: int = 10_000,
                  kvm_deviations: bool = False, tdp_mmu: bool | None = None,
-                 params: KvmParams | None = None) -> None:
+                 params: KvmParams | None = None, pku: bool | None = None) -> None:
         """`mmu` is "shadow" (the default), "ept" or "npt"; `mmio_caching` "generation" (the default),
         "zap" or "off".  `tdp_mmu` (default True) runs EPT/NPT on KVM's TDP MMU, False on the legacy
         MMU; `params` gives the same choices as KVM's module parameters (kvmmu.KvmParams).
 
         `kvm_deviations=True` reproduces the places where KVM knowingly departs from the SDM in a way
-        a guest can see (docs/reliability.md, "Where KVM departs from the SDM"); by default the model
-        follows the SDM there, so that a guest can never tell."""
+        a guest can see (docs/ARCHITECTURE.md, "Where KVM lets a guest tell"); by default the model
+        follows the SDM there, so that a guest can never tell.
+
+        `pku`: whether the vCPUs have protection keys (CPUID.7.0:ECX.PKU); without them CR4.PKE is a
+        reserved bit.  None: they have, except under shadow paging with `kvm_deviations`, because
+        KVM's kvm_set_cpu_caps offers PKU only with TDP (docs/ARCHITECTURE.md)."""
         mmu, mmio_caching, tdp_mmu = resolve(mmu, mmio_caching, tdp_mmu, params)
         if mmu not in MMU_FLAVOURS:
             raise InvalidArgument("mmu", mmu, f"the MMU flavour is one of {MMU_FLAVOURS}")
@@ -96,6 +100,8 @@ class VM:
             raise InvalidArgument("tdp_level", tdp_level, "TDP tables have 4 or 5 levels")
         if type(host_hugepage_level) is not int or host_hugepage_level not in (1, 2, 3):
             raise InvalidArgument("host_hugepage_level", host_hugepage_level, "1 (4 KiB), 2 (2 MiB) or 3 (1 GiB)")
+        if pku is not None and type(pku) is not bool:
+            raise InvalidArgument("pku", pku, "pku is True, False or None (the flavour's default)")
         for name, flag in (("kvm_deviations", kvm_deviations), ("guest_gbpages", guest_gbpages), ("ept_ad", ept_ad)):
             if type(flag) is not bool:
                 raise InvalidArgument(name, flag, f"{name} is True or False")
@@ -109,6 +115,7 @@ class VM:
         self.mmio_caching = mmio_caching
         self.tdp_enabled = mmu != "shadow"
         self.tdp_mmu_enabled = self.tdp_enabled and tdp_mmu
+        self.pku = pku if pku is not None else self.tdp_enabled or not kvm_deviations
         self.tdp_level = tdp_level
         self.guest_maxphyaddr = guest_maxphyaddr
         self.guest_gbpages = guest_gbpages

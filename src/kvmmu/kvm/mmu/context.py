@@ -23,6 +23,7 @@ from .page import (
     ROLE_QUADRANT_SHIFT,
     ShadowPage,
     make_role,
+    role_smm,
     trace_fields,
 )
 from .spte import SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
@@ -125,7 +126,8 @@ class VcpuMmu:
         self.root_role = make_role(level, has_4_byte_gpte=mode.name == "32bit", direct=nonpaging, efer_nx=efer_nx,
                                    cr4_pse=cr4_pse,
                                    cr0_wp=ctx.wp, smep_andnot_wp=ctx.smep and not ctx.wp,
-                                   smap_andnot_wp=ctx.smap and not ctx.wp)
+                                   smap_andnot_wp=ctx.smap and not ctx.wp,
+                                   pke_andnot_wp=ctx.pkeys_active and not ctx.wp)
         hw_mode = {3: "pae", 4: "4level", 5: "5level"}[level]
         # The CPU runs the guest with CR0.WP=1 and EFER.NX=1; SMEP/SMAP/PKE are the guest's, except with
         # guest paging off: they do nothing then (SDM 4.6), so vmx_set_cr4 clears them in hardware CR4,
@@ -358,7 +360,7 @@ class VcpuMmu:
             return True
         protected = False
         for sp in pages:
-            protected |= kvm.write_protect_gfn(sp.gfn, sp.role >> 24)
+            protected |= kvm.write_protect_gfn(sp.gfn, role_smm(sp.role))
         if protected:
             kvm.flush_remote_tlbs()
         invalid: list[ShadowPage] = []

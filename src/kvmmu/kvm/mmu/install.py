@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...arch.bits import PT64_PKEY_MASK
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from .mmio import handle_noslot_fault
-from .page import ShadowPage, child_role
+from .page import ShadowPage, child_role, role_pkey, role_smm
 from .pf import (
     KVM_PFN_ERR_RO_FAULT,
     KVM_PFN_NOSLOT,
@@ -56,7 +57,8 @@ def faultin_pfn(mmu: VcpuMmu, fault: KvmPageFault, access: int) -> int:
 
 
 def build_spte(mmu: VcpuMmu, sp: ShadowPage, slot: Memslot | None, pte_access: int, gfn: int, pfn: int,
-               old_spte: int, prefetch: bool, synchronizing: bool, host_writable: bool) -> tuple[int, bool]:
+               old_spte: int, prefetch: bool, synchronizing: bool, host_writable: bool,
+               pkey: int = 0) -> tuple[int, bool]:
     """make_spte with the unsync decision; returns (spte, write-protected-instead-of-writable)."""
     kvm = mmu.kvm
     wrprot = False
@@ -68,7 +70,7 @@ def build_spte(mmu: VcpuMmu, sp: ShadowPage, slot: Memslot | None, pte_access: i
         pte_access &= ~2
     # When write-protected, host-writable stays and W/MMU-writable are clear (1/0/0): only the
     # full path may make it writable again, by unsyncing the shadowed page table.
-    spte = make_spte(mmu.masks, sp.level, pte_access, pfn, host_writable, prefetch)
+    spte = make_spte(mmu.masks, sp.level, pte_access, pfn, host_writable, prefetch, pkey)
     if spte & 2 and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         mmu.vm.mark_page_dirty(slot, gfn)
     return spte, wrprot
@@ -95,7 +97,7 @@ def mark_mmio_spte(mmu: VcpuMmu, sptep: int, gfn: int, access: int) -> None:
 
 
 def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int, gfn: int, pfn: int,
-                 fault: KvmPageFault | None, host_writable: bool = True) -> int:
+                 fault: KvmPageFault | None, host_writable: bool = True, pkey: int = 0) -> int:
     kvm = mmu.kvm
     vcpu = mmu.vcpu
     sp = kvm.sptep_to_sp(sptep)
@@ -125,14 +127,14 @@ def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int
         return RET_PF_EMULATE
     prefetch = fault is None
     new, wrprot = build_spte(mmu, sp, slot, pte_access, gfn, pfn, old if was_rmapped else 0, prefetch, False,
-                             host_writable)
+                             host_writable, pkey)
     ret = RET_PF_FIXED
     if was_rmapped and new == old:
         ret = RET_PF_SPURIOUS
     else:
         kvm.write_spte(sptep, new)
-        if was_rmapped and (old & ~new) & 0x7:
-            flush = True
+        if was_rmapped and ((old & ~new) & 0x7 or (old ^ new) & PT64_PKEY_MASK):
+            flush = True                # fewer rights, or another protection key
         vcpu.counters["spte_installs"] += 1
         mmu.vm.trace.emit("kvm_mmu_set_spte", level=sp.level, gfn=gfn, spte=new, sptep=sptep, ept=mmu.masks.ept)
     if wrprot and fault is not None and fault.write:
@@ -140,14 +142,15 @@ def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int
     if sp.shadowed_translation is not None:
         sp.shadowed_translation[index] = (gfn << 12) | pte_access
     if not was_rmapped:
-        kvm.rmap_add(sp.role >> 24, gfn, sptep, sp.level)
+        kvm.rmap_add(role_smm(sp.role), gfn, sptep, sp.level)
     if flush:
         kvm.flush_remote_tlbs()
     return ret
 
 
-def get_child_sp(mmu: VcpuMmu, sptep: int, gfn: int, direct: bool, access: int) -> tuple[ShadowPage, bool]:
-    """kvm_mmu_get_child_sp: (child, already linked)."""
+def get_child_sp(mmu: VcpuMmu, sptep: int, gfn: int, direct: bool, access: int,
+                 pkey: int = 0) -> tuple[ShadowPage, bool]:
+    """kvm_mmu_get_child_sp: (child, already linked); `pkey` is ROLE_MODEL_PKEY (direct pages)."""
     kvm = mmu.kvm
     spte = kvm.read_spte(sptep)
     if spte & SPTE_MMU_PRESENT_MASK:
@@ -156,7 +159,7 @@ def get_child_sp(mmu: VcpuMmu, sptep: int, gfn: int, direct: bool, access: int) 
         kvm.drop_spte(sptep)            # a huge leaf is replaced by a table
         kvm.flush_remote_tlbs()
     parent = kvm.sptep_to_sp(sptep)
-    role = child_role(parent.role, (sptep & 0xFFF) >> 3, direct, access)
+    role = child_role(parent.role, (sptep & 0xFFF) >> 3, direct, access, pkey)
     return mmu.get_shadow_page(gfn, role), False
 
 
@@ -198,6 +201,7 @@ def _direct_pte_prefetch_many(mmu: VcpuMmu, sp: ShadowPage, start: int, end: int
     sleeping (get_user_pages_fast_only with FOLL_WRITE), which stops at the first page that is not
     present and writable; none at all, or a run past the slot's end, fails the prefetch."""
     access = (sp.role >> 8) & 7
+    pkey = role_pkey(sp.role)
     gfn = sp.gfn_at((start & 0xFFF) >> 3)
     slot = prefetch_slot(mmu, gfn, access)
     n = (end - start) >> 3
@@ -210,5 +214,5 @@ def _direct_pte_prefetch_many(mmu: VcpuMmu, sp: ShadowPage, start: int, end: int
     if not got:
         return False
     for i in range(got):
-        mmu_set_spte(mmu, slot, start + 8 * i, access, gfn + i, slot.gfn_to_hva(gfn + i) >> 12, None)
+        mmu_set_spte(mmu, slot, start + 8 * i, access, gfn + i, slot.gfn_to_hva(gfn + i) >> 12, None, pkey=pkey)
     return True

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from ...errors import KvmBug
 from .hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index, pages_per_hpage
-from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, trace_fields
+from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, role_smm, trace_fields
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
@@ -100,15 +100,15 @@ class KvmMmu:
         self.indirect_shadow_pages += 1
         if sp.level > 1:
             self.write_track[sp.gfn] = self.write_track.get(sp.gfn, 0) + 1
-        self._update_disallow_lpage(sp.role >> 24, sp.gfn, 1)
+        self._update_disallow_lpage(role_smm(sp.role), sp.gfn, 1)
         # Every level: a huge spte over the table's gfn must stop being writable too.
-        if self.write_protect_gfn(sp.gfn, sp.role >> 24):
+        if self.write_protect_gfn(sp.gfn, role_smm(sp.role)):
             self.flush_remote_tlbs()
 
     def unaccount_shadowed(self, sp: ShadowPage) -> None:
         sp.accounted = False
         self.indirect_shadow_pages -= 1
-        self._update_disallow_lpage(sp.role >> 24, sp.gfn, -1)
+        self._update_disallow_lpage(role_smm(sp.role), sp.gfn, -1)
         if sp.level > 1:
             n = self.write_track[sp.gfn] - 1
             if n:
@@ -185,7 +185,7 @@ class KvmMmu:
         """Clear a present leaf spte and its rmap entry."""
         sp = self.sptep_to_sp(sptep)
         index = (sptep & 0xFFF) >> 3
-        self.rmap_remove(sp.role >> 24, sp.gfn_at(index), sptep, sp.level)
+        self.rmap_remove(role_smm(sp.role), sp.gfn_at(index), sptep, sp.level)
         self.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
 
     def write_protect_gfn(self, gfn: int, as_id: int = 0, for_dirty_log: bool = False) -> bool:

@@ -19,19 +19,34 @@ ROLE_PASSTHROUGH = 1 << 18
 # Not in KVM's role: without kvm_deviations the model keeps 32-bit guests' shadow pages apart by CR4.PSE
 # (KVM shares them, so a PSE=0 vCPU can run on a 4 MiB mapping a PSE=1 vCPU's walk built).
 ROLE_MODEL_CR4_PSE = 1 << 19
-ROLE_SMM_SHIFT = 24
+# Not in KVM's role either: the protection key of the guest large page a direct shadow page maps
+# (bits 62:59 of the guest PDE/PDPTE), copied into its sptes; two guest large pages of one gfn range
+# with different keys need different direct pages.  KVM has no such field: it offers no PKU with
+# shadow paging (kvm_set_cpu_caps).
+ROLE_MODEL_PKEY_SHIFT = 20
+ROLE_MODEL_PKEY_MASK = 0xF << ROLE_MODEL_PKEY_SHIFT
+ROLE_SMM_SHIFT = 24                    # smm: bits 31:24, as in KVM
+# Model-only, above KVM's 32-bit role: CR4.PKE with CR0.WP=0 changes what the kernel-only sptes of
+# CR0.WP=0 may be (paging.page_fault), as SMEP and SMAP do (KVM's smep_andnot_wp/smap_andnot_wp).
+ROLE_MODEL_PKE_ANDNOT_WP = 1 << 32
 
 
 def make_role(level: int, *, has_4_byte_gpte: bool = False, quadrant: int = 0, direct: bool = False,
               access: int = 7, efer_nx: bool = True, cr0_wp: bool = False, smep_andnot_wp: bool = False,
               smap_andnot_wp: bool = False, ad_disabled: bool = False, guest_mode: bool = False,
-              passthrough: bool = False, smm: int = 0, cr4_pse: bool = False) -> int:
+              passthrough: bool = False, smm: int = 0, cr4_pse: bool = False, pke_andnot_wp: bool = False) -> int:
     return (level | (ROLE_HAS_4_BYTE_GPTE if has_4_byte_gpte else 0) | (quadrant << ROLE_QUADRANT_SHIFT)
             | (ROLE_DIRECT if direct else 0) | (access << ROLE_ACCESS_SHIFT) | (ROLE_EFER_NX if efer_nx else 0)
             | (ROLE_CR0_WP if cr0_wp else 0) | (ROLE_SMEP_ANDNOT_WP if smep_andnot_wp else 0)
             | (ROLE_SMAP_ANDNOT_WP if smap_andnot_wp else 0) | (ROLE_AD_DISABLED if ad_disabled else 0)
             | (ROLE_GUEST_MODE if guest_mode else 0) | (ROLE_PASSTHROUGH if passthrough else 0)
-            | (ROLE_MODEL_CR4_PSE if cr4_pse else 0) | (smm << ROLE_SMM_SHIFT))
+            | (ROLE_MODEL_CR4_PSE if cr4_pse else 0) | (smm << ROLE_SMM_SHIFT)
+            | (ROLE_MODEL_PKE_ANDNOT_WP if pke_andnot_wp else 0))
+
+
+def role_smm(role: int) -> int:
+    """The address space (role.smm) a shadow page was built from."""
+    return (role >> ROLE_SMM_SHIFT) & 0xFF
 
 
 def role_level(role: int) -> int:
@@ -46,11 +61,17 @@ def role_quadrant(role: int) -> int:
     return (role >> ROLE_QUADRANT_SHIFT) & 3
 
 
-def child_role(parent: int, index: int, direct: bool, access: int) -> int:
-    """kvm_mmu_child_role: one level down, new access/direct, quadrant from the parent index."""
+def role_pkey(role: int) -> int:
+    return (role & ROLE_MODEL_PKEY_MASK) >> ROLE_MODEL_PKEY_SHIFT
+
+
+def child_role(parent: int, index: int, direct: bool, access: int, pkey: int = 0) -> int:
+    """kvm_mmu_child_role: one level down, new access/direct, quadrant from the parent index
+    (and, for a direct page under shadow paging, the guest large page's key: ROLE_MODEL_PKEY)."""
     role = (parent & ~(ROLE_LEVEL_MASK | ROLE_DIRECT | (7 << ROLE_ACCESS_SHIFT) | ROLE_PASSTHROUGH
-                       | (3 << ROLE_QUADRANT_SHIFT)))
+                       | (3 << ROLE_QUADRANT_SHIFT) | ROLE_MODEL_PKEY_MASK))
     role |= (role_level(parent) - 1) | (ROLE_DIRECT if direct else 0) | (access << ROLE_ACCESS_SHIFT)
+    role |= pkey << ROLE_MODEL_PKEY_SHIFT
     if parent & ROLE_HAS_4_BYTE_GPTE:
         # A 4-byte PDE covers 4 MiB, i.e. two PAE page tables: which half is this child?
         role |= (index & 1) << ROLE_QUADRANT_SHIFT
@@ -64,6 +85,8 @@ def describe_role(role: int) -> str:
         if role & bit:
             parts.append(name)
     parts.append(f"access={role_access(role):o}")
+    if role & ROLE_MODEL_PKEY_MASK:
+        parts.append(f"pkey={role_pkey(role)}")
     if role & ROLE_HAS_4_BYTE_GPTE:
         parts.append(f"quadrant={role_quadrant(role)}")
     return " ".join(parts)

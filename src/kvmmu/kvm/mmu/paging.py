@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_RSVD_MASK
+from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_PK_MASK, PFERR_RSVD_MASK, PT64_PKEY_MASK, PT64_PKEY_SHIFT
 from ...arch.walker import Walk, walk
 from .gpte import EPT_TO_ACC
 from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte, prefetch_slot
-from .page import ShadowPage
+from .page import ShadowPage, role_pkey
 from .pf import (
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
@@ -88,6 +88,10 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     ctx = mmu.walk_ctx
     if not ctx.mode.ept and fault.write and not pte_access & ACC_WRITE and not ctx.wp and not fault.user \
             and fault.slot is not None:
+        if ctx.pkeys_active and pte_access & 4:
+            # A kernel-only spte for a user page would hide the page's key from the CPU: a later
+            # supervisor read must still check PKRU.AD (SDM 4.6.2).  Emulate the write instead.
+            return RET_PF_EMULATE
         # CR0.WP=0: a supervisor write to a read-only page is allowed; map it writable for the
         # kernel only (and not executable with SMEP), the role bits keep such pages apart.
         pte_access = (pte_access | ACC_WRITE) & ~4
@@ -95,7 +99,19 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
             pte_access &= ~1
     if not mmu.root_valid:
         return RET_PF_RETRY
-    return fetch(mmu, fault, w, pte_access)
+    ret = fetch(mmu, fault, w, pte_access, gpte_pkey(mmu, w.ptes[w.level]))
+    if fault.error_code & PFERR_PK_MASK and ret != RET_PF_RETRY:
+        # The CPU refused on a protection key that the guest's own rules allow: a supervisor write
+        # with CR0.WP=0, which the CPU (running with CR0.WP=1) checks against PKRU.WD.  The spte is
+        # right, so only the emulator can do this access.
+        return RET_PF_EMULATE
+    return ret
+
+
+def gpte_pkey(mmu: VcpuMmu, gpte: int) -> int:
+    """The protection key of a guest leaf (bits 62:59, 4- and 5-level paging), which the model copies
+    into the spte for the CPU to check (docs/ARCHITECTURE.md; KVM has no PKU with shadow paging)."""
+    return (gpte >> PT64_PKEY_SHIFT) & 15 if mmu.walk_ctx.mode.has_pkeys else 0
 
 
 def _clear_flood_along(mmu: VcpuMmu, addr: int) -> None:
@@ -111,7 +127,7 @@ def _top_table(mmu: VcpuMmu, addr: int) -> tuple[int, int]:
     return mmu.root_hpa, mmu.root_level
 
 
-def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
+def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int, pkey: int = 0) -> int:
     kvm = mmu.kvm
     addr = fault.addr
     table, level = _top_table(mmu, addr)
@@ -135,11 +151,11 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
         spte = kvm.read_spte(sptep)
         if spte & SPTE_MMU_PRESENT_MASK and not spte & 0x80:
             child = kvm.spte_to_child_sp(spte)
-            if (child.role >> 8) & 7 != pte_access:
+            if (child.role >> 8) & 7 != pte_access or role_pkey(child.role) != pkey:
                 kvm.drop_parent_pte(child, sptep)     # validate_direct_spte
                 kvm.flush_remote_tlbs()
         base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
-        child, linked = get_child_sp(mmu, sptep, base_gfn, True, pte_access)
+        child, linked = get_child_sp(mmu, sptep, base_gfn, True, pte_access, pkey)
         if not linked:
             kvm.link_shadow_page(sptep, child)
         table = child.hpa
@@ -147,7 +163,7 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int) -> int:
     sptep = table + 8 * ((addr >> (12 + 9 * (goal - 1))) & 511)
     base_gfn = fault.gfn & ~(pages_per_hpage(goal) - 1)
     ret = mmu_set_spte(mmu, fault.slot, sptep, pte_access, base_gfn, fault.pfn, fault,
-                       host_writable=fault.map_writable)
+                       host_writable=fault.map_writable, pkey=pkey)
     if ret == RET_PF_SPURIOUS:
         return ret
     pte_prefetch(mmu, w, sptep)
@@ -208,7 +224,7 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
         hva = slot.gfn_to_hva(gfn)
         if not mmu.vm.host_writable(hva):
             break
-        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None)
+        mmu_set_spte(mmu, slot, ptr, access, gfn, hva >> 12, None, pkey=gpte_pkey(mmu, gpte))
 
 
 def _hva_or(vcpu: Vcpu, gpa: int) -> int:
@@ -256,11 +272,11 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
     slot = mmu.vcpu.gfn_to_memslot(gfn)
     host_writable = bool(spte & mmu.masks.host_writable)
     new, _ = build_spte(mmu, sp, slot, access, gfn, (spte >> 12) & ((1 << 40) - 1), spte, False, True,
-                        host_writable)
+                        host_writable, gpte_pkey(mmu, gpte))
     if new == spte:
         return 0
     kvm.write_spte(sptep, new)
-    return 1 if (spte & ~new) & 0x7 or (new & ~spte) & (1 << 63) else 0
+    return 1 if (spte & ~new) & 0x7 or (new & ~spte) & (1 << 63) or (spte ^ new) & PT64_PKEY_MASK else 0
 
 
 __all__ = ["RET_PF_EMULATE", "fetch", "guest_walk", "page_fault", "pte_prefetch", "sync_spte"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...arch.bits import BIT, GENMASK, PT64_ADDR_MASK
+from ...arch.bits import BIT, GENMASK, PT64_ADDR_MASK, PT64_PKEY_SHIFT
 
 SPTE_MMU_PRESENT_MASK = BIT(11)
 SHADOW_NONPRESENT_VALUE = BIT(63)
@@ -185,9 +185,13 @@ def make_nonleaf_spte(m: SpteMasks, child_hpa: int) -> int:
 
 
 def make_spte(m: SpteMasks, level: int, pte_access: int, pfn: int, host_writable: bool,
-              prefetch: bool = False) -> int:
-    """A leaf spte for `pfn` with the guest's access (before write-protection decisions)."""
-    spte = SPTE_MMU_PRESENT_MASK | m.present | m.memtype
+              prefetch: bool = False, pkey: int = 0) -> int:
+    """A leaf spte for `pfn` with the guest's access (before write-protection decisions).
+
+    `pkey` is the guest leaf's protection key, which the CPU checks in the spte's bits 62:59 when it
+    walks KVM's tables with CR4.PKE (a model choice: KVM offers no PKU with shadow paging, its sptes
+    carry no key; docs/ARCHITECTURE.md)."""
+    spte = SPTE_MMU_PRESENT_MASK | m.present | m.memtype | (pkey << PT64_PKEY_SHIFT)
     if not prefetch:
         spte |= m.accessed
     if level > 1:

@@ -23,7 +23,7 @@ from ...errors import KvmBug
 from .direct import ACC_ALL, fast_pf_fix_leaf
 from .hugepage import kvm_mmu_hugepage_adjust
 from .install import build_spte, faultin_pfn, new_mmio_spte, trace_mark_mmio_spte
-from .page import ROLE_INVALID, ROLE_LEVEL_MASK, ShadowPage
+from .page import ROLE_INVALID, ROLE_LEVEL_MASK, ShadowPage, role_smm
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
@@ -139,7 +139,7 @@ class TdpMmu:
         end = pages_per_level(root.level + 1)
         for zap_level in (3, root.level):
             for it in for_each_tdp_pte(self.mem, root.hpa, root.level, 0, end, min_level=zap_level,
-                                       as_id=root.role >> 24):
+                                       as_id=role_smm(root.role)):
                 if it.level > zap_level or not it.old_spte & SPTE_MMU_PRESENT_MASK:
                     continue
                 self._set_spte(it, SHADOW_NONPRESENT_VALUE)
@@ -177,7 +177,7 @@ class TdpMmu:
         (recursively) and the table is freed.  Traced like a zap, counted as none."""
         self.vm.trace.emit("kvm_mmu_prepare_zap_page", gfn=sp.gfn, role=sp.role)
         mem = self.mem
-        as_id = sp.role >> 24
+        as_id = role_smm(sp.role)
         for i in range(512):
             sptep = sp.sptep(i)
             old = mem.read(sptep, 8)
@@ -230,7 +230,7 @@ class TdpMmu:
         root = mmu.root_sp
         masks = self.kvm.masks
         reached = None
-        for it in for_each_tdp_pte(self.mem, root.hpa, root.level, fault.gfn, fault.gfn + 1, as_id=root.role >> 24):
+        for it in for_each_tdp_pte(self.mem, root.hpa, root.level, fault.gfn, fault.gfn + 1, as_id=role_smm(root.role)):
             if it.level == goal:
                 reached = it
                 break
@@ -283,10 +283,10 @@ class TdpMmu:
 
     # -- gfn ranges: MMU notifier, aging, write protection, dirty logging -------------------------------
     def _roots(self, as_id: int, only_valid: bool) -> list[ShadowPage]:
-        return [r for r in self.roots if r.role >> 24 == as_id and not (only_valid and r.invalid)]
+        return [r for r in self.roots if role_smm(r.role) == as_id and not (only_valid and r.invalid)]
 
     def _leaves(self, root: ShadowPage, start: int, end: int, min_level: int = 1):  # noqa: ANN202
-        for it in for_each_tdp_pte(self.mem, root.hpa, root.level, start, end, min_level, as_id=root.role >> 24):
+        for it in for_each_tdp_pte(self.mem, root.hpa, root.level, start, end, min_level, as_id=role_smm(root.role)):
             if _is_leaf(it.old_spte, it.level):
                 yield it
 
