@@ -70,9 +70,8 @@ class TlbCpu:
             return -1
         vcpu = self.vcpu
         ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        pkru_mask = ctx.pkru_mask
         if (ctx.permissions[permission_index(pfec, vcpu.rflags & X86_EFLAGS_AC)] >> acc) & 1 \
-                or (pkru_mask and (pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
+                or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
         self.counters["tlb_hits"] += 1
         return page | (gva & 0xFFF)
@@ -88,9 +87,8 @@ class TlbCpu:
             return -1
         vcpu = self.vcpu
         ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        pkru_mask = ctx.pkru_mask
         if (ctx.permissions[((pfec & _ACCESS_BITS) | (PERMISSION_NOT_SMAP if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1]
-                >> acc) & 1 or (pkru_mask and (pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
+                >> acc) & 1 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
         hpa = page | (gva & 0xFFF)
         mem = self.mem
