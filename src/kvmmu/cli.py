@@ -67,7 +67,7 @@ def _policy_option(sp: argparse.ArgumentParser, default: str | None, many: bool)
 
 
 def _load(args: argparse.Namespace):
-    from .report.cost import CostModel
+    from .sim.cost import CostModel
     from .scenario import Scenario
     sc = Scenario.load(args.scenario)
     sc = sc.scaled(duration_s=args.duration, seed=args.seed)

@@ -48,7 +48,7 @@ from .guest.workloads import WORKLOADS, Workload, make_workload
 from .hw.host import Host
 from .kvm.params import KvmParams
 from .kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
-from .report.cost import CostModel
+from .sim.cost import CostModel
 from .vmm.machine import Machine, MachineSpec
 from .vmm.runner import HostRunner
 

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from kvmmu.errors import KvmmuError
 from kvmmu.guest.linux_boot import load_linux_boot
 from kvmmu.guest.trace import read_trace
-from kvmmu.report.cost import MAX_COST, CostModel
+from kvmmu.sim.cost import MAX_COST, CostModel
 from kvmmu.report.realdiff import load_programs
 from kvmmu.scenario import Scenario
 
