@@ -189,8 +189,8 @@ def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
     without the guest's page-table pages swapped out on the host."""
     from ..guest.os import GuestOS, OsParams
     from ..hw.host import Host
-    from ..vmm.machine import Machine, MachineSpec
     from ..sim.cost import CostModel
+    from ..vmm.machine import Machine, MachineSpec
     from .table import format_table
     cost = CostModel()
     rows = []
