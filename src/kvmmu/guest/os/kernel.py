@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ...arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
+from ...sim.clock import Clock, EventQueue
 from ...sim.cost import CostModel
 from ..pagetables import NX, PCD, PS, PWT, RW, G, P
 from .drivers import Drivers
@@ -29,7 +30,7 @@ class GuestOS(KernelMemory, Drivers, MemoryManager, Processes, Scheduler, Syscal
     """The kernel of one machine."""
 
     def __init__(self, machine: Machine, params: OsParams | None = None, seed: int = 1,
-                 cost: Any = None) -> None:
+                 cost: Any = None, clock: Clock | None = None) -> None:
         self.machine = machine
         self.vm = machine.vm
         self.p = params or OsParams()
@@ -45,14 +46,14 @@ class GuestOS(KernelMemory, Drivers, MemoryManager, Processes, Scheduler, Syscal
         self.procs: dict[int, Process] = {}
         self.next_pid = 1
         self.global_rq: deque[Process] = deque()
-        self.cpus = [Cpu(i, v) for i, v in enumerate(machine.vcpus)]
+        self.clock = clock if clock is not None else Clock()     # one event order for every queue
+        self.cpus = [Cpu(i, v, events=self.clock.queue()) for i, v in enumerate(machine.vcpus)]
         self.tick_period = self.p.cycles(1 / self.p.hz)
-        self._seq = 0
         self.ktables: dict[tuple[int, int], int] = {}
         self.ioremaps: dict[str, int] = {}
         self._vmalloc_next = VMALLOC
         self.wake_requests: list[tuple[int, int]] = []     # (cpu index, time): the host must run it then
-        self.vmm_timers: list = []                          # heap of (time, seq, fn) run by the VMM thread
+        self.vmm_timers: EventQueue = self.clock.queue()   # fn(when), run by the VMM thread
         self.counters: dict[str, int] = dict.fromkeys(OS_COUNTERS, 0)
         self.cr0 = X86_CR0_PG | X86_CR0_PE | X86_CR0_WP
         self.done = False

@@ -3,7 +3,6 @@ timer ticks (NO_HZ idle), and running one vCPU for a slice of host time."""
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable
 
 from .layout import FIXMAP_APIC, FIXMAP_HPET
@@ -39,16 +38,14 @@ class Scheduler:
 
     def at(self, cpu: Cpu, when: int, fn: Callable[[Cpu, int], int]) -> None:
         """Schedule `fn` (an interrupt) on `cpu` at time `when`; it returns the native cycles it used."""
-        self._seq += 1
-        heapq.heappush(cpu.events, (when, self._seq, fn))
+        cpu.events.push(when, fn)
         if cpu.idle:
             cpu.idle = False
             self.wake_requests.append((cpu.index, when))
 
     def vmm_at(self, when: int, fn: Callable[[int], None]) -> None:
         """Schedule work of the VMM's own threads (display refresh, hotplug) at host time `when`."""
-        self._seq += 1
-        heapq.heappush(self.vmm_timers, (when, self._seq, fn))
+        self.vmm_timers.push(when, fn)
 
     # -- scheduling --------------------------------------------------------------------------------
     def _switch_mm(self, cpu: Cpu, mm: MM | None) -> None:
@@ -151,8 +148,8 @@ class Scheduler:
         while cpu.clock < end:
             now = cpu.clock
             # Interrupts first: due device completions, then the timer (missed ticks are coalesced).
-            while cpu.events and cpu.events[0][0] <= now:
-                _, _, fn = heapq.heappop(cpu.events)
+            while cpu.events and cpu.events.next_time <= now:
+                _, fn = cpu.events.pop()
                 self._charge(cpu, fn(cpu, cpu.clock))
                 self._account(cpu)
             if cpu.ticking and cpu.clock >= cpu.next_tick:
@@ -168,7 +165,7 @@ class Scheduler:
                 if proc is None:
                     cpu.idle = True
                     cpu.ticking = False          # NO_HZ idle: no ticks while idle (next_tick keeps the grid)
-                    wake = cpu.events[0][0] if cpu.events else None
+                    wake = cpu.events.next_time if cpu.events else None
                     return max(1, cpu.clock - start), wake
             self._step(cpu, proc, end)
             self._account(cpu)

@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ...sim.clock import EventQueue
 from ..pagetables import NX, RW
 from .layout import PAGE, USER_HEAP, USER_MMAP
 from .params import GuestPanic, Op, Program
@@ -149,7 +150,7 @@ class Cpu:
     ticking: bool = False
     slice_ticks: int = 0
     need_resched: bool = False
-    events: list = field(default_factory=list)    # heap of (time, seq, fn)
+    events: EventQueue = field(default_factory=EventQueue)   # interrupts due: fn(cpu, now) -> cycles
     runqueue: deque = field(default_factory=deque)
     idle: bool = True
     last_cost: int = 0

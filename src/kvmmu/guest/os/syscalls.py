@@ -15,7 +15,7 @@ class Syscalls:
     """GuestOS's system calls (a mixin: the state lives in kernel.GuestOS)."""
 
     def _op_compute(self, cpu: Cpu, proc: Process, op: Op, end: int) -> tuple[bool, Any]:
-        limit = min(end, cpu.next_tick if cpu.ticking else end, cpu.events[0][0] if cpu.events else end)
+        limit = min(end, cpu.next_tick if cpu.ticking else end, cpu.events.next_time if cpu.events else end)
         run = max(1, min(proc.compute_left, limit - cpu.clock))
         self._charge(cpu, run)
         proc.compute_left -= run
