@@ -23,6 +23,7 @@ A program may document an understood difference in ``Program.expect`` ({observab
 report still shows it as different, marked "documented".
 
 A corpus is a folder of ``*.py`` files (or single files), each defining ``PROGRAMS`` (a list) or
+``PROGRAM``.
 
 The package: `corpus` (loading programs), `observation` (what one backend showed, the MMIO device,
 the memory capture), `backends` (the `Backend` protocol, the model and the real backend, and the one
