@@ -32,30 +32,25 @@ class Clock:
         return EventQueue(self)
 
 
-class EventQueue(Generic[T]):
-    """One consumer's timed items: (time, sequence, item) in a heap."""
+class EventQueue(list, Generic[T]):  # type: ignore[type-arg]
+    """One consumer's timed items: a heap of (time, sequence, item).  A list underneath, so the hot
+    "anything due?" test (`bool(queue)`) costs what it costs on a list."""
 
-    __slots__ = ("_clock", "_heap")
+    __slots__ = ("_clock",)
 
     def __init__(self, clock: Clock | None = None) -> None:
+        super().__init__()
         self._clock = clock if clock is not None else Clock()
-        self._heap: list[tuple[int, int, T]] = []
 
     def push(self, when: int, item: T) -> None:
-        heapq.heappush(self._heap, (when, self._clock.ticket(), item))
+        heapq.heappush(self, (when, self._clock.ticket(), item))
 
-    def pop(self) -> tuple[int, T]:
+    def pop(self) -> tuple[int, T]:  # type: ignore[override]
         """The earliest item and its time (the queue must not be empty)."""
-        when, _, item = heapq.heappop(self._heap)
+        when, _, item = heapq.heappop(self)
         return when, item
 
     @property
     def next_time(self) -> int:
         """When the earliest item is due (the queue must not be empty)."""
-        return self._heap[0][0]
-
-    def __bool__(self) -> bool:
-        return bool(self._heap)
-
-    def __len__(self) -> int:
-        return len(self._heap)
+        return self[0][0]
