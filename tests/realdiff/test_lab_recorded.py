@@ -8,7 +8,7 @@ import pytest
 
 from kvmmu.lab.compare import diff_recorded
 from kvmmu.lab.record import load_results
-from kvmmu.report.realdiff import load_programs
+from kvmmu.realdiff import load_programs
 
 HERE = Path(__file__).parent
 CORPUS = [HERE / "corpus", HERE / "lab" / "scenarios"]

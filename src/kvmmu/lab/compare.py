@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import ScenarioError
 from ..guest.runtime import Program, build
-from ..report.realdiff import ProgramReport, compare, run_model
+from ..realdiff import ProgramReport, compare, run_model
 from .record import observation_from_json
 
 
