@@ -151,3 +151,15 @@ def test_generation_scenarios_trace(name: str) -> None:
     assert created["check_mmio_spte"][0].endswith("kvm_gen 4 spte-gen 2 valid 0")
     for scenario in ("gen_slot_deleted", "gen_wraparound"):
         assert progs[scenario]["trace"]["counts"]["kvm_mmu_zap_all_fast"] == 1
+
+
+def test_the_corpus_is_loaded_with_the_recorded_guest_width() -> None:
+    """phys_width.py builds its frames from host_guest_paging(): loaded for a recorded file it gets
+    the file's 40 bits (bit 39 is the MMIO frame, as L1 ran it); afterwards this machine's again."""
+    from kvmmu.real import host_guest_paging
+    here = host_guest_paging()
+    results = load_results(HERE / "lab" / "npt.json")
+    prog = next(p for p in load_recorded_programs([HERE / "corpus" / "phys_width.py"], results)
+                if p.name == "pte_frame_above_maxphyaddr_cpl0")
+    assert prog.doc.startswith("PTE frames with bit 39 (MMIO exit), bit 40 and bit 51")
+    assert host_guest_paging() == here
