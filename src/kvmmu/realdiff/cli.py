@@ -20,7 +20,12 @@ def _cmd(args: argparse.Namespace) -> int:
     from ..cliargs import Progress, emit
     from ..real import available, unavailable_reason
 
-    programs = load_programs(args.paths)
+    if getattr(args, "recorded", None):
+        from ..lab.compare import load_recorded_programs
+        from ..lab.record import load_results
+        programs = load_recorded_programs(args.paths, load_results(args.recorded))
+    else:
+        programs = load_programs(args.paths)
     if args.k:
         programs = [p for p in programs if any(k in p.name for k in args.k)]
     if not programs:
