@@ -42,13 +42,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cost import CostModel
 from .errors import InvalidArgument, KvmmuError, ScenarioError
 from .guest.os import GuestOS, OsParams
 from .guest.workloads import WORKLOADS, Workload, make_workload
 from .hw.host import Host
 from .kvm.params import KvmParams
 from .kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
-from .report.cost import CostModel
 from .vmm.machine import Machine, MachineSpec
 from .vmm.runner import HostRunner
 

@@ -30,7 +30,7 @@ switches by MOV to CR3, and per-vCPU timer interrupts (EOI to the local APIC thr
 
 The kernel is deterministic: all choices come from `random.Random` seeded by the scenario seed.
 Time is modelled in host cycles: what the guest computes natively (`OsParams` costs) plus what
-the cost model charges for what KVM did (`report.cost.CostModel`).
+the cost model charges for what KVM did (`kvmmu.cost.CostModel`).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from .pagetables import NX, PCD, PS, PWT, RW, US, G, P
 
 if TYPE_CHECKING:
     from ..kvm.vcpu import GuestFault, Vcpu
-    from ..vmm.machine import Machine
+    from .platform import Platform
 
 DIRECT_MAP = 0xFFFF888000000000
 VMALLOC = 0xFFFFC90000000000
@@ -281,9 +281,9 @@ OS_COUNTERS = (
 class GuestOS:
     """The kernel of one machine."""
 
-    def __init__(self, machine: Machine, params: OsParams | None = None, seed: int = 1,
+    def __init__(self, machine: Platform, params: OsParams | None = None, seed: int = 1,
                  cost: Any = None) -> None:
-        from ..report.cost import CostModel
+        from ..cost import CostModel
         self.machine = machine
         self.vm = machine.vm
         self.p = params or OsParams()

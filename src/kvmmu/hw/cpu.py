@@ -24,7 +24,12 @@ from ..errors import InvalidArgument
 from .memory import PACK_INTO, UNPACK_FROM
 
 if TYPE_CHECKING:
-    from ..kvm.vcpu import Vcpu
+    from .memory import SparseMemory
+    from .vmcs import GuestRegisters, PagingState
+
+# The accesses a vCPU performs (Vcpu.access): kinds and sizes in bytes.
+ACCESS_KINDS = ("read", "write", "fetch")
+ACCESS_SIZES = (1, 2, 4, 8, 16)
 
 _ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
 # A TLB entry is (host page, ACC, kinds, pkey).  `kinds` are the access kinds it may serve without a
@@ -38,7 +43,7 @@ KIND_BITS = PFERR_WRITE_MASK | PFERR_FETCH_MASK
 SHADOW_KINDS = TLB_READ | PFERR_FETCH_MASK
 # translate() returns (hpa, fault address, error code); a negative hpa says what happened instead.
 VM_EXIT = -1        # exit to KVM with (address, error code)
-GUEST_FAULT = -2    # an exception went straight to the guest (vcpu.pending_exception)
+GUEST_FAULT = -2    # a #PF went straight to the guest (TDP): (GUEST_FAULT, cr2, error code)
 GP_FAULT = -3       # non-canonical address: #GP
 
 
@@ -46,9 +51,10 @@ class TlbCpu:
     """What the CPU does without leaving the TLB: accesses whose translation is cached.
 
     Shared by the shadow-paging CPU (permissions from KVM's `hw_ctx`) and the TDP CPU (the guest's
-    `cpu_role`).  Each method decides exactly as `translate()` decides on a TLB hit, and changes
-    nothing but memory and the tlb_hits counter, and only when the access completes; anything else
-    (a miss, a permission failure, protection keys, memory outside the host) is left to translate().
+    `cpu_role`), both read from the loaded VMCS (`regs`, `paging`: hw/vmcs.py).  Each method
+    decides exactly as `translate()` decides on a TLB hit, and changes nothing but memory and the
+    tlb_hits counter, and only when the access completes; anything else (a miss, a permission
+    failure, protection keys, memory outside the host) is left to translate().
     """
 
     __slots__ = ()
@@ -65,9 +71,9 @@ class TlbCpu:
         page, acc, kinds, _ = entry
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
-        vcpu = self.vcpu
-        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        idx = ((pfec & _ACCESS_BITS) | (8 if vcpu.rflags & X86_EFLAGS_AC and not pfec & PFERR_IMPLICIT_ACCESS
+        regs = self.regs
+        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
+        idx = ((pfec & _ACCESS_BITS) | (8 if regs.rflags & X86_EFLAGS_AC and not pfec & PFERR_IMPLICIT_ACCESS
                                         else 0)) >> 1
         if (ctx.permissions[idx] >> acc) & 1 or (ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK):
             return -1
@@ -83,9 +89,9 @@ class TlbCpu:
         page, acc, kinds, _ = entry
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
-        vcpu = self.vcpu
-        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        if (ctx.permissions[((pfec & _ACCESS_BITS) | (8 if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1] >> acc) & 1 \
+        regs = self.regs
+        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
+        if (ctx.permissions[((pfec & _ACCESS_BITS) | (8 if regs.rflags & X86_EFLAGS_AC else 0)) >> 1] >> acc) & 1 \
                 or (ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK):
             return -1
         hpa = page | (gva & 0xFFF)
@@ -115,13 +121,13 @@ class TlbCpu:
         """
         tlb_get = self.tlb.get
         refill = self.refill
-        vcpu = self.vcpu
-        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
+        regs = self.regs
+        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
         perms = ctx.permissions
         pkeys = ctx.pkeys_active
-        ac = vcpu.rflags & X86_EFLAGS_AC
+        ac = regs.rflags & X86_EFLAGS_AC
         not_smap = 8 if ac else 0
-        pkru = vcpu.pkru
+        pkru = regs.pkru
         user = PFERR_USER_MASK if cpl == 3 else 0
         mem = self.mem
         pages = mem.pages
@@ -205,7 +211,6 @@ def check_access_args(gva: object, size: object, kind: object, value: object = N
                       implicit: object = False) -> None:
     """The argument checks of Vcpu.access(), for it and for a batch of ops before any op runs.  Those
     that depend on the vCPU's state when the op runs (a 32-bit mode's address width) stay there."""
-    from ..kvm.vcpu import ACCESS_KINDS, ACCESS_SIZES
     if kind not in ACCESS_KINDS:
         raise InvalidArgument("kind", kind, f"an access is one of {ACCESS_KINDS}")
     if type(size) is not int or size not in ACCESS_SIZES:
@@ -264,13 +269,17 @@ def _decode(op: Sequence) -> tuple | None:
 
 
 class Cpu(TlbCpu):
-    __slots__ = ("vcpu", "tlb", "mem", "counters")
+    __slots__ = ("regs", "paging", "tlb", "mem", "counters")
 
-    def __init__(self, vcpu: Vcpu) -> None:
-        self.vcpu = vcpu
+    def __init__(self, mem: SparseMemory, counters: dict[str, int]) -> None:
         self.tlb: dict[int, tuple[int, int, int, int]] = {}    # vpn -> (host page, ACC, kinds, pkey)
-        self.mem = vcpu.vm.host.mem
-        self.counters = vcpu.counters
+        self.mem = mem
+        self.counters = counters
+
+    def load_vmcs(self, regs: GuestRegisters, paging: PagingState) -> None:
+        """VMPTRLD: the guest registers and the MMU context the CPU reads from now on (hw/vmcs.py)."""
+        self.regs = regs
+        self.paging = paging
 
     def flush(self) -> None:
         self.tlb.clear()
@@ -282,7 +291,7 @@ class Cpu(TlbCpu):
         """translate() on a TLB miss whose walk of KVM's tables only reads and allows the access:
         the walk is counted and the TLB filled, and the host page is returned; else -1, and nothing
         changed (translate() will do the whole miss)."""
-        mmu = self.vcpu.mmu
+        mmu = self.paging
         r = probe(mmu.hw_ctx, self.mem, mmu.root_hpa, gva, pfec, ac, pkru)
         if type(r) is not tuple or r[0] + 0x1000 > self.mem.size:
             return -1
@@ -294,33 +303,33 @@ class Cpu(TlbCpu):
 
     def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
         """(host physical address, gva, 0), or (VM_EXIT, gva, #PF error code), or (GP_FAULT, ...)."""
-        vcpu = self.vcpu
-        mmu = vcpu.mmu
+        regs = self.regs
+        mmu = self.paging
         ctx = mmu.hw_ctx
         vpn = gva >> 12
         entry = self.tlb.get(vpn)
         write = pfec & PFERR_WRITE_MASK
         if entry is not None:
             page, acc, kinds, pkey = entry
-            not_smap = vcpu.ac and not pfec & PFERR_IMPLICIT_ACCESS
+            not_smap = regs.ac and not pfec & PFERR_IMPLICIT_ACCESS
             idx = ((pfec & _ACCESS_BITS) | (8 if not_smap else 0)) >> 1
             ok = not (ctx.permissions[idx] >> acc) & 1 and kinds & (pfec & KIND_BITS or TLB_READ)
             if ok and ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK:
-                kbits = (vcpu.pkru >> (2 * pkey)) & 3
+                kbits = (regs.pkru >> (2 * pkey)) & 3
                 ok = not (kbits & 1 or (kbits & 2 and write))
             if ok:
                 self.counters["tlb_hits"] += 1
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]      # a fault through a TLB entry invalidates it; the CPU re-walks
         self.counters["hw_walks"] += 1
-        r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec, vcpu.rflags & X86_EFLAGS_AC, vcpu.pkru)
+        r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru)
         if r is not None:                # walk()'s answer, where walk() would have written nothing
             if type(r) is int:
                 return VM_EXIT, gva, r | (pfec & PFERR_IMPLICIT_ACCESS)
             gpa, acc, pkey = r
             self.tlb[vpn] = (gpa & ~0xFFF, acc, SHADOW_KINDS | write, pkey)
             return gpa, gva, 0
-        w = walk(ctx, self.mem, mmu.root_hpa, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru)
+        w = walk(ctx, self.mem, mmu.root_hpa, gva, pfec, ac=regs.ac, pkru=regs.pkru)
         if w.fault:
             if w.fault == 13:
                 return GP_FAULT, gva, 0

@@ -20,6 +20,7 @@ from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
 from .mmu.mmu import KvmMmu
 from .mmu.spte import TODAY_GEN_LAYOUT, MmioGenLayout, ept_masks, shadow_masks
 from .mmu.tdp_mmu import TdpMmu
+from .mmu_notifier import KvmMmuNotifier
 from .params import DEFAULT_MMIO_CACHING, DEFAULT_MMU, KvmParams, resolve
 from .stats import VM_STATS, Stats, delta
 from .trace import Trace
@@ -151,7 +152,8 @@ class VM:
         self._fresh: dict[int, tuple[int, int]] = {}        # slot -> the VMM's fresh mapping for it
         self._alias_key: tuple[int, ...] = ()
         self._aliased = False
-        self.host.vms.append(self)
+        self.mmu_notifier = KvmMmuNotifier(self)
+        self.host.register_mmu_notifier(self.mmu_notifier)
 
     @property
     def effective(self) -> dict[str, int | bool]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
+from ..cost import CostModel
 from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
 from ..guest.program import run_program
 from ..kvm.vm import VM
-from .cost import CostModel
 from .experiments import DIRECT_MAP, DOORBELL_GPA, IOREMAP, RAM, RunResult, driver_program
 
 FLAVOURS = ("shadow", "ept", "npt", "nested-ept")

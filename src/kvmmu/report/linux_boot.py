@@ -13,11 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..cost import CostModel
 from ..errors import ScenarioError
 from ..guest.linux_boot import PROFILES, LinuxBootWorkload, load_linux_boot
 from ..guest.trace import PhaseResult, ReplayResult
 from ..kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
-from .cost import CostModel
 from .table import format_table
 
 # (label, where, name): where is "stats" (KVM vCPU stats), "counters" (the model's) or "run" (replay).
