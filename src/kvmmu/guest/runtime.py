@@ -35,8 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from struct import pack
 
+from ..arch.descriptors import GDT_LIMIT, KERNEL_CS, TSS_SEL, TSS_SIZE, USER_CS, USER_DS, gdt_image, tss_image
 from ..errors import InvalidArgument
-from ..real.longmode import GDT_LIMIT, KERNEL_CS, TSS_SEL, TSS_SIZE, USER_CS, USER_DS, gdt_image, tss_image
 from .asm import Assembled, assemble
 from .pagetables import GuestPageTables
 

@@ -191,9 +191,9 @@ class Host:
         if not cow:
             return False                 # a fresh page where nothing was mapped: no notifier
         self.cows += 1
-        for n in self.mmu_notifiers:
+        for notifier in self.mmu_notifiers:
             for p in pages:
-                n.invalidate_range(p << 12, (p + 1) << 12)
+                notifier.invalidate_range(p << 12, (p + 1) << 12)
         return True
 
     def is_present(self, pfn: int, write: bool) -> bool:
@@ -276,7 +276,7 @@ class Host:
                 break
             if pfn not in looked:
                 looked.add(pfn)
-                if any(n.clear_young(pfn << 12, (pfn + 1) << 12) for n in self.mmu_notifiers):
+                if any(notifier.clear_young(pfn << 12, (pfn + 1) << 12) for notifier in self.mmu_notifiers):
                     self.second_chances += 1
                     resident.move_to_end(pfn)
                     continue
@@ -307,8 +307,8 @@ class Host:
         n = 0
         for pfn in pfns:
             if self.memory_limit is None or pfn in self.resident:
-                for n in self.mmu_notifiers:
-                    n.invalidate_range(pfn << 12, (pfn + 1) << 12)
+                for notifier in self.mmu_notifiers:
+                    notifier.invalidate_range(pfn << 12, (pfn + 1) << 12)
                 if self.memory_limit is None:
                     continue           # no residency tracking: nothing to swap
                 del self.resident[pfn]

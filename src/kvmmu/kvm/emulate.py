@@ -19,6 +19,8 @@ from ..arch.bits import (
     X86_CR4_PAE,
 )
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
+from .mmu.paging import guest_walk
+from .nested import nested_gva_to_gpa
 
 if TYPE_CHECKING:
     from .vcpu import AccessResult, Vcpu
@@ -86,7 +88,6 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tupl
         return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
     mmu = vcpu.mmu
     if vcpu.mmu_is_nested:
-        from .nested import nested_gva_to_gpa
         gpa = nested_gva_to_gpa(vcpu, gva, access)
         if gpa is None:
             return None
@@ -100,7 +101,6 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tupl
     if mmu.cpu_role.mode.root_level == 0:
         gpa = gva
     else:
-        from .mmu.paging import guest_walk
         w = guest_walk(mmu, gva, access)
         if w.fault:
             vcpu.inject_page_fault(w.error_code, gva)

@@ -50,6 +50,7 @@ from .mmu.context import VcpuMmu
 from .mmu.fault import kvm_mmu_page_fault
 from .mmu.guest_reader import GuestPteReader
 from .mmu.pf import RET_PF_EMULATE
+from .nested import enter_guest_mode, leave_guest_mode, reflect_ept_fault
 from .stats import MODEL_COUNTERS, VCPU_STATS, Stats
 
 if TYPE_CHECKING:
@@ -375,16 +376,13 @@ class Vcpu:
         self.cr2 = cr2
 
     def reflect_nested_ept_fault(self, ngpa: int, w: object) -> None:
-        from .nested import reflect_ept_fault
         reflect_ept_fault(self, ngpa, w)
 
     def enter_guest_mode(self, eptp: int, *, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         """Run L2 (nested EPT rooted at `eptp`, which L1 keeps in its memory) from now on."""
-        from .nested import enter_guest_mode
         enter_guest_mode(self, eptp, cr0, cr3, cr4, efer)
 
     def leave_guest_mode(self) -> None:
-        from .nested import leave_guest_mode
         leave_guest_mode(self)
 
     def _nested_exit(self, result: AccessResult) -> AccessResult:

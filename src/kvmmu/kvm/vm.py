@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ..errors import InvalidArgument, MemslotError
 from ..hw.host import Host
 from ..hw.vmm_space import VmmAddressSpace
+from .audit import audit_vm
 from .emulate import MmioExit
 from .iobus import CoalescedMmio, IoBus, IoDevice
 from .ioeventfd import IoEventFd, check_ioeventfd
@@ -459,5 +460,4 @@ class VM:
         return {k: delta(before.get(k, {}), v) for k, v in after.items()}
 
     def audit(self) -> None:
-        from .audit import audit_vm
         audit_vm(self)
