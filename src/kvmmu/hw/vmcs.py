@@ -47,12 +47,11 @@ class PagingState(Protocol):
 
 @dataclass(frozen=True)
 class TdpControls:
-    """Secondary controls of a two-dimensional CPU: EPT (else NPT), the TDP table depth, whether
-    EPT accessed/dirty bits are enabled (the EPTP's bit 6), and the host's MAXPHYADDR."""
+    """Secondary controls of a two-dimensional CPU: EPT (else NPT), the TDP table depth, and whether
+    EPT accessed/dirty bits are enabled (the EPTP's bit 6)."""
     ept: bool
     level: int
     ept_ad: bool
-    maxphyaddr: int
 
 
 __all__ = ["GuestRegisters", "PagingState", "TdpControls"]

@@ -162,8 +162,7 @@ class Vcpu:
         self.mmu = VcpuMmu(self)
         if vm.tdp_enabled:
             self.cpu: Cpu | TdpCpu = TdpCpu(vm.host, self.counters, TdpControls(
-                ept=vm.flavour == "ept", level=vm.tdp_level, ept_ad=bool(vm.mmu.masks.accessed),
-                maxphyaddr=vm.host.maxphyaddr))
+                ept=vm.flavour == "ept", level=vm.tdp_level, ept_ad=bool(vm.mmu.masks.accessed)))
         else:
             self.cpu = Cpu(vm.host.mem, self.counters)
         self.cpu.load_vmcs(self, self.mmu)     # the vCPU's registers and its MMU context (hw/vmcs.py)
