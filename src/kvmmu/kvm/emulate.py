@@ -18,6 +18,7 @@ from ..arch.bits import (
     PFERR_WRITE_MASK,
     X86_CR4_PAE,
 )
+from .exceptions import GuestFault
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 from .mmu.paging import guest_walk
 from .nested import nested_gva_to_gpa
@@ -148,7 +149,6 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     if fetch and vm.kvm_deviations and _fetch_fails(vcpu, translated):
         # KVM's instruction fetch (kvm_fetch_guest_virt) reads RAM only: emulation fails, which
         # queues #UD and, at CPL0 outside guest mode, exits with KVM_INTERNAL_ERROR_EMULATION.
-        from .vcpu import GuestFault
         vcpu.stats["insn_emulation_fail"] += 1
         result.fault = GuestFault(UD_VECTOR, 0, None)
         if vcpu.cpl == 0 and not vcpu.mmu_is_nested:

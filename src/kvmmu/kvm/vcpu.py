@@ -44,6 +44,7 @@ from ..hw.cpu import ACCESS_KINDS, ACCESS_SIZES, GP_FAULT, GUEST_FAULT, Cpu, Dec
 from ..hw.tdp import TdpCpu
 from ..hw.vmcs import TdpControls
 from .emulate import MmioExit, emulate_access
+from .exceptions import GuestFault
 from .exits import EXIT_CR_ACCESS, EXIT_INVLPG, trace_exit, trace_page_fault_exit
 from .memslots import Memslot
 from .mmu.context import VcpuMmu
@@ -68,20 +69,6 @@ _CR4_RESERVED = ((1 << 64) - 1) & ~(((1 << 15) - 1) | (((1 << 10) - 1) << 16) | 
 # Defined EFER bits: SCE, LME, LMA, NXE, SVME, LMSLE, FFXSR, TCE, AUTOIBRS.
 _EFER_RESERVED = ((1 << 64) - 1) & ~((1 << 0) | (1 << 8) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 13)
                                      | (1 << 14) | (1 << 15) | (1 << 21))
-
-
-@dataclass(frozen=True)
-class GuestFault:
-    """An exception delivered to the guest: what its handler would see."""
-
-    vector: int
-    error_code: int = 0
-    cr2: int | None = None
-
-    def __repr__(self) -> str:
-        if self.vector == PF_VECTOR:
-            return f"#PF(error_code={self.error_code:#x}, cr2={self.cr2:#x})"
-        return f"exception(vector={self.vector}, error_code={self.error_code:#x})"
 
 
 @dataclass
