@@ -62,8 +62,9 @@ def _is_main_guard(node: ast.stmt) -> bool:
     return isinstance(node, ast.If) and "__name__" in ast.unparse(node.test) and "__main__" in ast.unparse(node.test)
 
 
-def imports_of(source: str, module: str, is_package: bool) -> list[Import]:
-    """Every import of a kvmmu module in `source`, relative ones resolved against `module`."""
+def imports_of(source: str, module: str, is_package: bool, modules: frozenset[str] = frozenset()) -> list[Import]:
+    """Every import of a kvmmu module in `source`, relative ones resolved against `module`; `from P
+    import m` names module P.m when P.m is one of `modules`."""
     tree = ast.parse(source)
     package = module if is_package else module.rpartition(".")[0]
     entry_point = any(_is_main_guard(n) for n in tree.body)
@@ -95,7 +96,9 @@ def imports_of(source: str, module: str, is_package: bool) -> list[Import]:
             else:
                 target = child.module or ""
             if target.split(".")[0] == "kvmmu":
-                out.append(Import(module, target, child.lineno, where))
+                for a in child.names:
+                    sub = f"{target}.{a.name}"
+                    out.append(Import(module, sub if sub in modules else target, child.lineno, where))
         visit(child, where)
 
     visit(tree, "module")
@@ -103,9 +106,12 @@ def imports_of(source: str, module: str, is_package: bool) -> list[Import]:
 
 
 def all_imports(src: Path = SRC) -> list[Import]:
+    paths = sorted((src / "kvmmu").rglob("*.py"))
+    modules = frozenset(module_name(p, src) for p in paths)
     out = []
-    for path in sorted((src / "kvmmu").rglob("*.py")):
-        out += imports_of(path.read_text(encoding="utf-8"), module_name(path, src), path.name == "__init__.py")
+    for path in paths:
+        out += imports_of(path.read_text(encoding="utf-8"), module_name(path, src), path.name == "__init__.py",
+                          modules)
     return out
 
 
@@ -235,23 +241,26 @@ def test_checker_finds_an_upward_import_in_every_position(tmp_path: Path) -> Non
         "kvmmu/__init__.py": "",
         "kvmmu/errors.py": "",
         "kvmmu/arch/__init__.py": "",
-        "kvmmu/arch/bits.py": "from ..errors import X\n",                                   # down: fine
+        "kvmmu/arch/bits.py": "from ..errors import X\nfrom .. import errors\n",             # down: fine
         "kvmmu/hw/__init__.py": "",
         "kvmmu/hw/cpu.py": "from ..kvm.vcpu import ACCESS_KINDS\n",                        # module level
         "kvmmu/hw/tdp.py": "def f():\n    from kvmmu.kvm import vm\n",                     # function-local
         "kvmmu/hw/host.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import kvmmu.kvm.vm\n",
         "kvmmu/kvm/__init__.py": "",
+        "kvmmu/kvm/vm.py": "",
         "kvmmu/kvm/vcpu.py": "from ..hw import cpu\n",
         "kvmmu/kvm/run.py": "def main():\n    from ..cli import main\nif __name__ == '__main__':\n    main()\n",
         "kvmmu/kvm/other.py": "def main():\n    from ..cli import main\n",                # not an entry point
+        "kvmmu/hw/memory.py": "from kvmmu import cli\n",                                 # the submodule kvmmu.cli
         "kvmmu/cli.py": "from .kvm import vm\n",
     })
     imports = all_imports(src)
     assert {(i.module, i.where) for i in imports if i.module.startswith("kvmmu.hw")} == {
-        ("kvmmu.hw.cpu", "module"), ("kvmmu.hw.tdp", "function"), ("kvmmu.hw.host", "type-checking")}
+        ("kvmmu.hw.cpu", "module"), ("kvmmu.hw.tdp", "function"), ("kvmmu.hw.host", "type-checking"),
+        ("kvmmu.hw.memory", "module")}
     assert upward_imports(imports, _TABLE) == [
-        ("kvmmu.hw.cpu", "kvmmu.kvm.vcpu"), ("kvmmu.hw.host", "kvmmu.kvm.vm"), ("kvmmu.hw.tdp", "kvmmu.kvm"),
-        ("kvmmu.kvm.other", "kvmmu.cli")]
+        ("kvmmu.hw.cpu", "kvmmu.kvm.vcpu"), ("kvmmu.hw.host", "kvmmu.kvm.vm"), ("kvmmu.hw.memory", "kvmmu.cli"),
+        ("kvmmu.hw.tdp", "kvmmu.kvm.vm"), ("kvmmu.kvm.other", "kvmmu.cli")]
     assert package_cycles(imports) == [["kvmmu.cli", "kvmmu.hw", "kvmmu.kvm"]]
 
 
