@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
+from ..cost import CostModel
 from ..errors import InvalidArgument, KvmmuError
 from .pagetables import NX, PCD, PS, PWT, RW, US, G, P
 
@@ -283,7 +284,6 @@ class GuestOS:
 
     def __init__(self, machine: Platform, params: OsParams | None = None, seed: int = 1,
                  cost: Any = None) -> None:
-        from ..cost import CostModel
         self.machine = machine
         self.vm = machine.vm
         self.p = params or OsParams()
