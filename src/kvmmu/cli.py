@@ -32,6 +32,7 @@ from .cliargs import (
     choice_list,
     emit,
     integer,
+    load_scenario,
     output_file,
     seconds,
 )
@@ -41,7 +42,8 @@ FLAVOURS = ("shadow", "ept", "npt")
 POLICIES = ("off", "zap", "generation")
 OUTPUT = output_file()
 SCENARIO_DEFAULT = "the scenario's"
-_emit = emit                   # the name report modules import
+_emit = emit
+_load = load_scenario
 __all__ = ["Progress", "build_parser", "main"]
 
 
@@ -64,16 +66,6 @@ def _policy_option(sp: argparse.ArgumentParser, default: str | None, many: bool)
     sp.add_argument("--policy", type=kind, default=None if default is None else kind(default),
                     help=f"{what} ({', '.join(POLICIES)}; default {default or SCENARIO_DEFAULT})")
     add_alias(sp, "--policies", "policy", kind)
-
-
-def _load(args: argparse.Namespace):
-    from .scenario import Scenario
-    from .sim.cost import CostModel
-    sc = Scenario.load(args.scenario)
-    sc = sc.scaled(duration_s=args.duration, seed=args.seed)
-    if getattr(args, "cost", None):
-        sc.cost = CostModel.from_file(args.cost)
-    return sc
 
 
 def _combos(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -185,6 +177,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from .report import experiments
+    from .sweep.experiment_a import experiment_a_on_engine
     if args.which == "b" and args.duration is not None:
         raise ScenarioError(f"--duration {args.duration:g}: experiment b counts accesses, not modelled time "
                             "(--duration applies to experiments a and c)")
@@ -192,7 +185,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     engine = {"results": args.results, "scheduler": args.scheduler, "workers": args.workers,
               "quiet": args.quiet}
     text = experiments.run_experiment(args.which, full=args.full, seed=args.seed, progress=prog,
-                                      duration=args.duration, engine=engine)
+                                      duration=args.duration, engine=engine, on_engine=experiment_a_on_engine)
     prog.done()
     emit(args, text)
     return 0
@@ -359,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     rd = add_real_diff(sub)
     output(rd)
     from .lab.cli import add_cli as add_lab
+    from .lab.cli import real_diff_recorded
+    rd.set_defaults(on_recorded=real_diff_recorded)      # real-diff --recorded: the lab's results files
     add_lab(sub)
     return p
 

@@ -122,6 +122,17 @@ def emit(args: argparse.Namespace, text: str) -> None:
         sys.stdout.flush()
 
 
+def load_scenario(args: argparse.Namespace):
+    """The scenario a subcommand's arguments name, scaled to --duration/--seed, with --cost applied."""
+    from .scenario import Scenario
+    from .sim.cost import CostModel
+    sc = Scenario.load(args.scenario)
+    sc = sc.scaled(duration_s=args.duration, seed=args.seed)
+    if getattr(args, "cost", None):
+        sc.cost = CostModel.from_file(args.cost)
+    return sc
+
+
 def add_alias(parser: argparse.ArgumentParser, alias: str, dest: str, type_: Callable[[str], object]) -> None:
     """A hidden second spelling of an option (kept so old command lines keep working)."""
     parser.add_argument(alias, dest=dest, type=type_, help=argparse.SUPPRESS, default=argparse.SUPPRESS)

@@ -167,7 +167,7 @@ def _fake_cpu(cls: type, ctx: PagingContext) -> Cpu:
     cpu = cls.__new__(cls)
     mem = SparseMemory(1 << 32)
     mmu = SimpleNamespace(hw_ctx=ctx, cpu_role=ctx, root_hpa=0x20_0000, hw_guest_ctx=PagingContext("nonpaging"))
-    cpu.vcpu = SimpleNamespace(mmu=mmu, rflags=2, pkru=0, ac=False)
+    cpu.regs, cpu.paging = SimpleNamespace(rflags=2, pkru=0, ac=False), mmu
     cpu.mem = mem
     cpu.tlb = {}
     cpu.counters = {"tlb_hits": 0, "hw_walks": 0}
@@ -183,7 +183,7 @@ def test_tlb_hits_follow_the_rule(cls: type) -> None:
     for wp, nxe, smep, smap, pke in CONTROLS:
         ctx = PagingContext("4level", wp=wp, nxe=nxe, smep=smep, smap=smap, pke=pke)
         cpu = _fake_cpu(cls, ctx)
-        vcpu = cpu.vcpu
+        vcpu = cpu.regs
         for acc, kinds, ac, pkru_bits in product(range(8), (TLB_READ | F, TLB_READ | F | W, TLB_READ), BOOLS,
                                                  range(4) if pke else (0,)):
             vcpu.rflags, vcpu.ac, vcpu.pkru = 2 | (X86_EFLAGS_AC if ac else 0), ac, pkru_bits << 6   # key 3

@@ -178,7 +178,7 @@ def test_generation_wraparound_near_the_wrap() -> None:
 def test_mmu_notifier_unmap_and_aging() -> None:
     """kvm_tdp_mmu_unmap_gfn_range (tdp_mmu_zap_leafs) drops the leaf of a swapped-out page (pages_4k -1,
     tables stay); kvm_tdp_mmu_age_gfn_range clears the accessed bit and reports the page young once."""
-    from kvmmu.hw.host import kvm_age_hva
+    from kvmmu.kvm.mmu_notifier import kvm_age_hva
     vm, vcpu = _vm()
     _touch(vcpu, [0x100, 0x101])
     hva = vm.memslots.spaces[0].search(0x100).gfn_to_hva(0x100)

@@ -363,7 +363,7 @@ class MemslotChurn(Workload):
             os_.spawn(f"driver{c}", self._loop(os_, pages, c), pin=c, kernel_thread=True)
 
     def _vmm_change(self, os_: GuestOS, t: int, period: int) -> None:
-        from ..vmm.machine import FIRST_FREE_SLOT, SLOT_FB
+        FIRST_FREE_SLOT, SLOT_FB = os_.machine.first_free_slot, os_.machine.fb_slot   # noqa: N806
         vm = os_.vm
         act = self._acts[self._step % len(self._acts)]
         self._step += 1
@@ -391,8 +391,7 @@ class MemslotChurn(Workload):
             os_.vmm_at(t + period, lambda t2: self._vmm_change(os_, t2, period))
 
     def _refresh(self, os_: GuestOS, t: int, period: int) -> None:
-        from ..vmm.machine import SLOT_FB
-        slot = os_.vm.memslots.slot(SLOT_FB)
+        slot = os_.vm.memslots.slot(os_.machine.fb_slot)
         if slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
             os_.machine.refresh_display()
         if not os_.done:

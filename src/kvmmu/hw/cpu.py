@@ -25,7 +25,12 @@ from ..errors import InvalidArgument
 from .memory import PACK_INTO, UNPACK_FROM
 
 if TYPE_CHECKING:
-    from ..kvm.vcpu import Vcpu
+    from .memory import SparseMemory
+    from .vmcs import GuestRegisters, PagingState
+
+# The accesses a vCPU performs (Vcpu.access): kinds and sizes in bytes.
+ACCESS_KINDS = ("read", "write", "fetch")
+ACCESS_SIZES = (1, 2, 4, 8, 16)
 
 # The TLB-hit paths read the context's tables (arch/permission.py) inline, and leave to translate()
 # any access that PKRU could deny (the context's PKRU mask has a bit for it).
@@ -41,7 +46,7 @@ KIND_BITS = PFERR_WRITE_MASK | PFERR_FETCH_MASK
 SHADOW_KINDS = TLB_READ | PFERR_FETCH_MASK
 # translate() returns (hpa, fault address, error code); a negative hpa says what happened instead.
 VM_EXIT = -1        # exit to KVM with (address, error code)
-GUEST_FAULT = -2    # an exception went straight to the guest (vcpu.pending_exception)
+GUEST_FAULT = -2    # a #PF went straight to the guest (TDP): (GUEST_FAULT, cr2, error code)
 GP_FAULT = -3       # non-canonical address: #GP
 
 
@@ -49,9 +54,10 @@ class TlbCpu:
     """What the CPU does without leaving the TLB: accesses whose translation is cached.
 
     Shared by the shadow-paging CPU (permissions from KVM's `hw_ctx`) and the TDP CPU (the guest's
-    `cpu_role`).  Each method decides exactly as `translate()` decides on a TLB hit, and changes
-    nothing but memory and the tlb_hits counter, and only when the access completes; anything else
-    (a miss, a permission failure, protection keys, memory outside the host) is left to translate().
+    `cpu_role`), both read from the loaded VMCS (`regs`, `paging`: hw/vmcs.py).  Each method
+    decides exactly as `translate()` decides on a TLB hit, and changes nothing but memory and the
+    tlb_hits counter, and only when the access completes; anything else (a miss, a permission
+    failure, protection keys, memory outside the host) is left to translate().
     """
 
     __slots__ = ()
@@ -68,9 +74,9 @@ class TlbCpu:
         page, acc, kinds, _ = entry
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
-        vcpu = self.vcpu
-        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        if (ctx.permissions[permission_index(pfec, vcpu.rflags & X86_EFLAGS_AC)] >> acc) & 1 \
+        regs = self.regs
+        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
+        if (ctx.permissions[permission_index(pfec, regs.rflags & X86_EFLAGS_AC)] >> acc) & 1 \
                 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
         self.counters["tlb_hits"] += 1
@@ -85,9 +91,9 @@ class TlbCpu:
         page, acc, kinds, _ = entry
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
-        vcpu = self.vcpu
-        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        if (ctx.permissions[((pfec & _ACCESS_BITS) | (PERMISSION_NOT_SMAP if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1]
+        regs = self.regs
+        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
+        if (ctx.permissions[((pfec & _ACCESS_BITS) | (PERMISSION_NOT_SMAP if regs.rflags & X86_EFLAGS_AC else 0)) >> 1]
                 >> acc) & 1 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
         hpa = page | (gva & 0xFFF)
@@ -117,13 +123,13 @@ class TlbCpu:
         """
         tlb_get = self.tlb.get
         refill = self.refill
-        vcpu = self.vcpu
-        ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
+        regs = self.regs
+        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
         perms = ctx.permissions
         pkru_mask = ctx.pkru_mask
-        ac = vcpu.rflags & X86_EFLAGS_AC
+        ac = regs.rflags & X86_EFLAGS_AC
         not_smap = PERMISSION_NOT_SMAP if ac else 0
-        pkru = vcpu.pkru
+        pkru = regs.pkru
         user = PFERR_USER_MASK if cpl == 3 else 0
         mem = self.mem
         pages = mem.pages
@@ -207,7 +213,6 @@ def check_access_args(gva: object, size: object, kind: object, value: object = N
                       implicit: object = False) -> None:
     """The argument checks of Vcpu.access(), for it and for a batch of ops before any op runs.  Those
     that depend on the vCPU's state when the op runs (a 32-bit mode's address width) stay there."""
-    from ..kvm.vcpu import ACCESS_KINDS, ACCESS_SIZES
     if kind not in ACCESS_KINDS:
         raise InvalidArgument("kind", kind, f"an access is one of {ACCESS_KINDS}")
     if type(size) is not int or size not in ACCESS_SIZES:
@@ -266,13 +271,17 @@ def _decode(op: Sequence) -> tuple | None:
 
 
 class Cpu(TlbCpu):
-    __slots__ = ("vcpu", "tlb", "mem", "counters")
+    __slots__ = ("regs", "paging", "tlb", "mem", "counters")
 
-    def __init__(self, vcpu: Vcpu) -> None:
-        self.vcpu = vcpu
+    def __init__(self, mem: SparseMemory, counters: dict[str, int]) -> None:
         self.tlb: dict[int, tuple[int, int, int, int]] = {}    # vpn -> (host page, ACC, kinds, pkey)
-        self.mem = vcpu.vm.host.mem
-        self.counters = vcpu.counters
+        self.mem = mem
+        self.counters = counters
+
+    def load_vmcs(self, regs: GuestRegisters, paging: PagingState) -> None:
+        """VMPTRLD: the guest registers and the MMU context the CPU reads from now on (hw/vmcs.py)."""
+        self.regs = regs
+        self.paging = paging
 
     def flush(self) -> None:
         self.tlb.clear()
@@ -284,7 +293,7 @@ class Cpu(TlbCpu):
         """translate() on a TLB miss whose walk of KVM's tables only reads and allows the access:
         the walk is counted and the TLB filled, and the host page is returned; else -1, and nothing
         changed (translate() will do the whole miss)."""
-        mmu = self.vcpu.mmu
+        mmu = self.paging
         r = probe(mmu.hw_ctx, self.mem, mmu.root_hpa, gva, pfec, ac, pkru)
         if type(r) is not tuple or r[0] + 0x1000 > self.mem.size:
             return -1
@@ -296,8 +305,8 @@ class Cpu(TlbCpu):
 
     def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
         """(host physical address, gva, 0), or (VM_EXIT, gva, #PF error code), or (GP_FAULT, ...)."""
-        vcpu = self.vcpu
-        mmu = vcpu.mmu
+        regs = self.regs
+        mmu = self.paging
         ctx = mmu.hw_ctx
         vpn = gva >> 12
         entry = self.tlb.get(vpn)
@@ -305,19 +314,19 @@ class Cpu(TlbCpu):
         if entry is not None:
             page, acc, kinds, pkey = entry
             if kinds & (pfec & KIND_BITS or TLB_READ) \
-                    and not permission_fault(ctx, pfec, acc, vcpu.ac, vcpu.pkru, pkey):
+                    and not permission_fault(ctx, pfec, acc, regs.ac, regs.pkru, pkey):
                 self.counters["tlb_hits"] += 1
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]      # a fault through a TLB entry invalidates it; the CPU re-walks
         self.counters["hw_walks"] += 1
-        r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec, vcpu.rflags & X86_EFLAGS_AC, vcpu.pkru)
+        r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru)
         if r is not None:                # walk()'s answer, where walk() would have written nothing
             if type(r) is int:
                 return VM_EXIT, gva, r | (pfec & PFERR_IMPLICIT_ACCESS)
             gpa, acc, pkey = r
             self.tlb[vpn] = (gpa & ~0xFFF, acc, SHADOW_KINDS | write, pkey)
             return gpa, gva, 0
-        w = walk(ctx, self.mem, mmu.root_hpa, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru)
+        w = walk(ctx, self.mem, mmu.root_hpa, gva, pfec, ac=regs.ac, pkru=regs.pkru)
         if w.fault:
             if w.fault == 13:
                 return GP_FAULT, gva, 0

@@ -36,12 +36,27 @@ pages (they come out of `reserved`, the rest of the host) rather than livelock; 
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 from ..errors import HostOutOfMemory, InvalidArgument
 from .memory import SparseMemory
 
 _VMM_BASE = 1 << 32          # first VMM process region
 _DMA32_BASE = 0x80000000     # ... except pages that a 32-bit CR3 must reach (PAE roots)
+
+
+class MmuNotifier(Protocol):
+    """What the host's memory management calls when a page of a mapping changes (Linux's
+    mmu_notifier_ops; KVM registers one per VM, kvm_init_mmu_notifier).  [start, end) are host
+    virtual addresses, here always one 4 KiB page."""
+
+    def invalidate_range(self, start: int, end: int) -> bool:
+        """The range is about to be unmapped: drop every translation of it; True if any was dropped."""
+        ...
+
+    def clear_young(self, start: int, end: int) -> bool:
+        """True if the range was accessed since the last call (the accessed bits are cleared)."""
+        ...
 
 
 class Host:
@@ -94,7 +109,11 @@ class Host:
         self._next_dma32_pfn = _DMA32_BASE >> 12
         self._free_dma32_pfns: list[int] = []
         self.kernel_pages_in_use = 0
-        self.vms: list[object] = []
+        self.mmu_notifiers: list[MmuNotifier] = []
+
+    def register_mmu_notifier(self, notifier: MmuNotifier) -> None:
+        """mmu_notifier_register: `notifier` hears of every unmap and aging of host pages from now on."""
+        self.mmu_notifiers.append(notifier)
 
     def new_vmm_region(self) -> tuple[int, int]:
         """[start, end) of a fresh VMM process address space for one VM's guest RAM."""
@@ -172,9 +191,9 @@ class Host:
         if not cow:
             return False                 # a fresh page where nothing was mapped: no notifier
         self.cows += 1
-        for vm in self.vms:
+        for notifier in self.mmu_notifiers:
             for p in pages:
-                kvm_unmap_hva(vm, p << 12)
+                notifier.invalidate_range(p << 12, (p + 1) << 12)
         return True
 
     def is_present(self, pfn: int, write: bool) -> bool:
@@ -257,7 +276,7 @@ class Host:
                 break
             if pfn not in looked:
                 looked.add(pfn)
-                if any(kvm_age_hva(vm, pfn << 12) for vm in self.vms):
+                if any(notifier.clear_young(pfn << 12, (pfn + 1) << 12) for notifier in self.mmu_notifiers):
                     self.second_chances += 1
                     resident.move_to_end(pfn)
                     continue
@@ -288,8 +307,8 @@ class Host:
         n = 0
         for pfn in pfns:
             if self.memory_limit is None or pfn in self.resident:
-                for vm in self.vms:
-                    kvm_unmap_hva(vm, pfn << 12)
+                for notifier in self.mmu_notifiers:
+                    notifier.invalidate_range(pfn << 12, (pfn + 1) << 12)
                 if self.memory_limit is None:
                     continue           # no residency tracking: nothing to swap
                 del self.resident[pfn]
@@ -301,50 +320,3 @@ class Host:
 
     def is_kernel_address(self, hpa: int) -> bool:
         return hpa >= self.kernel_base or _DMA32_BASE <= hpa < _VMM_BASE
-
-
-# -- KVM's mmu-notifier callbacks, as the host's memory management invokes them ---------------------
-def _hva_to_gfns(vm: object, hva: int) -> list[tuple[int, int]]:
-    """(as_id, gfn) of every memslot of `vm` that maps host page `hva` (hva_to_gfn_memslot)."""
-    out = []
-    for slot in vm.memslots.all_slots():  # type: ignore[attr-defined]
-        start = slot.userspace_addr
-        if start <= hva < start + (slot.npages << 12) and not slot.invalid:
-            out.append((slot.as_id, slot.base_gfn + ((hva - start) >> 12)))
-    return out
-
-
-def kvm_unmap_hva(vm: object, hva: int) -> bool:
-    """kvm_mmu_notifier_invalidate_range_start -> kvm_unmap_gfn_range for one host page: drop every
-    leaf spte mapping it (shadow pages of the gfn stay), then flush remote TLBs.  True if any was dropped."""
-    mmu = vm.mmu  # type: ignore[attr-defined]
-    dropped = False
-    for as_id, gfn in _hva_to_gfns(vm, hva):
-        for sptep in mmu.gfn_leaf_sptes(as_id, gfn):
-            mmu.drop_spte(sptep)
-            dropped = True
-        if mmu.tdp_mmu is not None:
-            dropped |= mmu.tdp_mmu.unmap_gfn_range(as_id, gfn, gfn + 1)     # kvm_tdp_mmu_unmap_gfn_range
-    if dropped:
-        vm.trace.emit("host_unmap", start=hva & ~0xFFF, end=(hva & ~0xFFF) + 0x1000)  # type: ignore
-        mmu.flush_remote_tlbs()
-    return dropped
-
-
-def kvm_age_hva(vm: object, hva: int) -> bool:
-    """kvm_mmu_notifier_clear_young -> kvm_age_gfn: True if an spte mapping the page has its accessed
-    bit set; the bit is cleared.  (No flush, as in KVM: a TLB entry may hide the next access.)"""
-    mmu = vm.mmu  # type: ignore[attr-defined]
-    abit = mmu.masks.accessed
-    if not abit:
-        return False
-    young = False
-    for as_id, gfn in _hva_to_gfns(vm, hva):
-        for sptep in mmu.gfn_leaf_sptes(as_id, gfn):
-            spte = mmu.read_spte(sptep)
-            if spte & abit:
-                mmu.write_spte(sptep, spte & ~abit)
-                young = True
-        if mmu.tdp_mmu is not None:
-            young |= mmu.tdp_mmu.age_gfn_range(as_id, gfn, gfn + 1)         # kvm_tdp_mmu_age_gfn_range
-    return young

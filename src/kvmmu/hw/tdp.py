@@ -30,7 +30,8 @@ from ..arch.walker import PROBE_MISCONFIG, probe, probe_ept, probe_ept_rights, w
 from .cpu import GP_FAULT, GUEST_FAULT, KIND_BITS, TLB_READ, VM_EXIT, TlbCpu
 
 if TYPE_CHECKING:
-    from ..kvm.vcpu import Vcpu
+    from .host import Host
+    from .vmcs import GuestRegisters, PagingState, TdpControls
 
 # The TLB kinds (hw/cpu.py) that the rights of a TDP translation allow, by the second-stage rules
 # (arch/permission.py): EPT's R/W/X; NPT's ACC bits for a user access with WP and NX in force (every
@@ -69,27 +70,26 @@ def _unmapped_code(ept: bool, pfec: int, final: bool) -> int:
 class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
-    __slots__ = ("vcpu", "tlb", "gpa_cache", "mem", "host", "counters", "ept", "tdp_ctx", "_ctxs", "_reader",
-                 "exit_final")
+    __slots__ = ("regs", "paging", "tlb", "gpa_cache", "mem", "host", "counters", "ept", "ept_ad", "tdp_ctx",
+                 "_ctxs", "_reader", "exit_final")
     two_dimensional = True
 
-    def __init__(self, vcpu: Vcpu) -> None:
-        self.vcpu = vcpu
+    def __init__(self, host: Host, counters: dict[str, int], controls: TdpControls) -> None:
         self.tlb: dict[int, tuple[int, int, int, int]] = {}
         # Guest-physical mappings of guest page-table pages, for reads (SDM Vol. 3C 29.4: a CPU may
         # cache EPT translations; KVM flushes after changing a TDP spte, and flush() drops them).
         self.gpa_cache: dict[int, int] = {}
-        self.mem = vcpu.vm.host.mem
-        self.host = vcpu.vm.host
-        self.counters = vcpu.counters
-        vm = vcpu.vm
-        self.ept = vm.flavour == "ept"
-        level = vm.tdp_level
+        self.mem = host.mem
+        self.host = host
+        self.counters = counters
+        self.ept = controls.ept
+        self.ept_ad = controls.ept_ad
+        level = controls.level
         if self.ept:
-            self.tdp_ctx = PagingContext(f"ept{level}", maxphyaddr=vm.host.maxphyaddr,
-                                         ept_ad=bool(vm.mmu.masks.accessed), ad_policy="hardware")
+            self.tdp_ctx = PagingContext(f"ept{level}", maxphyaddr=host.maxphyaddr,
+                                         ept_ad=controls.ept_ad, ad_policy="hardware")
         else:
-            self.tdp_ctx = PagingContext(f"npt{level}", maxphyaddr=vm.host.maxphyaddr, nxe=True, wp=True,
+            self.tdp_ctx = PagingContext(f"npt{level}", maxphyaddr=host.maxphyaddr, nxe=True, wp=True,
                                          ad_policy="hardware")
         self._ctxs = {level: self.tdp_ctx}
         self._reader = _GuestTableReader(self)
@@ -97,6 +97,11 @@ class TdpCpu(TlbCpu):
         # misconfiguration does not say so in its error code (VMX reports nothing); KVM then takes
         # the fault address as the data's gpa, which only the kvm_deviations mode does.
         self.exit_final = True
+
+    def load_vmcs(self, regs: GuestRegisters, paging: PagingState) -> None:
+        """VMPTRLD: the guest registers and the MMU context the CPU reads from now on (hw/vmcs.py)."""
+        self.regs = regs
+        self.paging = paging
 
     def flush(self) -> None:
         self.tlb.clear()
@@ -110,12 +115,11 @@ class TdpCpu(TlbCpu):
     def _ctx(self) -> PagingContext:
         """The context of the root in use: the VM's TDP depth, or under nested EPT the depth of L1's
         EPT, which the shadow EPT root (guest_mmu) copies."""
-        level = self.vcpu.mmu.root_level
+        level = self.paging.root_level
         ctx = self._ctxs.get(level)
         if ctx is None:
-            vm = self.vcpu.vm
-            ctx = self._ctxs[level] = PagingContext(f"ept{level}", maxphyaddr=vm.host.maxphyaddr,
-                                                    ept_ad=bool(vm.mmu.masks.accessed), ad_policy="hardware")
+            ctx = self._ctxs[level] = PagingContext(f"ept{level}", maxphyaddr=self.host.maxphyaddr,
+                                                    ept_ad=self.ept_ad, ad_policy="hardware")
         return ctx
 
     def gpa_to_hpa(self, gpa: int, pfec: int, final: bool) -> int:
@@ -124,9 +128,8 @@ class TdpCpu(TlbCpu):
 
     def tdp_translate(self, gpa: int, pfec: int, final: bool) -> tuple[int, int]:
         """gpa_to_hpa, with the TLB kinds the TDP translation's rights allow (reads, writes, fetches)."""
-        vcpu = self.vcpu
         ctx = self._ctx()
-        root = vcpu.mmu.root_hpa
+        root = self.paging.root_hpa
         if gpa >> (12 + 9 * ctx.mode.root_level):
             # Beyond what this table translates (a 4-level table: 48 bits): nothing maps it, so the
             # hardware reports it like any unmapped gpa.  KVM finds no memslot there (none may reach
@@ -162,14 +165,13 @@ class TdpCpu(TlbCpu):
         page = self.gpa_cache.get(gpa >> 12)
         if page is not None:
             return page | (gpa & 0xFFF)
-        vcpu = self.vcpu
         ctx = self._ctx()
         if gpa >> (12 + 9 * ctx.mode.root_level):
             return -1
         if self.ept:
-            hpa = probe_ept(ctx, self.mem, vcpu.mmu.root_hpa, gpa, 0)
+            hpa = probe_ept(ctx, self.mem, self.paging.root_hpa, gpa, 0)
         else:
-            r = probe(ctx, self.mem, vcpu.mmu.root_hpa, gpa, PFERR_USER_MASK)
+            r = probe(ctx, self.mem, self.paging.root_hpa, gpa, PFERR_USER_MASK)
             hpa = r[0] if type(r) is tuple else -1
         if hpa >= 0:
             self.gpa_cache[gpa >> 12] = hpa & ~0xFFF
@@ -178,16 +180,16 @@ class TdpCpu(TlbCpu):
     def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int:
         """translate() on a TLB miss whose 2-D walk only reads and allows the access: the walk is
         counted and the TLB filled, and the host page is returned; else -1, and nothing changed."""
-        vcpu = self.vcpu
+        regs = self.regs
         ctx = self._ctx()
-        mmu = vcpu.mmu
+        mmu = self.paging
         hw_ctx = mmu.hw_guest_ctx
         if hw_ctx.mode.root_level == 0:
             if gva >> 32:
                 return -1                 # paging off: 32-bit linear addresses (the vCPU refuses more)
             gpa, acc, pkey = gva, 7, 0
         else:
-            r = probe(hw_ctx, self.mem, vcpu.cr3, gva, pfec, ac, pkru, self._table_hpa)
+            r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec, ac, pkru, self._table_hpa)
             if r is None:
                 return -1
             gpa, acc, pkey = r
@@ -209,23 +211,23 @@ class TdpCpu(TlbCpu):
         return page
 
     def translate(self, gva: int, pfec: int) -> tuple[int, int, int]:
-        vcpu = self.vcpu
+        regs = self.regs
         vpn = gva >> 12
         write = pfec & PFERR_WRITE_MASK
         entry = self.tlb.get(vpn)
-        ctx = vcpu.mmu.cpu_role
+        ctx = self.paging.cpu_role
         if entry is not None:
             # An entry filled by a read never serves a write: the write re-walks (guest D bit, and
             # KVM's TDP spte may be write-protected for dirty logging).  Nor does one serve a kind of
             # access the TDP translation does not allow (a fetch from a page EPT maps without X).
             page, acc, kinds, pkey = entry
             if kinds & (pfec & KIND_BITS or TLB_READ) \
-                    and not permission_fault(ctx, pfec, acc, vcpu.ac, vcpu.pkru, pkey):
+                    and not permission_fault(ctx, pfec, acc, regs.ac, regs.pkru, pkey):
                 self.counters["tlb_hits"] += 1
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]
         self.counters["hw_walks"] += 1
-        hw_ctx = vcpu.mmu.hw_guest_ctx
+        hw_ctx = self.paging.hw_guest_ctx
         r = None
         try:
             if hw_ctx.mode.root_level == 0:
@@ -234,19 +236,19 @@ class TdpCpu(TlbCpu):
                 # The guest walk without a Walk when it would only read (see walker.probe); its
                 # table reads went through KVM's tables without exit or A/D update, so what follows
                 # is what follows walk().
-                r = probe(hw_ctx, self.mem, vcpu.cr3, gva, pfec, vcpu.rflags & X86_EFLAGS_AC, vcpu.pkru,
+                r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru,
                           self._table_hpa)
                 if r is not None:
                     gpa, acc, pkey = r
                 else:
-                    pdptrs = vcpu.mmu.pdptrs if hw_ctx.mode.pae_pdptes else None
+                    pdptrs = self.paging.pdptrs if hw_ctx.mode.pae_pdptes else None
                     self._reader.pages.clear()
-                    w = walk(hw_ctx, self._reader, vcpu.cr3, gva, pfec, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
+                    w = walk(hw_ctx, self._reader, regs.cr3, gva, pfec, ac=regs.ac, pkru=regs.pkru, pdptrs=pdptrs)
                     if w.fault == 13:
                         return GP_FAULT, gva, 0
                     if w.fault:
-                        vcpu.deliver_guest_fault(w.error_code, gva)
-                        return GUEST_FAULT, gva, 0
+                        self.flush_gva(gva)      # a #PF invalidates the TLB entries for its address
+                        return GUEST_FAULT, gva, w.error_code
                     gpa, acc, pkey = w.gpa, w.pte_access, w.pkey
             hpa, kinds = self.tdp_translate(gpa, pfec, True)
         except _TdpExit as e:
@@ -268,8 +270,8 @@ class TdpCpu(TlbCpu):
         guest tables all readable, the exit on the final gpa) recorded nothing, to keep that hot path
         free of bookkeeping; probe() only reads, so it is run again here, recording.
         """
-        vcpu = self.vcpu
-        hw_ctx = vcpu.mmu.hw_guest_ctx
+        regs = self.regs
+        hw_ctx = self.paging.hw_guest_ctx
         if hw_ctx.mode.root_level == 0:
             return []                         # paging off: the walk reads no guest tables
         if type(probed) is not tuple:
@@ -282,7 +284,7 @@ class TdpCpu(TlbCpu):
                 pages.append(hpa >> 12)
             return hpa
 
-        probe(hw_ctx, self.mem, vcpu.cr3, gva, pfec, vcpu.rflags & X86_EFLAGS_AC, vcpu.pkru, table_hpa)
+        probe(hw_ctx, self.mem, regs.cr3, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru, table_hpa)
         return pages
 
 

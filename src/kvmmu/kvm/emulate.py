@@ -18,7 +18,10 @@ from ..arch.bits import (
     X86_CR4_PAE,
 )
 from ..arch.permission import permission_fault
+from .exceptions import GuestFault
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
+from .mmu.paging import guest_walk
+from .nested import nested_gva_to_gpa
 
 if TYPE_CHECKING:
     from .vcpu import AccessResult, Vcpu
@@ -85,7 +88,6 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tupl
         return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
     mmu = vcpu.mmu
     if vcpu.mmu_is_nested:
-        from .nested import nested_gva_to_gpa
         gpa = nested_gva_to_gpa(vcpu, gva, access)
         if gpa is None:
             return None
@@ -99,7 +101,6 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tupl
     if mmu.cpu_role.mode.root_level == 0:
         gpa = gva
     else:
-        from .mmu.paging import guest_walk
         w = guest_walk(mmu, gva, access)
         if w.fault:
             vcpu.inject_page_fault(w.error_code, gva)
@@ -147,7 +148,6 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     if fetch and vm.kvm_deviations and _fetch_fails(vcpu, translated):
         # KVM's instruction fetch (kvm_fetch_guest_virt) reads RAM only: emulation fails, which
         # queues #UD and, at CPL0 outside guest mode, exits with KVM_INTERNAL_ERROR_EMULATION.
-        from .vcpu import GuestFault
         vcpu.stats["insn_emulation_fail"] += 1
         result.fault = GuestFault(UD_VECTOR, 0, None)
         if vcpu.cpl == 0 and not vcpu.mmu_is_nested:

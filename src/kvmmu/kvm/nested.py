@@ -63,10 +63,12 @@ def enter_guest_mode(vcpu: Vcpu, eptp: int, cr0: int, cr3: int, cr4: int, efer: 
     vcpu.l1_state = (vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, vcpu.mmu)
     vcpu.mmu_is_nested = True
     vcpu.mmu = guest_mmu  # type: ignore[assignment]
+    vcpu.cpu.load_vmcs(vcpu, guest_mmu)        # vmcs02: L2 runs on the shadow EPT
     try:
         vcpu.set_sregs(cr0=cr0, cr3=cr3, cr4=cr4, efer=efer)
     except BaseException:
         vcpu.l1_state, vcpu.mmu = old
+        vcpu.cpu.load_vmcs(vcpu, vcpu.mmu)
         vcpu.mmu_is_nested = False
         raise
     if not reuse:
@@ -86,6 +88,7 @@ def leave_guest_mode(vcpu: Vcpu) -> None:
     cr0, cr3, cr4, efer, mmu = vcpu.l1_state
     vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer = cr0, cr3, cr4, efer
     vcpu.mmu = mmu
+    vcpu.cpu.load_vmcs(vcpu, mmu)              # vmcs01: back to L1's MMU
     vcpu.mmu_is_nested = False
     vcpu.stats["guest_mode"] = 0
     vcpu.cpu.flush()

@@ -62,14 +62,15 @@ from ..arch.bits import (
 )
 from ..arch.walker import walk
 from ..errors import InvalidArgument
+from ..hw.host import Host
 from ..hw.x86cpu import GP, UD, CpuFault, Reexecute, Stop, X86Cpu
 from .emulate import vcpu_is_mmio_gpa
 from .emulate_retry import page_table_writing_insn
 from .soft_emulator import Emulator, pieces
+from .vm import VM
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
-    from .vm import VM
 
 X86_EFLAGS_RF = 1 << 16
 _UD2 = ix.Mnemonic.UD2
@@ -121,8 +122,6 @@ class HostProfile:
 
     def make_vm(self, host_hugepage_level: int = 1) -> VM:
         """A VM of this host; `host_hugepage_level` says how large the host pages behind guest RAM are."""
-        from ..hw.host import Host
-        from .vm import VM
         width, gb = self.guest_paging()
         # A real host's VMM gets lazily allocated anonymous memory (the zero page for reads).
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width,

@@ -38,12 +38,13 @@ from typing import TYPE_CHECKING
 from iced_x86 import FlowControl
 
 from ..arch.bits import PF_VECTOR, PFERR_PRESENT_MASK, PFERR_RSVD_MASK
+from ..hw.host import Host
 from ..hw.x86cpu import CpuFault, Stop
 from .profiles import PROFILES, HostProfile, NativeBus
+from .vm import VM
 
 if TYPE_CHECKING:
     from ..hw.x86cpu import X86Cpu
-    from .vm import VM
 
 X86_EFLAGS_RF = 1 << 16
 # QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on);
@@ -139,8 +140,6 @@ class SvmProfile(HostProfile):
     """A HostProfile with KVM's ``tdp_mmu`` module parameter (from the name) and TCG's SVM bus."""
 
     def make_vm(self, host_hugepage_level: int = 1) -> VM:
-        from ..hw.host import Host
-        from .vm import VM
         width, gb = self.guest_paging()
         tdp_mmu = self.name.startswith("svm-npt-tdp") if self.mmu != "shadow" else None
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width, guest_gbpages=gb,

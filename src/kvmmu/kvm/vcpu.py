@@ -40,23 +40,24 @@ from ..arch.bits import (
 )
 from ..arch.walker import canonical
 from ..errors import InvalidArgument, KvmBug
-from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu, check_access_args
+from ..hw.cpu import ACCESS_KINDS, ACCESS_SIZES, GP_FAULT, GUEST_FAULT, Cpu, DecodedAccesses, check_access_args
 from ..hw.tdp import TdpCpu
+from ..hw.vmcs import TdpControls
 from .emulate import MmioExit, emulate_access
 from .emulate_retry import retry_instruction
+from .exceptions import GuestFault
 from .exits import EXIT_CR_ACCESS, EXIT_INVLPG, trace_exit, trace_page_fault_exit
 from .memslots import Memslot
 from .mmu.context import VcpuMmu
 from .mmu.fault import kvm_mmu_page_fault
 from .mmu.guest_reader import GuestPteReader
 from .mmu.pf import RET_PF_EMULATE
+from .nested import enter_guest_mode, leave_guest_mode, reflect_ept_fault
 from .stats import MODEL_COUNTERS, VCPU_STATS, Stats
 
 if TYPE_CHECKING:
     from .vm import VM
 
-ACCESS_KINDS = ("read", "write", "fetch")
-ACCESS_SIZES = (1, 2, 4, 8, 16)
 _CR0_ROLE_BITS = X86_CR0_PG | X86_CR0_WP
 _CR4_ROLE_BITS = X86_CR4_PSE | X86_CR4_PAE | X86_CR4_SMEP | X86_CR4_SMAP | X86_CR4_PKE | X86_CR4_LA57
 _EFER_ROLE_BITS = EFER_NX | EFER_LMA
@@ -69,20 +70,6 @@ _CR4_RESERVED = ((1 << 64) - 1) & ~(((1 << 15) - 1) | (((1 << 10) - 1) << 16) | 
 # Defined EFER bits: SCE, LME, LMA, NXE, SVME, LMSLE, FFXSR, TCE, AUTOIBRS.
 _EFER_RESERVED = ((1 << 64) - 1) & ~((1 << 0) | (1 << 8) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 13)
                                      | (1 << 14) | (1 << 15) | (1 << 21))
-
-
-@dataclass(frozen=True)
-class GuestFault:
-    """An exception delivered to the guest: what its handler would see."""
-
-    vector: int
-    error_code: int = 0
-    cr2: int | None = None
-
-    def __repr__(self) -> str:
-        if self.vector == PF_VECTOR:
-            return f"#PF(error_code={self.error_code:#x}, cr2={self.cr2:#x})"
-        return f"exception(vector={self.vector}, error_code={self.error_code:#x})"
 
 
 @dataclass
@@ -167,7 +154,12 @@ class Vcpu:
         self.l1_state: tuple = ()
         self.pte_reader = GuestPteReader(self)
         self.mmu = VcpuMmu(self)
-        self.cpu: Cpu | TdpCpu = TdpCpu(self) if vm.tdp_enabled else Cpu(self)
+        if vm.tdp_enabled:
+            self.cpu: Cpu | TdpCpu = TdpCpu(vm.host, self.counters, TdpControls(
+                ept=vm.flavour == "ept", level=vm.tdp_level, ept_ad=bool(vm.mmu.masks.accessed)))
+        else:
+            self.cpu = Cpu(vm.host.mem, self.counters)
+        self.cpu.load_vmcs(self, self.mmu)     # the vCPU's registers and its MMU context (hw/vmcs.py)
 
     # -- state -----------------------------------------------------------------------------------
     @property
@@ -372,22 +364,18 @@ class Vcpu:
             self.vm.trace.emit("kvm_inj_exception", exception=PF_VECTOR, has_error=True, error_code=error_code & 0xFFFF)
 
     def deliver_guest_fault(self, error_code: int, cr2: int) -> None:
-        """A #PF the CPU delivers to the guest by itself (TDP): KVM never sees it."""
-        self.cpu.flush_gva(cr2)
+        """A #PF the CPU delivered to the guest by itself (TDP; it flushed the address): KVM never sees it."""
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
 
     def reflect_nested_ept_fault(self, ngpa: int, w: object) -> None:
-        from .nested import reflect_ept_fault
         reflect_ept_fault(self, ngpa, w)
 
     def enter_guest_mode(self, eptp: int, *, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         """Run L2 (nested EPT rooted at `eptp`, which L1 keeps in its memory) from now on."""
-        from .nested import enter_guest_mode
         enter_guest_mode(self, eptp, cr0, cr3, cr4, efer)
 
     def leave_guest_mode(self) -> None:
-        from .nested import leave_guest_mode
         leave_guest_mode(self)
 
     def _nested_exit(self, result: AccessResult) -> AccessResult:
@@ -515,6 +503,7 @@ class Vcpu:
                     result.fault = GuestFault(13, 0, None)
                     return result
                 if hpa == GUEST_FAULT:       # delivered to the guest without an exit (TDP)
+                    self.deliver_guest_fault(err, addr)
                     result.fault = self.take_exception()
                     return result
                 self.stats["exits"] += 1
@@ -633,7 +622,6 @@ class Vcpu:
         Runs of TLB hits are left to the CPU, with KVM's entry checks (no request pending, a valid
         root) made once per run: nothing that happens in a run of TLB hits can change them.
         """
-        from ..hw.cpu import DecodedAccesses
         if type(start) is not int or start < 0:
             raise InvalidArgument("start", start, "start is an op index, an int >= 0")
         if stop is not None and (type(stop) is not int or stop < 0):
@@ -674,4 +662,4 @@ class Vcpu:
         return f"<vcpu {self.id} cr0={self.cr0:#x} cr3={self.cr3:#x} cr4={self.cr4:#x} efer={self.efer:#x}>"
 
 
-__all__ = ["AccessResult", "GuestFault", "Vcpu", "PT64_ADDR_MASK"]
+__all__ = ["ACCESS_KINDS", "ACCESS_SIZES", "AccessResult", "GuestFault", "Vcpu", "PT64_ADDR_MASK"]

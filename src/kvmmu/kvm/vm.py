@@ -13,6 +13,7 @@ from collections.abc import Callable
 from ..errors import InvalidArgument, MemslotError
 from ..hw.host import Host
 from ..hw.vmm_space import VmmAddressSpace
+from .audit import audit_vm
 from .emulate import MmioExit
 from .iobus import CoalescedMmio, IoBus, IoDevice
 from .ioeventfd import IoEventFd, check_ioeventfd
@@ -20,6 +21,7 @@ from .memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot, Memslots
 from .mmu.mmu import KvmMmu
 from .mmu.spte import TODAY_GEN_LAYOUT, MmioGenLayout, ept_masks, shadow_masks
 from .mmu.tdp_mmu import TdpMmu
+from .mmu_notifier import KvmMmuNotifier
 from .params import DEFAULT_MMIO_CACHING, DEFAULT_MMU, KvmParams, resolve
 from .stats import VM_STATS, Stats, delta
 from .trace import Trace
@@ -159,7 +161,8 @@ class VM:
         self._fresh: dict[int, tuple[int, int]] = {}        # slot -> the VMM's fresh mapping for it
         self._alias_key: tuple[int, ...] = ()
         self._aliased = False
-        self.host.vms.append(self)
+        self.mmu_notifier = KvmMmuNotifier(self)
+        self.host.register_mmu_notifier(self.mmu_notifier)
 
     @property
     def effective(self) -> dict[str, int | bool]:
@@ -465,5 +468,4 @@ class VM:
         return {k: delta(before.get(k, {}), v) for k, v in after.items()}
 
     def audit(self) -> None:
-        from .audit import audit_vm
         audit_vm(self)

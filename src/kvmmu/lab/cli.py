@@ -57,6 +57,22 @@ def _real_diff(args: argparse.Namespace) -> int:
     return 1 if any(r.status in ("differ", "error") for r in reports) else 0
 
 
+def real_diff_recorded(args: argparse.Namespace, programs: list) -> int:
+    """``--recorded FILE``: the real side comes from a lab results file (kvmmu.lab), no /dev/kvm needed."""
+    from ..realdiff import format_report, report_json
+    from .compare import diff_recorded, load_recorded_programs
+    from .record import load_results
+
+    results = load_results(args.recorded)
+    # The same programs, built for the guest width the recording measured (its L1's CPUID).
+    chosen = {p.name for p in programs}
+    programs = [p for p in load_recorded_programs(args.paths, results) if p.name in chosen]
+    profile = args.profile if args.profile_given else results.get("profile") or args.profile
+    reports = diff_recorded(programs, results, profile)
+    print(report_json(reports) if args.json else format_report(reports, args.verbose))
+    return 1 if any(r.status in ("differ", "error") for r in reports) else 0
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``lab`` on the kvmmu command line."""
     p = subparsers.add_parser("lab", help="a real KVM with MMIO caching on, nested in QEMU TCG",
@@ -83,4 +99,4 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-__all__ = ["add_cli"]
+__all__ = ["add_cli", "real_diff_recorded"]

@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import kvmmu
-
 from .configs import LabConfig, expected_readback
 from .qemu import CPU, boot, new_run_dir
 from .record import load_results
@@ -41,7 +39,7 @@ def capture(config: LabConfig, mmio_caching: bool, paths: list[str], k: list[str
             "mmio_caching": mmio_caching, "profile": config.profile_name(mmio_caching), "cpu": CPU,
             "source": lab.source}
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=1) + "\n")
-    src = Path(kvmmu.__file__).resolve().parents[1]
+    src = Path(__file__).resolve().parents[2]
     job = (f"cd / && PYTHONDONTWRITEBYTECODE=1 PYTHONPATH={shlex.quote(str(src))} "
            f"{shlex.quote(sys.executable)} -m kvmmu.lab.guest {shlex.quote(str(run_dir / 'spec.json'))}")
     kvm, amd = config.params(mmio_caching)

@@ -34,7 +34,7 @@ JSON reports) and `cli` (``kvmmu real-diff``).
 from __future__ import annotations
 
 from .backends import Backend, GuestVM, ModelBackend, RealBackend, Stop, observe, run_model, run_real
-from .cli import add_cli, main
+from .cli import add_cli
 from .compare import ObservableDiff, ProgramReport, compare, diff_program
 from .corpus import load_programs
 from .format import format_report, report_json
@@ -55,4 +55,4 @@ from .observation import (
 __all__ = ["COUNTERS", "EXTRA_COUNTERS", "OBSERVABLES", "REG_NAMES", "VM_COUNTERS", "Backend", "Device",
            "FaultRecord", "GuestVM", "Mmio", "MmioRecord", "ModelBackend", "ObservableDiff", "Observation",
            "ProgramReport", "RealBackend", "Stop", "add_cli", "compare", "diff_program", "final_slots",
-           "format_report", "load_programs", "main", "observe", "report_json", "run_model", "run_real"]
+           "format_report", "load_programs", "observe", "report_json", "run_model", "run_real"]

@@ -8,7 +8,6 @@ import sys
 from typing import Any
 
 from ..errors import ScenarioError
-from ..guest.runtime import Program
 from .compare import diff_program
 from .corpus import load_programs
 from .format import format_report, report_json
@@ -20,18 +19,14 @@ def _cmd(args: argparse.Namespace) -> int:
     from ..cliargs import Progress, emit
     from ..real import available, unavailable_reason
 
-    if getattr(args, "recorded", None):
-        from ..lab.compare import load_recorded_programs
-        from ..lab.record import load_results
-        programs = load_recorded_programs(args.paths, load_results(args.recorded))
-    else:
-        programs = load_programs(args.paths)
+    programs = load_programs(args.paths)
     if args.k:
         programs = [p for p in programs if any(k in p.name for k in args.k)]
     if not programs:
         raise ScenarioError("no program matched")
     if getattr(args, "recorded", None):
-        return _cmd_recorded(args, programs)
+        # The lab (a layer above) reads the recorded side; the command line wires it in (kvmmu.cli).
+        return args.on_recorded(args, programs)
     use_real = not args.model_only
     if use_real and not available():
         print(f"real-diff: /dev/kvm unavailable ({unavailable_reason()}); running the model only", file=sys.stderr)
@@ -43,18 +38,6 @@ def _cmd(args: argparse.Namespace) -> int:
         prog((i + 1) / len(programs))
     prog.done()
     emit(args, (report_json(reports) if args.json else format_report(reports, args.verbose)) + "\n")
-    return 1 if any(r.status in ("differ", "error") for r in reports) else 0
-
-
-def _cmd_recorded(args: argparse.Namespace, programs: list[Program]) -> int:
-    """``--recorded FILE``: the real side comes from a lab results file (kvmmu.lab), no /dev/kvm needed."""
-    from ..lab.compare import diff_recorded
-    from ..lab.record import load_results
-
-    results = load_results(args.recorded)
-    profile = args.profile if args.profile_given else results.get("profile") or args.profile
-    reports = diff_recorded(programs, results, profile)
-    print(report_json(reports) if args.json else format_report(reports, args.verbose))
     return 1 if any(r.status in ("differ", "error") for r in reports) else 0
 
 
@@ -84,9 +67,3 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="details for every program")
     p.set_defaults(func=_cmd)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m kvmmu.realdiff PATH...`` — the same as ``kvmmu real-diff PATH...``."""
-    from ..cli import main as cli_main
-    return cli_main(["real-diff", *(sys.argv[1:] if argv is None else argv)])

@@ -10,6 +10,7 @@ the policies differ: "zap" (2011) drops every shadow page, "generation" only mak
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
@@ -160,30 +161,6 @@ def experiment_a(duration_s: float = 0.25, seed: int = 1, progress=None) -> str:
     return _a_text(results[0].modelled_s, seed, rows)
 
 
-def experiment_a_on_engine(duration_s: float, seed: int = 1, results: str | None = None,
-                           scheduler: str | None = None, workers: int = 2, quiet: bool = False) -> str:
-    """Experiment (a) as six sweep cells (one per flavour / policy pair: the three guests share one
-    host, so a pair is the smallest independent unit) on Dask distributed, each stored when done:
-    a killed run resumes with the pairs still missing."""
-    from ..sweep import Store, run_sweep, spec_from_dict
-    from ..sweep.summary import total
-    spec = spec_from_dict({"base": _seed_a_dict(duration_s, seed, "shadow", "off"), "seeds": [seed],
-                           "matrix": {"vm.*.mmu": ["shadow", "ept"],
-                                      "vm.*.mmio_caching": ["off", "zap", "generation"]}}, "experiment-a")
-    cells = spec.cells()
-    store = Store(results or f".kvmmu-sweeps/experiment-a-{duration_s:g}s-seed{seed}")
-    from ..sweep import _progress_line
-    run_sweep(cells, store, scheduler=scheduler, workers=workers, on_cell=_progress_line(quiet))
-    rows, modelled, cpu = [], 0.0, 0.0
-    for c in cells:
-        r = store.load(c)
-        point = dict(c.point)
-        rows.append(_a_row(point["vm.*.mmu"], point["vm.*.mmio_caching"], lambda n, r=r: int(total(r, n)),
-                           r["host"]["swapins"]))
-        modelled, cpu = r["modelled_s"], cpu + r.get("cpu_s", 0.0)
-    return _a_text(modelled, seed, rows, f" Six cells on Dask, {cpu:,.0f} CPU seconds in all.")
-
-
 def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
     """(b) Recognising an MMIO fault: KVM's shadow walk vs the guest walk + memslot search, with and
     without the guest's page-table pages swapped out on the host."""
@@ -298,12 +275,16 @@ def experiment_c(seed: int = 1, netperf_s: float = 0.3, kernbench_jobs: int = 24
 
 
 def run_experiment(which: str, full: bool = False, seed: int = 1, progress=None,
-                   duration: float | None = None, engine: dict | None = None) -> str:
-    """`engine` (results, scheduler, workers, quiet) goes to the Dask run of (a) --full."""
+                   duration: float | None = None, engine: dict | None = None,
+                   on_engine: Callable[..., str] | None = None) -> str:
+    """(a) --full runs on the sweep engine, a layer above this one: `on_engine` is
+    kvmmu.sweep.experiment_a_on_engine, called with `engine` (results, scheduler, workers, quiet)."""
     if which == "a":
         d = duration if duration is not None else (3600.0 if full else 0.25)
         if full:
-            return experiment_a_on_engine(d, seed, **(engine or {}))
+            if on_engine is None:
+                raise ValueError("experiment a --full runs on the sweep engine: pass on_engine")
+            return on_engine(d, seed, **(engine or {}))
         return experiment_a(d, seed, progress)
     if which == "b":
         return experiment_b(2000 if full else 200, seed, progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..realdiff import *  # noqa: F403
 from ..realdiff import __all__ as __all__  # noqa: PLC0414
-from ..realdiff import main
 
 if __name__ == "__main__":
+    from ..realdiff.__main__ import main
     raise SystemExit(main())

@@ -52,7 +52,9 @@ def _events_arg(values: list[str] | None) -> list[str] | None:
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from ..cli import Progress, _emit, _load
+    from ..cliargs import Progress
+    from ..cliargs import emit as _emit
+    from ..cliargs import load_scenario as _load
     from .tracefmt import capture_scenario, render_report
     if args.list:
         _emit(args, "".join(f"{subsystem(n)}:{n}\n" for n in sorted(TRACEPOINTS, key=lambda n: (subsystem(n), n))))
@@ -76,7 +78,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_stat(args: argparse.Namespace) -> int:
-    from ..cli import Progress, _emit, _load
+    from ..cliargs import Progress
+    from ..cliargs import emit as _emit
+    from ..cliargs import load_scenario as _load
     from .kvmstat import collect_stats, render_batch, render_log, render_table
     sc = _load(args)
     live = not (args.batch or args.log or args.output) and sys.stdout.isatty()
@@ -107,7 +111,9 @@ def _live(sc: Any, args: argparse.Namespace) -> int:
 
 
 def _cmd_kvm_stat_report(args: argparse.Namespace) -> int:
-    from ..cli import Progress, _emit, _load
+    from ..cliargs import Progress
+    from ..cliargs import emit as _emit
+    from ..cliargs import load_scenario as _load
     from .kvmstat import render_perf_kvm_stat
     from .tracefmt import capture_scenario
     sc = _load(args)

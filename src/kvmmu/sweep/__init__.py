@@ -54,7 +54,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ..cli import _emit
+    from ..cliargs import emit as _emit
     if args.workers < 1 or args.workers > 256:
         raise ScenarioError(f"--workers {args.workers}: between 1 and 256 local worker processes")
     if args.limit is not None and args.limit < 0:

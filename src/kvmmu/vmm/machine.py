@@ -152,6 +152,9 @@ class Machine:
     vm: VM = field(init=False)
     devices: list[Device] = field(init=False, default_factory=list)
     regions: list[Region] = field(init=False, default_factory=list)
+    # The slot numbers a guest workload that changes memslots needs (guest/platform.py).
+    fb_slot = SLOT_FB
+    first_free_slot = FIRST_FREE_SLOT
 
     def __post_init__(self) -> None:
         spec = self.spec

@@ -23,13 +23,13 @@ from .structs import MM, Cpu, File, Frames, Process
 from .syscalls import Syscalls
 
 if TYPE_CHECKING:
-    from ...vmm.machine import Machine
+    from ..platform import Platform
 
 
 class GuestOS(KernelMemory, Drivers, MemoryManager, Processes, Scheduler, Syscalls):
     """The kernel of one machine."""
 
-    def __init__(self, machine: Machine, params: OsParams | None = None, seed: int = 1,
+    def __init__(self, machine: Platform, params: OsParams | None = None, seed: int = 1,
                  cost: Any = None, clock: Clock | None = None) -> None:
         self.machine = machine
         self.vm = machine.vm

@@ -14,6 +14,7 @@ from ...arch.bits import PT64_ADDR_MASK
 from ...arch.modes import PagingContext
 from ...errors import KvmBug
 from .gpte import GuestFormat, guest_format
+from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
 from .page import (
     ROLE_ACCESS_SHIFT,
     ROLE_DIRECT,
@@ -26,6 +27,7 @@ from .page import (
     role_smm,
     trace_fields,
 )
+from .paging import sync_spte
 from .spte import SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
 
 if TYPE_CHECKING:
@@ -240,7 +242,6 @@ class VcpuMmu:
         for _, sp in self.prev_roots:
             self._put_root(sp)
         self.prev_roots.clear()
-        from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
         vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
 
     def free_obsolete_roots(self) -> None:
@@ -259,7 +260,6 @@ class VcpuMmu:
 
         Returns True if a cached root was reused.
         """
-        from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
         vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
         reused = False
         if self.root_level >= 4 and self.root_sp is not None and not self.direct:
@@ -345,7 +345,6 @@ class VcpuMmu:
     def sync_roots(self) -> None:
         if self.direct:
             return
-        from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
         vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
         for sp in self.roots():
             if sp.unsync_children:
@@ -401,7 +400,6 @@ class VcpuMmu:
         """kvm_sync_page: re-read every gpte of an unsync page; <0 means 'zap it', >0 'flush'."""
         if sp.direct or (sp.role ^ self.root_role) & ~_SYNC_ROLE_IGNORE:
             return -1
-        from .paging import sync_spte
         flush = 0
         for i in range(512):
             r = sync_spte(self, sp, i)
@@ -416,8 +414,6 @@ class VcpuMmu:
         """The MMU half of INVLPG (kvm_mmu_invlpg: every root, and the MMIO cache) or, with
         `current_only`, of an injected #PF (kvm_mmu_invalidate_addr on the current root): resync the
         leaf spte for gva where its page is unsync."""
-        from .mmio import vcpu_clear_mmio_info
-        from .paging import sync_spte
         if not current_only:
             vcpu_clear_mmio_info(self.vcpu, gva)
         if self.direct:

@@ -13,7 +13,15 @@ from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_PK_MASK, PFERR_RSVD_MASK, 
 from ...arch.walker import Walk, walk
 from .gpte import EPT_TO_ACC
 from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
-from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte, prefetch_slot
+from .install import (
+    build_spte,
+    direct_pte_prefetch,
+    faultin_pfn,
+    get_child_sp,
+    mark_mmio_spte,
+    mmu_set_spte,
+    prefetch_slot,
+)
 from .page import ShadowPage, role_pkey
 from .pf import (
     RET_PF_CONTINUE,
@@ -261,14 +269,12 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
         if gfn != get_mmio_spte_gfn(mmu.masks, spte):
             kvm.write_spte(sptep, SHADOW_NONPRESENT_VALUE)
         else:
-            from .install import mark_mmio_spte
             mark_mmio_spte(mmu, sptep, gfn, access)
         return 0
     if gfn != sp.gfn_at(i):
         kvm.drop_spte(sptep)
         return 1
     sp.shadowed_translation[i] = (gfn << 12) | access
-    from .install import build_spte
     slot = mmu.vcpu.gfn_to_memslot(gfn)
     host_writable = bool(spte & mmu.masks.host_writable)
     new, _ = build_spte(mmu, sp, slot, access, gfn, (spte >> 12) & ((1 << 40) - 1), spte, False, True,
