@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import ScenarioError
@@ -17,6 +19,20 @@ def check_profile(results: dict[str, Any], profile: str) -> None:
         raise ScenarioError(f"--profile {profile!r} does not match the recorded configuration "
                             f"({results.get('config')}, mmio_caching={results.get('mmio_caching')}: "
                             f"profile {recorded!r})")
+
+
+def load_recorded_programs(paths: Iterable[str | Path], results: dict[str, Any]) -> list[Program]:
+    """The corpus as the recording's machine loaded it: programs that build addresses from the guest
+    MAXPHYADDR (phys_width.py) get the recorded one (``guest_paging``), not this machine's."""
+    from ..real.cpuid import recorded_guest_paging
+    from ..report.realdiff import load_programs
+
+    paging = results.get("guest_paging") or {}
+    width, gb = paging.get("maxphyaddr"), paging.get("gbpages")
+    if type(width) is not int:
+        return load_programs(paths)
+    with recorded_guest_paging(width, bool(gb), f"recorded ({results.get('config')})"):
+        return load_programs(paths)
 
 
 def diff_recorded(programs: list[Program], results: dict[str, Any], profile: str) -> list[ProgramReport]:
@@ -47,4 +63,4 @@ def tally(reports: list[ProgramReport]) -> dict[str, list[str]]:
     return out
 
 
-__all__ = ["check_profile", "diff_recorded", "tally"]
+__all__ = ["check_profile", "diff_recorded", "load_recorded_programs", "tally"]

@@ -15,8 +15,10 @@ import fcntl
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
+from ..errors import InvalidArgument
 from . import ioctls as K
 
 # cpuid_query_maxphyaddr: no leaf 0x80000008 in the vCPU's CPUID table
@@ -109,6 +111,21 @@ def gbpages(entries: tuple[CpuidEntry, ...] | None) -> bool:
 # -- what a default RealVM gives its guests on this machine --------------------------------------
 _host_lock = threading.Lock()
 _host_cache: list[tuple[int, bool, str]] = []
+_recorded: list[tuple[int, bool, str]] = []
+
+
+@contextlib.contextmanager
+def recorded_guest_paging(width: int, gb: bool, source: str = "recorded") -> Iterator[None]:
+    """Within this block `host_guest_paging` answers (width, gb, source): what the machine a
+    recording was made on gave its guests (a lab file's ``guest_paging``).  A corpus loaded inside it
+    builds the addresses that machine ran (phys_width.py, cr3_width.py read the width when loaded)."""
+    if type(width) is not int or not 32 <= width <= 52:
+        raise InvalidArgument("guest maxphyaddr", width, "a recorded guest MAXPHYADDR is between 32 and 52")
+    _recorded.append((width, bool(gb), source))
+    try:
+        yield
+    finally:
+        _recorded.pop()
 
 
 def host_guest_paging() -> tuple[int, bool, str]:
@@ -116,8 +133,11 @@ def host_guest_paging() -> tuple[int, bool, str]:
 
     Read from KVM_GET_SUPPORTED_CPUID on /dev/kvm; without a usable /dev/kvm, from the host CPU's
     ``address sizes`` in /proc/cpuinfo (what KVM would report), else KVM's no-CPUID default.
-    Cached: the answer is a property of the machine.
+    Cached: the answer is a property of the machine.  Inside `recorded_guest_paging` it is the
+    recorded machine's instead.
     """
+    if _recorded:
+        return _recorded[-1]
     with _host_lock:
         if not _host_cache:
             _host_cache.append(_measure_host())
@@ -146,4 +166,4 @@ def _measure_host() -> tuple[int, bool, str]:
 
 
 __all__ = ["KVM_DEFAULT_MAXPHYADDR", "CpuidEntry", "find", "for_vcpu", "gbpages", "get_supported_cpuid",
-           "host_guest_paging", "maxphyaddr", "pack_cpuid2"]
+           "host_guest_paging", "maxphyaddr", "pack_cpuid2", "recorded_guest_paging"]

@@ -598,13 +598,13 @@ def _cmd(args: argparse.Namespace) -> int:
     from ..cliargs import Progress, emit
     from ..real import available, unavailable_reason
 
+    if getattr(args, "recorded", None):
+        return _cmd_recorded(args)
     programs = load_programs(args.paths)
     if args.k:
         programs = [p for p in programs if any(k in p.name for k in args.k)]
     if not programs:
         raise ScenarioError("no program matched")
-    if getattr(args, "recorded", None):
-        return _cmd_recorded(args, programs)
     use_real = not args.model_only
     if use_real and not available():
         print(f"real-diff: /dev/kvm unavailable ({unavailable_reason()}); running the model only", file=sys.stderr)
@@ -619,12 +619,18 @@ def _cmd(args: argparse.Namespace) -> int:
     return 1 if any(r.status in ("differ", "error") for r in reports) else 0
 
 
-def _cmd_recorded(args: argparse.Namespace, programs: list[Program]) -> int:
-    """``--recorded FILE``: the real side comes from a lab results file (kvmmu.lab), no /dev/kvm needed."""
-    from ..lab.compare import diff_recorded
+def _cmd_recorded(args: argparse.Namespace) -> int:
+    """``--recorded FILE``: the real side comes from a lab results file (kvmmu.lab), no /dev/kvm needed.
+    The corpus is loaded as the recorded machine would have loaded it (its guest paging width)."""
+    from ..lab.compare import diff_recorded, load_recorded_programs
     from ..lab.record import load_results
 
     results = load_results(args.recorded)
+    programs = load_recorded_programs(args.paths, results)
+    if args.k:
+        programs = [p for p in programs if any(k in p.name for k in args.k)]
+    if not programs:
+        raise ScenarioError("no program matched")
     profile = args.profile if args.profile_given else results.get("profile") or args.profile
     reports = diff_recorded(programs, results, profile)
     print(report_json(reports) if args.json else format_report(reports, args.verbose))
