@@ -12,13 +12,12 @@ from kvmmu.lab.record import load_results
 HERE = Path(__file__).parent
 CORPUS = [HERE / "corpus", HERE / "lab" / "scenarios"]
 
-# svm-shadow: 82 of 100 agree (docs/real-kvm.md lists the reasons).
+# svm-shadow: 86 of 100 agree (docs/real-kvm.md lists the reasons).
 SHADOW_DIFFER = {
     "cr0_wp_toggle_cpl3", "demand_paging_cpl0", "demand_paging_cpl3", "demand_read_first_cpl0",
     "demand_read_first_cpl3", "fetch_from_mmio_cpl3", "long_loop_cpl0", "long_loop_cpl3",
-    "mmio_loop_16_cpl0", "mmio_unaligned_cpl3", "readonly_slot_cpl0", "readonly_slot_cpl3", "rep_movs_to_mmio_cpl0",
-    "rep_movs_to_mmio_cpl3", "slot_readd_readonly_cpl3", "sse16_mmio_cpl3",
-    "sse16_ram_readonly_cross_cpl0", "sse16_ram_readonly_cross_cpl3",
+    "mmio_loop_16_cpl0", "mmio_unaligned_cpl3", "rep_movs_to_mmio_cpl0", "rep_movs_to_mmio_cpl3",
+    "slot_readd_readonly_cpl3", "sse16_mmio_cpl3",
 }
 
 
@@ -52,11 +51,8 @@ def test_shadow_agreement(programs: list) -> None:
     assert _not_agreeing(programs, "shadow") == SHADOW_DIFFER
 
 
-# svm-npt-legacy: 90 of 100 agree (docs/real-kvm.md lists the reasons).
+# svm-npt-legacy: 94 of 100 agree (docs/real-kvm.md lists the reasons).
 LEGACY_DIFFER = {
-    # KVM 6.1 retries a non-page-table-writing instruction once before emulating it (retry_instruction):
-    # one more fault, pf_emulate and insn_emulation on the read-only slot (known difference 2).
-    "readonly_slot_cpl0", "readonly_slot_cpl3", "sse16_ram_readonly_cross_cpl0", "sse16_ram_readonly_cross_cpl3",
     # RF in the exception frame TCG pushes (0x202 real, 0x10202 model), as under svm-shadow.
     "cr0_wp_toggle_cpl3", "slot_readd_readonly_cpl3",
     # exits only: +1 on the real side (L1's timer, the minimum over the runs), -1 for fetch_from_mmio_cpl3
@@ -76,7 +72,7 @@ def test_npt_legacy_nommio_mmio64_agrees(programs: list) -> None:
 
 
 def test_npt_tdp_agreement(programs: list) -> None:
-    assert len(_not_agreeing(programs, "npt")) <= 14
+    assert len(_not_agreeing(programs, "npt")) <= 8
 
 
 @pytest.mark.parametrize("name", ["shadow-nommio", "npt-legacy-nommio"])

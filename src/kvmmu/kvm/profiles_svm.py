@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from iced_x86 import FlowControl
+from iced_x86 import FlowControl, Mnemonic
 
 from ..arch.bits import PF_VECTOR, PFERR_PRESENT_MASK, PFERR_RSVD_MASK
 from ..hw.x86cpu import CpuFault, Stop
@@ -52,6 +52,14 @@ TCG_MAXPHYADDR = 40
 # 1.4 MiB past a boundary (npt-legacy.json: mmio64's code page alone in the partial first frame, its
 # data page prefetched with 7 neighbours), so the middle of that range.
 L1_ANON_OFFSET = 0x80000
+
+
+# The instructions KVM's emulator flags PageTable (x86_page_table_writing_insn): a write by one of them to
+# a write-protected gfn is emulated at once, any other is first retried (KVM 6.1's retry_instruction).
+_PAGE_TABLE_WRITING = frozenset({
+    Mnemonic.MOV, Mnemonic.OR, Mnemonic.AND, Mnemonic.XCHG, Mnemonic.CMPXCHG, Mnemonic.CMPXCHG8B,
+    Mnemonic.CMPXCHG16B, Mnemonic.BTS, Mnemonic.BTR, Mnemonic.BTC,
+})
 
 
 class SvmTcgBus(NativeBus):
@@ -94,6 +102,11 @@ class SvmTcgBus(NativeBus):
             restart: bool = False) -> int:
         before = self.stats["exits"]
         injected = self.stats["pf_guest"]
+        cpu = self.cpu
+        if kind != "fetch" and cpu is not None and cpu.instr is not None:
+            self.vcpu.retry_insn = (cpu.rip, cpu.instr.mnemonic in _PAGE_TABLE_WRITING)
+        else:
+            self.vcpu.retry_insn = None
         rf = self.cpu.rflags & X86_EFLAGS_RF if self.cpu is not None else 0
         try:
             return super()._hw(gva, size, kind, value, cpl, implicit, restart)

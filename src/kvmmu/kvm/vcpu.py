@@ -156,6 +156,12 @@ class Vcpu:
         # A CPU model that runs the instruction in its own emulator when KVM would emulate it sets
         # this: RET_PF_EMULATE then returns AccessResult.emulate instead of emulating the access.
         self.defer_emulation = False
+        # KVM 6.1's retry_instruction for a write to a read-only memslot: a CPU model that knows the
+        # instruction sets (rip, page-table writing) here; None models no retry (newer KVM retries
+        # only when unprotecting zapped something, which a read-only slot never has).
+        self.retry_insn: tuple[int, bool] | None = None
+        self.last_fault_ro = False                      # the last full fault was a read-only-slot write
+        self._last_retry: tuple[int, int] | None = None   # last_retry_eip, last_retry_addr
         self.guest_mmu: VcpuMmu | None = None           # shadows L1's EPT (nested TDP)
         self.l1_state: tuple = ()
         self.pte_reader = GuestPteReader(self)
@@ -529,6 +535,9 @@ class Vcpu:
                 if self.pending_exception is not None:
                     result.fault = self.take_exception()
                     return result
+                if r == RET_PF_EMULATE and self._retry_instruction(addr):
+                    attempts += 1
+                    continue
                 if r == RET_PF_EMULATE and self.defer_emulation:
                     self.stats["insn_emulation"] += 1
                     if vm.trace.enabled:
@@ -552,6 +561,26 @@ class Vcpu:
                     raise KvmBug(f"access to {pgva:#x} faulted {_MAX_ENTRIES} times without progress")
         self._do_access(pieces, hpas, write, data, result)
         return result
+
+    def _retry_instruction(self, addr: int) -> bool:
+        """x86_emulate_instruction's retry_instruction (KVM 6.1), for the write to a read-only memslot
+        (the only case modelled: unprotecting the gfn finds nothing to zap there): an instruction that is
+        not page-table writing (``add``, ``movdqu``...; not ``mov``/``or``/``and``/``xchg``/``cmpxchg``/
+        ``bts``...) is decoded (insn_emulation) and re-entered once before it is emulated, unless the
+        same rip faulted on the same address the last time.  Every emulation resets that memory."""
+        last, self._last_retry = self._last_retry, None
+        info = self.retry_insn
+        if info is None or not self.last_fault_ro:
+            return False
+        rip, pt_writing = info
+        if pt_writing or last == (rip, addr):
+            return False
+        self._last_retry = (rip, addr)
+        self.stats["insn_emulation"] += 1
+        if self.vm.trace.enabled:
+            self.vm.trace.emit("kvm_emulate_insn", rip=rip, size=0, write=True)
+            self.vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)
+        return True
 
     def _gpa_available(self, err: int) -> bool:
         """x86_emulate_instruction: may the emulator take a direct MMU's fault address as the gpa of

@@ -11,6 +11,7 @@ from .direct import direct_page_fault
 from .mmio import handle_mmio_page_fault
 from .paging import page_fault
 from .pf import (
+    KVM_PFN_ERR_RO_FAULT,
     RET_PF_EMULATE,
     RET_PF_FIXED,
     RET_PF_INVALID,
@@ -36,6 +37,7 @@ def kvm_mmu_do_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
         r = page_fault(mmu, fault)
     if r == RET_PF_WRITE_PROTECTED:
         r = RET_PF_EMULATE
+    vcpu.last_fault_ro = fault.pfn == KVM_PFN_ERR_RO_FAULT
     stats = vcpu.stats
     if r == RET_PF_FIXED:
         stats["pf_fixed"] += 1
@@ -50,6 +52,7 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
     """Returns RET_PF_EMULATE when the access must be emulated, anything else means 'resume'."""
     vm = vcpu.vm
     direct = vcpu.mmu.direct
+    vcpu.last_fault_ro = False
     r = RET_PF_INVALID
     if error_code & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, addr, direct)
