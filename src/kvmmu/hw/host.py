@@ -23,8 +23,16 @@ it: is_page_fault_stale), and KVM's prefetch, which only takes pages that are pr
 (get_user_pages_fast_only with FOLL_WRITE), skips both kinds.  The model's frame of a zero-mapped page
 is the page's own (all zero until written, and any write COWs it first), not one shared frame.
 On transparent huge pages (`VM(host_hugepage_level=2)`) a fault covers the whole 2 MiB frame: a read
-maps the huge zero page, a write allocates a huge page (copying the zero one).  With `prealloc=True`
-(the default) every page is populated from the start, as before.
+maps the huge zero page, a write allocates a huge page.  A write to the huge zero page depends on the
+kernel (`huge_zero_wp`): "thp", recent Linux (do_huge_zero_wp_pmd), allocates a huge page in its place;
+"split", Linux 6.1 (do_huge_pmd_wp_page falls back), splits the PMD into 4 KiB zero-page PTEs, which
+runs the MMU notifier over the whole 2 MiB, and copies only the written page: the frame stays 4 KiB
+pages for good (no khugepaged here).  Where a mapping starts (`anon_offset`): None, recent Linux, puts
+an anonymous mapping of at least 2 MiB on a 2 MiB boundary (thp_get_unmapped_area); an int, Linux 6.1,
+aligns it only to 4 KiB, and the model starts it that many bytes past a 2 MiB boundary (what ASLR gave
+the VMM), so only the 2 MiB frames wholly inside the mapping can be huge pages, and they are not
+congruent with the guest frames (KVM then maps 4 KiB sptes).  With `prealloc=True` (the default)
+every page is populated from the start, as before.
 
 Reclaim never takes a page the guest's current access is using (`reclaim`, `pin_walk`): the page
 being faulted in, and under EPT/NPT the guest's table pages the CPU's 2-D walk has already gone
@@ -63,7 +71,8 @@ class Host:
     """A host with `maxphyaddr` physical address bits (46 by default, as on the machines here)."""
 
     def __init__(self, maxphyaddr: int = 46, memory_limit: int | None = None, reserved: int = 0,
-                 cores: int = 4, prealloc: bool = True) -> None:
+                 cores: int = 4, prealloc: bool = True, huge_zero_wp: str = "thp",
+                 anon_offset: int | None = None) -> None:
         if type(maxphyaddr) is not int or not 36 <= maxphyaddr <= 52:
             raise InvalidArgument("host maxphyaddr", maxphyaddr, "the host's MAXPHYADDR is between 36 and 52")
         if memory_limit is not None and (type(memory_limit) is not int or memory_limit < 1 << 20):
@@ -76,7 +85,16 @@ class Host:
         if type(prealloc) is not bool:
             raise InvalidArgument("host prealloc", prealloc, "prealloc is True (guest RAM populated up front) "
                                   "or False (allocated on first touch, the zero page for reads)")
+        if huge_zero_wp not in ("thp", "split"):
+            raise InvalidArgument("host huge_zero_wp", huge_zero_wp, "a write to the huge zero page allocates a huge "
+                                  "page (\"thp\") or splits it into 4 KiB zero pages (\"split\", Linux 6.1)")
+        if anon_offset is not None and (type(anon_offset) is not int or not 0 <= anon_offset < 1 << 21
+                                        or anon_offset & 0xFFF):
+            raise InvalidArgument("host anon_offset", anon_offset, "None (mappings on 2 MiB boundaries) or a "
+                                  "multiple of 4 KiB below 2 MiB (where a mapping starts within a 2 MiB frame)")
         self.prealloc = prealloc
+        self.huge_zero_wp = huge_zero_wp
+        self.anon_offset = anon_offset
         # Lazy anonymous memory (prealloc=False): pages with a private host page, and pages whose host
         # mapping is the shared zero page (read, never written).
         self.populated: set[int] = set()
@@ -160,12 +178,13 @@ class Host:
         """The largest level, up to `level`, at which the host maps `pfn` with one huge page (what
         host_pfn_mapping_level reads from the host's page tables).  Under a memory limit, where the
         model tracks residency per 4 KiB page, a frame is one huge page only while every page of it
-        is resident and none was ever swapped (swapping part of a huge page splits it for good)."""
-        if self.memory_limit is None:
-            return level
+        is resident and none was ever swapped (swapping part of a huge page splits it for good), and
+        never at a level whose frame was split (swap, or a write to the huge zero page that split it)."""
         while level > 1:
             span = 1 << (9 * (level - 1))
             if (level, pfn >> (9 * (level - 1))) not in self.split_frames:
+                if self.memory_limit is None:
+                    return level
                 first = pfn & ~(span - 1)
                 if all(p in self.resident for p in range(first, first + span)):
                     return level
@@ -180,11 +199,15 @@ class Host:
         frame by then."""
         if self.prealloc or pfn in self.populated:
             return False
+        if span == 512 and (2, pfn >> 9) in self.split_frames:
+            span = 1                     # the frame was split into 4 KiB pages
         first = pfn & ~(span - 1)
         pages = range(first, first + span)
         if not write:
             self.zero_mapped.update(p for p in pages if p not in self.populated)
             return False
+        if span > 1 and self.huge_zero_wp == "split" and pfn in self.zero_mapped:
+            return self._split_huge_zero(pfn, pages)
         cow = any(p in self.zero_mapped for p in pages)
         self.populated.update(pages)
         self.zero_mapped.difference_update(pages)
@@ -194,6 +217,20 @@ class Host:
         for notifier in self.mmu_notifiers:
             for p in pages:
                 notifier.invalidate_range(p << 12, (p + 1) << 12)
+        return True
+
+    def _split_huge_zero(self, pfn: int, pages: range) -> bool:
+        """Linux 6.1's write to the huge zero page: __split_huge_pmd (the MMU notifier over the whole
+        frame) leaves 4 KiB zero-page PTEs, then the fault copies the written one (the notifier again)."""
+        self.split_frames.add((2, pfn >> 9))
+        for notifier in self.mmu_notifiers:
+            for p in pages:
+                notifier.invalidate_range(p << 12, (p + 1) << 12)
+        self.populated.add(pfn)
+        self.zero_mapped.discard(pfn)
+        self.cows += 1
+        for notifier in self.mmu_notifiers:
+            notifier.invalidate_range(pfn << 12, (pfn + 1) << 12)
         return True
 
     def is_present(self, pfn: int, write: bool) -> bool:

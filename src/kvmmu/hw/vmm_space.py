@@ -31,18 +31,23 @@ class VmmAddressSpace:
     def largest_free(self) -> int:
         return max((hi - lo for lo, hi in self._free), default=0)
 
-    def mmap(self, size: int, in_use: list[tuple[int, int]] = (), align: int = 4096) -> int | None:  # type: ignore[assignment]
+    def mmap(self, size: int, in_use: list[tuple[int, int]] = (), align: int = 4096,  # type: ignore[assignment]
+             offset: int = 0) -> int | None:
         """A fresh mapping of `size` bytes (a multiple of 4 KiB): its address, or None if no range fits.
 
         `in_use`: [lo, hi) ranges the VMM uses already without having mapped them here (memslots given an
         explicit userspace_addr); mmap never returns an address that is mapped.  `align`: on huge host
         pages Linux aligns a mapping at least one huge page long to that size (thp_get_unmapped_area),
-        so that it can be backed by them."""
+        so that it can be backed by them.  `offset`: the mapping starts that many bytes past a multiple
+        of `align` instead (a kernel that aligns anonymous mappings only to pages; see Host.anon_offset)."""
+        def up(a: int) -> int:
+            return ((a - offset + align - 1) & ~(align - 1)) + offset
+
         for i, (lo, hi) in enumerate(self._free):
-            at = (lo + align - 1) & ~(align - 1)
+            at = up(lo)
             for ulo, uhi in sorted(in_use):
                 if ulo < at + size and at < uhi:
-                    at = (max(at, uhi) + align - 1) & ~(align - 1)
+                    at = up(max(at, uhi))
             if at + size <= hi:
                 pieces = [(a, b) for a, b in ((lo, at), (at + size, hi)) if b > a]
                 self._free[i:i + 1] = pieces

@@ -208,8 +208,11 @@ class VM:
             userspace_addr = old.userspace_addr if old is not None else space.start
         change, old = self.memslots.validate(slot, flags, guest_phys_addr, memory_size, userspace_addr)
         if fresh and change == "create":
-            hva = space.mmap(memory_size, [(s.userspace_addr, s.userspace_addr + (s.npages << 12))
-                                           for s in self.memslots.all_slots()], align=self._thp_align(memory_size))
+            in_use = [(s.userspace_addr, s.userspace_addr + (s.npages << 12)) for s in self.memslots.all_slots()]
+            if self.host.anon_offset is None or self.host_hugepage_level == 3:
+                hva = space.mmap(memory_size, in_use, align=self._thp_align(memory_size))
+            else:
+                hva = space.mmap(memory_size, in_use, align=1 << 21, offset=self.host.anon_offset)
             if hva is None:
                 raise MemslotError("memory_size", memory_size,
                                    f"the VMM cannot map that much fresh memory: the largest free range of its "
