@@ -102,6 +102,7 @@ class Bus(Protocol):
     def rep_yield(self, cpu: X86Cpu) -> bool: ...        # after a string iteration: stop here?
     def noncanonical_tail(self, cpu: X86Cpu) -> bool: ...   # only the last bytes are non-canonical: go on?
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None: ...     # MOV to CR0/CR3/CR4
+    def read_cr(self, cpu: X86Cpu, cr: int) -> None: ...     # MOV from CR0/CR2/CR3/CR4 (an intercept?)
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool: ...  # INT n/INT3; True: deliver, skip DPL check
     def unemulatable(self, cpu: X86Cpu, what: str) -> None: ...  # KVM's emulator cannot do this one
     def invlpg(self, cpu: X86Cpu, gva: int) -> None: ...
@@ -558,6 +559,7 @@ def _mov(cpu: X86Cpu, instr: ix.Instruction) -> None:
         value = {0: cpu.cr0, 2: cpu.cr2, 3: cpu.cr3, 4: cpu.cr4}.get(cr)
         if value is None:
             raise UnsupportedInstruction(cpu.rip, cpu.text(instr), f"CR{cr} is not modelled")
+        cpu.bus.read_cr(cpu, cr)
         cpu.set(instr.op0_register, value)
         cpu.advance()
         return

@@ -366,6 +366,9 @@ class ModelBus:
         except InvalidArgument:
             raise CpuFault(GP, 0) from None     # KVM refuses the value (kvm_set_cr4 &c. return 1): #GP
 
+    def read_cr(self, cpu: X86Cpu, cr: int) -> None:
+        pass          # the reads a host intercepts are its profile's (SvmTcgBus)
+
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool:
         return False
 

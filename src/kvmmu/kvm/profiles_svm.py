@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .vm import VM
 
 X86_EFLAGS_RF = 1 << 16
+X86_CR0_WP, X86_CR0_NW, X86_CR0_CD, X86_CR0_PG = 1 << 16, 1 << 29, 1 << 30, 1 << 31
 # QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on);
 # 1 GiB pages are offered to the guest only under shadow paging (measured in L1).
 TCG_MAXPHYADDR = 40
@@ -81,11 +82,12 @@ class SvmTcgBus(NativeBus):
             cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
         super().deliver_begin(cpu, vector)
 
-    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
+            restart: bool = False) -> int:
         before = self.stats["exits"]
         rf = self.cpu.rflags & X86_EFLAGS_RF if self.cpu is not None else 0
         try:
-            return super()._hw(gva, size, kind, value, cpl, implicit)
+            return super()._hw(gva, size, kind, value, cpl, implicit, restart)
         except Stop as stop:
             if stop.reason == "internal_error" and self.cpu is not None and not rf:
                 self.cpu.rflags &= ~X86_EFLAGS_RF    # TCG saves RFLAGS without RF on a fault-class exit
@@ -112,6 +114,14 @@ class SvmTcgBus(NativeBus):
         super().write_cr(cpu, cr, value)
         self._emulated_if_exited(before)
 
+    def read_cr(self, cpu: X86Cpu, cr: int) -> None:
+        # KVM's init_vmcb intercepts reads of CR0, CR3 and CR4; with npt=1 it clears the CR3 one, and
+        # update_cr0_intercept clears the CR0 one while the CR0 the CPU runs with (shadow paging
+        # forces PG and WP; CD and NW are cleared) equals the guest's.  No decode assists: emulated.
+        if cr == 4 or (self.profile.mmu == "shadow" and (cr == 3 or (cr == 0 and _cr0_differs(cpu.cr0)))):
+            self.stats["exits"] += 1
+            self.stats["insn_emulation"] += 1
+
     def invlpg(self, cpu: X86Cpu, gva: int) -> None:
         before = self.stats["exits"]
         super().invlpg(cpu, gva)
@@ -122,6 +132,11 @@ class SvmTcgBus(NativeBus):
         cpu.rflags &= ~X86_EFLAGS_RF              # HLT ends TCG's translation block
         super().halt(cpu)
 
+
+
+def _cr0_differs(cr0: int) -> bool:
+    """The shadow-paging CR0 (svm_set_cr0: PG and WP set, CD and NW clear) differs from the guest's."""
+    return (cr0 & (X86_CR0_PG | X86_CR0_WP)) != (X86_CR0_PG | X86_CR0_WP) or bool(cr0 & (X86_CR0_CD | X86_CR0_NW))
 
 
 class SvmProfile(HostProfile):
@@ -141,7 +156,7 @@ class SvmProfile(HostProfile):
 
 
 _QUIRKS = (
-    "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV CR, INVLPG",
+    "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV to/from CR, INVLPG",
     "RF never set by the CPU (frames of its own faults, RFLAGS saved on a fault-class #VMEXIT)",
     "RF from IRETQ kept until a control transfer or HLT",
     "TLB flushed on every VMRUN and #VMEXIT",
