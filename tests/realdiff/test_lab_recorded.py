@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmmu.lab.compare import diff_recorded
+from kvmmu.lab.compare import diff_recorded, load_recorded_programs
 from kvmmu.lab.record import load_results
 from kvmmu.report.realdiff import load_programs
 
@@ -32,7 +32,7 @@ def programs() -> list:
 
 def _not_agreeing(programs: list, name: str) -> set[str]:
     results = load_results(HERE / "lab" / f"{name}.json")
-    chosen = [p for p in programs if p.name in results["programs"]]
+    chosen = [p for p in load_recorded_programs(CORPUS, results) if p.name in results["programs"]]
     assert len(chosen) == len(results["programs"])
     return {r.name for r in diff_recorded(chosen, results, results["profile"]) if r.status != "agree"}
 
@@ -82,3 +82,13 @@ def test_generation_scenarios_trace(name: str) -> None:
     assert created["check_mmio_spte"][0].endswith("kvm_gen 4 spte-gen 2 valid 0")
     for scenario in ("gen_slot_deleted", "gen_wraparound"):
         assert progs[scenario]["trace"]["counts"]["kvm_mmu_zap_all_fast"] == 1
+
+
+def test_programs_are_built_for_the_recorded_guest_width() -> None:
+    """phys_width.py takes its high GPA from the guest width: 40 bits in L1, so the recorded MMIO
+    exit is at bit 39, whatever the width of the machine comparing."""
+    results = load_results(HERE / "lab" / "shadow.json")
+    [program] = [p for p in load_recorded_programs(CORPUS, results, ["pte_frame_above_maxphyaddr_cpl0"])]
+    [(addr, length, *_)] = results["programs"][program.name]["mmio"]
+    assert (addr, length) == ((1 << 39) | 0x5000, 4)
+    assert addr in {m.gpa for m in program.maps}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import ScenarioError
 from ..guest.runtime import Program, build
-from ..report.realdiff import ProgramReport, compare, run_model
+from ..real.cpuid import recorded_guest_paging
+from ..report.realdiff import ProgramReport, compare, load_programs, run_model
 from .record import observation_from_json
 
 
@@ -17,6 +20,23 @@ def check_profile(results: dict[str, Any], profile: str) -> None:
         raise ScenarioError(f"--profile {profile!r} does not match the recorded configuration "
                             f"({results.get('config')}, mmio_caching={results.get('mmio_caching')}: "
                             f"profile {recorded!r})")
+
+
+def load_recorded_programs(paths: Iterable[str | Path], results: dict[str, Any],
+                           k: Iterable[str] | None = None) -> list[Program]:
+    """The corpus as the recorded machine built it: a program whose addresses come from the guest
+    physical-address width (``phys_width.py``) takes the recorded ``guest_paging`` (L1 gives its
+    guests 40 bits; the machine comparing may have 48), so both sides ran the same bytes.  ``k``
+    keeps the programs whose names contain one of its strings."""
+    paging = results.get("guest_paging") or {}
+    width, gbpages = paging.get("maxphyaddr"), paging.get("gbpages")
+    if width is None:
+        programs = load_programs(paths)
+    else:
+        with recorded_guest_paging(int(width), bool(gbpages)):
+            programs = load_programs(paths)
+    keys = list(k or [])
+    return [p for p in programs if not keys or any(s in p.name for s in keys)]
 
 
 def diff_recorded(programs: list[Program], results: dict[str, Any], profile: str) -> list[ProgramReport]:
@@ -47,4 +67,4 @@ def tally(reports: list[ProgramReport]) -> dict[str, list[str]]:
     return out
 
 
-__all__ = ["check_profile", "diff_recorded", "tally"]
+__all__ = ["check_profile", "diff_recorded", "load_recorded_programs", "tally"]

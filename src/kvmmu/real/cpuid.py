@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from . import ioctls as K
@@ -116,12 +117,29 @@ def host_guest_paging() -> tuple[int, bool, str]:
 
     Read from KVM_GET_SUPPORTED_CPUID on /dev/kvm; without a usable /dev/kvm, from the host CPU's
     ``address sizes`` in /proc/cpuinfo (what KVM would report), else KVM's no-CPUID default.
-    Cached: the answer is a property of the machine.
+    Cached: the answer is a property of the machine.  Inside ``recorded_guest_paging`` it is the
+    recorded machine's instead.
     """
+    if _recorded:
+        return _recorded[-1]
     with _host_lock:
         if not _host_cache:
             _host_cache.append(_measure_host())
         return _host_cache[0]
+
+
+_recorded: list[tuple[int, bool, str]] = []
+
+
+@contextlib.contextmanager
+def recorded_guest_paging(width: int, gbpages: bool) -> Iterator[None]:
+    """Within the block, ``host_guest_paging`` answers what a recorded machine gave its guests: a
+    program that takes its addresses from the guest width is built as it was on that machine."""
+    _recorded.append((width, gbpages, "recorded"))
+    try:
+        yield
+    finally:
+        _recorded.pop()
 
 
 def _measure_host() -> tuple[int, bool, str]:
@@ -146,4 +164,4 @@ def _measure_host() -> tuple[int, bool, str]:
 
 
 __all__ = ["KVM_DEFAULT_MAXPHYADDR", "CpuidEntry", "find", "for_vcpu", "gbpages", "get_supported_cpuid",
-           "host_guest_paging", "maxphyaddr", "pack_cpuid2"]
+           "host_guest_paging", "maxphyaddr", "pack_cpuid2", "recorded_guest_paging"]

@@ -621,10 +621,11 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def _cmd_recorded(args: argparse.Namespace, programs: list[Program]) -> int:
     """``--recorded FILE``: the real side comes from a lab results file (kvmmu.lab), no /dev/kvm needed."""
-    from ..lab.compare import diff_recorded
+    from ..lab.compare import diff_recorded, load_recorded_programs
     from ..lab.record import load_results
 
     results = load_results(args.recorded)
+    programs = load_recorded_programs(args.paths, results, args.k)   # built for the recorded guest width
     profile = args.profile if args.profile_given else results.get("profile") or args.profile
     reports = diff_recorded(programs, results, profile)
     print(report_json(reports) if args.json else format_report(reports, args.verbose))
