@@ -188,6 +188,26 @@ def get_profile(name: str | HostProfile) -> HostProfile:
     return PROFILES[name]
 
 
+# The instructions KVM's decoder flags PageTable (emulate.c's opcode tables): the forms a guest
+# writes its page tables with.  x86_page_table_writing_insn() is that flag, whatever the operands.
+_PAGE_TABLE_WRITERS = frozenset({
+    ix.Mnemonic.OR, ix.Mnemonic.AND, ix.Mnemonic.XCHG, ix.Mnemonic.BTS, ix.Mnemonic.BTC,
+    ix.Mnemonic.CMPXCHG, ix.Mnemonic.CMPXCHG8B, ix.Mnemonic.CMPXCHG16B,
+})
+
+
+def page_table_writing_insn(instr: ix.Instruction | None) -> bool:
+    """x86_page_table_writing_insn for the instruction the CPU is executing (None: no instruction,
+    nothing for KVM to retry).  MOV has the flag only in its forms with a memory destination
+    (88/89, 8C, A2/A3, C6/C7); MOVS, STOS, MOVNTI, the SSE moves, ADD and the other ALU forms
+    do not."""
+    if instr is None:
+        return True
+    if instr.mnemonic in _PAGE_TABLE_WRITERS:
+        return True
+    return instr.mnemonic == ix.Mnemonic.MOV and instr.op_count > 0 and instr.op0_kind == ix.OpKind.MEMORY
+
+
 class _QuietReader:
     """Guest page-table reads through the memslots with no side effect (no A/D update, no count)."""
 
@@ -241,10 +261,13 @@ class ModelBus:
         before = self.stats["insn_emulation"]
         failed = self.stats["insn_emulation_fail"]
         vcpu.defer_emulation = restart
+        cpu = self.cpu
+        vcpu.retry_rip = None if cpu is None or page_table_writing_insn(cpu.instr) else cpu.rip
         try:
             r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
         finally:
             vcpu.defer_emulation = False
+            vcpu.retry_rip = None
         if r.emulate:
             self.emulating = True              # KVM's emulator runs the instruction from its start
             raise Reexecute()

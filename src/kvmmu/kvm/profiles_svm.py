@@ -23,13 +23,16 @@ What TCG's SVM does differently from an AMD CPU is part of these profiles, not o
   so a fault there pushes RF=1.
 - The CPU's TLB is flushed on every VMRUN and #VMEXIT (QEMU's SVM flushes its softmmu TLB), so a
   guest never sees a stale translation across an exit.
+- A read-modify-write without LOCK is a load and then a store (a hardware CPU translates its read
+  for writing): on a page whose gpte is clean the load gets a read-only spte and the store faults
+  once more.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from iced_x86 import FlowControl
+from iced_x86 import FlowControl, Mnemonic
 
 from ..arch.bits import PF_VECTOR
 from ..hw.x86cpu import Stop
@@ -81,6 +84,16 @@ class SvmTcgBus(NativeBus):
         if not injected:
             cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
         super().deliver_begin(cpu, vector)
+
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False,
+             restart: bool = False) -> int:
+        # TCG runs a read-modify-write as a load, then a store, each filling its own TLB entry: the
+        # load faults as a read (a clean gpte gets a read-only spte), the store faults again.  Only
+        # its atomic forms (a LOCK prefix, XCHG with memory) look the page up for writing first.
+        instr = self.cpu.instr if self.cpu is not None else None
+        if rmw and instr is not None and not (instr.has_lock_prefix or instr.mnemonic == Mnemonic.XCHG):
+            rmw = False
+        return super().read(gva, size, cpl, implicit, rmw, restart)
 
     def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
             restart: bool = False) -> int:
@@ -160,6 +173,7 @@ _QUIRKS = (
     "RF never set by the CPU (frames of its own faults, RFLAGS saved on a fault-class #VMEXIT)",
     "RF from IRETQ kept until a control transfer or HLT",
     "TLB flushed on every VMRUN and #VMEXIT",
+    "a read-modify-write without LOCK loads, then stores (two faults on a clean page)",
 )
 
 

@@ -470,6 +470,17 @@ class KvmMmu:
         elif flush:
             self.flush_remote_tlbs()
 
+    def unprotect_page(self, gfn: int) -> bool:
+        """kvm_mmu_unprotect_page: zap every shadow page with gptes from `gfn`, so the guest's next write
+        to it needs no emulation.  True when there was one."""
+        invalid: list[ShadowPage] = []
+        found = False
+        for sp in list(self.indirect_pages_for_gfn(gfn)):
+            found = True
+            self.prepare_zap_page(sp, invalid)
+        self.commit_zap_page(invalid)
+        return found
+
     # -- TLB flushing --------------------------------------------------------------------------
     def flush_remote_tlbs(self) -> None:
         self.stats["remote_tlb_flush_requests"] += 1
