@@ -105,6 +105,11 @@ class HostProfile:
     # The CMPS forms, as (prefix, size), for which the CPU reads DS:[RSI] before ES:[RDI] (the SDM
     # names no order; CPUs differ); None: measured on the machine running the model (real/cmps_order).
     cmps_source_first: frozenset[tuple[str, int]] | None = frozenset()
+    # Linux 6.1's retry_instruction: a RET_PF_EMULATE fault outside the MMIO cache, by an instruction
+    # without KVM's PageTable flag, unprotects the gfn and re-enters the guest once (Vcpu.retry_rip).
+    # From 6.12 KVM retries only when that zapped a shadow page (kvm_mmu_unprotect_gfn_and_retry),
+    # which the model does not do: measured on kvm-pvm (6.18), a read-only-slot write faults once.
+    retry_instruction: bool = False
     quirks: tuple[str, ...] = field(default_factory=tuple)
     # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
     kvm_deviations: bool = True
@@ -262,7 +267,8 @@ class ModelBus:
         failed = self.stats["insn_emulation_fail"]
         vcpu.defer_emulation = restart
         cpu = self.cpu
-        vcpu.retry_rip = None if cpu is None or page_table_writing_insn(cpu.instr) else cpu.rip
+        vcpu.retry_rip = cpu.rip if (self.profile.retry_instruction and cpu is not None
+                                     and not page_table_writing_insn(cpu.instr)) else None
         try:
             r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
         finally:

@@ -182,7 +182,7 @@ def _profile(name: str, mmu: str, caching: bool, summary: str) -> SvmProfile:
                       summary=summary + ("" if caching else ", mmio_caching=0"),
                       mmu=mmu, mmio_caching="generation" if caching else "off", cpl0="native",
                       delivery="hardware", guest_maxphyaddr=TCG_MAXPHYADDR,
-                      guest_gbpages=mmu == "shadow", quirks=_QUIRKS)
+                      guest_gbpages=mmu == "shadow", quirks=_QUIRKS, retry_instruction=True)
 
 
 SVM_PROFILES: dict[str, HostProfile] = {
