@@ -286,6 +286,10 @@ class ModelBus:
                 self.cpu.rflags |= X86_EFLAGS_RF
             raise Stop("internal_error", f"KVM could not emulate the {kind} at gva {gva:#x}")
         if r.fault is not None:
+            if r.fault.vector == UD:
+                # KVM queued it when its emulation failed (handle_emulation_failure): the guest gets
+                # it at the next entry, it is not a #UD of the CPU's that the host would intercept.
+                self.emulating = True
             raise _fault(r.fault.vector, r.fault.error_code, r.fault.cr2)
         if self.stats["insn_emulation"] != before:
             self.emulating = True          # KVM emulated it; the emulator finishes the instruction
