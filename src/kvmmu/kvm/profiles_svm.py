@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from iced_x86 import FlowControl, Mnemonic
 
 from ..arch.bits import PF_VECTOR
-from ..hw.x86cpu import Stop
+from ..hw.x86cpu import CpuFault, Stop
 from .profiles import PROFILES, HostProfile, NativeBus
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class SvmTcgBus(NativeBus):
         self._exits_seen = -1
         self._insn_start = (0, 0)
         self._rf = 0
+        self._kvm_raised = False
 
     def begin(self, cpu: X86Cpu) -> None:
         exits = self.stats["exits"]
@@ -65,6 +66,7 @@ class SvmTcgBus(NativeBus):
             self._exits_seen = exits
         self._insn_start = (exits, self.stats["pf_guest"])
         self._rf = cpu.rflags & X86_EFLAGS_RF
+        self._kvm_raised = False
         super().begin(cpu)
 
     def commit(self, cpu: X86Cpu) -> None:
@@ -79,8 +81,14 @@ class SvmTcgBus(NativeBus):
         # and the frame TCG pushes keeps it; a fault TCG delivers by itself has RF clear in its frame.
         # KVM injected it when this instruction exited to KVM and, for a #PF, KVM injected that #PF
         # (pf_guest): under NPT a #PF after an #NPF exit is the CPU's own on the retried instruction.
+        # Any other exception KVM injected came out of KVM's handling of an access or of its emulator;
+        # one the CPU raises by itself (#GP for HLT or MOV CR at CPL3) is TCG's, even if an exit (a
+        # fixed #PF on the fetch, say) came earlier in the same instruction.
         exits, pf_guest = self._insn_start
-        injected = self.stats["exits"] != exits and (vector != PF_VECTOR or self.stats["pf_guest"] != pf_guest)
+        if vector == PF_VECTOR:
+            injected = self.stats["exits"] != exits and self.stats["pf_guest"] != pf_guest
+        else:
+            injected = self._kvm_raised or self.emulating
         if not injected:
             cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
         super().deliver_begin(cpu, vector)
@@ -101,6 +109,9 @@ class SvmTcgBus(NativeBus):
         rf = self.cpu.rflags & X86_EFLAGS_RF if self.cpu is not None else 0
         try:
             return super()._hw(gva, size, kind, value, cpl, implicit, restart)
+        except CpuFault:
+            self._kvm_raised = True        # KVM queued it (an injected #PF, a failed emulation's #UD)
+            raise
         except Stop as stop:
             if stop.reason == "internal_error" and self.cpu is not None and not rf:
                 self.cpu.rflags &= ~X86_EFLAGS_RF    # TCG saves RFLAGS without RF on a fault-class exit
@@ -110,6 +121,12 @@ class SvmTcgBus(NativeBus):
                 # The exit flushed the TLB before the access was retried; what the retry cached stays.
                 self._flush_keeping(gva, size)
                 self._exits_seen = self.stats["exits"]
+
+    def abort(self, cpu: X86Cpu, fault: CpuFault) -> None:
+        before = self.stats["exits"]
+        super().abort(cpu, fault)
+        if self.stats["exits"] != before:
+            self._kvm_raised = True        # an intercepted #UD: KVM decodes it and reflects it
 
     def _flush_keeping(self, gva: int, size: int) -> None:
         cpu = self.vcpu.cpu
