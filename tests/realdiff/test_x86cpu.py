@@ -66,6 +66,9 @@ class FlatBus:
         return False
 
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None: ...
+    def read_cr(self, cpu: X86Cpu, cr: int) -> None: ...
+    def cmps_source_first(self, cpu: X86Cpu, prefix: str, size: int) -> bool:
+        return False
     def invlpg(self, cpu: X86Cpu, gva: int) -> None: ...
 
     def halt(self, cpu: X86Cpu) -> None:

@@ -102,6 +102,8 @@ class Bus(Protocol):
     def rep_yield(self, cpu: X86Cpu) -> bool: ...        # after a string iteration: stop here?
     def noncanonical_tail(self, cpu: X86Cpu) -> bool: ...   # only the last bytes are non-canonical: go on?
     def write_cr(self, cpu: X86Cpu, cr: int, value: int) -> None: ...     # MOV to CR0/CR3/CR4
+    def read_cr(self, cpu: X86Cpu, cr: int) -> None: ...     # MOV from CR0/CR2/CR3/CR4 (an intercept?)
+    def cmps_source_first(self, cpu: X86Cpu, prefix: str, size: int) -> bool: ...   # CPU's CMPS order
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool: ...  # INT n/INT3; True: deliver, skip DPL check
     def unemulatable(self, cpu: X86Cpu, what: str) -> None: ...  # KVM's emulator cannot do this one
     def invlpg(self, cpu: X86Cpu, gva: int) -> None: ...
@@ -558,6 +560,7 @@ def _mov(cpu: X86Cpu, instr: ix.Instruction) -> None:
         value = {0: cpu.cr0, 2: cpu.cr2, 3: cpu.cr3, 4: cpu.cr4}.get(cr)
         if value is None:
             raise UnsupportedInstruction(cpu.rip, cpu.text(instr), f"CR{cr} is not modelled")
+        cpu.bus.read_cr(cpu, cr)
         cpu.set(instr.op0_register, value)
         cpu.advance()
         return
@@ -1133,7 +1136,12 @@ def _string(cpu: X86Cpu, instr: ix.Instruction) -> None:
             regs[RSI] = (rsi + step) & M64
         else:
             if kind == "cmps":
-                a, b = _cmps_operands(cpu, rsi, rdi, size)
+                prefix = "repe" if instr.has_repe_prefix else "repne" if instr.has_repne_prefix else ""
+                if cpu.bus.cmps_source_first(cpu, prefix, size):
+                    a = cpu.load(rsi, size)         # the CPU's order is KVM's emulator's: no restart
+                    b = cpu.load(rdi, size)
+                else:
+                    a, b = _cmps_operands(cpu, rsi, rdi, size)
                 regs[RSI] = (rsi + step) & M64
             else:
                 a, b = regs[RAX] & MASKS[size], cpu.load(rdi, size)
@@ -1156,8 +1164,9 @@ def _string(cpu: X86Cpu, instr: ix.Instruction) -> None:
 
 
 def _cmps_operands(cpu: X86Cpu, rsi: int, rdi: int, size: int) -> tuple[int, int]:
-    """CMPS on the CPU reads ES:[RDI] before DS:[RSI] (the SDM names no order; measured on this
-    host: when both fault, CR2 is RDI); KVM's emulator reads the source first (x86_emulate_insn reads
+    """CMPS on the CPU reads ES:[RDI] before DS:[RSI] (the SDM names no order; measured: when both
+    fault, CR2 is RDI — except the forms ``Bus.cmps_source_first`` names, see
+    kvmmu.real.cmps_order); KVM's emulator reads the source first (x86_emulate_insn reads
     src, then dst).  The bus raises Reexecute when KVM's emulator runs the instruction — at once,
     or after the CPU's access to RDI faulted into KVM's emulation path."""
     try:

@@ -104,6 +104,9 @@ class HostProfile:
     # None: what the real backend's CPUID gives a guest on the machine running the model
     guest_maxphyaddr: int | None = 46
     guest_gbpages: bool | None = True
+    # The CMPS forms, as (prefix, size), for which the CPU reads DS:[RSI] before ES:[RDI] (the SDM
+    # names no order; CPUs differ); None: measured on the machine running the model (real/cmps_order).
+    cmps_source_first: frozenset[tuple[str, int]] | None = frozenset()
     quirks: tuple[str, ...] = field(default_factory=tuple)
     # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
     kvm_deviations: bool = True
@@ -119,6 +122,13 @@ class HostProfile:
             width = host_width if width is None else width
             gb = host_gb if gb is None else gb
         return width, gb
+
+    def cmps_source_first_forms(self) -> frozenset[tuple[str, int]]:
+        """The CMPS forms this host's CPU reads source first (measured where the profile says None)."""
+        if self.cmps_source_first is None:
+            from ..real.cmps_order import host_cmps_source_first
+            return host_cmps_source_first()[0]
+        return self.cmps_source_first
 
     def make_vm(self, host_hugepage_level: int = 1) -> VM:
         """A VM of this host; `host_hugepage_level` says how large the host pages behind guest RAM are."""
@@ -139,6 +149,7 @@ PROFILES: dict[str, HostProfile] = {
                 "mmio_caching=N",
         mmu="shadow", mmio_caching="off", cpl0="emulated", delivery="kvm", emul_batch=1024,
         iret_fails_emulation=True, gp_at_cpl3_emulated=True, guest_maxphyaddr=None, guest_gbpages=None,
+        cmps_source_first=None,
         emulation_failure_exits=True, user_slot256_faults=True, delivery_fault_is_df=True,
         # Measured: KVM_SET_SREGS accepts CR4.PKE although this host's KVM reports no PKU
         # (docs/real-kvm.md); PKRU stays 0 there (the host CPU has no PKU), so no key ever denies.
@@ -386,6 +397,12 @@ class ModelBus:
         except InvalidArgument:
             self.kvm_fault = True
             raise CpuFault(GP, 0) from None     # KVM refuses the value (kvm_set_cr4 &c. return 1): #GP
+
+    def read_cr(self, cpu: X86Cpu, cr: int) -> None:
+        pass          # the reads a host intercepts are its profile's (SvmTcgBus)
+
+    def cmps_source_first(self, cpu: X86Cpu, prefix: str, size: int) -> bool:
+        return (prefix, size) in self.profile.cmps_source_first_forms()
 
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool:
         return False

@@ -29,13 +29,16 @@ What TCG's SVM does differently from an AMD CPU is part of these profiles, not o
 
 The kernel is 6.1, so the VM retries an instruction before emulating it as KVM did before 6.12
 (`VM(retry_pf_emulation=True)`, kvm/emulate_retry.py).
+- A read-modify-write without LOCK is a load and then a store (a hardware CPU translates its read
+  for writing): on a page whose gpte is clean the load gets a read-only spte and the store faults
+  once more.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from iced_x86 import FlowControl
+from iced_x86 import FlowControl, Mnemonic
 
 from ..arch.bits import PF_VECTOR, PFERR_PRESENT_MASK, PFERR_RSVD_MASK
 from ..hw.host import Host
@@ -47,6 +50,7 @@ if TYPE_CHECKING:
     from ..hw.x86cpu import X86Cpu
 
 X86_EFLAGS_RF = 1 << 16
+X86_CR0_WP, X86_CR0_NW, X86_CR0_CD, X86_CR0_PG = 1 << 16, 1 << 29, 1 << 30, 1 << 31
 # QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on);
 # 1 GiB pages are offered to the guest only under shadow paging (measured in L1).
 TCG_MAXPHYADDR = 40
@@ -92,6 +96,16 @@ class SvmTcgBus(NativeBus):
             cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
         super().deliver_begin(cpu, vector)
 
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, rmw: bool = False,
+             restart: bool = False) -> int:
+        # TCG runs a read-modify-write as a load, then a store, each filling its own TLB entry: the
+        # load faults as a read (a clean gpte gets a read-only spte), the store faults again.  Only
+        # its atomic forms (a LOCK prefix, XCHG with memory) look the page up for writing first.
+        instr = self.cpu.instr if self.cpu is not None else None
+        if rmw and instr is not None and not (instr.has_lock_prefix or instr.mnemonic == Mnemonic.XCHG):
+            rmw = False
+        return super().read(gva, size, cpl, implicit, rmw, restart)
+
     def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
             restart: bool = False) -> int:
         before = self.stats["exits"]
@@ -131,6 +145,14 @@ class SvmTcgBus(NativeBus):
         super().write_cr(cpu, cr, value)
         self._emulated_if_exited(before)
 
+    def read_cr(self, cpu: X86Cpu, cr: int) -> None:
+        # KVM's init_vmcb intercepts reads of CR0, CR3 and CR4; with npt=1 it clears the CR3 one, and
+        # update_cr0_intercept clears the CR0 one while the CR0 the CPU runs with (shadow paging
+        # forces PG and WP; CD and NW are cleared) equals the guest's.  No decode assists: emulated.
+        if cr == 4 or (self.profile.mmu == "shadow" and (cr == 3 or (cr == 0 and _cr0_differs(cpu.cr0)))):
+            self.stats["exits"] += 1
+            self.stats["insn_emulation"] += 1
+
     def invlpg(self, cpu: X86Cpu, gva: int) -> None:
         before = self.stats["exits"]
         super().invlpg(cpu, gva)
@@ -141,6 +163,11 @@ class SvmTcgBus(NativeBus):
         cpu.rflags &= ~X86_EFLAGS_RF              # HLT ends TCG's translation block
         super().halt(cpu)
 
+
+
+def _cr0_differs(cr0: int) -> bool:
+    """The shadow-paging CR0 (svm_set_cr0: PG and WP set, CD and NW clear) differs from the guest's."""
+    return (cr0 & (X86_CR0_PG | X86_CR0_WP)) != (X86_CR0_PG | X86_CR0_WP) or bool(cr0 & (X86_CR0_CD | X86_CR0_NW))
 
 
 class SvmProfile(HostProfile):
@@ -164,11 +191,12 @@ class SvmProfile(HostProfile):
 
 
 _QUIRKS = (
-    "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV CR, INVLPG",
+    "no NRIPS / decode assists: +1 insn_emulation per intercepted HLT, MOV to/from CR, INVLPG",
     "RF never set by the CPU (frames of its own faults, RFLAGS saved on a fault-class #VMEXIT)",
     "RF from IRETQ kept until a control transfer or HLT",
     "TLB flushed on every VMRUN and #VMEXIT",
     "a reserved-bit #PF raised by TCG has RSVD without P",
+    "a read-modify-write without LOCK loads, then stores (two faults on a clean page)",
 )
 
 

@@ -51,6 +51,7 @@ from .memslots import Memslot
 from .mmu.context import VcpuMmu
 from .mmu.fault import kvm_mmu_page_fault
 from .mmu.guest_reader import GuestPteReader
+from .mmu.mmio import mmio_info_in_cache
 from .mmu.pf import RET_PF_EMULATE
 from .nested import enter_guest_mode, leave_guest_mode, reflect_ept_fault
 from .stats import MODEL_COUNTERS, VCPU_STATS, Stats
@@ -556,6 +557,31 @@ class Vcpu:
                     raise KvmBug(f"access to {pgva:#x} faulted {_MAX_ENTRIES} times without progress")
         self._do_access(pieces, hpas, write, data, result)
         return result
+
+    def _retry_instruction(self, addr: int) -> bool:
+        """retry_instruction (x86.c), for a fault that returned RET_PF_EMULATE: KVM decodes the
+        instruction (insn_emulation) and, when it may (EMULTYPE_ALLOW_RETRY_PF: not an MMIO address
+        the per-vCPU cache knows, not L2) and the instruction is not one that writes page tables,
+        unprotects the gfn and re-enters the guest — once per (RIP, address): the second fault on
+        the same pair is emulated.  A write to a read-only memslot therefore faults twice."""
+        last, self.last_retry = self.last_retry, None
+        rip = self.retry_rip
+        mmu = self.mmu
+        if rip is None or self.mmu_is_nested or mmio_info_in_cache(self, addr, mmu.direct):
+            return False
+        if (rip, addr) == last:
+            return False
+        self.stats["insn_emulation"] += 1         # the decode before retry_instruction
+        self.last_retry = (rip, addr)
+        gpa = addr
+        if not mmu.direct:
+            from .mmu.paging import guest_walk
+            w = guest_walk(mmu, addr, PFERR_WRITE_MASK)
+            if w.fault:
+                return True
+            gpa = w.gpa
+        mmu.kvm.unprotect_page(gpa >> 12)
+        return True
 
     def _gpa_available(self, err: int) -> bool:
         """x86_emulate_instruction: may the emulator take a direct MMU's fault address as the gpa of

@@ -34,7 +34,7 @@ def _status(args: argparse.Namespace) -> int:
 
 def _real_diff(args: argparse.Namespace) -> int:
     from ..realdiff import format_report, load_programs, report_json
-    from .compare import diff_recorded
+    from .compare import diff_recorded, load_recorded_programs
     from .record import dump_results
     from .run import capture
 
@@ -52,6 +52,7 @@ def _real_diff(args: argparse.Namespace) -> int:
     print(f"lab: results in {run_dir / 'results.json'} ({results.get('seconds')} s in L1)", file=sys.stderr)
     if args.save:
         dump_results(results, args.save)
+    programs = load_recorded_programs(args.paths, results, args.k)   # built for L1's guest width
     reports = diff_recorded(programs, results, config.profile_name(caching))
     print(report_json(reports) if args.json else format_report(reports, args.verbose))
     return 1 if any(r.status in ("differ", "error") for r in reports) else 0

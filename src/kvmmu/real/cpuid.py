@@ -123,6 +123,8 @@ def host_guest_paging() -> tuple[int, bool, str]:
     Cached: the answer is a property of the machine.  Inside ``guest_paging_as`` it is the machine
     that recorded a run instead.
     """
+    if _recorded:
+        return _recorded[-1]
     with _host_lock:
         if _recorded:
             return _recorded[-1]

@@ -481,7 +481,6 @@ class KvmMmu:
         elif flush:
             self.flush_remote_tlbs()
 
-    # -- TLB flushing --------------------------------------------------------------------------
     def flush_remote_tlbs(self) -> None:
         self.stats["remote_tlb_flush_requests"] += 1
         self.stats["remote_tlb_flush"] += 1
