@@ -81,11 +81,12 @@ class SvmTcgBus(NativeBus):
             cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
         super().deliver_begin(cpu, vector)
 
-    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
+            restart: bool = False) -> int:
         before = self.stats["exits"]
         rf = self.cpu.rflags & X86_EFLAGS_RF if self.cpu is not None else 0
         try:
-            return super()._hw(gva, size, kind, value, cpl, implicit)
+            return super()._hw(gva, size, kind, value, cpl, implicit, restart)
         except Stop as stop:
             if stop.reason == "internal_error" and self.cpu is not None and not rf:
                 self.cpu.rflags &= ~X86_EFLAGS_RF    # TCG saves RFLAGS without RF on a fault-class exit
