@@ -129,11 +129,8 @@ NOT_RUN = {
 NEEDS_KVM = {"kvmmu real-diff tests/realdiff/corpus", "kvmmu real-diff tests/realdiff/corpus/pte_edits.py -k cpl3 -v"}
 
 EXIT_STATUS = {
-    # 24 of the 100 programs differ from the recorded svm-shadow run (docs/real-kvm.md).
+    # Programs of the 100 differ from the recorded svm-shadow run (docs/real-kvm.md lists them).
     "kvmmu real-diff tests/realdiff/corpus tests/realdiff/lab/scenarios --recorded tests/realdiff/lab/shadow.json": 1,
-    # slot_readd_readonly_cpl3 is among them.
-    "kvmmu real-diff tests/realdiff/corpus tests/realdiff/lab/scenarios --recorded tests/realdiff/lab/shadow.json "
-    "-k slot_ -k gen_slot": 1,
 }
 
 
