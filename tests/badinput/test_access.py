@@ -71,7 +71,7 @@ def test_non_canonical_address_is_a_gp_fault_for_the_guest(mmu: str, mode: str) 
             before = vm_state(vm)
             r = vcpu.access(gva, 4, kind, value)
             assert r.fault is not None and (r.fault.vector, r.fault.error_code) == (13, 0), f"{gva:#x} {kind}: {r}"
-            assert r.value is None and not r.exits, r
+            assert r.value is None and not r.mmio_exit_records, r
             assert_unchanged(before, vm_state(vm), f"non-canonical {kind} at {gva:#x}")
 
 

@@ -118,10 +118,10 @@ def test_deleted_memslot_is_unreachable_when_the_call_returns() -> None:
         for policy in ("off", "zap", "generation"):
             vm, vcpu, _pt = running_vm(mmu, mmio_caching=policy)
             gva = 0x40_0000 - 0x4000 + 0x10
-            assert not vcpu.access(gva, 8, "read").exits
+            assert not vcpu.access(gva, 8, "read").mmio_exit_records
             vm.set_user_memory_region(0, 0, 0)
             vm.set_user_memory_region(2, 64 << 20, 0x1000)       # and something else happens meanwhile
             r = vcpu.access(gva, 8, "read")
             # The vCPU may still hold gva -> gpa 0x200010 (a TLB entry) or walk the (now missing) tables.
-            assert r.fault is not None or [e.phys_addr for e in r.exits] == [0x20_0010], \
+            assert r.fault is not None or [e.phys_addr for e in r.mmio_exit_records] == [0x20_0010], \
                 f"{mmu}/{policy}: the deleted slot's page was still reachable: {r}"

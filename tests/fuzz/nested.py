@@ -212,12 +212,12 @@ class NestedWorld:
         if got_exit is not None or r.fault is not None:
             return f"{desc}: {r}; reference: {want.kind} at L1 gpa {want.gpa:#x}"
         if want.kind == "mmio":
-            exits = [(e.phys_addr, e.len, e.is_write) for e in r.exits]
+            exits = [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records]
             if exits != [(want.gpa, size, kind == "write")]:
                 return f"{desc}: exits {exits}; reference: one KVM_EXIT_MMIO at {want.gpa:#x}"
             return None
-        if r.exits:
-            return f"{desc}: exits {r.exits}; reference: RAM at L1 gpa {want.gpa:#x}"
+        if r.mmio_exit_records:
+            return f"{desc}: exits {r.mmio_exit_records}; reference: RAM at L1 gpa {want.gpa:#x}"
         if kind == "write":
             self.ref_page(want.gpa)[off:off + size] = value.to_bytes(size, "little")  # type: ignore[union-attr]
         elif r.value != int.from_bytes(before, "little"):  # type: ignore[arg-type]

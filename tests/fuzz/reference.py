@@ -367,7 +367,7 @@ class Outcome:
 
     value: int | None = None
     fault: tuple[int, int, int | None] | None = None        # (vector, error code, cr2)
-    exits: list[Exit] = field(default_factory=list)
+    mmio_exit_records: list[Exit] = field(default_factory=list)
     ad: dict[int, tuple[int, int]] = field(default_factory=dict)   # entry gpa -> (size, bits to OR)
     data: list[tuple[int, bytes]] = field(default_factory=list)   # (gpa, bytes) written to RAM
     fills: list[Tr] = field(default_factory=list)                   # translations now possibly cached
@@ -375,7 +375,7 @@ class Outcome:
     how: str = ""                                                   # which options made it (for messages)
 
     def observable(self) -> tuple:
-        return (self.value, self.fault, tuple(self.exits))
+        return (self.value, self.fault, tuple(self.mmio_exit_records))
 
 
 def mmio_read_value(gpa: int, n: int) -> int:
@@ -582,11 +582,11 @@ class Reference:
                 while off < n:
                     k = min(8, n - off)
                     if acc.write:
-                        out.exits.append(Exit(gpa + off, k, True, data[pos + off:pos + off + k]))
+                        out.mmio_exit_records.append(Exit(gpa + off, k, True, data[pos + off:pos + off + k]))
                     else:
                         val = mmio_read_value(gpa + off, k)
                         b = val.to_bytes(k, "little")
-                        out.exits.append(Exit(gpa + off, k, False, b))
+                        out.mmio_exit_records.append(Exit(gpa + off, k, False, b))
                         got += b
                     off += k
             pos += n

@@ -46,7 +46,7 @@ class Guest:
     def store(self, gpa: int, value: int, size: int = 8) -> None:
         """The guest kernel stores to one of its page tables (CPL0, through its own mapping)."""
         r = self.vcpu.access(gpa, size, "write", value, cpl=0)
-        assert r.fault is None and not r.exits, f"the guest's store to its table at {gpa:#x}: {r}"
+        assert r.fault is None and not r.mmio_exit_records, f"the guest's store to its table at {gpa:#x}: {r}"
 
 
 def pf(r: kvmmu.AccessResult) -> int | None:
@@ -203,7 +203,7 @@ def test_emulated_access_after_a_page_table_exit_uses_the_data_address(mmu: str)
     so the load returns the PDPTE instead of the data."""
     g = _pdpt_elsewhere(mmu, readonly=True)
     r = g.vcpu.access(GVA, 8, "read")
-    assert r.value == DATA and not r.exits, f"expected value {DATA:#x} (the data at 0x700008), got {r}"
+    assert r.value == DATA and not r.mmio_exit_records, f"expected value {DATA:#x} (the data at 0x700008), got {r}"
 
 
 @pytest.mark.parametrize("mmu", ["ept", "npt"])
@@ -214,7 +214,7 @@ def test_page_table_without_memslot_never_becomes_an_mmio_data_access(mmu: str) 
     g = _pdpt_elsewhere(mmu, readonly=False)
     g.vm.set_user_memory_region(slot=1, guest_phys_addr=0x200_0000, memory_size=0)   # the PDPT is gone
     r = g.vcpu.access(GVA, 8, "read")
-    assert pf(r) == 0x0 and not r.exits, f"expected #PF(not present), no exit; got {r}"
+    assert pf(r) == 0x0 and not r.mmio_exit_records, f"expected #PF(not present), no exit; got {r}"
 
 
 @pytest.mark.parametrize("mmu", ["ept", "npt"])
@@ -232,7 +232,7 @@ def test_page_table_behind_an_mmio_spte_never_becomes_the_data_address(mmu: str)
     g.vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0)   # the tables are gone
     assert pf(a.access(0x10, 4, "read")) == 0x0
     r = b.access(0x0, 1, "read")
-    assert pf(r) == 0x0 and not r.exits, f"expected #PF(not present), no exit; got {r}"
+    assert pf(r) == 0x0 and not r.mmio_exit_records, f"expected #PF(not present), no exit; got {r}"
 
 
 def _shadow_mmio(flags: int, pkey: int = 0) -> Guest:
@@ -247,7 +247,8 @@ def test_mmio_implicit_access_at_cpl3_is_a_supervisor_access() -> None:
     On a supervisor MMIO page at CPL3 the model's emulator walks with U=1 and injects #PF(0x5)."""
     g = _shadow_mmio(P | RW | A | D)
     r = g.vcpu.access(0x40_0000, 4, "read", cpl=3, implicit=True)
-    assert r.fault is None and [e.phys_addr for e in r.exits] == [MMIO], f"expected one MMIO read exit, got {r}"
+    assert r.fault is None and [e.phys_addr for e in r.mmio_exit_records] == [MMIO], \
+        f"expected one MMIO read exit, got {r}"
 
 
 def test_mmio_smap_applies_to_implicit_accesses_even_with_ac() -> None:
@@ -256,9 +257,9 @@ def test_mmio_smap_applies_to_implicit_accesses_even_with_ac() -> None:
     g = _shadow_mmio(P | RW | US | A | D)
     v = g.vcpu
     v.set_sregs(cr4=X86_CR4_PAE | X86_CR4_SMAP, rflags=X86_EFLAGS_AC)
-    assert v.access(0x40_0000, 4, "read", cpl=0).exits                 # explicit, AC=1: allowed
+    assert v.access(0x40_0000, 4, "read", cpl=0).mmio_exit_records                 # explicit, AC=1: allowed
     r = v.access(0x40_0000, 4, "read", cpl=0, implicit=True)
-    assert pf(r) == 0x1 and not r.exits, f"expected #PF(0x1), no exit; got {r}"
+    assert pf(r) == 0x1 and not r.mmio_exit_records, f"expected #PF(0x1), no exit; got {r}"
 
 
 def test_mmio_fetch_respects_nx() -> None:
@@ -267,9 +268,9 @@ def test_mmio_fetch_respects_nx() -> None:
     through (the emulator walks without the fetch bit)."""
     g = _shadow_mmio(P | RW | A | D | NX)
     v = g.vcpu
-    assert v.access(0x40_0000, 4, "read").exits
+    assert v.access(0x40_0000, 4, "read").mmio_exit_records
     r = v.access(0x40_0000, 4, "fetch")
-    assert pf(r) == 0x11 and not r.exits, f"expected #PF(0x11), no exit; got {r}"
+    assert pf(r) == 0x11 and not r.mmio_exit_records, f"expected #PF(0x11), no exit; got {r}"
 
 
 def test_mmio_access_respects_pkru() -> None:
@@ -278,10 +279,10 @@ def test_mmio_access_respects_pkru() -> None:
     g = _shadow_mmio(P | RW | US | A | D, pkey=1)
     v = g.vcpu
     v.set_sregs(cr4=X86_CR4_PAE | X86_CR4_PKE, pkru=0)
-    assert v.access(0x40_0000, 4, "read", cpl=3).exits
+    assert v.access(0x40_0000, 4, "read", cpl=3).mmio_exit_records
     v.pkru = 0b0100                                  # AD for key 1 (WRPKRU)
     r = v.access(0x40_0000, 4, "read", cpl=3)
-    assert pf(r) == 0x25 and not r.exits, f"expected #PF(P|U|PK = 0x25), no exit; got {r}"
+    assert pf(r) == 0x25 and not r.mmio_exit_records, f"expected #PF(P|U|PK = 0x25), no exit; got {r}"
 
 
 @pytest.mark.parametrize("policy", ["zap", "generation"])
@@ -294,9 +295,9 @@ def test_write_to_an_mmio_page_sets_the_dirty_bit_with_cr0_wp_clear(policy: str)
     pte = g.pt.map(0x40_0000, MMIO, flags=P | RW | A)
     v = g.vcpu
     v.set_sregs(cr3=g.pt.cr3, **{**LONG_MODE, "cr0": LONG_MODE["cr0"] & ~X86_CR0_WP})
-    assert v.access(0x40_0000, 4, "read").exits
+    assert v.access(0x40_0000, 4, "read").mmio_exit_records
     r = v.access(0x40_0008, 4, "write", 5)
-    assert r.fault is None and [e.phys_addr for e in r.exits] == [MMIO + 8]
+    assert r.fault is None and [e.phys_addr for e in r.mmio_exit_records] == [MMIO + 8]
     assert int.from_bytes(g.vm.read_phys(pte, 8), "little") & D, "the write did not set the PTE's D bit"
 
 
@@ -337,7 +338,7 @@ def test_faulting_page_crossing_store_writes_nothing() -> None:
     g.vm.write_phys(0x50_0FFC, b"\x01\x02\x03\x04")
     v = g.vcpu
     v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
-    assert v.access(0x40_1000, 4, "read").exits                          # MMIO spte + cache
+    assert v.access(0x40_1000, 4, "read").mmio_exit_records                          # MMIO spte + cache
     r = v.access(0x40_0FFC, 8, "write", 0xAAAAAAAA_BBBBBBBB)
     assert pf(r) == 0x3, r
     assert g.vm.read_phys(0x50_0FFC, 4) == b"\x01\x02\x03\x04", "the faulting store modified the first page"
@@ -438,6 +439,6 @@ def test_shadow_pages_are_not_shared_between_32bit_vcpus_with_different_cr4_pse(
     a, b = g.vcpu, g.vm.create_vcpu()
     a.set_sregs(cr0=X86_CR0_PG | X86_CR0_PE | X86_CR0_WP, cr3=g.pt.cr3, cr4=X86_CR4_PSE, efer=0)
     b.set_sregs(cr0=X86_CR0_PG | X86_CR0_PE | X86_CR0_WP, cr3=g.pt.cr3, cr4=0, efer=0)
-    assert a.access(0x40_0000, 4, "read").exits
+    assert a.access(0x40_0000, 4, "read").mmio_exit_records
     r = b.access(0x40_0000, 4, "read")
-    assert pf(r) == 0x0 and not r.exits, f"expected #PF(not present) for the PSE=0 vCPU, got {r}"
+    assert pf(r) == 0x0 and not r.mmio_exit_records, f"expected #PF(not present) for the PSE=0 vCPU, got {r}"

@@ -107,11 +107,11 @@ def test_page_crossing_access_and_mmio_pieces() -> None:
     ref.phys.write(PT + 8, (0xD000_0000 | R.P | R.RW).to_bytes(8, "little"))    # the next page is MMIO
     v = ref.vcpus[0]
     outs = ref.outcomes(v, R.Access(0x40_0FFC, 16, "write", 0, False, int.from_bytes(bytes(range(16)), "little")))
-    ok = {(tuple(o.data), tuple(o.exits)) for o in outs if o.fault is None}    # either page first: the same
+    ok = {(tuple(o.data), tuple(o.mmio_exit_records)) for o in outs if o.fault is None}    # either page first: the same
     assert len(ok) == 1
     ok = [o for o in outs if o.fault is None]
     assert ok[0].data == [(DATA + 0xFFC, bytes(range(4)))]
-    assert [(e.gpa, e.len) for e in ok[0].exits] == [(0xD000_0000, 8), (0xD000_0008, 4)]
+    assert [(e.gpa, e.len) for e in ok[0].mmio_exit_records] == [(0xD000_0000, 8), (0xD000_0008, 4)]
 
 
 def test_canonical_and_32_bit_limits() -> None:

@@ -401,7 +401,8 @@ class World:
         if getattr(r, "l1_exit", None) is not None:
             self.fail(f"{desc}: unexpected nested exit {r.l1_exit}")
         got_fault = None if r.fault is None else (r.fault.vector, r.fault.error_code, r.fault.cr2)
-        got = (r.value, got_fault, tuple(R.Exit(e.phys_addr, e.len, e.is_write, bytes(e.data)) for e in r.exits))
+        got = (r.value, got_fault,
+               tuple(R.Exit(e.phys_addr, e.len, e.is_write, bytes(e.data)) for e in r.mmio_exit_records))
         if check == "gp":
             if got != (None, (R.GP, 0, None), ()):
                 self.fail(f"{desc} gave {_fmt(got)}; reference: #GP(0) (non-canonical / beyond the segment)")
@@ -433,7 +434,7 @@ class World:
                       f"the architecture expects e.g. [{want}] ({same[0].how})")
         chosen = match[0]
         self._note_dirty(match)
-        COUNTERS.saw("pf" if chosen.fault else "mmio" if chosen.exits else "ram")
+        COUNTERS.saw("pf" if chosen.fault else "mmio" if chosen.mmio_exit_records else "ram")
         COUNTERS.saw(chosen.how)
         # Commit: A/D first (the data access sees them), speculative fills at that point, then data.
         for g, (sz, b) in chosen.ad.items():

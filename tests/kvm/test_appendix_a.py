@@ -38,12 +38,12 @@ V = MMIO_GVA
 
 
 def _exits(r: kvmmu.AccessResult) -> list[tuple[int, int, bool, bytes]]:
-    return [(e.phys_addr, e.len, e.is_write, e.data) for e in r.exits]
+    return [(e.phys_addr, e.len, e.is_write, e.data) for e in r.mmio_exit_records]
 
 
 def _first_mmio_access(g: Guest, offset: int = 0x10, size: int = 4) -> kvmmu.AccessResult:
     r = g.vcpu.access(V + offset, size, "read")
-    assert r.fault is None and len(r.exits) == 1
+    assert r.fault is None and len(r.mmio_exit_records) == 1
     return r
 
 
@@ -81,7 +81,7 @@ def test_row2_repeated_accesses_each_exit_once(guest: Guest) -> None:
     _first_mmio_access(g)
     s = g.snap()
     for i in range(5):
-        assert len(g.vcpu.access(V + 8 * i, 8, "read").exits) == 1
+        assert len(g.vcpu.access(V + 8 * i, 8, "read").mmio_exit_records) == 1
     assert_pf(s.delta(), mmio_exits=5, exits=5)
     g.audit()
 
@@ -99,7 +99,7 @@ def test_row3_slot_created_over_g_maps_ram(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(V + 0x10, 8, "read")
     d = s.delta()
-    assert r.exits == [] and r.value == int.from_bytes(b"RAMNOW!!", "little")
+    assert r.mmio_exit_records == [] and r.value == int.from_bytes(b"RAMNOW!!", "little")
     assert_pf(d, pf_taken=1, pf_fixed=1, mmio_exits=0)
     assert d.model["mmio_fastpath_invalid"] == 1, "the stale spte must be seen by the fast path (INVALID)"
     g.audit()
@@ -111,7 +111,7 @@ def test_row3_writes_now_reach_ram(guest: Guest) -> None:
     _first_mmio_access(g)
     g.vm.set_user_memory_region(slot=2, guest_phys_addr=G, memory_size=MiB)
     r = g.vcpu.access(V + 0x20, 4, "write", 0x13572468)
-    assert r.exits == []
+    assert r.mmio_exit_records == []
     assert g.vm.read_phys(G + 0x20, 4) == (0x13572468).to_bytes(4, "little")
     g.audit()
 
@@ -126,7 +126,7 @@ def test_row4_unrelated_slot_recreates_mmio_spte(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(V + 0x10, 4, "read")
     d = s.delta()
-    assert [(e.phys_addr, e.len) for e in r.exits] == [(G + 0x10, 4)]
+    assert [(e.phys_addr, e.len) for e in r.mmio_exit_records] == [(G + 0x10, 4)]
     assert_pf(d, pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     level, spte = g.leaf_spte(V)
     assert level == 1 and is_shadow_mmio_spte(spte)
@@ -294,7 +294,7 @@ def test_row6_readonly_slot_write_is_emulated_mmio_write() -> None:
     assert not is_shadow_mmio_spte(g.leaf_spte(V)[1])
     s = g.snap()
     r = g.vcpu.access(V, 8, "read")
-    assert r.exits == [] and r.value == int.from_bytes(b"firmware", "little")
+    assert r.mmio_exit_records == [] and r.value == int.from_bytes(b"firmware", "little")
     assert_pf(s.delta(), pf_taken=1, pf_fixed=1)
     g.audit()
 
@@ -324,7 +324,7 @@ def test_row7_mmio_spte_and_cache_from_guest_walk(guest: Guest, flags: int, kind
     r = g.vcpu.access(gva + 0x44, 4, kind, 0x11 if kind == "write" else None, cpl=cpl)
     d = s.delta()
     assert r.fault is None
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(G + 0x44, 4, kind == "write")]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == [(G + 0x44, 4, kind == "write")]
     assert_pf(d, pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     assert d.vm["pages_4k"] == 0, "MMIO sptes are not counted in pages_4k (invariant 1)"
     v = g.vcpu
@@ -365,7 +365,7 @@ def test_row8_cr3_reload_clears_gva_cache_spte_survives(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(V + 0x10, 4, "read")
     d = s.delta()
-    assert len(r.exits) == 1
+    assert len(r.mmio_exit_records) == 1
     assert_pf(d, mmio_exits=1)
     assert d.model["mmio_fastpath"] == 1
     g.audit()
@@ -426,7 +426,7 @@ def test_row8_switch_away_and_back_spte_survives_in_cached_root(guest: Guest) ->
 def _row9(g: Guest) -> tuple[kvmmu.AccessResult, object]:
     gva = V + 9 * PAGE
     g.pt.map(gva, G, flags=P | RW)                      # supervisor-only
-    assert len(g.vcpu.access(gva, 4, "read", cpl=0).exits) == 1       # row 7 first (MMIO spte exists)
+    assert len(g.vcpu.access(gva, 4, "read", cpl=0).mmio_exit_records) == 1       # row 7 first (MMIO spte exists)
     s = g.snap()
     return g.vcpu.access(gva + 8, 4, "read", cpl=3), s
 
@@ -438,7 +438,7 @@ def test_row9_user_access_to_supervisor_mmio_injects_pf(guest: Guest) -> None:
     r, s = _row9(g)
     d = s.delta()
     assert r.fault == GuestFault(14, 0x5, V + 9 * PAGE + 8)
-    assert r.exits == []
+    assert r.mmio_exit_records == []
     assert d.vcpu["pf_guest"] == 1 and d.vcpu["mmio_exits"] == 0
     g.audit()
 
@@ -462,7 +462,7 @@ def test_row9_cold_user_access_to_supervisor_mmio(guest: Guest) -> None:
     g.pt.map(gva, G, flags=P | RW)
     s = g.snap()
     r = g.vcpu.access(gva, 4, "read", cpl=3)
-    assert r.fault == GuestFault(14, 0x5, gva) and r.exits == []
+    assert r.fault == GuestFault(14, 0x5, gva) and r.mmio_exit_records == []
     assert_pf(s.delta(), pf_taken=1, pf_guest=1, mmio_exits=0)
     assert (g.vcpu.mmio_gva, g.vcpu.mmio_gfn) == (0, 0)
     assert not is_shadow_mmio_spte(g.leaf_spte(gva)[1])
@@ -475,9 +475,9 @@ def test_row9_user_write_to_user_readonly_mmio(guest: Guest) -> None:
     g = guest
     gva = V + 9 * PAGE
     g.pt.map(gva, G, flags=P | US)
-    assert len(g.vcpu.access(gva, 4, "read", cpl=3).exits) == 1
+    assert len(g.vcpu.access(gva, 4, "read", cpl=3).mmio_exit_records) == 1
     r = g.vcpu.access(gva, 4, "write", 1, cpl=3)
-    assert r.fault == GuestFault(14, 0x7, gva) and r.exits == []
+    assert r.fault == GuestFault(14, 0x7, gva) and r.mmio_exit_records == []
     g.audit()
 
 
@@ -505,7 +505,8 @@ def test_row10_16_byte_load_assembles_two_exits(guest: Guest) -> None:
     g.mmio_reads[G + 0x48] = 0x2222222222222222
     s = g.snap()
     r = g.vcpu.access(V + 0x40, 16, "read")
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(G + 0x40, 8, False), (G + 0x48, 8, False)]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == \
+        [(G + 0x40, 8, False), (G + 0x48, 8, False)]
     assert r.value == 0x2222222222222222_1111111111111111
     assert s.delta().vcpu["mmio_exits"] == 1
     g.audit()
@@ -554,7 +555,7 @@ def test_row11_page_straddling_load(guest: Guest) -> None:
     g.mmio_reads[G + 0xFFC] = 0xAABBCCDD
     g.mmio_reads[G2] = 0x11223344
     r = g.vcpu.access(V + 0x10FFC, 8, "read")
-    assert [(e.phys_addr, e.len) for e in r.exits] == [(G + 0xFFC, 4), (G2, 4)]
+    assert [(e.phys_addr, e.len) for e in r.mmio_exit_records] == [(G + 0xFFC, 4), (G2, 4)]
     assert r.value == 0x11223344_AABBCCDD
     g.audit()
 
@@ -600,7 +601,7 @@ def test_row12_write_inside_device_is_handled_in_kernel(guest: Guest) -> None:
     g.vm.register_io_device(DEV_BASE, DEV_LEN, dev)
     s = g.snap()
     r = g.vcpu.access(V + 0x180, 4, "write", 0x12345678)
-    assert r.exits == [] and r.fault is None
+    assert r.mmio_exit_records == [] and r.fault is None
     assert dev.writes == [(DEV_BASE + 0x80, 4, 0x12345678)]
     assert s.delta().vcpu["mmio_exits"] == 0
     g.audit()
@@ -612,7 +613,7 @@ def test_row12_read_inside_device_is_handled_in_kernel(guest: Guest) -> None:
     dev = Dev()
     g.vm.register_io_device(DEV_BASE, DEV_LEN, dev)
     r = g.vcpu.access(V + 0x1F8, 8, "read")
-    assert r.exits == [] and r.value == 0x5EEDF00DCAFEBABE
+    assert r.mmio_exit_records == [] and r.value == 0x5EEDF00DCAFEBABE
     assert dev.reads == [(DEV_BASE + 0xF8, 8)]
     g.audit()
 
@@ -632,7 +633,7 @@ def test_row12_partially_overlapping_write_goes_to_userspace(guest: Guest, offse
     g.vm.register_io_device(DEV_BASE, DEV_LEN, dev)
     s = g.snap()
     r = g.vcpu.access(V + offset, size, "write", 0xA5A5A5A5)
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(G + offset, size, True)]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == [(G + offset, size, True)]
     assert dev.writes == []
     assert s.delta().vcpu["mmio_exits"] == 1
     g.audit()
@@ -643,7 +644,7 @@ def test_row12_device_declining_goes_to_userspace(guest: Guest) -> None:
     g = guest
     g.vm.register_io_device(DEV_BASE, DEV_LEN, Dev(handles=False))
     r = g.vcpu.access(V + 0x180, 4, "write", 1)
-    assert [(e.phys_addr, e.len) for e in r.exits] == [(G + 0x180, 4)]
+    assert [(e.phys_addr, e.len) for e in r.mmio_exit_records] == [(G + 0x180, 4)]
     g.audit()
 
 
@@ -666,8 +667,8 @@ def test_row12_zero_length_range_matches_only_its_address(guest: Guest) -> None:
     g = guest
     dev = Dev()
     g.vm.register_io_device(G + 0x40, 0, dev)
-    assert g.vcpu.access(V + 0x40, 4, "write", 1).exits == []
-    assert len(g.vcpu.access(V + 0x44, 4, "write", 2).exits) == 1
+    assert g.vcpu.access(V + 0x40, 4, "write", 1).mmio_exit_records == []
+    assert len(g.vcpu.access(V + 0x44, 4, "write", 2).mmio_exit_records) == 1
     assert dev.writes == [(G + 0x40, 4, 1)]
     g.audit()
 
@@ -678,9 +679,9 @@ def test_row12_coalesced_zone_buffers_writes_reads_exit(guest: Guest) -> None:
     g.vm.register_coalesced_mmio(G + 0x800, 0x100)
     s = g.snap()
     r = g.vcpu.access(V + 0x810, 4, "write", 0x99)
-    assert r.exits == [] and s.delta().vcpu["mmio_exits"] == 0
+    assert r.mmio_exit_records == [] and s.delta().vcpu["mmio_exits"] == 0
     assert list(g.vm.coalesced_ring) == [(G + 0x810, 4, 0x99)]
-    assert len(g.vcpu.access(V + 0x810, 4, "read").exits) == 1
+    assert len(g.vcpu.access(V + 0x810, 4, "read").mmio_exit_records) == 1
     g.audit()
 
 
@@ -704,7 +705,7 @@ def test_row13_access_during_update_takes_full_path() -> None:
         seen["cache"] = (g.vcpu.mmio_gva, g.vcpu.mmio_gen)
 
     g.vm.set_user_memory_region(slot=2, guest_phys_addr=0xE000_0000, memory_size=MiB, during_update=during)
-    assert len(seen["r"].exits) == 1
+    assert len(seen["r"].mmio_exit_records) == 1
     assert_pf(seen["d"], pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     assert seen["d"].model["mmio_fastpath_invalid"] == 1
     assert is_shadow_mmio_spte(seen["spte"]) and mmio_spte_gen(seen["spte"]) == old_gen & GEN_MASK
@@ -760,7 +761,7 @@ def test_row13_new_slot_visible_during_update() -> None:
         seen["d"] = s.delta()
 
     g.vm.set_user_memory_region(slot=2, guest_phys_addr=G, memory_size=MiB, during_update=during)
-    assert seen["r"].exits == []
+    assert seen["r"].mmio_exit_records == []
     assert_pf(seen["d"], pf_taken=1, pf_fixed=1)
     g.audit()
 
@@ -785,7 +786,7 @@ def test_row13_access_to_deleted_range_during_delete() -> None:
 
     g.vm.set_user_memory_region(slot=2, guest_phys_addr=0xE000_0000, memory_size=0, during_update=during)
     assert seen["gen"] & IN_PROGRESS
-    assert [e.phys_addr for e in seen["r"].exits] == [0xE000_0000]
+    assert [e.phys_addr for e in seen["r"].mmio_exit_records] == [0xE000_0000]
     assert_pf(seen["d"], pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     assert mmio_spte_gen(seen["spte"]) == seen["gen"] & GEN_MASK
     assert not seen["spte"] & IN_PROGRESS

@@ -79,7 +79,7 @@ def test_f2_ept4_guest_pte_beyond_48_bits_ends_in_an_mmio_exit() -> None:
     vm = kvmmu.VM(mmu="ept", guest_maxphyaddr=52)
     (v,) = _guest(vm, 1 << 48)
     r = v.access(GVA, 4, "read")
-    assert r.fault is None and [e.phys_addr for e in r.exits] == [1 << 48]
+    assert r.fault is None and [e.phys_addr for e in r.mmio_exit_records] == [1 << 48]
     vm.audit()
 
 
@@ -173,9 +173,9 @@ def test_every_gpa_ends_in_a_result_of_its_own(mmu: str, host_bits: int, guest_b
     if gpa >> guest_bits:
         assert r.fault is not None and r.fault.vector == 14 and r.fault.error_code & 8   # PFERR_RSVD
     elif backed:
-        assert r.fault is None and not r.exits
+        assert r.fault is None and not r.mmio_exit_records
         want = 0x77 if kind == "write" else (0xCDAB if gpa == slot_gpa + 0x3000 else 0)
         assert int.from_bytes(vm.read_phys(gpa, 4), "little") == (0x77 if kind == "write" else want)
     else:
-        assert r.fault is None and [e.phys_addr for e in r.exits] == [gpa]
+        assert r.fault is None and [e.phys_addr for e in r.mmio_exit_records] == [gpa]
     vm.audit()

@@ -56,9 +56,9 @@ def test_page_crossing_emulated_store_writes_its_first_page_only_with_kvm_deviat
     g.vm.write_phys(0x50_0FFC, b"\x01\x02\x03\x04")
     v = g.vcpu
     v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
-    assert v.access(0x40_1000, 4, "read").exits
+    assert v.access(0x40_1000, 4, "read").mmio_exit_records
     r = v.access(0x40_0FFC, 8, "write", 0xAAAAAAAA_BBBBBBBB)
-    assert pf(r) == 0x3 and r.fault.cr2 == 0x40_1000 and not r.exits
+    assert pf(r) == 0x3 and r.fault.cr2 == 0x40_1000 and not r.mmio_exit_records
     first = g.vm.read_phys(0x50_0FFC, 4)
     assert first == (b"\xbb\xbb\xbb\xbb" if deviations else b"\x01\x02\x03\x04")
 
@@ -99,9 +99,9 @@ def test_page_table_gpa_becomes_the_data_gpa_only_with_kvm_deviations(deviations
     g.vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0)   # the tables are gone
     r = v.access(0x0, 1, "read")              # the PML4 read exits; its gpa's offset is 0, like the gva's
     if deviations:
-        assert r.fault is None and [e.phys_addr for e in r.exits] == [g.pt.cr3], "an MMIO read of the PML4"
+        assert r.fault is None and [e.phys_addr for e in r.mmio_exit_records] == [g.pt.cr3], "an MMIO read of the PML4"
     else:
-        assert pf(r) == 0x0 and not r.exits
+        assert pf(r) == 0x0 and not r.mmio_exit_records
 
 
 @pytest.mark.parametrize("mmu", ["shadow", "ept"])
@@ -119,11 +119,11 @@ def test_instruction_fetch_from_mmio_fails_emulation_only_with_kvm_deviations(mm
     v.set_sregs(cr3=g.pt.cr3, **LONG_MODE)
     r = v.access(0x40_0000, 4, "fetch", cpl=cpl)
     if deviations:
-        assert r.fault is not None and r.fault.vector == 6 and not r.exits
+        assert r.fault is not None and r.fault.vector == 6 and not r.mmio_exit_records
         assert r.internal_error == ("KVM_INTERNAL_ERROR_EMULATION" if cpl == 0 else None)
         assert v.stats["insn_emulation_fail"] == 1
     else:
-        assert r.fault is None and [e.phys_addr for e in r.exits] == [MMIO] and r.value == 0x77
+        assert r.fault is None and [e.phys_addr for e in r.mmio_exit_records] == [MMIO] and r.value == 0x77
         assert v.stats["insn_emulation_fail"] == 0
 
 
@@ -135,9 +135,9 @@ def test_mmio_write_after_a_read_sets_d_only_without_kvm_deviations(deviations: 
     pte = g.pt.map(0x40_0000, MMIO, flags=P | RW | A)
     v = g.vcpu
     v.set_sregs(cr3=g.pt.cr3, **{**LONG_MODE, "cr0": LONG_MODE["cr0"] & ~X86_CR0_WP})
-    assert v.access(0x40_0000, 4, "read").exits
+    assert v.access(0x40_0000, 4, "read").mmio_exit_records
     walks = v.counters["guest_walks"]
-    assert v.access(0x40_0008, 4, "write", 5).exits
+    assert v.access(0x40_0008, 4, "write", 5).mmio_exit_records
     dirty = bool(int.from_bytes(g.vm.read_phys(pte, 8), "little") & D)
     assert dirty is not deviations
     assert (v.counters["guest_walks"] == walks) is deviations, "KVM answers from the MMIO cache, no walk"

@@ -84,7 +84,7 @@ def test_deleted_range_becomes_mmio(guest: Guest) -> None:
     g.vm.set_user_memory_region(slot=1, guest_phys_addr=SLOT1_GPA, memory_size=0)
     s = g.snap()
     r = g.vcpu.access(DATA + 0x18, 8, "read")
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(SLOT1_GPA + 0x18, 8, False)]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == [(SLOT1_GPA + 0x18, 8, False)]
     assert_pf(s.delta(), pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     g.audit()
 
@@ -100,7 +100,7 @@ def test_other_slots_survive_delete(guest: Guest) -> None:
     g.vm.set_user_memory_region(slot=1, guest_phys_addr=SLOT1_GPA, memory_size=0)
     s = g.snap()
     r = g.vcpu.access(DATA + 0x20_0000, 8, "read")
-    assert r.value == int.from_bytes(b"slot0ram", "little") and r.exits == []
+    assert r.value == int.from_bytes(b"slot0ram", "little") and r.mmio_exit_records == []
     assert_pf(s.delta(), pf_taken=1, pf_fixed=1)
     g.audit()
 
@@ -118,7 +118,7 @@ def test_move_zaps_and_swaps_twice(guest: Guest) -> None:
     assert g.vm.memslots.generation(0) == gen + 2 * NR_AS
     assert s.delta().vm["mmu_shadow_zapped"] > 0
     assert g.vm.stats["pages_4k"] == 0
-    assert g.vcpu.access(DATA, 8, "read").exits[0].phys_addr == SLOT1_GPA
+    assert g.vcpu.access(DATA, 8, "read").mmio_exit_records[0].phys_addr == SLOT1_GPA
     g.pt.map(DATA + 0x20_0000, 96 * MiB)
     assert g.vcpu.access(DATA + 0x20_0000, 8, "read").value == int.from_bytes(b"movedram", "little")
     g.audit()
@@ -178,7 +178,7 @@ def test_readonly_slot_read_maps_read_only(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(DATA, 8, "read")
     d = s.delta()
-    assert r.value == int.from_bytes(b"ROMBYTES", "little") and r.exits == []
+    assert r.value == int.from_bytes(b"ROMBYTES", "little") and r.mmio_exit_records == []
     assert_pf(d, pf_taken=1, pf_fixed=1)
     assert d.vm["pages_4k"] == 1
     level, spte = g.leaf_spte(DATA)
@@ -198,7 +198,7 @@ def test_readonly_slot_write_exits_with_data_and_leaves_memory(guest: Guest) -> 
     r = g.vcpu.access(DATA + 4, 4, "write", 0xDEADBEEF)
     d = s.delta()
     assert r.fault is None
-    assert [(e.phys_addr, e.len, e.is_write, e.data) for e in r.exits] == \
+    assert [(e.phys_addr, e.len, e.is_write, e.data) for e in r.mmio_exit_records] == \
         [(SLOT1_GPA + 4, 4, True, (0xDEADBEEF).to_bytes(4, "little"))]
     assert_pf(d, pf_taken=1, pf_emulate=1, mmio_exits=1)
     assert g.vm.read_phys(SLOT1_GPA, 8) == b"ROMBYTES"
@@ -214,11 +214,11 @@ def test_readonly_slot_write_after_read_exits(guest: Guest) -> None:
     g.vcpu.access(DATA, 8, "read")
     s = g.snap()
     r = g.vcpu.access(DATA, 2, "write", 0x4141)
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(SLOT1_GPA, 2, True)]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == [(SLOT1_GPA, 2, True)]
     assert_pf(s.delta(), pf_taken=1, pf_emulate=1, mmio_exits=1)
     s = g.snap()
     r = g.vcpu.access(DATA, 8, "read")
-    assert r.value == int.from_bytes(b"ROMBYTES", "little") and r.exits == []
+    assert r.value == int.from_bytes(b"ROMBYTES", "little") and r.mmio_exit_records == []
     assert_pf(s.delta(), mmio_exits=0)
     g.audit()
 
@@ -377,7 +377,7 @@ def test_slot_in_smm_address_space_does_not_back_normal_accesses(guest: Guest) -
     g.vm.set_user_memory_region(slot=(1 << 16) | 1, guest_phys_addr=SLOT1_GPA, memory_size=MiB)
     assert (g.vm.memslots.generation(0), g.vm.memslots.generation(1)) == (gen0, gen1 + NR_AS)
     r = g.vcpu.access(DATA, 8, "read")
-    assert [e.phys_addr for e in r.exits] == [SLOT1_GPA]
+    assert [e.phys_addr for e in r.mmio_exit_records] == [SLOT1_GPA]
     g.audit()
 
 
@@ -389,8 +389,8 @@ def test_rw_mapping_of_unbacked_slot0_page_after_shrink_by_delete_and_recreate(g
     g.vm.set_user_memory_region(slot=1, guest_phys_addr=SLOT1_GPA, memory_size=0)
     g.vm.set_user_memory_region(slot=1, guest_phys_addr=SLOT1_GPA, memory_size=4 * PAGE)
     g.pt.map(DATA + 0x20_0000, SLOT1_GPA + 4 * PAGE, flags=RWU)
-    assert g.vcpu.access(DATA, 8, "read").exits == []
-    assert [e.phys_addr for e in g.vcpu.access(DATA + 0x20_0000, 8, "read").exits] == [SLOT1_GPA + 4 * PAGE]
+    assert g.vcpu.access(DATA, 8, "read").mmio_exit_records == []
+    assert [e.phys_addr for e in g.vcpu.access(DATA + 0x20_0000, 8, "read").mmio_exit_records] == [SLOT1_GPA + 4 * PAGE]
     g.audit()
 
 

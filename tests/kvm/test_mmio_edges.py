@@ -47,7 +47,7 @@ def test_gva_page_zero_is_never_cached_but_spte_serves(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(0x10, 4, "read")
     d = s.delta()
-    assert [e.phys_addr for e in r.exits] == [G + 0x10]
+    assert [e.phys_addr for e in r.mmio_exit_records] == [G + 0x10]
     assert_pf(d, mmio_exits=1)
     assert d.model["mmio_fastpath"] == 1
     g.audit()
@@ -62,7 +62,7 @@ def test_vcpus_share_mmio_sptes_not_caches() -> None:
     assert v1.mmio_gva == 0
     s = g.snap(v1)
     r = v1.access(V + 0x10, 4, "read")
-    assert len(r.exits) == 1
+    assert len(r.mmio_exit_records) == 1
     assert_pf(s.delta(), mmio_exits=1)
     assert (v1.mmio_gva, v1.mmio_gfn) == (V, G >> 12)
     g.audit()
@@ -78,7 +78,7 @@ def test_write_after_read_uses_full_walk_in_emulator(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(V + 8, 4, "write", 0x77)
     d = s.delta()
-    assert [(e.phys_addr, e.is_write) for e in r.exits] == [(G + 8, True)]
+    assert [(e.phys_addr, e.is_write) for e in r.mmio_exit_records] == [(G + 8, True)]
     assert_pf(d, mmio_exits=1)
     assert d.model["guest_walks"] == 1
     assert g.gpte(V, 1) & D
@@ -108,7 +108,7 @@ def test_guest_2m_page_over_mmio_gets_4k_mmio_sptes(guest: Guest) -> None:
     for i in (0, 5):
         s = g.snap()
         r = g.vcpu.access(big + i * PAGE, 4, "read")
-        assert [e.phys_addr for e in r.exits] == [base + i * PAGE]
+        assert [e.phys_addr for e in r.mmio_exit_records] == [base + i * PAGE]
         assert_pf(s.delta(), pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
         level, spte = g.leaf_spte(big + i * PAGE)
         assert level == 1 and is_shadow_mmio_spte(spte) and mmio_spte_gfn(spte) == (base >> 12) + i
@@ -153,12 +153,12 @@ def test_mmio_pte_repointed_to_ram_old_translation_until_invlpg(guest: Guest) ->
     g.vm.write_phys(DATA, b"now RAM!")
     g.vcpu.access(pte, 8, "write", DATA | RWU | A)
     assert g.vm.stats["mmu_unsync"] >= 1
-    assert [e.phys_addr for e in g.vcpu.access(V, 4, "read").exits] == [G]
+    assert [e.phys_addr for e in g.vcpu.access(V, 4, "read").mmio_exit_records] == [G]
     g.vcpu.invlpg(V)
     assert not is_shadow_mmio_spte(g.leaf_spte(V)[1])
     s = g.snap()
     r = g.vcpu.access(V, 8, "read")
-    assert r.exits == [] and r.value == int.from_bytes(b"now RAM!", "little")
+    assert r.mmio_exit_records == [] and r.value == int.from_bytes(b"now RAM!", "little")
     assert_pf(s.delta(), pf_taken=1, pf_fixed=1)
     g.audit()
 
@@ -258,7 +258,7 @@ def test_wp0_not_applied_to_mmio_cached_access() -> None:
     g = _wp0_guest()
     g.pt.map(V, G, flags=P | US)
     r = g.vcpu.access(V, 4, "write", 0x1, cpl=0)
-    assert r.fault is None and [(e.phys_addr, e.is_write) for e in r.exits] == [(G, True)]
+    assert r.fault is None and [(e.phys_addr, e.is_write) for e in r.mmio_exit_records] == [(G, True)]
     assert g.vcpu.mmio_access == 4
     assert mmio_spte_access(g.leaf_spte(V)[1]) == 4
     g.audit()
@@ -283,7 +283,7 @@ def test_mmio_spte_over_present_ram_spte_drops_it(guest: Guest, how: str) -> Non
     s = g.snap()
     r = g.vcpu.access(DATA, 4, "write", 0x55)
     d = s.delta()
-    assert [(e.phys_addr, e.is_write) for e in r.exits] == [(G, True)]
+    assert [(e.phys_addr, e.is_write) for e in r.mmio_exit_records] == [(G, True)]
     assert_pf(d, pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     assert d.vm["pages_4k"] == -1
     g.audit()
@@ -304,7 +304,7 @@ def test_tables_in_readonly_slot_get_no_ad_updates() -> None:
     vcpu.set_sregs(cr3=pt.cr3, **LONG_MODE)
     s = Snapshot(vm, vcpu)
     res = vcpu.access(DATA, 4, "write", 9)
-    assert res.fault is None and res.exits == []
+    assert res.fault is None and res.mmio_exit_records == []
     assert_pf(s.delta(), pf_taken=1, pf_fixed=1)
     assert [pt.read(pt.entry_addr(DATA, lvl, create=False), 8) for lvl in (4, 3, 2, 1)] == before
     assert vm.read_phys(DATA, 4) == (9).to_bytes(4, "little")
@@ -322,10 +322,10 @@ def test_nonpaging_guest_mmio_first_and_fast() -> None:
     vcpu.set_sregs(cr0=X86_CR0_PE)
     vcpu.access(WARM, 4, "read")
     s = Snapshot(vm, vcpu)
-    assert [e.phys_addr for e in vcpu.access(G, 4, "read").exits] == [G]
+    assert [e.phys_addr for e in vcpu.access(G, 4, "read").mmio_exit_records] == [G]
     assert_pf(s.delta(), pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     s = Snapshot(vm, vcpu)
-    assert [e.phys_addr for e in vcpu.access(G, 4, "read").exits] == [G]
+    assert [e.phys_addr for e in vcpu.access(G, 4, "read").mmio_exit_records] == [G]
     assert_pf(s.delta(), mmio_exits=1)
     vm.audit()
 
@@ -341,7 +341,7 @@ def test_straddle_into_unmapped_page_injects_pf_and_no_exit(guest: Guest) -> Non
     s = g.snap()
     r = g.vcpu.access(gva + 0xFFC, 8, "write", 0x1122334455667788)
     assert r.fault is not None and (r.fault.vector, r.fault.error_code, r.fault.cr2) == (14, 0x2, gva + PAGE)
-    assert r.exits == []
+    assert r.mmio_exit_records == []
     d = s.delta()
     assert (d.vcpu["pf_guest"], d.vcpu["mmio_exits"]) == (1, 0)
     g.audit()
@@ -362,3 +362,22 @@ def test_cr0_wp_change_unloads_roots_and_uses_other_shadow_pages(guest: Guest) -
     assert_pf(d, pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     assert d.vm["mmu_cache_miss"] >= 1
     g.audit()
+
+
+def test_mmio_exit_records_and_the_deprecated_exits_alias() -> None:
+    """An MMIO read's AccessResult lists its KVM_EXIT_MMIO (one, counted by KVM's mmio_exits); the
+    old name `exits` still reads the same list, with a DeprecationWarning."""
+    vm = kvmmu.VM(mmu="shadow", mmio_caching="generation")
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=32 * MiB)
+    w, r = vm_writer(vm)
+    pt = GuestPageTables("4level", w, r, pool=0x100000)
+    pt.map(DATA, 0xFEE00000)
+    vcpu = vm.create_vcpu()
+    vcpu.set_sregs(cr3=pt.cr3, **LONG_MODE)
+    vm.mmio_handler = lambda ex: 0x1234
+    mmio_exits = vcpu.stats["mmio_exits"]
+    res = vcpu.access(DATA, 4, "read")
+    assert [(e.phys_addr, e.len, e.is_write) for e in res.mmio_exit_records] == [(0xFEE00000, 4, False)]
+    assert vcpu.stats["mmio_exits"] - mmio_exits == 1 and res.value == 0x1234
+    with pytest.warns(DeprecationWarning, match="mmio_exit_records"):
+        assert res.exits is res.mmio_exit_records

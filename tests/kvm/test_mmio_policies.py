@@ -41,7 +41,8 @@ def test_policy_on_the_same_access_stream(policy: str) -> None:
     for i, ((gva, size, kind), (taken, emulate, created)) in enumerate(zip(STREAM, EXPECTED[policy], strict=True)):
         s = g.snap()
         r = g.vcpu.access(gva, size, kind, 7 if kind == "write" else None)
-        assert [(e.phys_addr, e.is_write) for e in r.exits] == [(MMIO_GPA + (gva & 0xFFF), kind == "write")], i
+        want = [(MMIO_GPA + (gva & 0xFFF), kind == "write")]
+        assert [(e.phys_addr, e.is_write) for e in r.mmio_exit_records] == want, i
         assert_pf(s.delta(), pf_taken=taken, pf_emulate=emulate, pf_mmio_spte_created=created, mmio_exits=1)
     g.audit()
 
@@ -156,7 +157,7 @@ def test_slot_created_over_mmio_gpa_maps_ram(policy: str) -> None:
     g.vm.write_phys(MMIO_GPA, b"RAMRAMRA")
     s = g.snap()
     r = g.vcpu.access(MMIO_GVA, 8, "read")
-    assert r.exits == [] and r.value == int.from_bytes(b"RAMRAMRA", "little")
+    assert r.mmio_exit_records == [] and r.value == int.from_bytes(b"RAMRAMRA", "little")
     assert_pf(s.delta(), pf_taken=1, pf_fixed=1)
     g.audit()
 

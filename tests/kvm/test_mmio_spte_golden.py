@@ -37,7 +37,7 @@ def test_shadow_paging_mmio_spte_matches_worked_example() -> None:
     pt.map(0x4000_0000, APIC_GPA, flags=RWU | D)
     vcpu = vm.create_vcpu()
     vcpu.set_sregs(cr3=pt.cr3, **LONG_MODE)
-    assert len(vcpu.access(0x4000_0000, 4, "read").exits) == 1
+    assert len(vcpu.access(0x4000_0000, 4, "read").mmio_exit_records) == 1
     level, spte = list(vcpu.mmu.shadow_walk(0x4000_0000))[-1]
     assert (level, spte) == (1, NON_EPT_GOLDEN)
     vm.audit()
@@ -50,7 +50,7 @@ def test_tdp_mmio_spte_matches_worked_example(mmu: str, golden: int) -> None:
     vm = _vm(mmu)
     vcpu = vm.create_vcpu()
     vcpu.set_sregs(cr0=X86_CR0_PE)
-    assert len(vcpu.access(APIC_GPA, 4, "read").exits) == 1
+    assert len(vcpu.access(APIC_GPA, 4, "read").mmio_exit_records) == 1
     level, spte = list(vcpu.mmu.shadow_walk(APIC_GPA))[-1]
     assert (level, spte) == (1, golden)
     vm.audit()

@@ -104,7 +104,7 @@ def test_mmio_first_access_installs_4k_mmio_spte(mode: str) -> None:
     g = ModeGuest(mode)
     s = g.snap()
     r = g.vcpu.access(V + 0x10, 4, "read")
-    assert [e.phys_addr for e in r.exits] == [G + 0x10]
+    assert [e.phys_addr for e in r.mmio_exit_records] == [G + 0x10]
     assert_pf(s.delta(), pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     level, spte = g.leaf(V)
     assert level == 1 and is_shadow_mmio_spte(spte)
@@ -119,7 +119,7 @@ def test_mmio_fast_path_in_every_mode(mode: str) -> None:
     g = ModeGuest(mode)
     g.vcpu.access(V + 0x10, 4, "read")
     s = g.snap()
-    assert len(g.vcpu.access(V + 0x10, 4, "read").exits) == 1
+    assert len(g.vcpu.access(V + 0x10, 4, "read").mmio_exit_records) == 1
     assert_pf(s.delta(), mmio_exits=1)
     g.vm.audit()
 
@@ -132,7 +132,7 @@ def test_mmio_spte_walk_in_every_mode(mode: str) -> None:
     g.vcpu.access(V + 0x10, 4, "read")
     g.vcpu.write_cr3(g.pt.cr3)
     s = g.snap()
-    assert len(g.vcpu.access(V + 0x10, 4, "read").exits) == 1
+    assert len(g.vcpu.access(V + 0x10, 4, "read").mmio_exit_records) == 1
     d = s.delta()
     assert_pf(d, mmio_exits=1)
     assert d.model["mmio_fastpath"] == 1
@@ -238,7 +238,7 @@ def test_32bit_pse_4m_page_over_mmio() -> None:
     for off, created in ((0, 1), (0x3F_F000, 1), (0x3F_F000, 0)):
         s = g.snap()
         r = g.vcpu.access(v4m + off, 4, "read")
-        assert [e.phys_addr for e in r.exits] == [G + off]
+        assert [e.phys_addr for e in r.mmio_exit_records] == [G + off]
         assert s.delta().vcpu["pf_mmio_spte_created"] == created
         level, spte = g.leaf(v4m + off)
         assert level == 1 and is_shadow_mmio_spte(spte) and mmio_spte_gfn(spte) == (G + off) >> 12

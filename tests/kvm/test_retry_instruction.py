@@ -48,7 +48,7 @@ def _write(vcpu: kvmmu.Vcpu, gva: int, insn: tuple[int, bool] | None) -> dict[st
         r = vcpu.access(gva, 8, "write", 7)
     finally:
         vcpu.emul_insn = None
-    assert r.fault is None and [e.is_write for e in r.exits] == [True]
+    assert r.fault is None and [e.is_write for e in r.mmio_exit_records] == [True]
     return {k: vcpu.stats[k] - before[k] for k in KEYS}
 
 

@@ -25,7 +25,7 @@ def test_first_touch_maps_the_page(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(DATA + 8, 8, "read")
     d = s.delta()
-    assert (r.fault, r.exits, r.value) == (None, [], 0x1122334455667788)
+    assert (r.fault, r.mmio_exit_records, r.value) == (None, [], 0x1122334455667788)
     assert_pf(d, pf_taken=1, pf_fixed=1, exits=1, mmio_exits=0)
     assert d.vm["pages_4k"] == 1
     g.audit()
@@ -50,7 +50,7 @@ def test_second_access_does_not_fault(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(DATA + 0x10, 4, "read")
     d = s.delta()
-    assert r.fault is None and r.exits == []
+    assert r.fault is None and r.mmio_exit_records == []
     assert_pf(d, exits=0)
     assert d.vm["pages_4k"] == 0
     g.audit()
@@ -74,7 +74,7 @@ def test_first_write_sets_dirty_and_reaches_memory(guest: Guest) -> None:
     g.pt.map(DATA, DATA)
     s = g.snap()
     r = g.vcpu.access(DATA + 4, 4, "write", 0xCAFEF00D)
-    assert r.fault is None and r.exits == []
+    assert r.fault is None and r.mmio_exit_records == []
     assert_pf(s.delta(), pf_taken=1, pf_fixed=1)
     assert g.gpte(DATA, 1) & (A | D) == A | D
     assert g.vm.read_phys(DATA + 4, 4) == (0xCAFEF00D).to_bytes(4, "little")
@@ -122,7 +122,7 @@ def test_guest_fault_is_injected_with_sdm_error_code(guest: Guest, flags: int, k
     r = g.vcpu.access(gva + 0x20, 4, kind, 0 if kind == "write" else None, cpl=cpl)
     d = s.delta()
     assert r.fault == GuestFault(PF, error_code, gva + 0x20)
-    assert r.exits == []
+    assert r.mmio_exit_records == []
     assert_pf(d, pf_taken=1, pf_guest=1, mmio_exits=0)
     assert d.vm["pages_4k"] == 0
     level, spte = g.leaf_spte(gva)

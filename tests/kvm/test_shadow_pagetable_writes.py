@@ -43,7 +43,7 @@ def test_write_to_upper_level_table_is_emulated(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(pde, 8, "write", new_pt | RWU)
     d = s.delta()
-    assert r.fault is None and r.exits == []
+    assert r.fault is None and r.mmio_exit_records == []
     assert_pf(d, pf_taken=1, pf_emulate=1, mmio_exits=0)
     assert d.vm["mmu_pte_write"] == 1
     assert d.vm["mmu_unsync"] == 0, "upper-level tables never go unsync"
@@ -96,7 +96,7 @@ def test_write_to_level1_table_unsyncs_it(guest: Guest) -> None:
     s = g.snap()
     r = g.vcpu.access(pte, 8, "write", DATA2 | RWU)
     d = s.delta()
-    assert r.fault is None and r.exits == []
+    assert r.fault is None and r.mmio_exit_records == []
     assert_pf(d, pf_taken=1, pf_fixed=1)
     assert d.vm["mmu_unsync"] == 1
     assert d.vm["mmu_pte_write"] == 0

@@ -36,7 +36,7 @@ def test_row1_first_read_of_unbacked_gpa(mmu: str) -> None:
     vm, vcpu = _tdp_vm(mmu)
     s = Snapshot(vm, vcpu)
     r = vcpu.access(G + 0x10, 4, "read")
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(G + 0x10, 4, False)]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == [(G + 0x10, 4, False)]
     assert_pf(s.delta(), pf_taken=1, pf_mmio_spte_created=1, pf_emulate=1, mmio_exits=1)
     assert (vcpu.mmio_gva, vcpu.mmio_gfn, vcpu.mmio_gen) == (0, G >> 12, vm.memslots.generation(0))
     vm.audit()
@@ -67,7 +67,7 @@ def test_row2_second_access_no_pf_counters(mmu: str) -> None:
     vcpu.access(G, 4, "read")
     s = Snapshot(vm, vcpu)
     r = vcpu.access(G, 4, "read")
-    assert len(r.exits) == 1
+    assert len(r.mmio_exit_records) == 1
     assert_pf(s.delta(), mmio_exits=1)
     vm.audit()
 
@@ -82,7 +82,7 @@ def test_row3_slot_over_g_maps_ram(mmu: str) -> None:
     vm.write_phys(G, b"\x2a\0\0\0")
     s = Snapshot(vm, vcpu)
     r = vcpu.access(G, 4, "read")
-    assert r.exits == [] and r.value == 42
+    assert r.mmio_exit_records == [] and r.value == 42
     assert_pf(s.delta(), pf_taken=1, pf_fixed=1)
     vm.audit()
 

@@ -67,7 +67,7 @@ def test_row14_first_l2_mmio_access_creates_mmio_spte_in_shadow_ept() -> None:
     assert (d.get("pf_taken"), d.get("pf_mmio_spte_created"), d.get("pf_emulate"), d.get("mmio_exits")) == \
         (1, 1, 1, 1)
     assert (vcpu.mmio_gva, vcpu.mmio_gfn) == (0, L1_MMIO >> 12)
-    assert [(e.phys_addr, e.len) for e in r.exits] == [(L1_MMIO + 4, 4)]
+    assert [(e.phys_addr, e.len) for e in r.mmio_exit_records] == [(L1_MMIO + 4, 4)]
     assert r.value == 0x55
     spte = list(vcpu.mmu.shadow_walk(NGPA_MMIO))[-1][1]
     assert spte & 0x7 == 0b110                                    # an EPT misconfiguration value

@@ -40,7 +40,7 @@ def test_row1_first_read_of_unbacked_gpa(flavour: str) -> None:
     assert {k: d.get(k, 0) for k in ("pf_taken", "pf_mmio_spte_created", "pf_emulate", "mmio_exits", "pf_fixed")} \
         == {"pf_taken": 1, "pf_mmio_spte_created": 1, "pf_emulate": 1, "mmio_exits": 1, "pf_fixed": 0}
     assert (vcpu.mmio_gva, vcpu.mmio_gfn) == (0, G >> 12)
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(G + 0x10, 4, False)]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == [(G + 0x10, 4, False)]
     assert r.value == 0x11223344
     vm.audit()
 
@@ -56,7 +56,7 @@ def test_row2_second_access_takes_no_full_fault(flavour: str) -> None:
     assert not {k for k in d if k.startswith("pf_")}
     assert d["mmio_exits"] == 1 and d["exits"] == 1
     assert _delta(cb, vcpu.counters.snapshot()).get("mmio_cache_hits", 0) >= 1   # matched by gpa
-    assert [(e.phys_addr, e.is_write, e.value) for e in r.exits] == [(G + 8, True, 5)]
+    assert [(e.phys_addr, e.is_write, e.value) for e in r.mmio_exit_records] == [(G + 8, True, 5)]
 
 
 def _leaf_spte(vm: kvmmu.VM, vcpu: kvmmu.Vcpu, gpa: int) -> int:

@@ -112,7 +112,7 @@ def test_plain_tdp_write_after_read_of_a_read_only_slot_exits(mmu: str) -> None:
     vm.mmio_handler = lambda e: None
     assert vcpu.access(GVA, 4, "read").ok and vcpu.access(GVA, 1, "fetch").ok
     r = vcpu.access(GVA, 4, "write", 0x11223344)
-    assert r.ok and [(e.phys_addr, e.is_write) for e in r.exits] == [(32 << 20, True)]
+    assert r.ok and [(e.phys_addr, e.is_write) for e in r.mmio_exit_records] == [(32 << 20, True)]
     assert vm.read_phys(32 << 20, 4) == b"\0\0\0\0"
     vm.audit()
 

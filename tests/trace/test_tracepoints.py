@@ -27,7 +27,7 @@ def test_check_mmio_spte_prints_as_the_real_kvm_did() -> None:
 
 @pytest.mark.parametrize(("name", "fields", "text"), [
     ("mark_mmio_spte", {"sptep": 0xFFFF88810A3B5008, "gfn": 0xD0000, "access": 7, "gen": 4},
-     "sptep:0xffff88810a3b5008 gfn d0000 access 7 gen 4"),
+     "sptep:ffff88810a3b5008 gfn d0000 access 7 gen 4"),
     ("handle_mmio_page_fault", {"addr": 0xD0000000, "gfn": 0xD0000, "access": 6},
      "addr:d0000000 gfn d0000 access 6"),
     ("kvm_mmio", {"type": 0, "len": 4, "gpa": 0xD0000000, "val": 0},

@@ -61,7 +61,7 @@ def test_userspace_serial_write_is_one_kvm_exit_mmio_at_its_gpa():
     v = m.vcpus[0]
     n = len(m.vm.mmio_log)
     r = v.access(os_.ioremaps["serial"], 1, "write", ord("A"), cpl=0)
-    assert [(e.phys_addr, e.len, e.is_write) for e in r.exits] == [(SERIAL_GPA, 1, True)]
+    assert [(e.phys_addr, e.len, e.is_write) for e in r.mmio_exit_records] == [(SERIAL_GPA, 1, True)]
     assert len(m.vm.mmio_log) == n + 1 and m.serial.output[-1:] == b"A"
 
 

@@ -22,7 +22,7 @@ Op = tuple
 class ProgramResult:
     accesses: int = 0
     faults: list[AccessResult] = field(default_factory=list)
-    exits: int = 0
+    mmio_exits: int = 0       # KVM_EXIT_MMIO exits, as KVM counts mmio_exits
     halted: bool = False
 
 
@@ -65,7 +65,7 @@ def run_program(vcpu: Vcpu, program: Iterable[Op] | Generator[Op, AccessResult |
             raise ScenarioError(f"operation {n}: {op!r} lacks arguments for {kind!r}") from None
         if reply is not None:
             out.accesses += 1
-            out.exits += len(reply.exits)
+            out.mmio_exits += len(reply.mmio_exit_records)
             if reply.fault is not None:
                 out.faults.append(reply)
     raise ScenarioError(f"the program ran more than {max_ops} operations (max_ops)")

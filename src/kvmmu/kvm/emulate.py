@@ -164,7 +164,7 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
                 n = length - pos if length - pos < 8 else 8
                 payload = data[off + pos:off + pos + n] if write else b""
                 exit_ = vm.vmm_mmio(vcpu, gpa + pos, n, write, payload)
-                result.exits.append(exit_)
+                result.mmio_exit_records.append(exit_)
                 if out is not None:
                     out[off + pos:off + pos + n] = exit_.data
                 pos += n

@@ -271,7 +271,7 @@ class ModelBus:
             raise _fault(r.fault.vector, r.fault.error_code, r.fault.cr2)
         if self.stats["insn_emulation"] != before:
             self.emulating = True          # KVM emulated it; the emulator finishes the instruction
-            if kind == "write" and r.exits:
+            if kind == "write" and r.mmio_exit_records:
                 self.iter_mmio_write = True
         return r.value if r.value is not None else 0
 

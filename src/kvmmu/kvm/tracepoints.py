@@ -53,6 +53,12 @@ def exit_reason_name(reason: int, isa: int) -> str:
     return table.get(reason, f"{reason:#x}" if isa == KVM_ISA_SVM else str(reason))
 
 
+def _ptr(value: int) -> str:
+    """%p: the kernel prints a pointer as a hashed id, 16 hex digits without 0x (lib/vsprintf.c);
+    the model prints its spte's host address in the same shape."""
+    return f"{value:016x}"
+
+
 def _page(f: Fields) -> str:
     """KVM_MMU_PAGE_PRINTK: a shadow page with its decoded role word."""
     role = f["role"]
@@ -114,6 +120,7 @@ TRACEPOINTS: dict[str, tuple[str, _Fmt]] = {
     "vcpu_match_mmio": ("kvm", lambda f: f"gva {f['gva']:#x} gpa {f['gpa']:#x} "
                                          f"{'Write' if f['write'] else 'Read'} {'GPA' if f['gpa_match'] else 'GVA'}"),
     # -- kvmmmu ----------------------------------------------------------------------------------
+    # fast_page_fault keeps the error code in a u32: an #NPF's PFERR_GUEST_* bits 32-33 are not printed.
     "kvm_mmu_pagetable_walk": ("kvmmmu", lambda f: f"addr {f['addr']:x} pferr {f['pferr']:x} "
                                                    f"{print_flags(f['pferr'])}"),
     "kvm_mmu_walker_error": ("kvmmmu", lambda f: f"pferr {f['pferr']:x} {print_flags(f['pferr'])}"),
@@ -121,11 +128,11 @@ TRACEPOINTS: dict[str, tuple[str, _Fmt]] = {
     "kvm_mmu_sync_page": ("kvmmmu", _page),
     "kvm_mmu_unsync_page": ("kvmmmu", _page),
     "kvm_mmu_prepare_zap_page": ("kvmmmu", _page),
-    "mark_mmio_spte": ("kvmmmu", lambda f: f"sptep:{f['sptep']:#x} gfn {f['gfn']:x} access {f['access']:x} "
+    "mark_mmio_spte": ("kvmmmu", lambda f: f"sptep:{_ptr(f['sptep'])} gfn {f['gfn']:x} access {f['access']:x} "
                                            f"gen {f['gen']:x}"),
     "handle_mmio_page_fault": ("kvmmmu", lambda f: f"addr:{f['addr']:x} gfn {f['gfn']:x} access {f['access']:x}"),
     "fast_page_fault": ("kvmmmu", lambda f: f"vcpu {f['vcpu_id']} gva {f['cr2_or_gpa']:x} error_code "
-                                            f"{print_flags(f['error_code'])} sptep {f['sptep']:#x} "
+                                            f"{print_flags(f['error_code'] & 0xFFFFFFFF)} sptep {_ptr(f['sptep'])} "
                                             f"old {f['old_spte']:#x} new {f['new_spte']:x} "
                                             f"spurious {int(f['ret'] == 'SPURIOUS')} fixed {int(f['ret'] == 'FIXED')}"),
     "kvm_mmu_zap_all_fast": ("kvmmmu", lambda f: f"kvm-mmu-valid-gen {f['mmu_valid_gen']} "

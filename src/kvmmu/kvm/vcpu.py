@@ -7,6 +7,7 @@ into the guest, or emulates the access (in-kernel device, RAM, or KVM_EXIT_MMIO 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,7 +78,9 @@ _EFER_RESERVED = ((1 << 64) - 1) & ~((1 << 0) | (1 << 8) | (1 << 10) | (1 << 11)
 class AccessResult:
     value: int | None = None
     fault: GuestFault | None = None
-    exits: list[MmioExit] = field(default_factory=list)
+    # The KVM_EXIT_MMIO exits the access made, in order (each one also counts in KVM's mmio_exits and
+    # exits stats); not named `exits`, which is KVM's counter of every VM exit.
+    mmio_exit_records: list[MmioExit] = field(default_factory=list)
     l1_exit: object | None = None       # NestedExit: the access by L2 ended in a VM exit to L1
     # KVM_EXIT_INTERNAL_ERROR's suberror when KVM gave up (kvm_deviations: a fetch from MMIO)
     internal_error: str | None = None
@@ -88,6 +91,13 @@ class AccessResult:
     @property
     def ok(self) -> bool:
         return self.fault is None and self.internal_error is None
+
+    @property
+    def exits(self) -> list[MmioExit]:
+        """Deprecated: the old name of `mmio_exit_records` (it read like KVM's `exits` counter)."""
+        warnings.warn("AccessResult.exits is deprecated: use AccessResult.mmio_exit_records", DeprecationWarning,
+                      stacklevel=2)
+        return self.mmio_exit_records
 
 
 def _check_control(regs: dict[str, int], pku: bool = True) -> None:

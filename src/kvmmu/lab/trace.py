@@ -3,7 +3,7 @@ buffer around one program, and parsing the lines ftrace prints.
 
 A line of ``trace`` looks like::
 
-    python3-170     [000] d..1.   412.331052: mark_mmio_spte: sptep:0xffff88800a3c8000 gfn d0000 access 7 gen 2
+    python3-170     [000] d..1.   412.331052: mark_mmio_spte: sptep:000000008872c9bd gfn d0000 access 7 gen 2
 
 (task-pid, CPU, the irq/preempt flags, the timestamp, the event name, then the event's own
 ``TP_printk`` text).  Only the event name and its text are kept: the rest differs from run to run.

@@ -122,5 +122,5 @@ def _cmd_kvm_stat_report(args: argparse.Namespace) -> int:
     prog = Progress(f"kvm-stat-report {sc.name}", args.quiet)
     cap = capture_scenario(sc, events=["kvm:kvm_exit"], progress=prog)
     prog.done()
-    _emit(args, render_perf_kvm_stat(cap.exits, cap.vm_names, vm=args.vm))
+    _emit(args, render_perf_kvm_stat(cap.exit_times, cap.vm_names, vm=args.vm))
     return 0

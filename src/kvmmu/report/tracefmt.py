@@ -40,7 +40,7 @@ class Capture:
     counts: dict[str, int] = field(default_factory=dict)
     selected: frozenset[str] = frozenset()
     # perf kvm stat: (vm, vcpu, exit reason, modelled seconds from kvm_exit to kvm_entry)
-    exits: list[tuple[int, int, str, float]] = field(default_factory=list)
+    exit_times: list[tuple[int, int, str, float]] = field(default_factory=list)
 
     def sorted(self) -> list[Record]:
         return sorted(self.records, key=lambda r: (r.t_s, r.seq))
@@ -82,7 +82,7 @@ def capture_scenario(sc: Any, events: list[str] | None = None,
                     open_exit[vc] = (exit_label(ev.fields), t)
                 elif name == "kvm_entry" and vc in open_exit:
                     label, t0 = open_exit.pop(vc)
-                    cap.exits.append((i, vc, label, t - t0))
+                    cap.exit_times.append((i, vc, label, t - t0))
                 if name in selected:
                     cap.records.append(Record(t, ev.seq, i, vc, name, ev.fields))
             m.vm.trace.subscribe(sub)

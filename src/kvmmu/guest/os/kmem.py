@@ -41,7 +41,7 @@ class KernelMemory:
             c["mmio_slow_path"] += 1          # the full fault path ran: the access missed the fast path
         elif st["exits"] != exits:
             c["mmio_fast_path"] += 1          # recognised as MMIO by the fast path (spte or MMIO cache)
-        if r.exits:
+        if r.mmio_exit_records:
             c["mmio_to_userspace"] += 1
         if r.fault is not None:
             raise GuestPanic(f"device register access at {gva:#x} faulted: {r.fault}")

@@ -45,18 +45,31 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
     """Without the MMU lock, make a write-protected (dirty-logged) spte writable again.
 
     Only a write fault on a present leaf that KVM itself may make writable (MMU-writable set)
-    qualifies; never an RSVD fault.  Counts pf_fast.
+    qualifies; never an RSVD fault.  Counts pf_fast.  Once page_fault_can_be_fast lets a fault in,
+    KVM traces fast_page_fault whatever the outcome (spurious, fixed, or neither: the slow path).
     """
     if fault.rsvd or not fault.present or not fault.write or not mmu.root_hpa:
         return None
     kvm = mmu.kvm
+    last = None
     for level, sptep in mmu.shadow_walk_ptrs(fault.gfn << 12):
         spte = kvm.read_spte(sptep)
+        last = (sptep, spte)
         if not spte & SPTE_MMU_PRESENT_MASK:
-            return None
+            break
         if level == 1 or spte & 0x80:
             return fast_pf_fix_leaf(mmu, fault, sptep, spte, level)
+    if last is not None:
+        trace_fast_page_fault(mmu, fault, last[0], last[1], None)
     return None
+
+
+def trace_fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, old_spte: int, ret: int | None) -> None:
+    """trace_fast_page_fault: the spte before and as it is now; ret None is RET_PF_INVALID."""
+    mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
+                      error_code=fault.error_code, sptep=sptep, old_spte=old_spte,
+                      new_spte=mmu.kvm.read_spte(sptep),
+                      ret={RET_PF_SPURIOUS: "SPURIOUS", RET_PF_FIXED: "FIXED"}.get(ret, "INVALID"))
 
 
 def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, level: int) -> int | None:
@@ -64,20 +77,20 @@ def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, l
     m = mmu.masks
     if spte & 2:
         mmu.vcpu.stats["pf_fast"] += 1
+        trace_fast_page_fault(mmu, fault, sptep, spte, RET_PF_SPURIOUS)
         return RET_PF_SPURIOUS
-    if not spte & m.mmu_writable:
-        return None
-    if level > 1 and fault.slot is not None and fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
-        # fast_page_fault marks one gfn dirty; a large spte made writable would let writes to
-        # its other 511 (or 262,143) pages go unlogged.  The slow path maps a 4 KiB spte.
+    if not spte & m.mmu_writable or (level > 1 and fault.slot is not None
+                                     and fault.slot.flags & KVM_MEM_LOG_DIRTY_PAGES):
+        # Not MMU-writable: only the slow path may write-enable it.  A large spte of a dirty-logged
+        # slot: fast_page_fault marks one gfn dirty, so making it writable would let writes to its
+        # other 511 (or 262,143) pages go unlogged; the slow path maps a 4 KiB spte.
+        trace_fast_page_fault(mmu, fault, sptep, spte, None)
         return None
     mmu.kvm.write_spte(sptep, spte | 2 | m.dirty)
     if fault.slot is not None:
         mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
     mmu.vcpu.stats["pf_fast"] += 1
-    mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
-                      error_code=fault.error_code, sptep=sptep, old_spte=spte,
-                      new_spte=spte | 2 | m.dirty, ret="FIXED")
+    trace_fast_page_fault(mmu, fault, sptep, spte, RET_PF_FIXED)
     return RET_PF_FIXED
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...errors import KvmBug
-from .direct import ACC_ALL, fast_pf_fix_leaf
+from .direct import ACC_ALL, fast_pf_fix_leaf, trace_fast_page_fault
 from .hugepage import kvm_mmu_hugepage_adjust
 from .install import build_spte, faultin_pfn, new_mmio_spte, trace_mark_mmio_spte
 from .page import ROLE_INVALID, ROLE_LEVEL_MASK, ShadowPage, role_smm
@@ -218,6 +218,7 @@ class TdpMmu:
             return None
         sptep, spte, level = last
         if not _is_leaf(spte, level):
+            trace_fast_page_fault(mmu, fault, sptep, spte, None)
             return None
         return fast_pf_fix_leaf(mmu, fault, sptep, spte, level)
 
