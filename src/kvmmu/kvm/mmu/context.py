@@ -7,7 +7,6 @@ four quadrants), 4- and 5-level guests on a root of the same depth.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     from ..vcpu import Vcpu
 
 KVM_MMU_NUM_PREV_ROOTS = 3
-_UNPACK_SPTES = struct.Struct("<512Q").unpack
 # Role bits that may differ between an unsync page and the MMU syncing it (kvm_sync_page_check).
 _SYNC_ROLE_IGNORE = (ROLE_LEVEL_MASK | (7 << ROLE_ACCESS_SHIFT) | (3 << ROLE_QUADRANT_SHIFT) | ROLE_DIRECT
                      | ROLE_INVALID | ROLE_PASSTHROUGH)
@@ -405,14 +403,8 @@ class VcpuMmu:
             return -1
         from .paging import sync_spte
         flush = 0
-        # sync_spte does nothing for an spte that is neither present nor MMIO; it only ever writes
-        # its own entry, so one read of the page picks the entries it would act on.
-        page = self.kvm.mem.pages.get(sp.hpa >> 12)
-        m = self.masks
-        mask, value = (m.mmio_mask, m.mmio_value) if m.mmio_enabled else (0, -1)
-        todo = (range(512) if page is None else
-                [i for i, s in enumerate(_UNPACK_SPTES(page)) if s & SPTE_MMU_PRESENT_MASK or s & mask == value])
-        for i in todo:
+        # sync_spte does nothing for an spte that is neither present nor MMIO, and writes only its own.
+        for i in self.kvm.live_spte_indices(sp):
             r = sync_spte(self, sp, i)
             if r < 0:
                 return -1
