@@ -67,7 +67,10 @@ class KvmMmu:
             return range(512)
         m = self.masks
         mask, value = (m.mmio_mask, m.mmio_value) if m.mmio_enabled else (0, -1)
-        return [i for i, s in enumerate(_UNPACK_SPTES(page)) if s & SPTE_MMU_PRESENT_MASK or s & mask == value]
+        # Most entries are SHADOW_NONPRESENT_VALUE: one comparison rules them out (when it is neither).
+        np = SHADOW_NONPRESENT_VALUE if SHADOW_NONPRESENT_VALUE & mask != value else None
+        return [i for i, s in enumerate(_UNPACK_SPTES(page))
+                if s != np and (s & SPTE_MMU_PRESENT_MASK or s & mask == value)]
 
     def sptep_to_sp(self, sptep: int) -> ShadowPage:
         return self.pages_by_pfn[sptep >> 12]
