@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 _NONPRESENT_PAGE = SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512
 _UNPACK_SPTES = struct.Struct("<512Q").unpack
+_UNPACK_Q = struct.Struct("<Q").unpack_from
 KVM_MIN_FREE_MMU_PAGES = 5
 KVM_REFILL_PAGES = 25
 
@@ -54,6 +55,11 @@ class KvmMmu:
 
     # -- spte access (KVM's tables are in host memory; the CPU walks them) ---------------------------
     def read_spte(self, sptep: int) -> int:
+        # SparseMemory.read's in-page case, inlined (sptes are 8-byte aligned; a page exists only
+        # inside the memory); an absent page reads as 0 there too.
+        page = self.mem.pages.get(sptep >> 12)
+        if page is not None and not sptep & 7:
+            return _UNPACK_Q(page, sptep & 0xFFF)[0]
         return self.mem.read(sptep, 8)
 
     def write_spte(self, sptep: int, value: int) -> None:
