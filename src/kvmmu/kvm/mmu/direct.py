@@ -75,9 +75,10 @@ def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, l
     if fault.slot is not None:
         mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
     mmu.vcpu.stats["pf_fast"] += 1
-    mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
-                      error_code=fault.error_code, sptep=sptep, old_spte=spte,
-                      new_spte=spte | 2 | m.dirty, ret="FIXED")
+    if mmu.vm.trace.enabled:
+        mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
+                          error_code=fault.error_code, sptep=sptep, old_spte=spte,
+                          new_spte=spte | 2 | m.dirty, ret="FIXED")
     return RET_PF_FIXED
 
 

@@ -60,5 +60,6 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
         r = kvm_mmu_do_page_fault(vcpu, addr, error_code)
         if r == RET_PF_INVALID:
             raise AssertionError("the full fault path must not return RET_PF_INVALID")
-    vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
+    if vm.trace.enabled:                 # (emit would return at once, after its arguments were built)
+        vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
     return r
