@@ -60,9 +60,11 @@ class GuestPteReader:
 
     def read_pte(self, gpa: int, size: int) -> int:
         self.counters["guest_pte_reads"] += 1
-        hva = self._hva(gpa, False)
-        if hva < 0:
+        slot = self._slot(gpa)            # _hva(gpa, False), inlined: one per gpte of every guest walk
+        if slot is None:
             return -1
+        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+        self.vm.host_touch(hva, False)
         return self.mem.read(hva, size)
 
     def read_pte_atomic(self, gpa: int, size: int) -> int:
