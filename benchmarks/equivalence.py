@@ -7,7 +7,10 @@
    whenever a probe answers, walk() on a copy of memory gives the same answer and writes nothing.
 2. vcpu.run_accesses against a loop of vcpu.access on two identical VMs (shadow, EPT and NPT; TLB
    hits, fresh pages, write-protected pages, MMIO, guest faults, invalid arguments, CR3 switches,
-   EFLAGS.AC and CPL changes): the same results, statistics, counters, memory and TLBs.
+   EFLAGS.AC and CPL changes): the same results, statistics, counters, memory and TLBs; a batch
+   holding an op that access() refuses is refused whole, changing nothing.
+
+tests/arch/test_fast_paths.py runs both at a smaller size in `make test`.
 
 Fidelity is the test suite's job; this only guards the claim "a fast path answers only where it
 answers what the general path would".
@@ -20,11 +23,12 @@ import copy
 import random
 
 import kvmmu
-from kvmmu.arch.bits import X86_CR4_PKE, X86_CR4_SMAP, X86_CR4_SMEP, X86_EFLAGS_AC
+from kvmmu.arch.bits import EFER_LMA, X86_CR4_PKE, X86_CR4_SMAP, X86_CR4_SMEP, X86_EFLAGS_AC
 from kvmmu.arch.modes import PagingContext
 from kvmmu.arch.walker import walk
 from kvmmu.errors import InvalidArgument
 from kvmmu.guest.pagetables import NX, RW, US, GuestPageTables, P, vm_writer
+from kvmmu.hw.cpu import check_access_args
 from kvmmu.hw.memory import SparseMemory
 
 from .micro import LONG_MODE, MMIO_GPA, MMIO_GVA
@@ -173,13 +177,30 @@ def _state(vm: kvmmu.VM) -> tuple:
             {k: bytes(p) for k, p in vm.host.mem.pages.items()}, [repr(e) for e in vm.mmio_log])
 
 
-def _check_batches(rng: random.Random, rounds: int) -> int:
+def _refusal(v: kvmmu.Vcpu, op: tuple) -> tuple[int, str] | None:
+    """How access(*op) refuses op (it then does nothing): (0, error) for a bad argument, (1, error)
+    for an address too wide for the vCPU's mode; None if it would run it."""
+    try:
+        check_access_args(*op)
+        if not op[0] >> 32 or v.efer & EFER_LMA:
+            return None
+        kind = 1
+    except InvalidArgument:
+        kind = 0
+    try:
+        v.access(*op)
+    except InvalidArgument as e:
+        return kind, str(e)
+    raise AssertionError(f"access{op} was not refused")
+
+
+def _check_batches(rng: random.Random, rounds: int, ops_per_step: int = 300) -> int:
     done = 0
     for r in range(rounds):
         mmu = ("shadow", "ept", "npt")[r % 3]
         (vm1, v1, cr3s), (vm2, v2, _) = _vm(mmu), _vm(mmu)
         for step in range(7):
-            ops = _ops(rng, 300)
+            ops = _ops(rng, ops_per_step)
             if step % 2:
                 cpl = rng.choice((0, 3))
                 for v in (v1, v2):
@@ -192,6 +213,20 @@ def _check_batches(rng: random.Random, rounds: int) -> int:
             if step == 5:
                 for v in (v1, v2):                  # paging off: gva = gpa, 32-bit addresses
                     v.set_sregs(cr0=LONG_MODE["cr0"] & ~(1 << 31), cr4=0, efer=0)
+            # run_accesses refuses a batch with an op that access() refuses before it runs any op
+            # (the first bad argument names the error, else the first address too wide for the
+            # mode); without them it runs the ops as access() does.
+            refusals = [_refusal(v2, op) for op in ops]
+            first = min((e for e in refusals if e is not None), key=lambda e: e[0], default=(0, None))[1]
+            if first is not None:
+                before = _state(vm1)
+                try:
+                    v1.run_accesses(ops, [])
+                    raise AssertionError((r, step, "a batch with a bad op ran"))
+                except InvalidArgument as e:
+                    assert str(e) == first, (r, step, str(e), first)
+                assert _state(vm1) == before == _state(vm2), (r, step, "a refused batch changed something")
+                ops = [op for op, e in zip(ops, refusals, strict=True) if e is None]
             i = 0
             while i < len(ops):
                 values1: list = []

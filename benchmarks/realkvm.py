@@ -39,7 +39,7 @@ def real_mmio_rate(n: int = 40_000, repeats: int = 2) -> tuple[float | None, str
             vcpu.set_regs(rip=CODE, rsp=STACK_TOP, rflags=0x2)
             seen = [0]
 
-            def handler(addr: int, length: int, value: int | None = None) -> None:
+            def handler(access: object) -> None:
                 seen[0] += 1
 
             t0 = clock()

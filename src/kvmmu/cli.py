@@ -67,8 +67,8 @@ def _policy_option(sp: argparse.ArgumentParser, default: str | None, many: bool)
 
 
 def _load(args: argparse.Namespace):
-    from .report.cost import CostModel
     from .scenario import Scenario
+    from .sim.cost import CostModel
     sc = Scenario.load(args.scenario)
     sc = sc.scaled(duration_s=args.duration, seed=args.seed)
     if getattr(args, "cost", None):
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .sweep import add_cli as add_sweep
     add_sweep(sub)
-    from .report.realdiff import add_cli as add_real_diff
+    from .realdiff.cli import add_cli as add_real_diff
     rd = add_real_diff(sub)
     output(rd)
     from .lab.cli import add_cli as add_lab

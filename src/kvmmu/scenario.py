@@ -48,7 +48,8 @@ from .guest.workloads import WORKLOADS, Workload, make_workload
 from .hw.host import Host
 from .kvm.params import KvmParams
 from .kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
-from .report.cost import CostModel
+from .sim.clock import Clock
+from .sim.cost import CostModel
 from .vmm.machine import Machine, MachineSpec
 from .vmm.runner import HostRunner
 
@@ -309,9 +310,10 @@ class Scenario:
                     memory_limit=None if self.host_memory_mib is None else self.host_memory_mib * MiB,
                     reserved=self.host_reserved_mib * MiB, cores=self.host_cores)
         machines, oses, workloads = [], [], []
+        clock = Clock()                   # one event order for every guest on this host
         for plan in self.vms:
             m = Machine(plan.spec, host)
-            os_ = GuestOS(m, plan.os, seed=self.seed, cost=self.cost)
+            os_ = GuestOS(m, plan.os, seed=self.seed, cost=self.cost, clock=clock)
             os_.boot()
             w = make_workload(plan.workload_kind, plan.workload_params)
             w.setup(os_)

@@ -25,9 +25,9 @@ from hypothesis import strategies as st
 from kvmmu.errors import KvmmuError
 from kvmmu.guest.linux_boot import load_linux_boot
 from kvmmu.guest.trace import read_trace
-from kvmmu.report.cost import MAX_COST, CostModel
-from kvmmu.report.realdiff import load_programs
+from kvmmu.realdiff import load_programs
 from kvmmu.scenario import Scenario
+from kvmmu.sim.cost import MAX_COST, CostModel
 
 from ..guest.trace_dir import write_trace_dir
 from .test_cli import GOOD_SCENARIO

@@ -18,8 +18,8 @@ import pytest
 
 from kvmmu.arch.bits import X86_CR4_PCIDE
 from kvmmu.errors import InvalidArgument
-from kvmmu.guest.asm import assemble
 from kvmmu.hw.x86cpu import GP, X86Cpu
+from kvmmu.tools.asm import assemble
 from tests.fuzz.test_found_bugs import LONG_MODE, Guest
 
 from ..realdiff.test_x86cpu import CODE, GDT, IDT, STACK, TSS, FlatBus

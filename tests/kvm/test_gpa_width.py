@@ -83,6 +83,24 @@ def test_f2_ept4_guest_pte_beyond_48_bits_ends_in_an_mmio_exit() -> None:
     vm.audit()
 
 
+@pytest.mark.parametrize("tdp_mmu", [True, False], ids=["tdp_mmu", "legacy"])
+def test_f2_a_gpa_past_the_tdp_reach_does_not_alias_a_low_gfn(tdp_mmu: bool) -> None:
+    """Found by the fuzzer when the TDP MMU landed: the access to 2^48 + 0x3000 is emulated, but an
+    MMIO spte for it (a 52-bit host can hold that gfn in one) would sit where the 4-level table
+    indexes gfn mod 2^36, i.e. on gfn 3, and a later read of RAM gpa 0x3000 would then exit as MMIO.
+    No gpa may reach another gpa's memory."""
+    vm = kvmmu.VM(mmu="ept", guest_maxphyaddr=52, tdp_mmu=tdp_mmu, host=kvmmu.Host(maxphyaddr=52))
+    (v,) = _guest(vm, (1 << 48) | 0x3000)
+    vm.mmio_handler = lambda e: 0
+    for _ in range(2):
+        assert v.access(GVA, 4, "read").fault is None
+    vm.write_phys(0x3000, (0x5EED).to_bytes(4, "little"))
+    vm.audit()
+    v.set_sregs(cr0=X86_CR0_PE, cr3=0, cr4=0, efer=0)          # paging off: gva = gpa
+    r = v.access(0x3000, 4, "read")
+    assert r.value == 0x5EED and [e.phys_addr for e in vm.mmio_log] == [(1 << 48) | 0x3000] * 2
+
+
 def test_f3_npt_reaches_a_slot_at_2_pow_47() -> None:
     """NPT tables translate gpas, which have no canonical form: a slot at 2^47 (bit 47 set, accepted
     by a 52-bit host with 4-level NPT) is mapped, not "non-canonical" forever."""

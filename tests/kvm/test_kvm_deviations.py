@@ -183,7 +183,7 @@ def test_an_access_straddling_the_canonical_boundary_is_a_pf_only_with_kvm_devia
 
     from kvmmu.guest.runtime import Map, Program
     from kvmmu.kvm.profiles import PROFILES
-    from kvmmu.report.realdiff import run_model
+    from kvmmu.realdiff import run_model
     prog = Program("straddle", "mov rdi, 0x7ffffffffffe\nmov eax, 0xaabbccdd\nmov [rdi], eax\nf1: hlt",
                    maps=(Map(0x7FFF_FFFF_F000, 0x1000, 0x60_0000, "rw"),), data={0x60_0000: b"\x11" * 4096},
                    faults={"pf": "resume", "gp": "resume"}, fixup="f1")

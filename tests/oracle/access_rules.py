@@ -384,6 +384,41 @@ class _Walk(NamedTuple):
     gpa: int | None
 
 
+def rights(*, cpl3: bool, write: bool, fetch: bool, implicit: bool, user_page: bool, writable: bool,
+           executable: bool, wp: bool, smep: bool, smap: bool, ac: bool, keys_on: bool,
+           key_rights: int) -> tuple[bool, bool]:
+    """(denied by the U/S, R/W, XD, SMEP, SMAP rules; denied by the protection key) for an access
+    through a translation whose levels all had U/S=1 (`user_page`), R/W=1 (`writable`) and no XD
+    that counts (`executable`: XD only counts with NXE).  `keys_on`: CR4.PKE in a mode with keys;
+    `key_rights`: PKRU's AD (1) and WD (2) for the leaf's key.  Sections 2.4 and 5 (1-5, 8)."""
+    deny = False
+    if cpl3:
+        # User accesses need U/S=1 at every level; writes need R/W=1 at every level.
+        if not user_page or (write and not writable):
+            deny = True
+        if fetch and not executable:
+            deny = True
+    elif fetch:
+        # Supervisor fetch: XD at any level; SMEP forbids fetching from a user-mode address.
+        if not executable or (smep and user_page):
+            deny = True
+    else:
+        # Supervisor data access: SMAP forbids user-mode addresses when AC=0 or the access is
+        # implicit; writes need R/W=1 everywhere only when CR0.WP=1.
+        if smap and user_page and (implicit or not ac):
+            deny = True
+        if write and wp and not writable:
+            deny = True
+
+    # Protection keys: 4/5-level with CR4.PKE, data accesses to user-mode addresses, leaf key only;
+    # AD blocks reads and writes, WD blocks writes at CPL3 (or CPL<3 with CR0.WP=1).  Checked on
+    # top of the other rules: PK is reported together with a R/W or U/S violation.
+    pk = False
+    if keys_on and user_page and not fetch and (key_rights & 1 or (key_rights & 2 and write and (cpl3 or wp))):
+        pk = True
+    return deny, pk
+
+
 def _access(case: Case, entries: dict[int, int], *, user: bool, write: bool, fetch: bool,
             implicit: bool) -> _Walk:
     """One access by the rules of sections 2 and 5."""
@@ -417,35 +452,11 @@ def _access(case: Case, entries: dict[int, int], *, user: bool, write: bool, fet
         if not (mode == "pae" and lvl == 3):         # PAE PDPTEs have no A bit
             passed.append(lvl)
 
-    wp = case.has(CR0_WP)
-    deny = False
-    if cpl3:
-        # User accesses need U/S=1 at every level; writes need R/W=1 at every level.
-        if not user_page or (write and not writable):
-            deny = True
-        if fetch and not executable:
-            deny = True
-    elif fetch:
-        # Supervisor fetch: XD at any level; SMEP forbids fetching from a user-mode address.
-        if not executable or (case.has(CR4_SMEP) and user_page):
-            deny = True
-    else:
-        # Supervisor data access: SMAP forbids user-mode addresses when AC=0 or the access is
-        # implicit; writes need R/W=1 everywhere only when CR0.WP=1.
-        if case.has(CR4_SMAP) and user_page and (implicit or not case.has(EFLAGS_AC)):
-            deny = True
-        if write and wp and not writable:
-            deny = True
-
-    # Protection keys: 4/5-level with CR4.PKE, data accesses to user-mode addresses, leaf key only;
-    # AD blocks reads and writes, WD blocks writes at CPL3 (or CPL<3 with CR0.WP=1).  Checked on
-    # top of the other rules: PK is reported together with a R/W or U/S violation.
-    pk = False
-    if has_pkeys(mode) and case.has(CR4_PKE) and user_page and not fetch:
-        key = (leaf >> 59) & 0xF
-        rights = (pkru(case) >> (2 * key)) & 3
-        if rights & 1 or (rights & 2 and write and (cpl3 or wp)):
-            pk = True
+    keys_on = has_pkeys(mode) and case.has(CR4_PKE)
+    key_rights = (pkru(case) >> (2 * ((leaf >> 59) & 0xF))) & 3
+    deny, pk = rights(cpl3=cpl3, write=write, fetch=fetch, implicit=implicit, user_page=user_page,
+                      writable=writable, executable=executable, wp=case.has(CR0_WP), smep=case.has(CR4_SMEP),
+                      smap=case.has(CR4_SMAP), ac=case.has(EFLAGS_AC), keys_on=keys_on, key_rights=key_rights)
 
     if deny or pk:
         code = base | EC_P | (EC_PK if pk else 0)

@@ -9,10 +9,10 @@ import tempfile
 
 import pytest
 
+from kvmmu.arch.descriptors import TSS_SEL, USER_CS, USER_DS, gdt_image, idt_gate, tss_image
 from kvmmu.real import available, identity_map_2m, stats_delta, unavailable_reason
 from kvmmu.real import ioctls as K
 from kvmmu.real import vm as vm_module
-from kvmmu.real.longmode import TSS_SEL, USER_CS, USER_DS, gdt_image, idt_gate, tss_image
 from kvmmu.real.stats import StatsReader
 
 # Linux include/uapi/asm-generic/ioctl.h: nr 8 bits at 0, type 8 bits at 8, size 14 bits at 16,

@@ -68,8 +68,8 @@ def test_mmio_read_value_from_handler_reaches_register_and_ram(guest) -> None:
         + HLT)                                # hlt
     asked = []
 
-    def device(addr: int, length: int, value: int | None = None) -> int:
-        asked.append((addr, length, value))
+    def device(access) -> int:
+        asked.append((access.phys_addr, access.len, access.value))
         return 0x0123_4567_89AB_CDEF
 
     assert vcpu.run(mmio_handler=device).reason == "hlt"
@@ -107,7 +107,7 @@ def test_readonly_memslot_reads_memory_and_writes_exit_as_mmio(guest) -> None:
         slots=((1, rom, 0x1000, KVM_MEM_READONLY),))
     vm.write_phys(rom, bytes(range(1, 9)))
     writes = []
-    assert vcpu.run(mmio_handler=lambda a, n, v=None: writes.append((a, n, v))).reason == "hlt"
+    assert vcpu.run(mmio_handler=lambda a: writes.append((a.phys_addr, a.len, a.value))).reason == "hlt"
     assert writes == [(rom, 4, 0x55555555)]
     assert vm.read_phys(guest.DATA, 8) == bytes(range(1, 9))
     assert vm.read_phys(rom, 8) == bytes(range(1, 9))
@@ -201,7 +201,7 @@ def test_stats_count_mmio_exits_and_emulated_instructions(guest) -> None:
         + HLT)                                # hlt
     before = vcpu.stats
     seen = []
-    assert vcpu.run(mmio_handler=lambda a, l, v=None: seen.append(v)).reason == "hlt"
+    assert vcpu.run(mmio_handler=lambda a: seen.append(a.value)).reason == "hlt"
     delta = stats_delta(before, vcpu.stats)
     assert seen == [3, 2, 1]
     assert delta["mmio_exits"] == n == len(vcpu.mmio_log)
@@ -242,7 +242,7 @@ def test_cpl3_mmio_writes_go_through_the_shadow_mmu_page_fault_path(guest) -> No
         handler=HLT)                          # CPL0 handler for every vector: hlt
     assert vcpu.get_sregs().cpl == 3
     before = vcpu.stats
-    assert vcpu.run(mmio_handler=lambda *a: None).reason == "hlt"
+    assert vcpu.run(mmio_handler=lambda a: None).reason == "hlt"
     delta = stats_delta(before, vcpu.stats)
     assert delta["mmio_exits"] == n and delta["pf_emulate"] == n
     assert delta["pf_taken"] >= n and delta["pf_mmio_spte_created"] == 0
@@ -329,7 +329,7 @@ def test_max_exits_guard_stops_a_runaway_guest(guest) -> None:
         + b"\xeb\xfc")                        #       jmp loop
     answered = []
     with pytest.raises(KvmmuError, match="max_exits=10"):
-        vcpu.run(mmio_handler=lambda *a: answered.append(a), max_exits=10)
+        vcpu.run(mmio_handler=lambda a: answered.append(a), max_exits=10)
     assert len(answered) == 10 and len(vcpu.mmio_log) == 11   # the 11th exit is left unanswered
 
 

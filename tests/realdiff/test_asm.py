@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmmu.guest.asm import AsmError, assemble, disassemble, evaluate
+from kvmmu.tools.asm import AsmError, assemble, disassemble, evaluate
 
 
 def code(src: str, base: int = 0x1000, **symbols: int) -> bytes:

@@ -9,7 +9,7 @@ from kvmmu.errors import InvalidArgument
 from kvmmu.guest.runtime import Map, Program, WritePhys, build
 from kvmmu.kvm.profiles import PROFILES, get_profile
 from kvmmu.real import RealVM, available, host_guest_paging
-from kvmmu.report.realdiff import run_model
+from kvmmu.realdiff import run_model
 
 MMIO = 0xD000_0000
 MAPS = (Map(0x60_0000, 0x1000, flags="rw u"), Map(MMIO, 0x1000, flags="rw u"))

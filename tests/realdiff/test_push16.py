@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmmu.guest.asm import assemble
+from kvmmu.tools.asm import assemble
 
 from .test_x86cpu import CODE, STACK, run
 

@@ -15,7 +15,7 @@ from kvmmu.errors import ScenarioError
 from kvmmu.guest.runtime import Program
 from kvmmu.real import available, unavailable_reason
 from kvmmu.real.hostinfo import kvm_pvm_mismatch
-from kvmmu.report.realdiff import (
+from kvmmu.realdiff import (
     COUNTERS,
     Mmio,
     Observation,

@@ -21,7 +21,7 @@ import pytest
 from kvmmu.kvm.profiles import PROFILES
 from kvmmu.real import available, unavailable_reason
 from kvmmu.real.hostinfo import kvm_pvm_mismatch
-from kvmmu.report.realdiff import load_programs, run_model, run_real
+from kvmmu.realdiff import load_programs, run_model, run_real
 
 CORPUS = Path(__file__).parent / "corpus"
 PROGRAMS = {p.name: p for p in load_programs([CORPUS / "split_fault.py", CORPUS / "stale_after_pf.py"])}

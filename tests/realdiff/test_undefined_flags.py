@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kvmmu.hw.x86cpu import AF, CF, OF, PF, SF, ZF
-from kvmmu.report.realdiff import compare, load_programs, run_model
+from kvmmu.realdiff import compare, load_programs, run_model
 
 from .test_x86cpu import run
 

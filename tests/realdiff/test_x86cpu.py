@@ -8,7 +8,6 @@ from struct import pack
 import pytest
 
 from kvmmu.errors import KvmmuError
-from kvmmu.guest.asm import assemble
 from kvmmu.hw.x86cpu import (
     AF,
     CF,
@@ -23,6 +22,7 @@ from kvmmu.hw.x86cpu import (
     UnsupportedInstruction,
     X86Cpu,
 )
+from kvmmu.tools.asm import assemble
 
 CODE, STACK, IDT, GDT, TSS, HANDLER = 0x1000, 0x8000, 0x2000, 0x3000, 0x4000, 0x5000
 GDT_IMAGE = pack("<6Q", 0, 0x00209A0000000000, 0x00CF92000000FFFF, 0x00CFF2000000FFFF,

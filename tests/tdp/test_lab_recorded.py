@@ -17,7 +17,7 @@ import pytest
 
 from kvmmu.kvm.profiles import HostProfile
 from kvmmu.kvm.vm import VM
-from kvmmu.report.realdiff import load_programs, run_model
+from kvmmu.realdiff import load_programs, run_model
 
 LAB = Path(__file__).resolve().parents[1] / "realdiff" / "lab"
 RECORDED = LAB / "npt.json"

@@ -34,7 +34,7 @@ import pytest
 from kvmmu.guest.runtime import Map, Program, build
 from kvmmu.kvm.profiles import HostProfile
 from kvmmu.kvm.vm import VM
-from kvmmu.report.realdiff import run_model
+from kvmmu.realdiff import run_model
 
 MMIO = 0xD000_0000
 

@@ -3,8 +3,9 @@
 A `PagingMode` says what never changes about a mode (levels, entry size, index width, where PS may
 map a page).  A `PagingContext` adds what the CPU's control registers decide (MAXPHYADDR, NXE, WP,
 SMEP, SMAP, PKE, PSE, 1 GiB support, A/D policy) and precomputes, as KVM does in
-`reset_guest_rsvds_bits_mask` and `update_permission_bitmask`, the reserved-bit masks indexed by
-[bit 7][level] and the 16-entry permission table.
+`reset_guest_rsvds_bits_mask`, `update_permission_bitmask` and `update_pkru_bitmask`, the
+reserved-bit masks indexed by [bit 7][level], the 16-entry permission table and the PKRU mask (the
+last two from the one access rule, arch/permission.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,6 @@ from .bits import (
     EFER_LME,
     EFER_NX,
     GENMASK,
-    PFERR_FETCH_MASK,
-    PFERR_RSVD_MASK,
-    PFERR_USER_MASK,
-    PFERR_WRITE_MASK,
     PT32_ADDR_MASK,
     PT64_ADDR_MASK,
     X86_CR0_PG,
@@ -33,6 +30,7 @@ from .bits import (
     X86_CR4_SMAP,
     X86_CR4_SMEP,
 )
+from .permission import permission_bitmask, pkru_bitmask
 
 
 @dataclass(frozen=True)
@@ -72,48 +70,13 @@ MODES: dict[str, PagingMode] = {m.name: m for m in (NONPAGING, PAGING32, PAE, PA
 
 AD_POLICIES = ("kvm", "hardware")
 
-# ACC-style bitmaps over the eight (user, write, exec) combinations, bit index u*4 + w*2 + x.
-_X_SET = 0xAA
-_W_SET = 0xCC
-_U_SET = 0xF0
-
-
-def permission_bitmask(*, ept: bool, nx: bool, wp: bool, smep: bool, smap: bool) -> tuple[int, ...]:
-    """KVM's `update_permission_bitmask`: for each PFEC>>1, the set of ACC values that fault.
-
-    The RSVD position of the index carries "SMAP does not apply" (EFLAGS.AC=1 on an explicit access).
-    """
-    table = []
-    for byte in range(16):
-        pfec = byte << 1
-        w = pfec & PFERR_WRITE_MASK
-        u = pfec & PFERR_USER_MASK
-        f = pfec & PFERR_FETCH_MASK
-        wf = (~_W_SET & 0xFF) if w else 0
-        uf = (~_U_SET & 0xFF) if u else 0
-        ff = (~_X_SET & 0xFF) if f else 0
-        smepf = smapf = 0
-        if not ept:
-            kf = 0 if u else _U_SET          # supervisor access to a user page
-            if not nx:
-                ff = 0
-            if not wp:
-                wf = wf if u else 0          # CR0.WP=0: supervisor writes ignore R/W
-            if smep:
-                smepf = kf if f else 0
-            if smap:
-                smapf = 0 if pfec & (PFERR_RSVD_MASK | PFERR_FETCH_MASK) else kf
-        table.append(ff | uf | wf | smepf | smapf)
-    return tuple(table)
-
-
 class PagingContext:
     """A paging mode under one control-register configuration, with its precomputed tables."""
 
     __slots__ = (
         "mode", "maxphyaddr", "nxe", "wp", "smep", "smap", "pke", "pse", "gbpages", "ad_policy",
         "ept_ad", "ept_execonly", "rsvd", "is_large", "permissions", "bad_mt_xwr", "pkeys_active",
-        "id_on_fetch", "key",
+        "pkru_mask", "id_on_fetch", "key",
     )
 
     def __init__(
@@ -160,6 +123,7 @@ class PagingContext:
         self.permissions = permission_bitmask(ept=mode.ept, nx=self.nxe and mode.has_nx, wp=self.wp,
                                               smep=self.smep, smap=self.smap)
         self.pkeys_active = self.pke and mode.has_pkeys
+        self.pkru_mask = pkru_bitmask(pkeys=self.pkeys_active, wp=self.wp)
         # SDM: I/D is reported iff the access was a fetch and (SMEP or (PAE-style paging and NXE)).
         self.id_on_fetch = self.smep or (self.nxe and mode.has_nx)
         self.bad_mt_xwr = self._bad_mt_xwr() if mode.ept else 0

@@ -28,8 +28,6 @@ from .bits import (
     GP_VECTOR,
     PF_VECTOR,
     PFERR_FETCH_MASK,
-    PFERR_IMPLICIT_ACCESS,
-    PFERR_PK_MASK,
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
     PFERR_USER_MASK,
@@ -40,10 +38,10 @@ from .bits import (
     VMX_EPT_DIRTY_BIT,
 )
 from .modes import PagingContext
+from .permission import ept_violation, permission_fault
 
 ACCESSED = 1 << 5
 DIRTY = 1 << 6
-_ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
 _MAX_RESTARTS = 8
 _UNPACK_Q = Struct("<Q").unpack_from
 _UNPACK_I = Struct("<I").unpack_from
@@ -254,21 +252,14 @@ def _walk_once(plan: tuple, ctx: PagingContext, mem: PteReader, root: int, addr:
 
     write = access & PFERR_WRITE_MASK
     if ept:
-        need = (2 if write else 0) | (4 if access & PFERR_FETCH_MASK else 0) or 1
-        if acc & need != need:
+        if ept_violation(access, acc):
             return _fault(ctx, w, access, 0, acc)
     else:
-        not_smap = ac and not access & PFERR_IMPLICIT_ACCESS
-        idx = ((access & _ACCESS_BITS) | (PFERR_RSVD_MASK if not_smap else 0)) >> 1
-        fault_code = PFERR_PRESENT_MASK if (ctx.permissions[idx] >> acc) & 1 else 0
         if ctx.pkeys_active:
             # The leaf's key is part of the translation whatever this access is: a TLB entry that a
             # fetch filled must still check the right key for a later read (SDM 4.10.2.2).
-            w.pkey = pkey = (pte >> 59) & 15
-            if acc & 4 and not access & PFERR_FETCH_MASK:
-                kbits = (pkru >> (2 * pkey)) & 3
-                if kbits & 1 or (kbits & 2 and write and (access & PFERR_USER_MASK or ctx.wp)):
-                    fault_code = PFERR_PRESENT_MASK | PFERR_PK_MASK
+            w.pkey = (pte >> 59) & 15
+        fault_code = permission_fault(ctx, access, acc, ac, pkru, w.pkey)
         if fault_code:
             return _fault(ctx, w, access, fault_code, acc)
 
@@ -407,15 +398,9 @@ def probe(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int,
         level -= 1
     pkey = 0
     if code < 0:
-        not_smap = ac and not access & PFERR_IMPLICIT_ACCESS
-        if (ctx.permissions[((access & _ACCESS_BITS) | (PFERR_RSVD_MASK if not_smap else 0)) >> 1] >> acc) & 1:
-            code = PFERR_PRESENT_MASK
         if ctx.pkeys_active:
             pkey = (pte >> 59) & 15
-            if acc & 4 and not access & PFERR_FETCH_MASK:
-                kbits = (pkru >> (2 * pkey)) & 3
-                if kbits & 1 or (kbits & 2 and access & PFERR_WRITE_MASK and (access & PFERR_USER_MASK or ctx.wp)):
-                    code = PFERR_PRESENT_MASK | PFERR_PK_MASK
+        code = permission_fault(ctx, access, acc, ac, pkru, pkey) or -1
     if code >= 0:                         # walk()'s _fault(), with nothing written on the way
         if table_hpa is not None:
             return None
@@ -472,8 +457,7 @@ def probe_ept_rights(ctx: PagingContext, mem: PteReader, root: int, gpa: int, ac
         table = pte & addr_mask
         level -= 1
     write = access & PFERR_WRITE_MASK
-    need = (2 if write else 0) | (4 if access & PFERR_FETCH_MASK else 0) or 1
-    if acc & need != need or (use_ad and (missing_a or not low & a_bit or (write and not low & d_bit))):
+    if ept_violation(access, acc) or (use_ad and (missing_a or not low & a_bit or (write and not low & d_bit))):
         return PROBE_WALK, 0
     if level == 1:
         return (pte & addr_mask) | (gpa & 0xFFF), acc & 7

@@ -35,9 +35,20 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from struct import pack
 
+from ..arch import bits
+from ..arch.descriptors import (
+    GDT_LIMIT,
+    KERNEL_DS,
+    TSS_SEL,
+    TSS_SIZE,
+    USER_CS,
+    USER_DS,
+    gdt_image,
+    idt_gate,
+    tss_image,
+)
 from ..errors import InvalidArgument
-from ..real.longmode import GDT_LIMIT, KERNEL_CS, TSS_SEL, TSS_SIZE, USER_CS, USER_DS, gdt_image, tss_image
-from .asm import Assembled, assemble
+from ..tools.asm import Assembled, assemble
 from .pagetables import GuestPageTables
 
 # -- layout -------------------------------------------------------------------------------------
@@ -62,17 +73,18 @@ UTEXT = 0x400000
 USTACK_BOTTOM = 0x5FE000
 USTACK_TOP = 0x600000
 IDT_VECTORS = 32
-KERNEL_DS = 0x10
 
-CR0_PE, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
-CR4_PAE = 1 << 5
+CR0_PE, CR0_ET, CR0_NE = bits.X86_CR0_PE, bits.X86_CR0_ET, bits.X86_CR0_NE
+CR0_WP, CR0_PG = bits.X86_CR0_WP, bits.X86_CR0_PG
+CR4_PAE = bits.X86_CR4_PAE
 CR4_OSFXSR = 1 << 9
-CR4_SMAP = 1 << 21
-EFER_LME, EFER_LMA, EFER_NXE = 1 << 8, 1 << 10, 1 << 11
+CR4_SMAP = bits.X86_CR4_SMAP
+EFER_LME, EFER_LMA, EFER_NXE = bits.EFER_LME, bits.EFER_LMA, bits.EFER_NX
 RFLAGS_FIXED, RFLAGS_IF = 0x2, 0x200
 
-PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 0x20, 0x40, 0x80
-PTE_NX = 1 << 63
+PTE_P, PTE_RW, PTE_US = bits.PT_PRESENT_MASK, bits.PT_WRITABLE_MASK, bits.PT_USER_MASK
+PTE_A, PTE_D, PTE_PS = bits.PT_ACCESSED_MASK, bits.PT_DIRTY_MASK, bits.PT_PAGE_SIZE_MASK
+PTE_NX = bits.PT64_NX_MASK
 _FLAG_TOKENS = {"r": 0, "ro": 0, "w": PTE_RW, "rw": PTE_RW, "u": PTE_US, "user": PTE_US, "a": PTE_A,
                 "d": PTE_D, "nx": PTE_NX}
 KVM_MEM_READONLY = 2
@@ -182,7 +194,7 @@ class Program:
     ``spaces`` adds address spaces for CR3 switches: each has the runtime's and the text's mappings
     plus its own maps; the code sees ``CR3_0`` (the first, ``maps``), ``CR3_1``... and ``pte(gva)``,
     ``pte_in(space, gva)``, ``pde(gva)`` for entry addresses.  ``expect`` documents an understood
-    difference between the model and the real host, by observable name (see report/realdiff).
+    difference between the model and the real host, by observable name (see kvmmu.realdiff).
 
     ``prefault``: the real VMM writes every guest page the program can reach (what its maps and
     demand window point at, the runtime's pages) when it creates a memslot, so the host has no
@@ -547,7 +559,7 @@ def build(program: Program) -> GuestImage:
     # descriptor tables
     img.write(RT_GDT, gdt_image(RT_TSS))
     img.write(RT_TSS, tss_image(RT_KSTACK_TOP))
-    img.write(RT_IDT, b"".join(_gate(handlers.labels[f"rt_vec{v}"]) for v in range(IDT_VECTORS)))
+    img.write(RT_IDT, b"".join(idt_gate(handlers.labels[f"rt_vec{v}"]) for v in range(IDT_VECTORS)))
     if program.fixup is not None:
         target = code.labels[program.fixup] if isinstance(program.fixup, str) else program.fixup
         img.write(RT_FIXUP, pack("<Q", target))
@@ -573,11 +585,6 @@ def _probe_fn(*args: int) -> int:
 
 def _uses_nx(program: Program) -> bool:
     return any("nx" in m.tokens for m in program.maps)
-
-
-def _gate(handler: int) -> bytes:
-    return pack("<HHBBHII", handler & 0xFFFF, KERNEL_CS, 0, 0x8E, (handler >> 16) & 0xFFFF,
-                (handler >> 32) & 0xFFFFFFFF, 0)
 
 
 def _apply_map(pt: GuestPageTables, m: Map, tables: list[GuestPageTables] | None = None) -> None:

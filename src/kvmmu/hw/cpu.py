@@ -19,6 +19,7 @@ from ..arch.bits import (
     PFERR_WRITE_MASK,
     X86_EFLAGS_AC,
 )
+from ..arch.permission import PERMISSION_ACCESS_BITS, PERMISSION_NOT_SMAP, permission_fault, permission_index
 from ..arch.walker import probe, walk
 from ..errors import InvalidArgument
 from .memory import PACK_INTO, UNPACK_FROM
@@ -26,7 +27,9 @@ from .memory import PACK_INTO, UNPACK_FROM
 if TYPE_CHECKING:
     from ..kvm.vcpu import Vcpu
 
-_ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
+# The TLB-hit paths read the context's tables (arch/permission.py) inline, and leave to translate()
+# any access that PKRU could deny (the context's PKRU mask has a bit for it).
+_ACCESS_BITS = PERMISSION_ACCESS_BITS
 # A TLB entry is (host page, ACC, kinds, pkey).  `kinds` are the access kinds it may serve without a
 # walk, as PFERR bits, TLB_READ standing for a read: a write only through an entry a write filled
 # (D bits set, KVM's spte writable); under EPT/NPT a read or fetch only if the TDP tables allowed
@@ -67,9 +70,8 @@ class TlbCpu:
             return -1
         vcpu = self.vcpu
         ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        idx = ((pfec & _ACCESS_BITS) | (8 if vcpu.rflags & X86_EFLAGS_AC and not pfec & PFERR_IMPLICIT_ACCESS
-                                        else 0)) >> 1
-        if (ctx.permissions[idx] >> acc) & 1 or (ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK):
+        if (ctx.permissions[permission_index(pfec, vcpu.rflags & X86_EFLAGS_AC)] >> acc) & 1 \
+                or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
         self.counters["tlb_hits"] += 1
         return page | (gva & 0xFFF)
@@ -85,8 +87,8 @@ class TlbCpu:
             return -1
         vcpu = self.vcpu
         ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
-        if (ctx.permissions[((pfec & _ACCESS_BITS) | (8 if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1] >> acc) & 1 \
-                or (ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK):
+        if (ctx.permissions[((pfec & _ACCESS_BITS) | (PERMISSION_NOT_SMAP if vcpu.rflags & X86_EFLAGS_AC else 0)) >> 1]
+                >> acc) & 1 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
         hpa = page | (gva & 0xFFF)
         mem = self.mem
@@ -118,9 +120,9 @@ class TlbCpu:
         vcpu = self.vcpu
         ctx = vcpu.mmu.cpu_role if self.two_dimensional else vcpu.mmu.hw_ctx
         perms = ctx.permissions
-        pkeys = ctx.pkeys_active
+        pkru_mask = ctx.pkru_mask
         ac = vcpu.rflags & X86_EFLAGS_AC
-        not_smap = 8 if ac else 0
+        not_smap = PERMISSION_NOT_SMAP if ac else 0
         pkru = vcpu.pkru
         user = PFERR_USER_MASK if cpl == 3 else 0
         mem = self.mem
@@ -143,7 +145,7 @@ class TlbCpu:
                         # filled by a read, say): the same here, unless the walk needs more.
                         del self.tlb[vpn]
                         entry = None
-                    elif page > last_page or (pkeys and acc & 4 and not pfec & PFERR_FETCH_MASK):
+                    elif page > last_page or (pkru_mask and (pkru_mask >> (pfec | (acc & 4) << 1)) & 3):
                         break
                 if entry is None:
                     page = refill((vpn << 12) | off, pfec, ac, pkru)
@@ -302,13 +304,8 @@ class Cpu(TlbCpu):
         write = pfec & PFERR_WRITE_MASK
         if entry is not None:
             page, acc, kinds, pkey = entry
-            not_smap = vcpu.ac and not pfec & PFERR_IMPLICIT_ACCESS
-            idx = ((pfec & _ACCESS_BITS) | (8 if not_smap else 0)) >> 1
-            ok = not (ctx.permissions[idx] >> acc) & 1 and kinds & (pfec & KIND_BITS or TLB_READ)
-            if ok and ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK:
-                kbits = (vcpu.pkru >> (2 * pkey)) & 3
-                ok = not (kbits & 1 or (kbits & 2 and write))
-            if ok:
+            if kinds & (pfec & KIND_BITS or TLB_READ) \
+                    and not permission_fault(ctx, pfec, acc, vcpu.ac, vcpu.pkru, pkey):
                 self.counters["tlb_hits"] += 1
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]      # a fault through a TLB entry invalidates it; the CPU re-walks

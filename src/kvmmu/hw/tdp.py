@@ -12,12 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..arch.bits import (
+    ACC_USER_MASK,
     EXIT_REASON_EPT_MISCONFIG,
     EXIT_REASON_EPT_VIOLATION,
     PFERR_FETCH_MASK,
     PFERR_GUEST_FINAL_MASK,
     PFERR_GUEST_PAGE_MASK,
-    PFERR_IMPLICIT_ACCESS,
     PFERR_PRESENT_MASK,
     PFERR_RSVD_MASK,
     PFERR_USER_MASK,
@@ -25,18 +25,22 @@ from ..arch.bits import (
     X86_EFLAGS_AC,
 )
 from ..arch.modes import PagingContext
+from ..arch.permission import access_fault, ept_violation, permission_fault
 from ..arch.walker import PROBE_MISCONFIG, probe, probe_ept, probe_ept_rights, walk
 from .cpu import GP_FAULT, GUEST_FAULT, KIND_BITS, TLB_READ, VM_EXIT, TlbCpu
 
 if TYPE_CHECKING:
     from ..kvm.vcpu import Vcpu
 
-_ACCESS_BITS = PFERR_WRITE_MASK | PFERR_USER_MASK | PFERR_FETCH_MASK
-# The TLB kinds (hw/cpu.py) that the rights of a TDP translation allow: from EPT's R/W/X, and from
-# NPT's ACC bits (every NPT access is a user access, so U is always there).
-_EPT_KINDS = tuple((TLB_READ if r & 1 else 0) | (PFERR_WRITE_MASK if r & 2 else 0) | (PFERR_FETCH_MASK if r & 4 else 0)
-                   for r in range(8))
-_NPT_KINDS = tuple(TLB_READ | (PFERR_WRITE_MASK if a & 2 else 0) | (PFERR_FETCH_MASK if a & 1 else 0) for a in range(8))
+# The TLB kinds (hw/cpu.py) that the rights of a TDP translation allow, by the second-stage rules
+# (arch/permission.py): EPT's R/W/X; NPT's ACC bits for a user access with WP and NX in force (every
+# NPT access is a user access, so rights cached at all include U: the walk that filled them needed it).
+_KINDS = ((TLB_READ, 0), (PFERR_WRITE_MASK, PFERR_WRITE_MASK), (PFERR_FETCH_MASK, PFERR_FETCH_MASK))
+_EPT_KINDS = tuple(sum(kind for kind, access in _KINDS if not ept_violation(access, r)) for r in range(8))
+_NPT_KINDS = tuple(sum(kind for kind, access in _KINDS
+                       if not access_fault(access | PFERR_USER_MASK, a | ACC_USER_MASK, wp=True, nx=True, smep=False,
+                                           smap=False, ac=False))
+                   for a in range(8))
 
 
 class _TdpExit(Exception):
@@ -215,13 +219,8 @@ class TdpCpu(TlbCpu):
             # KVM's TDP spte may be write-protected for dirty logging).  Nor does one serve a kind of
             # access the TDP translation does not allow (a fetch from a page EPT maps without X).
             page, acc, kinds, pkey = entry
-            not_smap = vcpu.ac and not pfec & PFERR_IMPLICIT_ACCESS
-            idx = ((pfec & _ACCESS_BITS) | (8 if not_smap else 0)) >> 1
-            ok = not (ctx.permissions[idx] >> acc) & 1 and kinds & (pfec & KIND_BITS or TLB_READ)
-            if ok and ctx.pkeys_active and acc & 4 and not pfec & PFERR_FETCH_MASK:
-                kbits = (vcpu.pkru >> (2 * pkey)) & 3
-                ok = not (kbits & 1 or (kbits & 2 and write and (pfec & PFERR_USER_MASK or ctx.wp)))
-            if ok:
+            if kinds & (pfec & KIND_BITS or TLB_READ) \
+                    and not permission_fault(ctx, pfec, acc, vcpu.ac, vcpu.pkru, pkey):
                 self.counters["tlb_hits"] += 1
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]

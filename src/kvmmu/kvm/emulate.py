@@ -13,11 +13,11 @@ from ..arch.bits import (
     ACC_WRITE_MASK,
     PFERR_FETCH_MASK,
     PFERR_IMPLICIT_ACCESS,
-    PFERR_RSVD_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
     X86_CR4_PAE,
 )
+from ..arch.permission import permission_fault
 from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 
 if TYPE_CHECKING:
@@ -72,8 +72,7 @@ def cached_mmio_gpa(vcpu: Vcpu, gva: int, access: int) -> int | None:
             # (protect_clean_gpte).  With CR0.WP=0 a supervisor write passes KVM's check anyway and
             # never walks, so the PTE's D bit is never set; the SDM sets it.  Walk instead.
             return None
-        idx = ((access & (PFERR_WRITE_MASK | PFERR_USER_MASK)) | (PFERR_RSVD_MASK if vcpu.ac else 0)) >> 1
-        if (ctx.permissions[idx] >> vcpu.mmio_access) & 1:
+        if permission_fault(ctx, access, vcpu.mmio_access, vcpu.ac, vcpu.pkru, 0):
             return None
     vcpu.counters["mmio_cache_hits"] += 1
     return (vcpu.mmio_gfn << 12) | (gva & 0xFFF)

@@ -64,6 +64,7 @@ from ..arch.walker import walk
 from ..errors import InvalidArgument
 from ..hw.x86cpu import GP, UD, CpuFault, Reexecute, Stop, X86Cpu
 from .emulate import vcpu_is_mmio_gpa
+from .emulate_retry import page_table_writing_insn
 from .soft_emulator import Emulator, pieces
 
 if TYPE_CHECKING:
@@ -209,12 +210,16 @@ class ModelBus:
         self.emulating = False         # KVM's emulator is executing the current instruction
         self.delivering = False        # KVM (not the CPU) is delivering an exception
         self.iter_mmio_write = False   # the current string iteration wrote to MMIO (emulated)
+        # The exception being raised was queued by KVM (a #PF it injects, one from its emulator, a
+        # #UD it reflects), not raised by the CPU itself: SVM's RF quirk and #UD intercept tell.
+        self.kvm_fault = False
         self.cpu: X86Cpu | None = None
 
     # -- instruction boundaries ---------------------------------------------------------------
     def begin(self, cpu: X86Cpu) -> None:
         self.emulating = False
         self.iter_mmio_write = False
+        self.kvm_fault = False
         self.vcpu.rflags = cpu.rflags           # EFLAGS.AC for SMAP
 
     def commit(self, cpu: X86Cpu) -> None:
@@ -229,11 +234,15 @@ class ModelBus:
         vcpu = self.vcpu
         before = self.stats["insn_emulation"]
         failed = self.stats["insn_emulation_fail"]
+        injected = self.stats["pf_guest"]
         vcpu.defer_emulation = restart
+        if vcpu.vm.retry_pf_emulation:
+            vcpu.emul_insn = self._current_insn(kind, implicit)
         try:
             r = vcpu.access(gva, size, kind, value, cpl=cpl, implicit=implicit)
         finally:
             vcpu.defer_emulation = False
+            vcpu.emul_insn = None
         if r.emulate:
             self.emulating = True              # KVM's emulator runs the instruction from its start
             raise Reexecute()
@@ -246,12 +255,24 @@ class ModelBus:
                 self.cpu.rflags |= X86_EFLAGS_RF
             raise Stop("internal_error", f"KVM could not emulate the {kind} at gva {gva:#x}")
         if r.fault is not None:
+            # KVM queued it if it injected a #PF or its emulator ran; a guest #PF under TDP and a
+            # non-canonical #GP are the CPU's own.
+            self.kvm_fault = self.stats["insn_emulation"] != before or self.stats["pf_guest"] != injected
             raise _fault(r.fault.vector, r.fault.error_code, r.fault.cr2)
         if self.stats["insn_emulation"] != before:
             self.emulating = True          # KVM emulated it; the emulator finishes the instruction
             if kind == "write" and r.exits:
                 self.iter_mmio_write = True
         return r.value if r.value is not None else 0
+
+    def _current_insn(self, kind: str, implicit: bool) -> tuple[int, bool] | None:
+        """(RIP, PageTable flag) of the instruction whose explicit data access this is, for
+        retry_instruction; None for a fetch (not decoded yet) or an access of event delivery."""
+        cpu = self.cpu
+        if cpu is None or implicit or kind == "fetch" or self.delivering or cpu.instr is None \
+                or cpu.instr.ip != cpu.rip:
+            return None
+        return cpu.rip, page_table_writing_insn(cpu.instr)
 
     def _in_emulator(self, cpl: int) -> bool:
         return self.emulating or self.delivering
@@ -364,6 +385,7 @@ class ModelBus:
         try:
             fn(value)
         except InvalidArgument:
+            self.kvm_fault = True
             raise CpuFault(GP, 0) from None     # KVM refuses the value (kvm_set_cr4 &c. return 1): #GP
 
     def soft_int(self, cpu: X86Cpu, vector: int) -> bool:
@@ -404,10 +426,13 @@ class NativeBus(ModelBus):
     """A VMX host: every ring on hardware; the CPU delivers exceptions with implicit accesses."""
 
     def abort(self, cpu: X86Cpu, fault: CpuFault) -> None:
-        if fault.vector == UD and not self.emulating:
-            # VMX intercepts #UD (handle_ud decodes the instruction, then reflects #UD).
+        if fault.vector == UD and not self.emulating and not self.kvm_fault:
+            # VMX and SVM intercept the CPU's #UD (handle_ud decodes the instruction, then queues
+            # #UD); a #UD KVM injects itself (a failed emulation) is an injected event, never
+            # intercepted (measured: fetch_from_mmio_cpl3 in the lab, one exit and decode fewer).
             self.stats["exits"] += 1
             self.stats["insn_emulation"] += 1
+            self.kvm_fault = True
 
 
 class PvmBus(ModelBus):

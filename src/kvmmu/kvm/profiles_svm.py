@@ -23,6 +23,12 @@ What TCG's SVM does differently from an AMD CPU is part of these profiles, not o
   so a fault there pushes RF=1.
 - The CPU's TLB is flushed on every VMRUN and #VMEXIT (QEMU's SVM flushes its softmmu TLB), so a
   guest never sees a stale translation across an exit.
+- A #PF that TCG's page walk raises for a reserved bit has RSVD without P in its error code (under
+  NPT the guest's own #PF: 0x8 for a read at CPL0, 0xe for a write at CPL3; under shadow paging KVM
+  injects it, with P).
+
+The kernel is 6.1, so the VM retries an instruction before emulating it as KVM did before 6.12
+(`VM(retry_pf_emulation=True)`, kvm/emulate_retry.py).
 """
 
 from __future__ import annotations
@@ -31,8 +37,8 @@ from typing import TYPE_CHECKING
 
 from iced_x86 import FlowControl
 
-from ..arch.bits import PF_VECTOR
-from ..hw.x86cpu import Stop
+from ..arch.bits import PF_VECTOR, PFERR_PRESENT_MASK, PFERR_RSVD_MASK
+from ..hw.x86cpu import CpuFault, Stop
 from .profiles import PROFILES, HostProfile, NativeBus
 
 if TYPE_CHECKING:
@@ -51,7 +57,6 @@ class SvmTcgBus(NativeBus):
     def __init__(self, profile: HostProfile, vcpu: object) -> None:
         super().__init__(profile, vcpu)   # type: ignore[arg-type]
         self._exits_seen = -1
-        self._insn_start = (0, 0)
         self._rf = 0
 
     def begin(self, cpu: X86Cpu) -> None:
@@ -59,7 +64,6 @@ class SvmTcgBus(NativeBus):
         if exits != self._exits_seen:
             self.vcpu.cpu.flush()        # a VMRUN after an exit starts with an empty TLB
             self._exits_seen = exits
-        self._insn_start = (exits, self.stats["pf_guest"])
         self._rf = cpu.rflags & X86_EFLAGS_RF
         super().begin(cpu)
 
@@ -71,21 +75,28 @@ class SvmTcgBus(NativeBus):
         super().commit(cpu)
 
     def deliver_begin(self, cpu: X86Cpu, vector: int) -> None:
-        # KVM sets RF before injecting a fault-class exception (kvm_inject_exception / inject_pending_event),
-        # and the frame TCG pushes keeps it; a fault TCG delivers by itself has RF clear in its frame.
-        # KVM injected it when this instruction exited to KVM and, for a #PF, KVM injected that #PF
-        # (pf_guest): under NPT a #PF after an #NPF exit is the CPU's own on the retried instruction.
-        exits, pf_guest = self._insn_start
-        injected = self.stats["exits"] != exits and (vector != PF_VECTOR or self.stats["pf_guest"] != pf_guest)
-        if not injected:
+        # KVM sets RF when it queues a fault-class exception (inject_pending_event, for a pending
+        # one), and the frame TCG pushes keeps it; an exception TCG raises by itself has RF clear in
+        # its frame, also when exits came before it in the same instruction (the NPF of its fetch,
+        # measured: cr0_wp_toggle_cpl3) or during its delivery (KVM re-injects such an event as it
+        # was: slot_readd_readonly_cpl3).
+        if not (self.kvm_fault or self.emulating):
             cpu.rflags = (cpu.rflags & ~X86_EFLAGS_RF) | self._rf   # pushed as TCG has it
         super().deliver_begin(cpu, vector)
 
-    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool) -> int:
+    def _hw(self, gva: int, size: int, kind: str, value: int | None, cpl: int, implicit: bool,
+            restart: bool = False) -> int:
         before = self.stats["exits"]
         rf = self.cpu.rflags & X86_EFLAGS_RF if self.cpu is not None else 0
         try:
-            return super()._hw(gva, size, kind, value, cpl, implicit)
+            return super()._hw(gva, size, kind, value, cpl, implicit, restart)
+        except CpuFault as fault:
+            if fault.vector == PF_VECTOR and not self.kvm_fault and fault.error_code is not None \
+                    and fault.error_code & PFERR_RSVD_MASK:
+                # TCG's page walk reports a reserved bit without P (measured under NPT, where TCG
+                # raises the guest's #PF: 0x8/0xa/0xc/0xe; under shadow paging KVM injects 0x9...)
+                fault.error_code &= ~PFERR_PRESENT_MASK
+            raise
         except Stop as stop:
             if stop.reason == "internal_error" and self.cpu is not None and not rf:
                 self.cpu.rflags &= ~X86_EFLAGS_RF    # TCG saves RFLAGS without RF on a fault-class exit
@@ -134,7 +145,7 @@ class SvmProfile(HostProfile):
         tdp_mmu = self.name.startswith("svm-npt-tdp") if self.mmu != "shadow" else None
         return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width, guest_gbpages=gb,
                   kvm_deviations=self.kvm_deviations, host_hugepage_level=host_hugepage_level,
-                  host=Host(prealloc=False), tdp_mmu=tdp_mmu)
+                  host=Host(prealloc=False), tdp_mmu=tdp_mmu, retry_pf_emulation=True)
 
     def make_bus(self, vcpu: object) -> SvmTcgBus:   # type: ignore[override]
         return SvmTcgBus(self, vcpu)
@@ -145,6 +156,7 @@ _QUIRKS = (
     "RF never set by the CPU (frames of its own faults, RFLAGS saved on a fault-class #VMEXIT)",
     "RF from IRETQ kept until a control transfer or HLT",
     "TLB flushed on every VMRUN and #VMEXIT",
+    "a reserved-bit #PF raised by TCG has RSVD without P",
 )
 
 

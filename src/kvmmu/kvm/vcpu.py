@@ -43,6 +43,7 @@ from ..errors import InvalidArgument, KvmBug
 from ..hw.cpu import GP_FAULT, GUEST_FAULT, Cpu, check_access_args
 from ..hw.tdp import TdpCpu
 from .emulate import MmioExit, emulate_access
+from .emulate_retry import retry_instruction
 from .exits import EXIT_CR_ACCESS, EXIT_INVLPG, trace_exit, trace_page_fault_exit
 from .memslots import Memslot
 from .mmu.context import VcpuMmu
@@ -156,6 +157,12 @@ class Vcpu:
         # A CPU model that runs the instruction in its own emulator when KVM would emulate it sets
         # this: RET_PF_EMULATE then returns AccessResult.emulate instead of emulating the access.
         self.defer_emulation = False
+        # retry_instruction (kvm/emulate_retry.py): the instruction a CPU model is executing, as
+        # (RIP, emulate.c's PageTable flag), None when there is none; whether kvm_mmu_page_fault
+        # allowed a retry (EMULTYPE_ALLOW_RETRY_PF); and vcpu->arch.last_retry_{eip,addr}.
+        self.emul_insn: tuple[int, bool] | None = None
+        self.allow_retry_pf = False
+        self.last_retry = (0, 0)
         self.guest_mmu: VcpuMmu | None = None           # shadows L1's EPT (nested TDP)
         self.l1_state: tuple = ()
         self.pte_reader = GuestPteReader(self)
@@ -535,6 +542,14 @@ class Vcpu:
                 if self.pending_exception is not None:
                     result.fault = self.take_exception()
                     return result
+                if r == RET_PF_EMULATE and vm.retry_pf_emulation and retry_instruction(self, addr):
+                    # Unprotected and re-entered: the guest executes the instruction again.
+                    self.stats["insn_emulation"] += 1
+                    if vm.trace.enabled:
+                        vm.trace.emit("kvm_emulate_insn", csbase=0, rip=self.rip, insn=self.insn_bytes,
+                                      mode="prot64", failed=False)
+                        vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)
+                    continue
                 if r == RET_PF_EMULATE and self.defer_emulation:
                     self.stats["insn_emulation"] += 1
                     if vm.trace.enabled:

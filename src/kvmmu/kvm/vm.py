@@ -67,7 +67,8 @@ class VM:
                  mmio_gen_layout: MmioGenLayout | None = None, tdp_level: int = 4,
                  host_hugepage_level: int = 1, ept_ad: bool = True, mmio_log_size: int = 10_000,
                  kvm_deviations: bool = False, tdp_mmu: bool | None = None,
-                 params: KvmParams | None = None, pku: bool | None = None) -> None:
+                 params: KvmParams | None = None, pku: bool | None = None,
+                 retry_pf_emulation: bool = False) -> None:
         """`mmu` is "shadow" (the default), "ept" or "npt"; `mmio_caching` "generation" (the default),
         "zap" or "off".  `tdp_mmu` (default True) runs EPT/NPT on KVM's TDP MMU, False on the legacy
         MMU; `params` gives the same choices as KVM's module parameters (kvmmu.KvmParams).
@@ -78,7 +79,12 @@ class VM:
 
         `pku`: whether the vCPUs have protection keys (CPUID.7.0:ECX.PKU); without them CR4.PKE is a
         reserved bit.  None: they have, except under shadow paging with `kvm_deviations`, because
-        KVM's kvm_set_cpu_caps offers PKU only with TDP (docs/ARCHITECTURE.md)."""
+        KVM's kvm_set_cpu_caps offers PKU only with TDP (docs/ARCHITECTURE.md).
+
+        `retry_pf_emulation=True` is KVM before 6.12: an instruction the fault path would emulate
+        (a write to a read-only memslot, say) is first unprotected and retried once unless it is
+        one that writes page tables (kvm/emulate_retry.py); the default is today's KVM, which
+        retries only for a write-protected guest page table and does not model that either."""
         mmu, mmio_caching, tdp_mmu = resolve(mmu, mmio_caching, tdp_mmu, params)
         if mmu not in MMU_FLAVOURS:
             raise InvalidArgument("mmu", mmu, f"the MMU flavour is one of {MMU_FLAVOURS}")
@@ -102,7 +108,8 @@ class VM:
             raise InvalidArgument("host_hugepage_level", host_hugepage_level, "1 (4 KiB), 2 (2 MiB) or 3 (1 GiB)")
         if pku is not None and type(pku) is not bool:
             raise InvalidArgument("pku", pku, "pku is True, False or None (the flavour's default)")
-        for name, flag in (("kvm_deviations", kvm_deviations), ("guest_gbpages", guest_gbpages), ("ept_ad", ept_ad)):
+        for name, flag in (("kvm_deviations", kvm_deviations), ("guest_gbpages", guest_gbpages), ("ept_ad", ept_ad),
+                           ("retry_pf_emulation", retry_pf_emulation)):
             if type(flag) is not bool:
                 raise InvalidArgument(name, flag, f"{name} is True or False")
         if type(mmio_log_size) is not int or mmio_log_size < 0 or mmio_log_size >> 32:
@@ -111,6 +118,7 @@ class VM:
             _check_gen_layout(mmio_gen_layout)
         self.host = host if host is not None else Host()
         self.kvm_deviations = kvm_deviations
+        self.retry_pf_emulation = retry_pf_emulation
         self.flavour = mmu
         self.mmio_caching = mmio_caching
         self.tdp_enabled = mmu != "shadow"

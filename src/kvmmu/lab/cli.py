@@ -33,7 +33,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _real_diff(args: argparse.Namespace) -> int:
-    from ..report.realdiff import format_report, load_programs, report_json
+    from ..realdiff import format_report, load_programs, report_json
     from .compare import diff_recorded
     from .record import dump_results
     from .run import capture

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from ..errors import ScenarioError
 from ..guest.runtime import Program, build
-from ..report.realdiff import ProgramReport, compare, run_model
+from ..real.cpuid import guest_paging_as
+from ..realdiff import ProgramReport, compare, load_programs, run_model
 from .record import observation_from_json
 
 
@@ -17,6 +20,18 @@ def check_profile(results: dict[str, Any], profile: str) -> None:
         raise ScenarioError(f"--profile {profile!r} does not match the recorded configuration "
                             f"({results.get('config')}, mmio_caching={results.get('mmio_caching')}: "
                             f"profile {recorded!r})")
+
+
+def load_recorded_programs(paths: Iterable[str | Path], results: dict[str, Any]) -> list[Program]:
+    """The corpus as the recording machine loaded it: a program that takes its addresses from the
+    guest width (``host_guest_paging``, e.g. phys_width.py) gets the width the file records
+    (``guest_paging``: what KVM_GET_SUPPORTED_CPUID gave the guests there), not this machine's."""
+    paging = results.get("guest_paging") or {}
+    if not isinstance(paging.get("maxphyaddr"), int):
+        return load_programs(paths)
+    with guest_paging_as(paging["maxphyaddr"], bool(paging.get("gbpages")),
+                         f"recorded ({paging.get('source', 'lab')})"):
+        return load_programs(paths)
 
 
 def diff_recorded(programs: list[Program], results: dict[str, Any], profile: str) -> list[ProgramReport]:
@@ -47,4 +62,4 @@ def tally(reports: list[ProgramReport]) -> dict[str, list[str]]:
     return out
 
 
-__all__ = ["check_profile", "diff_recorded", "tally"]
+__all__ = ["check_profile", "diff_recorded", "load_recorded_programs", "tally"]

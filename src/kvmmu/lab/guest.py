@@ -1,7 +1,7 @@
 """The lab job that runs inside L1: ``python -m kvmmu.lab.guest SPEC.json``.
 
 It reads back KVM's module parameters from /sys/module, then runs every program of the corpus on
-L1's /dev/kvm with the project's own real backend (`kvmmu.report.realdiff.run_real`), with the
+L1's /dev/kvm with the project's own real backend (`kvmmu.realdiff.run_real`), with the
 kvm/kvmmmu tracepoints on, and writes the results file (`kvmmu.lab.record`).
 
 A program is run up to ``repeats`` times and the run with the fewest exits kept: L1's own timer
@@ -50,7 +50,7 @@ def _comparable(o: Any) -> tuple[Any, ...]:
 
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     from ..guest.runtime import build
-    from ..report.realdiff import load_programs, run_real
+    from ..realdiff import load_programs, run_real
 
     programs = load_programs(spec["paths"])
     if spec.get("k"):

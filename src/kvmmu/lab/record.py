@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScenarioError
-from ..report.realdiff import FaultRecord, Mmio, Observation
+from ..realdiff import FaultRecord, Mmio, Observation
 
 FORMAT = "kvmmu-lab/1"
 

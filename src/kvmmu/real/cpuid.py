@@ -15,6 +15,7 @@ import fcntl
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from . import ioctls as K
@@ -111,17 +112,37 @@ _host_lock = threading.Lock()
 _host_cache: list[tuple[int, bool, str]] = []
 
 
+_recorded: list[tuple[int, bool, str]] = []
+
+
 def host_guest_paging() -> tuple[int, bool, str]:
     """(MAXPHYADDR, 1 GiB pages, source) that ``RealVM()`` (the supported CPUID) gives a guest here.
 
     Read from KVM_GET_SUPPORTED_CPUID on /dev/kvm; without a usable /dev/kvm, from the host CPU's
     ``address sizes`` in /proc/cpuinfo (what KVM would report), else KVM's no-CPUID default.
-    Cached: the answer is a property of the machine.
+    Cached: the answer is a property of the machine.  Inside ``guest_paging_as`` it is the machine
+    that recorded a run instead.
     """
     with _host_lock:
+        if _recorded:
+            return _recorded[-1]
         if not _host_cache:
             _host_cache.append(_measure_host())
         return _host_cache[0]
+
+
+@contextlib.contextmanager
+def guest_paging_as(maxphyaddr: int, gbpages: bool, source: str) -> Iterator[None]:
+    """Within the block ``host_guest_paging()`` answers what another machine's supported CPUID
+    gave its guests (a recorded lab run, ``kvmmu.lab``): a corpus program that builds its
+    addresses from the guest width is then the program that machine ran."""
+    with _host_lock:
+        _recorded.append((maxphyaddr, gbpages, source))
+    try:
+        yield
+    finally:
+        with _host_lock:
+            _recorded.pop()
 
 
 def _measure_host() -> tuple[int, bool, str]:
@@ -146,4 +167,4 @@ def _measure_host() -> tuple[int, bool, str]:
 
 
 __all__ = ["KVM_DEFAULT_MAXPHYADDR", "CpuidEntry", "find", "for_vcpu", "gbpages", "get_supported_cpuid",
-           "host_guest_paging", "maxphyaddr", "pack_cpuid2"]
+           "guest_paging_as", "host_guest_paging", "maxphyaddr", "pack_cpuid2"]

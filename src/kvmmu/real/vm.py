@@ -41,7 +41,7 @@ PAGE_SIZE = 4096
 # we can run on (x86-64).  Without it a large sparse guest would count fully against overcommit.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
-MmioHandler = Callable[..., int | bytes | None]
+MmioHandler = Callable[[MmioAccess], int | bytes | None]      # the same as kvmmu.VM.mmio_handler
 IoHandler = Callable[..., int | bytes | None]
 
 
@@ -599,14 +599,16 @@ class RealVcpu:
         """KVM_RUN until an exit nobody here handles, and return that exit.
 
         Without handlers this is one KVM_RUN.  With ``mmio_handler``, MMIO exits are answered and
-        the guest re-entered: reads call ``handler(addr, len)`` -> int or bytes (placed in
-        kvm_run.mmio.data), writes call ``handler(addr, len, value)``.  ``io_handler`` does the
-        same for port I/O: ``handler(port, size)`` for IN, ``handler(port, size, value)`` for OUT;
-        string I/O (count > 1) passes and expects ``size * count`` bytes instead of an int.  A
-        handler returning None answers a read with 0.  Every MMIO exit is appended to
-        ``mmio_log``.  More than ``max_exits`` handled exits raises KvmmuError (a runaway guest).
-        ``timeout`` (seconds, main thread only) interrupts a guest that never exits (e.g. vmcall
-        on kvm_pvm spins inside KVM_RUN) and returns an ``intr`` exit.
+        the guest re-entered; the handler has the model's signature (``VM.mmio_handler``): it is
+        called with the exit's `MmioAccess` (phys_addr, len, is_write, data) and answers a read
+        with an int (truncated to ``len`` bytes), bytes (the first ``len``, zero-padded) or None
+        (nothing there: all ones), placed in kvm_run.mmio.data.  ``io_handler`` is for port I/O:
+        ``handler(port, size)`` for IN, ``handler(port, size, value)`` for OUT; string I/O
+        (count > 1) passes and expects ``size * count`` bytes instead of an int; None answers an
+        IN with 0.  Every MMIO exit is appended to ``mmio_log``.  More than ``max_exits`` handled
+        exits raises KvmmuError (a runaway guest).  ``timeout`` (seconds, main thread only)
+        interrupts a guest that never exits (e.g. vmcall on kvm_pvm spins inside KVM_RUN) and
+        returns an ``intr`` exit.
         """
         if timeout is None:
             return self._run_loop(mmio_handler, io_handler, max_exits)
@@ -643,11 +645,10 @@ class RealVcpu:
                                  f"without reaching hlt/shutdown; the next was {ex}")
             handled += 1
             if ex.reason == "mmio" and mmio_handler is not None:
-                assert ex.phys_addr is not None and ex.len is not None
-                if ex.is_write:
-                    mmio_handler(ex.phys_addr, ex.len, ex.value)
-                else:
-                    self.complete_mmio_read(_none_is_zero(mmio_handler(ex.phys_addr, ex.len)))
+                assert ex.len is not None
+                reply = mmio_handler(self.mmio_log[-1])
+                if not ex.is_write:
+                    self.complete_mmio_read(_mmio_reply(reply, ex.len))
             elif ex.reason == "io" and io_handler is not None:
                 assert ex.port is not None and ex.size is not None and ex.count is not None
                 if ex.is_write:
@@ -712,6 +713,17 @@ class RealVcpu:
 
 def _none_is_zero(value: int | bytes | None) -> int | bytes:
     return 0 if value is None else value
+
+
+def _mmio_reply(reply: object, length: int) -> int | bytes:
+    """An MMIO read's answer as the model's VM takes it (kvm.vm.VM.vmm_mmio)."""
+    if reply is None:
+        return (1 << (8 * length)) - 1               # nothing there: the bus floats to all ones
+    if isinstance(reply, (bytes, bytearray, memoryview)):
+        return bytes(reply)[:length].ljust(length, b"\0")
+    if isinstance(reply, int):
+        return reply
+    raise InvalidArgument("mmio_handler reply", reply, "the reply to a KVM_EXIT_MMIO read is an int, bytes or None")
 
 
 def _as_bytes(value: int | bytes, length: int) -> bytes:

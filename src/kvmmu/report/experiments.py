@@ -16,7 +16,7 @@ from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X
 from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
 from ..guest.program import run_program
 from ..kvm.vm import VM
-from .cost import CostModel
+from ..sim.cost import CostModel
 
 DIRECT_MAP = 0xFFFF888000000000
 IOREMAP = 0xFFFFC90000000000
@@ -189,8 +189,8 @@ def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
     without the guest's page-table pages swapped out on the host."""
     from ..guest.os import GuestOS, OsParams
     from ..hw.host import Host
+    from ..sim.cost import CostModel
     from ..vmm.machine import Machine, MachineSpec
-    from .cost import CostModel
     from .table import format_table
     cost = CostModel()
     rows = []

@@ -14,7 +14,7 @@ from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X
 from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
 from ..guest.program import run_program
 from ..kvm.vm import VM
-from .cost import CostModel
+from ..sim.cost import CostModel
 from .experiments import DIRECT_MAP, DOORBELL_GPA, IOREMAP, RAM, RunResult, driver_program
 
 FLAVOURS = ("shadow", "ept", "npt", "nested-ept")

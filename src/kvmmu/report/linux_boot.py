@@ -17,7 +17,7 @@ from ..errors import ScenarioError
 from ..guest.linux_boot import PROFILES, LinuxBootWorkload, load_linux_boot
 from ..guest.trace import PhaseResult, ReplayResult
 from ..kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
-from .cost import CostModel
+from ..sim.cost import CostModel
 from .table import format_table
 
 # (label, where, name): where is "stats" (KVM vCPU stats), "counters" (the model's) or "run" (replay).

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..sim.clock import Clock, EventQueue
+
 if TYPE_CHECKING:
     from ..guest.os import GuestOS
     from ..hw.host import Host
@@ -31,7 +33,7 @@ class RunStats:
 
 class HostRunner:
     def __init__(self, host: Host, oses: list[GuestOS], seed: int = 1, slice_us: float = 1000.0,
-                 progress: Callable[[float], None] | None = None) -> None:
+                 progress: Callable[[float], None] | None = None, clock: Clock | None = None) -> None:
         self.host = host
         self.oses = oses
         self.seed = seed
@@ -39,6 +41,8 @@ class HostRunner:
         self.slice = max(1, int(slice_us * 1e3 * self.ghz))
         self.progress = progress
         self.stats = RunStats()
+        # The guests' clock when there is one: their events and the ready vCPUs share one order.
+        self.clock = clock if clock is not None else oses[0].clock if oses else Clock()
 
     def run(self, duration_cycles: int, until_done: bool = True) -> RunStats:
         """Run until `duration_cycles` of host time, or until every workload says it is done."""
@@ -46,13 +50,11 @@ class HostRunner:
         cpus = [(os_, cpu) for os_ in self.oses for cpu in os_.cpus]
         order = list(range(len(cpus)))
         rng.shuffle(order)
-        seq = 0
-        ready: list[tuple[int, int, int, int]] = []        # (time, seq, cpu id, version)
+        ready: EventQueue[tuple[int, int]] = self.clock.queue()     # (cpu id, version) when it may run
         version = [0] * len(cpus)
         index = {(id(os_), cpu.index): i for i, (os_, cpu) in enumerate(cpus)}
         for i in order:
-            seq += 1
-            heapq.heappush(ready, (0, seq, i, 0))
+            ready.push(0, (i, 0))
         sleeping: dict[int, int] = {}                      # cpu id -> time it went idle
         queued_at: dict[int, int] = dict.fromkeys(range(len(cpus)), 0)    # cpu id -> its time in `ready`
         cores = [(0, c) for c in range(self.host.cores)]
@@ -60,7 +62,7 @@ class HostRunner:
         timers = self.oses
         last_report = 0
         while ready:
-            t, _, i, ver = heapq.heappop(ready)
+            t, (i, ver) = ready.pop()
             if ver != version[i]:
                 continue
             queued_at.pop(i, None)
@@ -71,14 +73,14 @@ class HostRunner:
                 self.stats.stopped_by = "duration"
                 break
             for os_ in timers:
-                while os_.vmm_timers and os_.vmm_timers[0][0] <= start:
-                    when, _, fn = heapq.heappop(os_.vmm_timers)
+                while os_.vmm_timers and os_.vmm_timers.next_time <= start:
+                    when, fn = os_.vmm_timers.pop()
                     fn(when)
             os_, cpu = cpus[i]
             budget = min(self.slice, duration_cycles - start)
             for o in timers:
                 if o.vmm_timers:          # stop at the VMM's next action so it happens on time
-                    budget = min(budget, max(1, o.vmm_timers[0][0] - start))
+                    budget = min(budget, max(1, o.vmm_timers.next_time - start))
             used, wake = os_.run_slice(cpu, start, budget)
             self.stats.slices += 1
             self.stats.busy_cycles += used
@@ -88,9 +90,8 @@ class HostRunner:
             if wake is None:
                 sleeping[i] = end
             else:
-                seq += 1
                 queued_at[i] = max(wake, end)
-                heapq.heappush(ready, (queued_at[i], seq, i, version[i]))
+                ready.push(queued_at[i], (i, version[i]))
             for o in self.oses:
                 if o.wake_requests:
                     for cpu_index, when in o.wake_requests:
@@ -100,9 +101,8 @@ class HostRunner:
                             continue
                         sleeping.pop(j, None)
                         version[j] += 1
-                        seq += 1
                         queued_at[j] = at
-                        heapq.heappush(ready, (at, seq, j, version[j]))
+                        ready.push(at, (j, version[j]))
                     o.wake_requests.clear()
             if self.stats.slices % 1024 == 0:
                 for o in self.oses:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ...arch.bits import PFERR_RSVD_MASK
 from .direct import direct_page_fault
-from .mmio import handle_mmio_page_fault
+from .mmio import handle_mmio_page_fault, mmio_info_in_cache
 from .paging import page_fault
 from .pf import (
     RET_PF_EMULATE,
@@ -51,6 +51,7 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
     vm = vcpu.vm
     direct = vcpu.mmu.direct
     r = RET_PF_INVALID
+    vcpu.allow_retry_pf = False
     if error_code & PFERR_RSVD_MASK:
         r = handle_mmio_page_fault(vcpu, addr, direct)
         if r == RET_PF_EMULATE:
@@ -60,6 +61,9 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
         r = kvm_mmu_do_page_fault(vcpu, addr, error_code)
         if r == RET_PF_INVALID:
             raise AssertionError("the full fault path must not return RET_PF_INVALID")
+    if r == RET_PF_EMULATE:
+        # EMULTYPE_ALLOW_RETRY_PF: never for MMIO the vCPU has cached, nor for a nested guest.
+        vcpu.allow_retry_pf = not mmio_info_in_cache(vcpu, addr, direct) and not vcpu.mmu_is_nested
     if vm.trace.enabled:                 # (emit would return at once, after its arguments were built)
         vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
     return r

@@ -413,6 +413,17 @@ class KvmMmu:
         if self.tdp_mmu is not None:
             self.tdp_mmu.zap_invalidated_roots()
 
+    def unprotect_page(self, gfn: int) -> bool:
+        """kvm_mmu_unprotect_page: zap every valid shadow page that shadows a guest table at gfn (so
+        writes to it stop being tracked); True if there was one.  TDP MMU pages are never among them."""
+        invalid: list[ShadowPage] = []
+        found = False
+        for sp in list(self.indirect_pages_for_gfn(gfn)):
+            found = True
+            self.prepare_zap_page(sp, invalid)
+        self.commit_zap_page(invalid)
+        return found
+
     def zap_gfn_range(self, as_id: int, start: int, end: int) -> None:
         """Zap leaf mappings of gfns in [start, end) and the shadow pages of those gfns."""
         invalid: list[ShadowPage] = []

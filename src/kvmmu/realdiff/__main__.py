@@ -1,0 +1,5 @@
+"""``python -m kvmmu.realdiff PATH...``."""
+
+from .cli import main
+
+raise SystemExit(main())
