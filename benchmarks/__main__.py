@@ -1,7 +1,7 @@
 """`make bench`: the benchmark suite of issue 7, printed as one table (kept out of `make test`).
 
     python -m benchmarks                 # everything (well under a minute on an idle machine)
-    python -m benchmarks --only tlb mmio # a subset: tlb, faults, mmio, walks, real, workload
+    python -m benchmarks --only tlb mmio # a subset: tlb, faults, mmio, walks, real, workload, experiment
     python -m benchmarks --json out.json # also write the figures as JSON
 
 Every figure is a rate per CPU second (the machines are shared) measured on a deterministic (seeded)
@@ -20,13 +20,13 @@ import platform
 import sys
 import time
 
-from . import kcompile, micro, realkvm
+from . import experiment, kcompile, micro, realkvm
 from .harness import Figure, render
 
-SUITES = ("tlb", "faults", "mmio", "walks", "real", "workload")
+SUITES = ("tlb", "faults", "mmio", "walks", "real", "workload", "experiment")
 
 
-def run(only: tuple[str, ...], quiet: bool = False) -> list[Figure]:
+def run(only: tuple[str, ...], quiet: bool = False, exp_duration: float = 1.0) -> list[Figure]:
     figures: list[Figure] = []
     mmio_fast: float | None = None
 
@@ -72,6 +72,11 @@ def run(only: tuple[str, ...], quiet: bool = False) -> list[Figure]:
             figures.append(Figure(name, w["rate"], "acc/s", 1_000_000, note=note))
             figures.append(Figure("  peak RSS (sum of the 3 VM processes)", w["rss_mb"], "MB", 400, at_most=True,
                                   note="one process per VM" + (", run_accesses" if w.get("batch") else "")))
+            figures.append(Figure("  peak RSS of one VM process (the largest)", w["rss_max_mb"], "MB",
+                                  experiment.RSS_TARGET_MB, at_most=True, note="VmHWM"))
+    if "experiment" in only:
+        step(f"experiment (a), {exp_duration:g} modelled s per flavour/policy pair")
+        figures += experiment.bench_experiment_a(exp_duration, workers=min(os.cpu_count() or 1, 2))
     return figures
 
 
@@ -81,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="+", choices=SUITES, default=list(SUITES), help="run only these suites")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--exp-duration", type=float, default=1.0, metavar="S",
+                    help="modelled seconds of experiment (a) per pair (default 1)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    figures = run(tuple(args.only), args.quiet)
+    figures = run(tuple(args.only), args.quiet, args.exp_duration)
     elapsed = time.perf_counter() - t0
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"kvmmu benchmarks — CPython {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "

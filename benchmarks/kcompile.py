@@ -295,7 +295,8 @@ def run_three(processes_per_vcpu: int = 4, batch: bool = True, parallel: bool = 
     cpu = sum(r["cpu"] for r in results)
     ideal = max(cpu / cores, max(r["cpu"] for r in results))
     return {"accesses": total, "seconds": ideal, "rate": total / ideal, "wall_rate": total / wall, "cpu": cpu,
-            "cores": cores, "rss_mb": rss, "batch": all(r["batch"] for r in results),
+            "cores": cores, "rss_mb": rss, "rss_max_mb": max(r["rss_mb"] for r in results),
+            "batch": all(r["batch"] for r in results),
             "processes": sum(r["processes"] for r in results), "pf_fixed": sum(r["pf_fixed"] for r in results),
             "tlb_hits": sum(r["tlb_hits"] for r in results), "mmio_exits": sum(r["mmio_exits"] for r in results),
             "shadow_pages": max(r["shadow_pages"] for r in results)}

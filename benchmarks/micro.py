@@ -165,6 +165,7 @@ def bench_tdp_faults(n: int = 8_192, repeats: int = 2) -> list[Figure]:
 
         rate, _, _ = best_rate(run, repeats)
         figs.append(Figure(f"NPT faults (fresh pages), {'TDP MMU' if tdp_mmu else 'legacy MMU'}", rate, "faults/s",
+                           FAULT_TARGET if tdp_mmu else None,
                            note="kvm_tdp_mmu_map: tdp_iter walk, tables on the way down" if tdp_mmu
                            else "__direct_map + prefetch of the 8-entry block"))
     return figs

@@ -256,7 +256,7 @@ class VM:
 
     def memslots_alias(self) -> bool:
         """Whether two live memslots map one host page (cached per memslot generation)."""
-        key = tuple(space.generation for space in self.memslots.spaces)
+        key = tuple([space.generation for space in self.memslots.spaces])   # (per fault: no generator)
         if self._alias_key != key:
             ranges = sorted((s.userspace_addr, s.userspace_addr + (s.npages << 12)) for s in self.memslots.all_slots())
             self._aliased = any(a[1] > b[0] for a, b in zip(ranges, ranges[1:], strict=False))

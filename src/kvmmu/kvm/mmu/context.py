@@ -401,7 +401,8 @@ class VcpuMmu:
         if sp.direct or (sp.role ^ self.root_role) & ~_SYNC_ROLE_IGNORE:
             return -1
         flush = 0
-        for i in range(512):
+        # sync_spte does nothing for an spte that is neither present nor MMIO, and writes only its own.
+        for i in self.kvm.live_spte_indices(sp):
             r = sync_spte(self, sp, i)
             if r < 0:
                 return -1

@@ -90,7 +90,8 @@ def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, l
     if fault.slot is not None:
         mmu.vm.mark_page_dirty(fault.slot, fault.gfn)
     mmu.vcpu.stats["pf_fast"] += 1
-    trace_fast_page_fault(mmu, fault, sptep, spte, RET_PF_FIXED)
+    if mmu.vm.trace.enabled:
+        trace_fast_page_fault(mmu, fault, sptep, spte, RET_PF_FIXED)
     return RET_PF_FIXED
 
 

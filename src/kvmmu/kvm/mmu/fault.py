@@ -64,5 +64,6 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
     if r == RET_PF_EMULATE:
         # EMULTYPE_ALLOW_RETRY_PF: never for MMIO the vCPU has cached, nor for a nested guest.
         vcpu.allow_retry_pf = not mmio_info_in_cache(vcpu, addr, direct) and not vcpu.mmu_is_nested
-    vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
+    if vm.trace.enabled:                 # (emit would return at once, after its arguments were built)
+        vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
     return r

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..memslots import KVM_MEMSLOT_INVALID
+
 if TYPE_CHECKING:
     from ..memslots import Memslot
     from ..vcpu import Vcpu
@@ -31,9 +33,17 @@ class GuestPteReader:
         """The counted memslot lookup for one gpte (None: no usable slot)."""
         c = self.counters
         c["memslot_lookups"] += 1
-        before = self.memslots.searches
-        slot = self.memslots.gfn_to_memslot(gpa >> 12, self.as_id, self.hint)
-        c["memslot_searches"] += self.memslots.searches - before
+        ms = self.memslots
+        gfn = gpa >> 12
+        last = self.hint[0]
+        # Memslots.gfn_to_memslot's last-used-slot hit, inlined (one per gpte read): same counts.
+        if last is not None and last.base_gfn <= gfn < last.base_gfn + last.npages \
+                and ms.spaces[self.as_id].by_id.get(last.id) is last:
+            ms.lookups += 1
+            return None if last.flags & KVM_MEMSLOT_INVALID else last
+        before = ms.searches
+        slot = ms.gfn_to_memslot(gfn, self.as_id, self.hint)
+        c["memslot_searches"] += ms.searches - before
         return None if slot is None or slot.invalid else slot
 
     def _hva(self, gpa: int, write: bool) -> int:
@@ -50,9 +60,11 @@ class GuestPteReader:
 
     def read_pte(self, gpa: int, size: int) -> int:
         self.counters["guest_pte_reads"] += 1
-        hva = self._hva(gpa, False)
-        if hva < 0:
+        slot = self._slot(gpa)            # _hva(gpa, False), inlined: one per gpte of every guest walk
+        if slot is None:
             return -1
+        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+        self.vm.host_touch(hva, False)
         return self.mem.read(hva, size)
 
     def read_pte_atomic(self, gpa: int, size: int) -> int:

@@ -136,7 +136,8 @@ def mmu_set_spte(mmu: VcpuMmu, slot: Memslot | None, sptep: int, pte_access: int
         if was_rmapped and ((old & ~new) & 0x7 or (old ^ new) & PT64_PKEY_MASK):
             flush = True                # fewer rights, or another protection key
         vcpu.counters["spte_installs"] += 1
-        mmu.vm.trace.emit("kvm_mmu_set_spte", level=sp.level, gfn=gfn, spte=new, sptep=sptep, ept=mmu.masks.ept)
+        if mmu.vm.trace.enabled:
+            mmu.vm.trace.emit("kvm_mmu_set_spte", level=sp.level, gfn=gfn, spte=new, sptep=sptep, ept=mmu.masks.ept)
     if wrprot and fault is not None and fault.write:
         ret = RET_PF_EMULATE
     if sp.shadowed_translation is not None:

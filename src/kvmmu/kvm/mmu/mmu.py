@@ -4,6 +4,7 @@ unsync, zapping, the page quota.  Per-vCPU state and the fault paths live in vcp
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from .tdp_mmu import TdpMmu
 
 _NONPRESENT_PAGE = SHADOW_NONPRESENT_VALUE.to_bytes(8, "little") * 512
+_UNPACK_SPTES = struct.Struct("<512Q").unpack
+_UNPACK_Q = struct.Struct("<Q").unpack_from
 KVM_MIN_FREE_MMU_PAGES = 5
 KVM_REFILL_PAGES = 25
 
@@ -52,10 +55,28 @@ class KvmMmu:
 
     # -- spte access (KVM's tables are in host memory; the CPU walks them) ---------------------------
     def read_spte(self, sptep: int) -> int:
+        # SparseMemory.read's in-page case, inlined (sptes are 8-byte aligned; a page exists only
+        # inside the memory); an absent page reads as 0 there too.
+        page = self.mem.pages.get(sptep >> 12)
+        if page is not None and not sptep & 7:
+            return _UNPACK_Q(page, sptep & 0xFFF)[0]
         return self.mem.read(sptep, 8)
 
     def write_spte(self, sptep: int, value: int) -> None:
         self.mem.write(sptep, 8, value)
+
+    def live_spte_indices(self, sp: ShadowPage) -> range | list[int]:
+        """The indices of sp's sptes that are shadow-present or MMIO, from one read of the page: the
+        per-entry loops (zap, sync) do nothing for the others, and never make one present."""
+        page = self.mem.pages.get(sp.hpa >> 12)
+        if page is None:
+            return range(512)
+        m = self.masks
+        mask, value = (m.mmio_mask, m.mmio_value) if m.mmio_enabled else (0, -1)
+        # Most entries are SHADOW_NONPRESENT_VALUE: one comparison rules them out (when it is neither).
+        np = SHADOW_NONPRESENT_VALUE if SHADOW_NONPRESENT_VALUE & mask != value else None
+        return [i for i, s in enumerate(_UNPACK_SPTES(page))
+                if s != np and (s & SPTE_MMU_PRESENT_MASK or s & mask == value)]
 
     def sptep_to_sp(self, sptep: int) -> ShadowPage:
         return self.pages_by_pfn[sptep >> 12]
@@ -297,8 +318,9 @@ class KvmMmu:
             self.vm.trace.emit("kvm_mmu_prepare_zap_page", **trace_fields(sp))
         if sp.unsync_children:
             self._zap_unsync_children(sp, invalid_list)
-        for i in range(512):
-            self.mmu_page_zap_pte(sp, sp.sptep(i), invalid_list)
+        hpa = sp.hpa
+        for i in self.live_spte_indices(sp):
+            self.mmu_page_zap_pte(sp, hpa + 8 * i, invalid_list)
         for parent in list(sp.parent_ptes):
             psp = self.sptep_to_sp(parent)
             psp.unsync_children.discard((parent & 0xFFF) >> 3)
