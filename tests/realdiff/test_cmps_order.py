@@ -1,4 +1,4 @@
-"""The CPU's CMPS operand order is a property of the host CPU (kvmmu.real.cmps_order): the kvm-pvm
+"""The CPU's CMPS operand order is a property of the host CPU (kvmmu.realdiff.cmps_order): the kvm-pvm
 profile measures it on the running machine, and the model's CPU follows what the profile says."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 
 from kvmmu.kvm.profiles import get_profile
 from kvmmu.real import available, unavailable_reason
-from kvmmu.real.cmps_order import PREFIXES, SIZES, host_cmps_source_first, probe_program, source_first_forms
+from kvmmu.realdiff.cmps_order import PREFIXES, SIZES, host_cmps_source_first, probe_program, source_first_forms
 from kvmmu.report.realdiff import run_model, run_real
 
 needs_kvm = pytest.mark.skipif(not available(), reason=f"needs a usable /dev/kvm: {unavailable_reason()}")

@@ -1166,7 +1166,7 @@ def _string(cpu: X86Cpu, instr: ix.Instruction) -> None:
 def _cmps_operands(cpu: X86Cpu, rsi: int, rdi: int, size: int) -> tuple[int, int]:
     """CMPS on the CPU reads ES:[RDI] before DS:[RSI] (the SDM names no order; measured: when both
     fault, CR2 is RDI — except the forms ``Bus.cmps_source_first`` names, see
-    kvmmu.real.cmps_order); KVM's emulator reads the source first (x86_emulate_insn reads
+    kvmmu.realdiff.cmps_order); KVM's emulator reads the source first (x86_emulate_insn reads
     src, then dst).  The bus raises Reexecute when KVM's emulator runs the instruction — at once,
     or after the CPU's access to RDI faulted into KVM's emulation path."""
     try:

@@ -49,6 +49,7 @@ supervisor accesses.  These profiles are the model's prediction only: no such ho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,16 @@ _SLOT256 = 0x1FFFF00          # gva >> 39 of PML4 slot 256 (0xffff800000000000..
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 
+# A measurement of the running machine's CMPS operand order, (forms, source), registered by
+# kvmmu.realdiff.cmps_order (register_cmps_probe).
+_CMPS_PROBE: list[Callable[[], tuple[frozenset[tuple[str, int]], str]]] = []
+
+
+def register_cmps_probe(probe: Callable[[], tuple[frozenset[tuple[str, int]], str]]) -> None:
+    """A host profile with `cmps_source_first=None` asks `probe` from now on."""
+    _CMPS_PROBE[:] = [probe]
+
+
 @dataclass(frozen=True)
 class HostProfile:
     """A KVM host, as far as a guest can tell: see the module docstring for the three profiles."""
@@ -105,7 +116,7 @@ class HostProfile:
     guest_maxphyaddr: int | None = 46
     guest_gbpages: bool | None = True
     # The CMPS forms, as (prefix, size), for which the CPU reads DS:[RSI] before ES:[RDI] (the SDM
-    # names no order; CPUs differ); None: measured on the machine running the model (real/cmps_order).
+    # names no order; CPUs differ); None: measured on the machine running the model (realdiff/cmps_order).
     cmps_source_first: frozenset[tuple[str, int]] | None = frozenset()
     quirks: tuple[str, ...] = field(default_factory=tuple)
     # A profile is a real KVM host, so it keeps KVM's guest-visible departures from the SDM.
@@ -126,8 +137,9 @@ class HostProfile:
     def cmps_source_first_forms(self) -> frozenset[tuple[str, int]]:
         """The CMPS forms this host's CPU reads source first (measured where the profile says None)."""
         if self.cmps_source_first is None:
-            from ..real.cmps_order import host_cmps_source_first
-            return host_cmps_source_first()[0]
+            # The probe runs a guest program on /dev/kvm, which the layer above (kvmmu.realdiff)
+            # can do; it registers itself.  Without it: ES:[RDI] first, as plain CMPS on every CPU.
+            return _CMPS_PROBE[0]()[0] if _CMPS_PROBE else frozenset()
         return self.cmps_source_first
 
     def make_vm(self, host_hugepage_level: int = 1) -> VM:

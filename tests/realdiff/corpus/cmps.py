@@ -4,7 +4,7 @@ The CPU reads ES:[RDI] before DS:[RSI] (the SDM names no order; measured here: w
 fault, CR2 is RDI), while KVM's emulator reads the source first.  Some CPUs read DS:[RSI] first for
 some forms (an AMD EPYC image: ``repe cmpsb``), which maps RSI's RAM page before the #PF on MMIO
 hands ``repe_cmps_cross`` to KVM (one more fixed fault); the kvm-pvm profile measures the order on
-the running machine (kvmmu.real.cmps_order).  At CPL3 on this host the CPU runs
+the running machine (kvmmu.realdiff.cmps_order).  At CPL3 on this host the CPU runs
 the instruction: with RSI on RAM and RDI on MMIO the #PF on RDI hands the whole instruction to KVM's
 emulator, which reads the RAM operand itself, so no spte is built for it (pf_fixed, pages_4k stay
 low); with RSI on MMIO and RDI on RAM the CPU first faults the RAM page in.  At CPL0 KVM's emulator

@@ -57,7 +57,7 @@ def host_cmps_source_first() -> tuple[frozenset[tuple[str, int]], str]:
 
 def _measure() -> tuple[frozenset[tuple[str, int]], str]:
     from ..errors import KvmmuError
-    from ..realdiff import run_real
+    from .backends import run_real
     try:
         obs = run_real(probe_program())        # type: ignore[arg-type]
     except (OSError, KvmmuError):
