@@ -50,6 +50,7 @@ from .kvm.params import KvmParams
 from .kvm.vm import MMIO_POLICIES, MMU_FLAVOURS
 from .sim.clock import Clock
 from .sim.cost import CostModel
+from .sim.textfile import read_text
 from .vmm.machine import Machine, MachineSpec
 from .vmm.runner import HostRunner
 
@@ -147,22 +148,8 @@ class Scenario:
     @classmethod
     def load(cls, path: str | Path) -> Scenario:
         p = Path(path)
-        try:
-            with p.open("rb") as fh:
-                raw = fh.read(MAX_FILE_BYTES + 1)
-        except FileNotFoundError:
-            raise ScenarioError(f"scenario {str(p)!r}: no such file") from None
-        except IsADirectoryError:
-            raise ScenarioError(f"scenario {str(p)!r}: is a directory, not a TOML file") from None
-        except OSError as e:
-            raise ScenarioError(f"scenario {str(p)!r}: cannot read it ({e.strerror})") from None
-        if len(raw) > MAX_FILE_BYTES:
-            raise ScenarioError(f"scenario {str(p)!r}: larger than {MAX_FILE_BYTES >> 20} MiB, not a scenario")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ScenarioError(f"scenario {str(p)!r}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") \
-                from None
+        text = read_text(p, f"scenario {str(p)!r}", MAX_FILE_BYTES,
+                         f"{MAX_FILE_BYTES >> 20} MiB, not a scenario", "a TOML file", "; TOML files are UTF-8")
         return cls.loads(text, str(p))
 
     @classmethod

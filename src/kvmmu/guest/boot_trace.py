@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import ScenarioError
 from ..kvm.memslots import KVM_MEM_READONLY
+from ..sim.textfile import read_text
 from .trace import SIZES
 
 TRACE_FILES = ("mmio_trace.csv.gz", "mmio_trace.csv")
@@ -60,17 +61,7 @@ def read_text_file(root: Source, name: str, required: bool = True) -> str | None
         if required:
             raise ScenarioError(f"{_where(root, name)}: missing (a trace directory needs {name})")
         return None
-    try:
-        with f.open("rb") as fh:
-            data = fh.read(MAX_TEXT + 1)
-    except OSError as exc:
-        raise ScenarioError(f"{_where(root, name)}: cannot read it ({exc.strerror or exc})") from None
-    if len(data) > MAX_TEXT:
-        raise ScenarioError(f"{_where(root, name)}: larger than {MAX_TEXT >> 20} MiB, not a memory map")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(f"{_where(root, name)}: not UTF-8 text (byte {exc.start})") from None
+    return read_text(f, _where(root, name), MAX_TEXT, f"{MAX_TEXT >> 20} MiB, not a memory map")
 
 
 def open_rows(root: Source) -> tuple[io.TextIOBase, str]:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ScenarioError
+from .textfile import read_text
 
 MAX_COST = 10**10                  # cycles per event: 4 modelled seconds at 2.5 GHz
 MAX_COST_FILE = 64 << 10
@@ -112,17 +113,8 @@ class CostModel:
         """Defaults overridden by a TOML (or .json) file of `parameter = cycles` lines."""
         p = Path(path)
         where = f"cost file {str(p)!r}"
-        try:
-            with p.open("rb") as fh:
-                raw = fh.read(MAX_COST_FILE + 1)
-        except OSError as e:
-            raise ScenarioError(f"{where}: cannot read it ({e.strerror})") from None
-        if len(raw) > MAX_COST_FILE:
-            raise ScenarioError(f"{where}: larger than {MAX_COST_FILE >> 10} KiB, not a table of costs")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ScenarioError(f"{where}: not UTF-8 text (byte {e.start})") from None
+        text = read_text(p, where, MAX_COST_FILE, f"{MAX_COST_FILE >> 10} KiB, not a table of costs",
+                         "a cost file")
         fmt = "JSON" if p.suffix == ".json" else "TOML"
         try:
             data = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
