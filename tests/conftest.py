@@ -8,6 +8,10 @@ ran before in it, so a derandomized test got different examples in a fresh proce
 combined run and passed alone.  Here the local constants are always empty, so a seed (derandomized:
 the test's own digest; `--hypothesis-seed`) names one run everywhere.  Hypothesis's built-in
 constants stay; they do not depend on what is imported.  tests/test_determinism.py checks it.
+
+Nor does any test depend on the wall clock: hypothesis's default 200 ms deadline per example would
+fail a test whenever the shared 2-core machine stalls a worker, so the default profile has none
+(the tests that name a deadline already say None).
 """
 
 from __future__ import annotations
@@ -26,3 +30,11 @@ def _pin_hypothesis_local_constants() -> None:
 
 
 _pin_hypothesis_local_constants()
+
+try:
+    from hypothesis import settings
+except ImportError:
+    pass
+else:
+    settings.register_profile("kvmmu", deadline=None)
+    settings.load_profile("kvmmu")

@@ -60,6 +60,11 @@ def test_derandomized_draws_do_not_depend_on_imported_modules() -> None:
     assert _run(_DRAWS, "all", "2") == fresh
 
 
+def test_no_hypothesis_test_has_a_wall_clock_deadline() -> None:
+    from hypothesis import settings
+    assert settings().deadline is None
+
+
 def test_fuzz_state_machine_examples_do_not_depend_on_the_worker(tmp_path: Path) -> None:
     """The fast profile of test_fuzz.py, one flavour x policy: the same steps, operations and
     accesses in a fresh process and in one that imported every kvmmu module, hash seeds apart."""
