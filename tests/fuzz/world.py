@@ -764,12 +764,14 @@ class World:
                 page, acc, dirty = entry[0], entry[1], entry[2] & 2      # kinds: written through
                 if any(lo <= page < hi for lo, hi in other_ranges):
                     self.fail(f"vcpu{vi}'s TLB maps page {vpn:#x} to host page {page:#x} of the OTHER VM")
-                slot = next((s for s in phys.slots.values() if s.hva <= page < s.hva + s.size), None)
-                if slot is None:
+                # Every gpa of the host page: an aliased slot (World(alias=True)) gives it two.
+                slots = {s.gpa + (page - s.hva): s for s in phys.slots.values() if s.hva <= page < s.hva + s.size}
+                if not slots:
                     self.fail(f"vcpu{vi}'s TLB maps page {vpn:#x} to host page {page:#x}, in no memslot of this VM")
-                gpa = slot.gpa + (page - slot.hva)
-                if acc & 2 and dirty and slot.readonly:
-                    self.fail(f"vcpu{vi}'s TLB lets page {vpn:#x} write read-only slot {slot.id}")
+                if acc & 2 and dirty:
+                    slots = {g: s for g, s in slots.items() if not s.readonly}
+                    if not slots:
+                        self.fail(f"vcpu{vi}'s TLB lets page {vpn:#x} write read-only slot(s) of host page {page:#x}")
                 gva = (vpn << 12) & R.U64
                 regs = vref.regs
                 cands = list(vref.cached(gva))
@@ -778,7 +780,7 @@ class World:
                     cands.append(w.tr)
                 ok = False
                 for tr in cands:
-                    if tr.gpa(gva) != gpa:
+                    if tr.gpa(gva) not in slots:
                         continue
                     allowed = (1 if tr.x else 0) | (4 if tr.u else 0)
                     if tr.w or (self.flavour == "shadow" and not regs.wp and not acc & 4):
@@ -789,7 +791,8 @@ class World:
                 if not ok:
                     shown = ", ".join(f"{t.gpa(gva):#x}/{'w' if t.w else '-'}{'u' if t.u else '-'}"
                                       f"{'x' if t.x else '-'}" for t in cands) or "none"
-                    self.fail(f"vcpu{vi}'s TLB maps page {gva:#x} to gpa {gpa:#x} with access {acc:03b}; "
+                    gpas = "/".join(map(hex, sorted(slots)))
+                    self.fail(f"vcpu{vi}'s TLB maps page {gva:#x} to gpa {gpas} with access {acc:03b}; "
                               f"the guest's translations allow only [{shown}]")
             # A TDP CPU's cached guest-physical mappings: each one is what the memslot map says now.
             for gfn, hpa in getattr(v.cpu, "gpa_cache", {}).items():
