@@ -48,6 +48,7 @@ from ..arch.descriptors import (
     tss_image,
 )
 from ..errors import InvalidArgument
+from ..kvm.memslots import KVM_MEM_READONLY
 from ..tools.asm import Assembled, assemble
 from .pagetables import GuestPageTables
 
@@ -77,17 +78,16 @@ IDT_VECTORS = 32
 CR0_PE, CR0_ET, CR0_NE = bits.X86_CR0_PE, bits.X86_CR0_ET, bits.X86_CR0_NE
 CR0_WP, CR0_PG = bits.X86_CR0_WP, bits.X86_CR0_PG
 CR4_PAE = bits.X86_CR4_PAE
-CR4_OSFXSR = 1 << 9
+CR4_OSFXSR = bits.X86_CR4_OSFXSR
 CR4_SMAP = bits.X86_CR4_SMAP
 EFER_LME, EFER_LMA, EFER_NXE = bits.EFER_LME, bits.EFER_LMA, bits.EFER_NX
-RFLAGS_FIXED, RFLAGS_IF = 0x2, 0x200
+RFLAGS_FIXED, RFLAGS_IF = bits.X86_EFLAGS_FIXED, bits.X86_EFLAGS_IF
 
 PTE_P, PTE_RW, PTE_US = bits.PT_PRESENT_MASK, bits.PT_WRITABLE_MASK, bits.PT_USER_MASK
 PTE_A, PTE_D, PTE_PS = bits.PT_ACCESSED_MASK, bits.PT_DIRTY_MASK, bits.PT_PAGE_SIZE_MASK
 PTE_NX = bits.PT64_NX_MASK
 _FLAG_TOKENS = {"r": 0, "ro": 0, "w": PTE_RW, "rw": PTE_RW, "u": PTE_US, "user": PTE_US, "a": PTE_A,
                 "d": PTE_D, "nx": PTE_NX}
-KVM_MEM_READONLY = 2
 
 # Exceptions that push an error code.
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})

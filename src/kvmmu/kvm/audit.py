@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..arch.bits import ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
 from ..errors import AuditError
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index
-from .mmu.page import ShadowPage, role_smm
+from .mmu.page import ROLE_CR0_WP, ShadowPage, role_access, role_smm
 from .mmu.spte import (
     SPTE_MMU_PRESENT_MASK,
+    is_large_pte,
     is_mmio_spte,
+    is_writable_pte,
     spte_access,
     spte_to_pfn,
 )
@@ -23,6 +26,9 @@ from .tdp_audit import audit_tdp_mmu
 
 if TYPE_CHECKING:
     from .vm import VM
+
+# What a guest grant must bound besides W (W has the CR0.WP=0 exception below).
+_ACC_XU = ACC_EXEC_MASK | ACC_USER_MASK
 
 
 def _fail(msg: str) -> None:
@@ -60,7 +66,7 @@ def audit_vm(vm: VM) -> None:
                 continue
             if not spte & SPTE_MMU_PRESENT_MASK:
                 continue
-            if sp.level > 1 and not spte & 0x80:
+            if sp.level > 1 and not is_large_pte(spte):
                 child = kvm.pages_by_pfn.get(spte_to_pfn(spte))
                 if child is None:
                     _fail(f"non-leaf spte {spte:#x} in {sp!r}[{i}] points at no shadow page")
@@ -72,7 +78,7 @@ def audit_vm(vm: VM) -> None:
             gfn = sp.gfn_at(i)
             rmap_seen.setdefault((role_smm(sp.role), gfn), set()).add(sptep)
             _check_leaf(vm, sp, i, spte, gfn)
-            if spte & 2:
+            if is_writable_pte(spte):
                 writable_gfns.add((role_smm(sp.role), gfn))
                 if level > 1 and (role_smm(sp.role), level, lpage_index(gfn, level)) in kvm.disallow_lpage:
                     _fail(f"writable huge spte {spte:#x} in {sp!r}[{i}] covers a shadowed guest table's gfn")
@@ -139,18 +145,18 @@ def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
         _fail(f"spte {spte:#x} in {sp!r}[{i}] maps host frame {pfn:#x}, not gfn {gfn:#x}'s memory")
     m = vm.mmu.masks
     acc = spte_access(m, spte)
-    if slot.readonly and acc & 2:
+    if slot.readonly and acc & ACC_WRITE_MASK:
         _fail(f"spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
-    if acc & 2 and sp.level > 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+    if acc & ACC_WRITE_MASK and sp.level > 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         # make_spte marks one gfn dirty per writable spte (its WARN: "enforced by hugepage_adjust").
         _fail(f"spte {spte:#x} in {sp!r}[{i}] is a writable {sp.level}-level leaf in dirty-logged slot {slot.id}")
-    role_acc = (sp.role >> 8) & 7
-    wp_trick = not sp.role & (1 << 13) and not acc & 4      # CR0.WP=0: kernel-only writable
-    if acc & ~role_acc & 5 or (acc & 2 and not role_acc & 2 and not wp_trick):
+    role_acc = role_access(sp.role)
+    wp_trick = not sp.role & ROLE_CR0_WP and not acc & ACC_USER_MASK      # CR0.WP=0: kernel-only writable
+    if acc & ~role_acc & _ACC_XU or (acc & ACC_WRITE_MASK and not role_acc & ACC_WRITE_MASK and not wp_trick):
         _fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the role's {role_acc:03b}")
     if sp.shadowed_translation is not None and not sp.unsync:
-        recorded = sp.shadowed_translation[i] & 7
-        if acc & ~recorded & 5 or (acc & 2 and not recorded & 2 and not wp_trick):
+        recorded = sp.shadowed_translation[i] & ACC_ALL
+        if acc & ~recorded & _ACC_XU or (acc & ACC_WRITE_MASK and not recorded & ACC_WRITE_MASK and not wp_trick):
             _fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the guest's {recorded:03b}")
 
 

@@ -60,6 +60,7 @@ from ..arch.bits import (
     PFERR_FETCH_MASK,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_EFLAGS_RF,
 )
 from ..arch.walker import walk
 from ..errors import InvalidArgument
@@ -73,7 +74,6 @@ from .vm import VM
 if TYPE_CHECKING:
     from .vcpu import Vcpu
 
-X86_EFLAGS_RF = 1 << 16
 _UD2 = ix.Mnemonic.UD2
 _SLOT256 = 0x1FFFF00          # gva >> 39 of PML4 slot 256 (0xffff800000000000..)
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})

@@ -40,7 +40,16 @@ from typing import TYPE_CHECKING
 
 from iced_x86 import FlowControl, Mnemonic
 
-from ..arch.bits import PF_VECTOR, PFERR_PRESENT_MASK, PFERR_RSVD_MASK
+from ..arch.bits import (
+    PF_VECTOR,
+    PFERR_PRESENT_MASK,
+    PFERR_RSVD_MASK,
+    X86_CR0_CD,
+    X86_CR0_NW,
+    X86_CR0_PG,
+    X86_CR0_WP,
+    X86_EFLAGS_RF,
+)
 from ..hw.host import Host
 from ..hw.x86cpu import CpuFault, Stop
 from .profiles import PROFILES, HostProfile, NativeBus
@@ -49,8 +58,6 @@ from .vm import VM
 if TYPE_CHECKING:
     from ..hw.x86cpu import X86Cpu
 
-X86_EFLAGS_RF = 1 << 16
-X86_CR0_WP, X86_CR0_NW, X86_CR0_CD, X86_CR0_PG = 1 << 16, 1 << 29, 1 << 30, 1 << 31
 # QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on);
 # 1 GiB pages are offered to the guest only under shadow paging (measured in L1).
 TCG_MAXPHYADDR = 40

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 from ..errors import AuditError
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.page import role_smm
-from .mmu.spte import SPTE_MMU_PRESENT_MASK, get_mmio_spte_generation, is_mmio_spte, spte_to_pfn
+from .mmu.spte import (
+    SPTE_MMU_PRESENT_MASK,
+    get_mmio_spte_generation,
+    is_large_pte,
+    is_mmio_spte,
+    is_writable_pte,
+    spte_to_pfn,
+)
 from .mmu.tdp_iter import pages_per_level
 
 if TYPE_CHECKING:
@@ -81,7 +88,7 @@ def _audit_table(vm: VM, sp: ShadowPage, parent: int | None, seen: set[int], lea
             continue
         if not spte & SPTE_MMU_PRESENT_MASK:
             continue
-        if sp.level > 1 and not spte & 0x80:
+        if sp.level > 1 and not is_large_pte(spte):
             child = kvm.pages_by_pfn.get(spte_to_pfn(spte))
             if child is None or not child.tdp:
                 _fail(f"non-leaf spte {spte:#x} in {sp!r}[{i}] points at no TDP MMU table")
@@ -104,8 +111,8 @@ def _audit_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
     if not vm.host.is_resident(spte_to_pfn(spte)):
         _fail(f"TDP MMU spte {spte:#x} maps host page {spte_to_pfn(spte):#x}, which the host swapped out "
               "(the MMU notifier must have zapped it)")
-    if spte & 2 and slot.readonly:
+    if is_writable_pte(spte) and slot.readonly:
         _fail(f"TDP MMU spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
-    if spte & 2 and sp.level == 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES \
+    if is_writable_pte(spte) and sp.level == 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES \
             and gfn - slot.base_gfn not in slot.dirty_bitmap:
         _fail(f"TDP MMU spte {spte:#x} lets the guest write gfn {gfn:#x} of dirty-logged slot {slot.id} unrecorded")

@@ -14,7 +14,25 @@ import fnmatch
 from collections.abc import Callable
 from typing import Any
 
+from ..arch.bits import (
+    PT64_NX_MASK,
+    PT_USER_MASK,
+    PT_WRITABLE_MASK,
+    VMX_EPT_EXECUTABLE_MASK,
+    VMX_EPT_READABLE_MASK,
+    VMX_EPT_WRITABLE_MASK,
+)
 from ..errors import InvalidArgument
+from .mmu.page import (
+    ROLE_AD_DISABLED,
+    ROLE_DIRECT,
+    ROLE_EFER_NX,
+    ROLE_HAS_4_BYTE_GPTE,
+    ROLE_INVALID,
+    role_access,
+    role_level,
+    role_quadrant,
+)
 
 Fields = dict[str, Any]
 
@@ -62,9 +80,9 @@ def _ptr(value: int) -> str:
 def _page(f: Fields) -> str:
     """KVM_MMU_PAGE_PRINTK: a shadow page with its decoded role word."""
     role = f["role"]
-    level, four = role & 0xF, (role >> 4) & 1
-    quadrant, direct, access = (role >> 5) & 3, (role >> 7) & 1, (role >> 8) & 7
-    invalid, efer_nx, ad_disabled = (role >> 11) & 1, (role >> 12) & 1, (role >> 16) & 1
+    level, four = role_level(role), role & ROLE_HAS_4_BYTE_GPTE
+    quadrant, direct, access = role_quadrant(role), role & ROLE_DIRECT, role_access(role)
+    invalid, efer_nx, ad_disabled = role & ROLE_INVALID, role & ROLE_EFER_NX, role & ROLE_AD_DISABLED
     return (f"sp gen {f.get('mmu_valid_gen', 0)} gfn {f['gfn']:x} l{level} {4 if four else 8}-byte q{quadrant}"
             f"{' direct' if direct else ''} {_ACCESS_STR[access]}{' invalid' if invalid else ''}"
             f" {'' if efer_nx else '!'}nxe {'!' if ad_disabled else ''}ad root {f.get('root_count', 0)} "
@@ -74,8 +92,10 @@ def _page(f: Fields) -> str:
 def _spte_rwxu(f: Fields) -> str:
     spte, ept = f["spte"], f.get("ept", False)
     if ept:
-        return ("r" if spte & 1 else "-") + ("w" if spte & 2 else "-") + ("x" if spte & 4 else "-")
-    return "r" + ("w" if spte & 2 else "-") + ("-" if spte >> 63 & 1 else "x") + ("u" if spte & 4 else "-")
+        return (("r" if spte & VMX_EPT_READABLE_MASK else "-") + ("w" if spte & VMX_EPT_WRITABLE_MASK else "-")
+                + ("x" if spte & VMX_EPT_EXECUTABLE_MASK else "-"))
+    return ("r" + ("w" if spte & PT_WRITABLE_MASK else "-") + ("-" if spte & PT64_NX_MASK else "x")
+            + ("u" if spte & PT_USER_MASK else "-"))
 
 
 def _exit(f: Fields) -> str:

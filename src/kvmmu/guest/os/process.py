@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ...arch.bits import PT_ACCESSED_MASK, PT_DIRTY_MASK
 from ..pagetables import RW
 from .params import Program
 from .structs import Cpu, Image, Process, UserPage, Vma
@@ -48,7 +49,7 @@ class Processes:
                 page.cow = True
             self.frames.get(page.gfn)
             mm.pages[vpn] = UserPage(page.gfn, page.writable, page.cow)
-            self.set_user_pte(vcpu, mm, va, pte & ~(1 << 5 | 1 << 6))   # the child's PTE, A/D clear
+            self.set_user_pte(vcpu, mm, va, pte & ~(PT_ACCESSED_MASK | PT_DIRTY_MASK))   # the child's PTE, A/D clear
             self._charge(cpu, self.p.cost_per_pte)
         if wrprotected:
             self.flush_tlb_mm(cpu, pmm)

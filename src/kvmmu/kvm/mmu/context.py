@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ...arch.bits import PT64_ADDR_MASK
+from ...arch.bits import PT64_ADDR_MASK, PT_PAGE_SIZE_MASK
 from ...arch.modes import PagingContext
 from ...errors import KvmBug
 from .gpte import GuestFormat, guest_format
@@ -336,7 +336,7 @@ class VcpuMmu:
             sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
             yield level, sptep
             spte = kvm.read_spte(sptep)
-            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
+            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & PT_PAGE_SIZE_MASK:
                 return
             table = spte & PT64_ADDR_MASK
             level -= 1
@@ -384,7 +384,7 @@ class VcpuMmu:
         for index in sorted(sp.unsync_children):
             spte = kvm.read_spte(sp.sptep(index))
             sp.unsync_children.discard(index)
-            if not spte & SPTE_MMU_PRESENT_MASK or (spte & 0x80 and sp.level > 1):
+            if not spte & SPTE_MMU_PRESENT_MASK or (spte & PT_PAGE_SIZE_MASK and sp.level > 1):
                 continue
             child = kvm.pages_by_pfn.get(spte >> 12 & ((1 << 40) - 1))
             if child is None:

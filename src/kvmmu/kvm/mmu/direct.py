@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...arch.bits import ACC_ALL, PAGE_SHIFT, PG_LEVEL_2M, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES
-from .hugepage import PG_LEVEL_2M, kvm_mmu_hugepage_adjust, pages_per_hpage
+from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
 from .spte import SPTE_MMU_PRESENT_MASK
@@ -17,7 +18,6 @@ from .spte import SPTE_MMU_PRESENT_MASK
 if TYPE_CHECKING:
     from .context import VcpuMmu
 
-ACC_ALL = 7
 
 
 def direct_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
@@ -52,12 +52,12 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
         return None
     kvm = mmu.kvm
     last = None
-    for level, sptep in mmu.shadow_walk_ptrs(fault.gfn << 12):
+    for level, sptep in mmu.shadow_walk_ptrs(fault.gfn << PAGE_SHIFT):
         spte = kvm.read_spte(sptep)
         last = (sptep, spte)
         if not spte & SPTE_MMU_PRESENT_MASK:
             break
-        if level == 1 or spte & 0x80:
+        if level == 1 or spte & PT_PAGE_SIZE_MASK:
             return fast_pf_fix_leaf(mmu, fault, sptep, spte, level)
     if last is not None:
         trace_fast_page_fault(mmu, fault, last[0], last[1], None)
@@ -75,7 +75,7 @@ def trace_fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, old_spt
 def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, level: int) -> int | None:
     """The lockless fix of a present leaf (fast_pf_fix_direct_spte), or None for the slow path."""
     m = mmu.masks
-    if spte & 2:
+    if spte & PT_WRITABLE_MASK:
         mmu.vcpu.stats["pf_fast"] += 1
         trace_fast_page_fault(mmu, fault, sptep, spte, RET_PF_SPURIOUS)
         return RET_PF_SPURIOUS
@@ -97,7 +97,7 @@ def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, l
 
 def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     kvm = mmu.kvm
-    addr = fault.gfn << 12
+    addr = fault.gfn << PAGE_SHIFT
     kvm_mmu_hugepage_adjust(mmu, fault)
     goal = fault.goal_level
     if mmu.root_level == 3:

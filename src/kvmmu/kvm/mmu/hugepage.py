@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...arch.bits import PG_LEVEL_1G, PG_LEVEL_4K
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from .pf import KVM_PFN_ERR_RO_FAULT, KVM_PFN_NOSLOT, KvmPageFault
 
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from .context import VcpuMmu
     from .mmu import KvmMmu
 
-PG_LEVEL_4K, PG_LEVEL_2M, PG_LEVEL_1G = 1, 2, 3
 KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...arch.bits import PT64_PKEY_MASK
+from ...arch.bits import ACC_ALL, ACC_WRITE_MASK, PT64_PKEY_MASK, PT_WRITABLE_MASK
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from .mmio import handle_noslot_fault
-from .page import ShadowPage, child_role, role_pkey, role_smm
+from .page import ShadowPage, child_role, role_access, role_pkey, role_smm
 from .pf import (
     KVM_PFN_ERR_RO_FAULT,
     KVM_PFN_NOSLOT,
@@ -64,14 +64,14 @@ def build_spte(mmu: VcpuMmu, sp: ShadowPage, slot: Memslot | None, pte_access: i
     wrprot = False
     if not host_writable:
         pte_access &= ~2
-    if pte_access & 2 and not (old_spte & SPTE_MMU_PRESENT_MASK and old_spte & 2) and \
+    if pte_access & ACC_WRITE_MASK and not (old_spte & SPTE_MMU_PRESENT_MASK and old_spte & PT_WRITABLE_MASK) and \
             not kvm.try_to_unsync_pages(gfn, synchronizing, prefetch):
         wrprot = True
         pte_access &= ~2
     # When write-protected, host-writable stays and W/MMU-writable are clear (1/0/0): only the
     # full path may make it writable again, by unsyncing the shadowed page table.
     spte = make_spte(mmu.masks, sp.level, pte_access, pfn, host_writable, prefetch, pkey)
-    if spte & 2 and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
+    if spte & PT_WRITABLE_MASK and slot is not None and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         mmu.vm.mark_page_dirty(slot, gfn)
     return spte, wrprot
 
@@ -86,7 +86,7 @@ def trace_mark_mmio_spte(mmu: VcpuMmu, sptep: int, gfn: int, spte: int) -> None:
     present bit of the MMIO value shows (7 or 5 where the cached access is 6 or 4)."""
     trace = mmu.vm.trace
     if trace.enabled:
-        trace.emit("mark_mmio_spte", sptep=sptep, gfn=gfn, access=spte & 7,
+        trace.emit("mark_mmio_spte", sptep=sptep, gfn=gfn, access=spte & ACC_ALL,
                    gen=get_mmio_spte_generation(mmu.masks, spte))
 
 
@@ -169,7 +169,8 @@ def prefetch_slot(mmu: VcpuMmu, gfn: int, access: int) -> Memslot | None:
     a dirty-logged slot), and not a read-only slot (the prefetch asks for a writable host address,
     which __gfn_to_hva_many refuses there)."""
     slot = mmu.vcpu.gfn_to_memslot(gfn)
-    if slot is None or slot.invalid or slot.readonly or (slot.flags & KVM_MEM_LOG_DIRTY_PAGES and access & 2):
+    if slot is None or slot.invalid or slot.readonly or \
+            (slot.flags & KVM_MEM_LOG_DIRTY_PAGES and access & ACC_WRITE_MASK):
         return None
     return slot
 
@@ -201,7 +202,7 @@ def _direct_pte_prefetch_many(mmu: VcpuMmu, sp: ShadowPage, start: int, end: int
     """direct_pte_prefetch_many: kvm_prefetch_pages takes the host pages of [start, end) without
     sleeping (get_user_pages_fast_only with FOLL_WRITE), which stops at the first page that is not
     present and writable; none at all, or a run past the slot's end, fails the prefetch."""
-    access = (sp.role >> 8) & 7
+    access = role_access(sp.role)
     pkey = role_pkey(sp.role)
     gfn = sp.gfn_at((start & 0xFFF) >> 3)
     slot = prefetch_slot(mmu, gfn, access)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...arch.bits import PT_PAGE_SIZE_MASK
 from ...errors import KvmBug
 from ..memslots import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmPageFault
@@ -144,7 +145,7 @@ def get_mmio_spte(vcpu: Vcpu, addr: int) -> tuple[bool, int]:
         for level, spte in mmu.shadow_walk(addr):
             c["shadow_walk_steps"] += 1
             walked.append((level, spte))
-            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & 0x80:
+            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & PT_PAGE_SIZE_MASK:
                 break
     if not walked:
         return False, 0
@@ -153,7 +154,7 @@ def get_mmio_spte(vcpu: Vcpu, addr: int) -> tuple[bool, int]:
     for level, spte in walked:
         if not spte & SPTE_MMU_PRESENT_MASK:
             continue
-        if spte & (rsvd1 if spte & 0x80 else rsvd0)[level] or (bad_mt >> (spte & 0x3F)) & 1:
+        if spte & (rsvd1 if spte & PT_PAGE_SIZE_MASK else rsvd0)[level] or (bad_mt >> (spte & 0x3F)) & 1:
             return True, spte
     del kvm
     return False, walked[-1][1]

@@ -8,9 +8,10 @@ import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ...arch.bits import PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
 from ...errors import KvmBug
 from .hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index, pages_per_hpage
-from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, role_smm, trace_fields
+from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, role_quadrant, role_smm, trace_fields
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
@@ -226,7 +227,7 @@ class KvmMmu:
             spte = self.read_spte(sptep)
             if spte & clear:
                 self.write_spte(sptep, spte & ~clear)
-                changed |= bool(spte & 2)
+                changed |= bool(spte & PT_WRITABLE_MASK)
         if self.tdp_mmu is not None:
             changed |= self.tdp_mmu.write_protect_gfn(as_id, gfn, clear)
         return changed
@@ -295,7 +296,7 @@ class KvmMmu:
         """Clear one spte of sp; True if it was shadow-present (a flush is due)."""
         spte = self.read_spte(sptep)
         if spte & SPTE_MMU_PRESENT_MASK:
-            if sp.level == 1 or spte & 0x80:
+            if sp.level == 1 or spte & PT_PAGE_SIZE_MASK:
                 self.drop_spte(sptep)
             else:
                 child = self.spte_to_child_sp(spte)
@@ -537,7 +538,7 @@ def _written_sptes(sp: ShadowPage, gpa: int) -> list[int]:
             n = 2
         quadrant = offset >> 12
         offset &= 0xFFF
-        if quadrant != (sp.role >> 5) & 3:
+        if quadrant != role_quadrant(sp.role):
             return []
     first = sp.hpa + (offset & ~7)
     return [first + 8 * i for i in range(n)]

@@ -9,7 +9,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...arch.bits import PFERR_IMPLICIT_ACCESS, PFERR_PK_MASK, PFERR_RSVD_MASK, PT64_PKEY_MASK, PT64_PKEY_SHIFT
+from ...arch.bits import (
+    ACC_ALL,
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    PAGE_SHIFT,
+    PFERR_IMPLICIT_ACCESS,
+    PFERR_PK_MASK,
+    PFERR_RSVD_MASK,
+    PFERR_WRITE_MASK,
+    PT64_PKEY_MASK,
+    PT64_PKEY_SHIFT,
+    PT_PAGE_SIZE_MASK,
+)
 from ...arch.walker import Walk, walk
 from .gpte import EPT_TO_ACC
 from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
@@ -22,7 +35,7 @@ from .install import (
     mmu_set_spte,
     prefetch_slot,
 )
-from .page import ShadowPage, role_pkey
+from .page import ROLE_ACCESS_SHIFT, ROLE_QUADRANT_SHIFT, ShadowPage, role_pkey
 from .pf import (
     RET_PF_CONTINUE,
     RET_PF_EMULATE,
@@ -40,8 +53,6 @@ from .spte import (
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
     from .context import VcpuMmu
-
-ACC_WRITE = 2
 
 
 def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
@@ -64,8 +75,8 @@ def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
         w.pte_access = EPT_TO_ACC[w.pte_access & 7]
         w.pt_access = [EPT_TO_ACC[a & 7] for a in w.pt_access]
     dirty = mmu.gfmt.dirty
-    if not w.fault and not access & 2 and dirty and not w.ptes[w.level] & dirty and ctx.mode.root_level:
-        w.pte_access &= ~ACC_WRITE        # keep clean pages read-only so the first write sets D
+    if not w.fault and not access & PFERR_WRITE_MASK and dirty and not w.ptes[w.level] & dirty and ctx.mode.root_level:
+        w.pte_access &= ~ACC_WRITE_MASK        # keep clean pages read-only so the first write sets D
     return w
 
 
@@ -94,7 +105,7 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
         return r
     pte_access = w.pte_access
     ctx = mmu.walk_ctx
-    if not ctx.mode.ept and fault.write and not pte_access & ACC_WRITE and not ctx.wp and not fault.user \
+    if not ctx.mode.ept and fault.write and not pte_access & ACC_WRITE_MASK and not ctx.wp and not fault.user \
             and fault.slot is not None:
         if ctx.pkeys_active and pte_access & 4:
             # A kernel-only spte for a user page would hide the page's key from the CPU: a later
@@ -102,9 +113,9 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
             return RET_PF_EMULATE
         # CR0.WP=0: a supervisor write to a read-only page is allowed; map it writable for the
         # kernel only (and not executable with SMEP), the role bits keep such pages apart.
-        pte_access = (pte_access | ACC_WRITE) & ~4
+        pte_access = (pte_access | ACC_WRITE_MASK) & ~ACC_USER_MASK
         if ctx.smep:
-            pte_access &= ~1
+            pte_access &= ~ACC_EXEC_MASK
     if not mmu.root_valid:
         return RET_PF_RETRY
     ret = fetch(mmu, fault, w, pte_access, gpte_pkey(mmu, w.ptes[w.level]))
@@ -157,9 +168,9 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int, pkey: int
     while level > goal:
         sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
         spte = kvm.read_spte(sptep)
-        if spte & SPTE_MMU_PRESENT_MASK and not spte & 0x80:
+        if spte & SPTE_MMU_PRESENT_MASK and not spte & PT_PAGE_SIZE_MASK:
             child = kvm.spte_to_child_sp(spte)
-            if (child.role >> 8) & 7 != pte_access or role_pkey(child.role) != pkey:
+            if (child.role >> ROLE_ACCESS_SHIFT) & ACC_ALL != pte_access or role_pkey(child.role) != pkey:
                 kvm.drop_parent_pte(child, sptep)     # validate_direct_spte
                 kvm.flush_remote_tlbs()
         base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
@@ -189,8 +200,8 @@ def _prefetch_invalid_gpte(mmu: VcpuMmu, gpte: int) -> bool:
 
 def _first_gpte_gpa(mmu: VcpuMmu, sp: ShadowPage) -> int:
     size = mmu.gfmt.esize
-    offset = ((sp.role >> 5) & 3) << 9 if size == 4 else 0
-    return (sp.gfn << 12) + offset * size
+    offset = ((sp.role >> ROLE_QUADRANT_SHIFT) & 3) << 9 if size == 4 else 0
+    return (sp.gfn << PAGE_SHIFT) + offset * size
 
 
 def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
@@ -222,9 +233,9 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
                 kvm.write_spte(ptr, SHADOW_NONPRESENT_VALUE)
             break                                  # FNAME(pte_prefetch) stops at the first failure
         gfn = mmu.gfmt.gfn(gpte)
-        access = ((sp.role >> 8) & 7) & mmu.gfmt.access(gpte)
+        access = ((sp.role >> ROLE_ACCESS_SHIFT) & ACC_ALL) & mmu.gfmt.access(gpte)
         if mmu.gfmt.dirty and not gpte & mmu.gfmt.dirty:
-            access &= ~ACC_WRITE
+            access &= ~ACC_WRITE_MASK
         # FNAME(prefetch_gpte): kvm_prefetch_pages of one page, present and writable, never faulted in.
         slot = prefetch_slot(mmu, gfn, access)
         if slot is None:
@@ -261,9 +272,9 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
         kvm.drop_spte(sptep)
         return 1
     gfn = mmu.gfmt.gfn(gpte)
-    access = ((sp.role >> 8) & 7) & mmu.gfmt.access(gpte)
+    access = ((sp.role >> ROLE_ACCESS_SHIFT) & ACC_ALL) & mmu.gfmt.access(gpte)
     if mmu.gfmt.dirty and not gpte & mmu.gfmt.dirty:
-        access &= ~ACC_WRITE
+        access &= ~ACC_WRITE_MASK
     if mmio:
         # sync_mmio_spte: a different gfn now means the cached MMIO translation is dead.
         if gfn != get_mmio_spte_gfn(mmu.masks, spte):

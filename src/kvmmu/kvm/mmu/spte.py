@@ -9,12 +9,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...arch.bits import BIT, GENMASK, PT64_ADDR_MASK, PT64_PKEY_SHIFT
+from ...arch.bits import (
+    ACC_ALL,  # noqa: F401 - re-exported beside ACC_EXEC/ACC_WRITE/ACC_USER
+    ACC_EXEC_MASK,
+    ACC_USER_MASK,
+    ACC_WRITE_MASK,
+    BIT,
+    GENMASK,
+    PT64_ADDR_MASK,
+    PT64_PKEY_SHIFT,
+    PT_PAGE_SIZE_MASK,
+    PT_WRITABLE_MASK,
+)
 
 SPTE_MMU_PRESENT_MASK = BIT(11)
 SHADOW_NONPRESENT_VALUE = BIT(63)
 SPTE_MMIO_ALLOWED_MASK = BIT(63) | GENMASK(51, 12) | GENMASK(2, 0)
-ACC_EXEC, ACC_WRITE, ACC_USER, ACC_ALL = 1, 2, 4, 7
+ACC_EXEC, ACC_WRITE, ACC_USER = ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK
+
 
 
 @dataclass(frozen=True)
@@ -143,7 +155,7 @@ def is_mmio_spte(m: SpteMasks, spte: int) -> bool:
 
 
 def is_large_pte(spte: int) -> bool:
-    return bool(spte & BIT(7))
+    return bool(spte & PT_PAGE_SIZE_MASK)
 
 
 def is_last_spte(spte: int, level: int) -> bool:
@@ -155,7 +167,7 @@ def spte_to_pfn(spte: int) -> int:
 
 
 def is_writable_pte(spte: int) -> bool:
-    return bool(spte & BIT(1))
+    return bool(spte & PT_WRITABLE_MASK)
 
 
 def make_mmio_spte(m: SpteMasks, gfn: int, access: int, generation: int) -> int:

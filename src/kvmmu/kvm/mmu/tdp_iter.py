@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ...arch.bits import PAGE_SHIFT, PT_PAGE_SIZE_MASK
 from .spte import SPTE_MMU_PRESENT_MASK, spte_to_pfn
 
 if TYPE_CHECKING:
@@ -66,10 +67,10 @@ class TdpIter:
         if self.level == self.min_level:
             return False
         spte = self.old_spte
-        if not spte & SPTE_MMU_PRESENT_MASK or spte & 0x80 or self.level == 1:
+        if not spte & SPTE_MMU_PRESENT_MASK or spte & PT_PAGE_SIZE_MASK or self.level == 1:
             return False
         self.level -= 1
-        self.pt_path[self.level] = spte_to_pfn(spte) << 12
+        self.pt_path[self.level] = spte_to_pfn(spte) << PAGE_SHIFT
         self.gfn = round_gfn_for_level(self.next_last_level_gfn, self.level)
         self._refresh_sptep()
         return True

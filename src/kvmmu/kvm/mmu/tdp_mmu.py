@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ...arch.bits import ACC_ALL, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
 from ...errors import KvmBug
-from .direct import ACC_ALL, fast_pf_fix_leaf, trace_fast_page_fault
+from .direct import fast_pf_fix_leaf, trace_fast_page_fault
 from .hugepage import kvm_mmu_hugepage_adjust
 from .install import build_spte, faultin_pfn, new_mmio_spte, trace_mark_mmio_spte
 from .page import ROLE_INVALID, ROLE_LEVEL_MASK, ShadowPage, role_smm
@@ -46,7 +47,7 @@ _PAGE_STATS = ("pages_4k", "pages_2m", "pages_1g")
 
 
 def _is_leaf(spte: int, level: int) -> bool:
-    return bool(spte & SPTE_MMU_PRESENT_MASK) and (level == 1 or bool(spte & 0x80))
+    return bool(spte & SPTE_MMU_PRESENT_MASK) and (level == 1 or bool(spte & PT_PAGE_SIZE_MASK))
 
 
 def is_tdp_mmu(mmu: VcpuMmu) -> bool:
@@ -166,8 +167,8 @@ class TdpMmu:
         if was_present and not was_leaf and (is_leaf or not is_present):
             self._handle_removed_pt(self.kvm.pages_by_pfn[spte_to_pfn(old)])
         # handle_changed_spte_dirty_log: a 4 KiB spte that becomes writable dirties its page.
-        if record_dirty and level == 1 and is_leaf and new & 2 and \
-                (not old & 2 or spte_to_pfn(old) != spte_to_pfn(new)):
+        if record_dirty and level == 1 and is_leaf and new & PT_WRITABLE_MASK and \
+                (not old & PT_WRITABLE_MASK or spte_to_pfn(old) != spte_to_pfn(new)):
             slot = self.vm.memslots.spaces[as_id].search(gfn)
             if slot is not None:
                 self.vm.mark_page_dirty(slot, gfn)
@@ -235,7 +236,7 @@ class TdpMmu:
             if it.level == goal:
                 reached = it
                 break
-            if it.old_spte & SPTE_MMU_PRESENT_MASK and it.old_spte & 0x80:
+            if it.old_spte & SPTE_MMU_PRESENT_MASK and it.old_spte & PT_PAGE_SIZE_MASK:
                 # A huge page where a table must go: zap it first (tdp_mmu_zap_spte_atomic).
                 self._set_spte(it, SHADOW_NONPRESENT_VALUE)
                 self.kvm.flush_remote_tlbs()
@@ -323,7 +324,7 @@ class TdpMmu:
         for root in self._roots(as_id, True):
             for it in self._leaves(root, gfn, gfn + 1):
                 if it.old_spte & clear:
-                    changed |= bool(it.old_spte & 2)
+                    changed |= bool(it.old_spte & PT_WRITABLE_MASK)
                     self._set_spte(it, it.old_spte & ~clear, record_dirty=False)
         return changed
 
@@ -333,8 +334,8 @@ class TdpMmu:
         flush = False
         for root in self._roots(slot.as_id, True):
             for it in self._leaves(root, slot.base_gfn, slot.end_gfn, min_level):
-                if it.old_spte & 2:
-                    self._set_spte(it, it.old_spte & ~2, record_dirty=False)
+                if it.old_spte & PT_WRITABLE_MASK:
+                    self._set_spte(it, it.old_spte & ~PT_WRITABLE_MASK, record_dirty=False)
                     flush = True
         return flush
 
@@ -345,8 +346,8 @@ class TdpMmu:
         for root in self._roots(slot.as_id, False):
             for gfn in gfns:
                 for it in self._leaves(root, gfn, gfn + 1):
-                    if it.level == 1 and it.old_spte & 2:
-                        self._set_spte(it, it.old_spte & ~2, record_dirty=False)
+                    if it.level == 1 and it.old_spte & PT_WRITABLE_MASK:
+                        self._set_spte(it, it.old_spte & ~PT_WRITABLE_MASK, record_dirty=False)
                         changed = True
         return changed
 
