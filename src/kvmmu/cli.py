@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from .cliargs import (
     PLOT_SUFFIXES,
@@ -48,7 +50,7 @@ __all__ = ["Progress", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:          # one line, exit 2 (argparse prints usage first)
+    def error(self, message: str) -> NoReturn:         # one line, exit 2 (argparse prints usage first)
         self.exit(2, f"kvmmu: error: {message} (see `{self.prog} --help`)\n")
 
 
@@ -238,12 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version="kvmmu 0.1.0")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def output(sp: argparse.ArgumentParser, kind=OUTPUT, required: bool = False, what: str = "the result") -> None:
+    def output(sp: argparse.ArgumentParser, kind: Callable[[str], str] = OUTPUT, required: bool = False,
+               what: str = "the result") -> None:
         sp.add_argument("-o", "--output", type=kind, required=required,
                         help=f"write {what} to this file instead of stdout")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
-    def common(sp: argparse.ArgumentParser, out_kind=OUTPUT, out_required: bool = False) -> None:
+    def common(sp: argparse.ArgumentParser, out_kind: Callable[[str], str] = OUTPUT,
+               out_required: bool = False) -> None:
         sp.add_argument("scenario", help="a scenario TOML file (see docs/cli.md)")
         sp.add_argument("--duration", type=seconds, help="modelled seconds (overrides duration_s)")
         sp.add_argument("--seed", type=SEED, help="the seed (overrides the scenario's)")

@@ -14,9 +14,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
 
 U64 = 1 << 64
 MAX_DURATION_S = 86400.0
@@ -122,11 +125,11 @@ def emit(args: argparse.Namespace, text: str) -> None:
         sys.stdout.flush()
 
 
-def load_scenario(args: argparse.Namespace):
+def load_scenario(args: argparse.Namespace) -> Scenario:
     """The scenario a subcommand's arguments name, scaled to --duration/--seed, with --cost applied."""
-    from .scenario import Scenario
+    from .scenario import Scenario as _Scenario
     from .sim.cost import CostModel
-    sc = Scenario.load(args.scenario)
+    sc = _Scenario.load(args.scenario)
     sc = sc.scaled(duration_s=args.duration, seed=args.seed)
     if getattr(args, "cost", None):
         sc.cost = CostModel.from_file(args.cost)

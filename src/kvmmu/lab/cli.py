@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .configs import CONFIGS, get_config
+
+if TYPE_CHECKING:
+    from ..guest.runtime import Program
 
 
 def _setup(args: argparse.Namespace) -> int:
@@ -52,13 +56,14 @@ def _real_diff(args: argparse.Namespace) -> int:
     print(f"lab: results in {run_dir / 'results.json'} ({results.get('seconds')} s in L1)", file=sys.stderr)
     if args.save:
         dump_results(results, args.save)
-    programs = load_recorded_programs(args.paths, results, args.k)   # built for L1's guest width
+    chosen = {p.name for p in programs}                                # built for L1's guest width
+    programs = [p for p in load_recorded_programs(args.paths, results) if p.name in chosen]
     reports = diff_recorded(programs, results, config.profile_name(caching))
     print(report_json(reports) if args.json else format_report(reports, args.verbose))
     return 1 if any(r.status in ("differ", "error") for r in reports) else 0
 
 
-def real_diff_recorded(args: argparse.Namespace, programs: list) -> int:
+def real_diff_recorded(args: argparse.Namespace, programs: list[Program]) -> int:
     """``--recorded FILE``: the real side comes from a lab results file (kvmmu.lab), no /dev/kvm needed."""
     from ..realdiff import format_report, report_json
     from .compare import diff_recorded, load_recorded_programs

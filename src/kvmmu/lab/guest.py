@@ -57,9 +57,10 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         programs = [p for p in programs if any(k in p.name for k in spec["k"])]
     repeats = max(1, int(spec.get("repeats", 3)))
     timeout = float(spec.get("timeout", 120.0))
+    tracer: Tracefs | None
     try:
-        tracer: Tracefs | None = Tracefs()
-        tracer.enable()
+        tracer = enabled = Tracefs()
+        enabled.enable()
     except OSError as e:
         print(f"lab: no tracepoints ({e})", file=sys.stderr)
         tracer = None

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .experiments import experiment_a
+from .experiments import PartProgress, experiment_a
 
 DEMO_DURATION_S = 0.25
 
 
-def run_demo(seed: int = 1, progress=None, duration_s: float | None = None) -> str:
+def run_demo(seed: int = 1, progress: PartProgress | None = None, duration_s: float | None = None) -> str:
     text = experiment_a(DEMO_DURATION_S if duration_s is None else duration_s, seed, progress)
     return ("kvmmu demo: the seed's experiment (a), scaled down to a quarter of a modelled second\n"
             "(`kvmmu experiment a --full` is the modelled hour; docs/experiments.md has the tables).\n\n" + text)

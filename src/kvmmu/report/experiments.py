@@ -10,14 +10,25 @@ the policies differ: "zap" (2011) drops every shadow page, "generation" only mak
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
 from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
 from ..guest.program import run_program
 from ..kvm.vm import VM
 from ..sim.cost import CostModel
+
+if TYPE_CHECKING:
+    from ..kvm.emulate import MmioExit
+    from ..scenario import Scenario
+
+
+class PartProgress(Protocol):
+    """What an experiment reports progress to (cliargs.Progress): one meter per part of the run."""
+
+    def part(self, index: int, count: int, label: str) -> Callable[[float], None]: ...
 
 DIRECT_MAP = 0xFFFF888000000000
 IOREMAP = 0xFFFFC90000000000
@@ -56,7 +67,7 @@ class RunResult:
         return {"stats": self.stats, "counters": self.counters, "vm": self.vm_stats}[where][name]
 
 
-def driver_program(vm: VM, iterations: int, seed: int):
+def driver_program(vm: VM, iterations: int, seed: int) -> Iterator[tuple[Any, ...]]:
     """The driver loop's operations: RAM accesses, a doorbell write, a status read; a hot-plug halfway."""
     rng = random.Random(seed)
     working_set = [rng.randrange(0x800000, RAM, 4096) for _ in range(256)]
@@ -79,7 +90,7 @@ def driver_loop(flavour: str, policy: str, iterations: int = 2000, seed: int = 1
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=RAM)
     status = {"value": 0}
 
-    def vmm(exit_):
+    def vmm(exit_: MmioExit) -> int | None:
         if exit_.is_write:
             status["value"] += 1
             return None
@@ -114,13 +125,14 @@ CONFIGS = tuple((f, p) for f in ("shadow", "ept") for p in ("off", "zap", "gener
 POLICY_NAMES = {"off": "off (no MMIO sptes)", "zap": "zap (2011 design)", "generation": "generation (today)"}
 
 
-def seed_a_scenario(duration_s: float = 0.25, seed: int = 1, mmu: str = "shadow", policy: str = "generation"):
+def seed_a_scenario(duration_s: float = 0.25, seed: int = 1, mmu: str = "shadow",
+                    policy: str = "generation") -> Scenario:
     """(a) Three 4-vCPU 512 MiB guests compiling a kernel on a 4-core 2 GiB host."""
     from ..scenario import Scenario
     return Scenario.from_dict(_seed_a_dict(duration_s, seed, mmu, policy), "experiment-a")
 
 
-def _seed_a_dict(duration_s: float, seed: int, mmu: str, policy: str) -> dict:
+def _seed_a_dict(duration_s: float, seed: int, mmu: str, policy: str) -> dict[str, Any]:
     return {
         "name": "seed-a: three compiling guests", "seed": seed, "duration_s": duration_s,
         "host": {"cores": 4, "memory_mib": 2048, "reserved_mib": 384},
@@ -133,7 +145,7 @@ _A_HEADER = ["MMU", "MMIO policy", "MMIO accesses", "fast path", "missed fast pa
              "stale gen", "MMIO sptes made", "sp zapped", "sp recycled", "jobs done", "host swap-ins"]
 
 
-def _a_row(f: str, p: str, total, swapins: int) -> list:
+def _a_row(f: str, p: str, total: Callable[[str], int], swapins: int) -> list[object]:
     n = total("mmio_accesses")
     miss = total("mmio_slow_path")
     return [f, POLICY_NAMES[p], n, total("mmio_fast_path"), miss, f"{100 * miss / n:.1f}%" if n else "-",
@@ -141,7 +153,7 @@ def _a_row(f: str, p: str, total, swapins: int) -> list:
             total("mmu_recycled"), total("jobs_finished"), swapins]
 
 
-def _a_text(modelled_s: float, seed: int, rows: list, note: str = "") -> str:
+def _a_text(modelled_s: float, seed: int, rows: list[list[object]], note: str = "") -> str:
     from .table import format_table
     return (f"Experiment (a): three 4-vCPU 512 MiB guests compiling on a 4-core 2 GiB host, "
             f"{modelled_s:g} modelled seconds, seed {seed}.{note}\n"
@@ -150,7 +162,7 @@ def _a_text(modelled_s: float, seed: int, rows: list, note: str = "") -> str:
             + format_table(_A_HEADER, rows) + "\n")
 
 
-def experiment_a(duration_s: float = 0.25, seed: int = 1, progress=None) -> str:
+def experiment_a(duration_s: float = 0.25, seed: int = 1, progress: PartProgress | None = None) -> str:
     rows = []
     results = []
     for i, (f, p) in enumerate(CONFIGS):
@@ -161,7 +173,7 @@ def experiment_a(duration_s: float = 0.25, seed: int = 1, progress=None) -> str:
     return _a_text(results[0].modelled_s, seed, rows)
 
 
-def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
+def experiment_b(iterations: int = 200, seed: int = 1, progress: PartProgress | None = None) -> str:
     """(b) Recognising an MMIO fault: KVM's shadow walk vs the guest walk + memslot search, with and
     without the guest's page-table pages swapped out on the host."""
     from ..guest.os import GuestOS, OsParams
@@ -177,7 +189,7 @@ def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
             progress.part(n, len(combos), f"(b) {flavour}/{policy}")
         host = Host(memory_limit=8 << 30)
         m = Machine(MachineSpec(name="b", ram_mib=256, vcpus=1, mmu=flavour, mmio_caching=policy), host)
-        os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=seed)
+        os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=seed)  # type: ignore[arg-type]  # Platform.spec: invariant member
         os_.boot()
         vcpu = m.vcpus[0]
         regs = [os_.ioremaps["virtio-net-cfg"] + 0x10, os_.ioremaps["pci-testdev"] + 0x10]
@@ -185,7 +197,9 @@ def experiment_b(iterations: int = 200, seed: int = 1, progress=None) -> str:
         for gva in regs:
             tables += [os_.kpgd] + [t for (lvl, key), t in os_.ktables.items() if key == gva >> (12 + 9 * lvl)]
         slot = m.vm.memslots.spaces[0]
-        pfns = sorted({slot.search(g).gfn_to_hva(g) >> 12 for g in tables})
+        found = [(g, slot.search(g)) for g in tables]
+        assert all(s is not None for _, s in found), "the guest OS allocates its page tables in RAM"
+        pfns = sorted({s.gfn_to_hva(g) >> 12 for g, s in found if s is not None})
         for gva in regs * 2:                      # warm up: MMIO sptes exist (unless policy off)
             vcpu.access(gva, 4, "read")
         s0, c0, v0 = dict(vcpu.stats), dict(vcpu.counters), dict(m.vm.stats)
@@ -222,7 +236,8 @@ COVER_LETTER = {
 }
 
 
-def experiment_c(seed: int = 1, netperf_s: float = 0.3, kernbench_jobs: int = 24, progress=None) -> str:
+def experiment_c(seed: int = 1, netperf_s: float = 0.3, kernbench_jobs: int = 24,
+                 progress: PartProgress | None = None) -> str:
     """(c) netperf-RR-like and kernbench-like under the three policies, shadow and EPT."""
     from ..scenario import Scenario
     from .table import format_table
@@ -274,7 +289,7 @@ def experiment_c(seed: int = 1, netperf_s: float = 0.3, kernbench_jobs: int = 24
     return "\n".join(out) + "\n"
 
 
-def run_experiment(which: str, full: bool = False, seed: int = 1, progress=None,
+def run_experiment(which: str, full: bool = False, seed: int = 1, progress: PartProgress | None = None,
                    duration: float | None = None, engine: dict | None = None,
                    on_engine: Callable[..., str] | None = None) -> str:
     """(a) --full runs on the sweep engine, a layer above this one: `on_engine` is

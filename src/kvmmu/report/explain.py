@@ -136,7 +136,7 @@ def explain(mmu: str = "shadow", policy: str = "generation", target: str = "door
         raise ScenarioError(f"--warm {warm}: between 0 and 1000 warm-up accesses")
     host = Host(memory_limit=4 << 30) if swap_tables else Host()
     m = Machine(MachineSpec(name="explain", ram_mib=256, vcpus=1, mmu=mmu, mmio_caching=policy), host)
-    os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=1)
+    os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=1)  # type: ignore[arg-type]  # Platform.spec: invariant member
     os_.boot()
     vcpu = m.vcpus[0]
     cpl = 0
@@ -170,7 +170,11 @@ def explain(mmu: str = "shadow", policy: str = "generation", target: str = "door
     if swap_tables:
         pages = [os_.kpgd, *[t for (lvl, key), t in os_.ktables.items()
                              if key == gva >> (12 + 9 * lvl)]]
-        hpas = [m.vm.memslots.spaces[0].search(g).gfn_to_hva(g) >> 12 for g in pages]
+        hpas = []
+        for g in pages:
+            slot = m.vm.memslots.spaces[0].search(g)
+            assert slot is not None, f"guest page table at gfn {g:#x} outside RAM"   # the OS allocates them in RAM
+            hpas.append(slot.gfn_to_hva(g) >> 12)
         host.swap_out_pages(hpas)
     lines = [f"kvmmu explain: a {size}-byte {kind} at gva {gva:#x}, CPL{cpl}: {what}",
              f"machine: default PC layout, 1 vCPU, {mmu} paging, MMIO policy {policy!r}; {warm} identical "

@@ -118,7 +118,7 @@ def _workload_section(w: LinuxBootWorkload, limit: int | None, profile: str) -> 
            f"{w.rows_by_kind.get('dev', 0):,} dev).",
            f"The {w.mmio_rows:,} mmio rows are {w.mmio_accesses:,} CPU accesses ({w.split_rows_merged:,} rows were "
            "pieces of a wider access split by the recording VMM); pio and dev rows are counted, not replayed."]
-    per_phase = {p: 0 for p in w.phases}
+    per_phase: dict[str | None, int] = {p: 0 for p in w.phases}   # a record outside any phase: None
     for i in w.mmio_index:
         per_phase[w.records[i].phase] = per_phase.get(w.records[i].phase, 0) + 1
     rows = [[p, c.get("mmio", 0), per_phase.get(p, 0), c.get("pio", 0), c.get("dev", 0)]

@@ -10,6 +10,7 @@ Perfetto's own protobuf schema (the `perfetto` package), which also reads it bac
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ..errors import ScenarioError
 from ..kvm.tracepoints import format_event, subsystem
@@ -19,7 +20,8 @@ from .tracefmt import Capture, task
 _SEQ_ID = 1
 
 
-def _schema():  # the optional dependency is imported only when an export is asked for
+def _schema() -> Any:  # the optional dependency is imported only when an export is asked for;
+    # Any: perfetto's generated protobuf module ships no type information
     try:
         from perfetto.protos.perfetto.trace import perfetto_trace_pb2
     except ImportError as e:        # pragma: no cover - the dev extra installs it
@@ -76,7 +78,8 @@ def to_perfetto(cap: Capture) -> bytes:
     return trace.SerializeToString()
 
 
-def _event(trace, pb, ts: int, track: int, kind: int, name: str | None = None, category: str | None = None):
+def _event(trace: Any, pb: Any, ts: int, track: int, kind: int, name: str | None = None,
+           category: str | None = None) -> Any:
     pkt = trace.packet.add()
     pkt.timestamp = ts
     pkt.trusted_packet_sequence_id = _SEQ_ID

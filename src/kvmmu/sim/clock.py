@@ -32,7 +32,7 @@ class Clock:
         return EventQueue(self)
 
 
-class EventQueue(list, Generic[T]):  # type: ignore[type-arg]
+class EventQueue(list, Generic[T]):
     """One consumer's timed items: a heap of (time, sequence, item).  A list underneath, so the hot
     "anything due?" test (`bool(queue)`) costs what it costs on a list."""
 

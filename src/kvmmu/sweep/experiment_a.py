@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..report.experiments import _a_row, _a_text, _seed_a_dict
 from . import _progress_line
 from .engine import Store, run_sweep
@@ -24,8 +26,10 @@ def experiment_a_on_engine(duration_s: float, seed: int = 1, results: str | None
     for c in cells:
         r = store.load(c)
         point = dict(c.point)
-        rows.append(_a_row(point["vm.*.mmu"], point["vm.*.mmio_caching"], lambda n, r=r: int(total(r, n)),
-                           r["host"]["swapins"]))
+
+        def cell_total(name: str, r: dict[str, Any] = r) -> int:
+            return int(total(r, name))
+        rows.append(_a_row(point["vm.*.mmu"], point["vm.*.mmio_caching"], cell_total, r["host"]["swapins"]))
         modelled, cpu = r["modelled_s"], cpu + r.get("cpu_s", 0.0)
     return _a_text(modelled, seed, rows, f" Six cells on Dask, {cpu:,.0f} CPU seconds in all.")
 

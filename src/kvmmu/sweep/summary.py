@@ -59,11 +59,12 @@ def summarise(cells: list[Cell], results: dict[str, dict[str, Any]], metrics: li
     out: dict[str, Any] = {"columns": [], "metrics": metrics}
     for point, keys in points.items():
         rs = [results[k] for k in keys if k in results]
-        col = {"point": {p: v for p, v in point}, "seeds": len(rs), "values": {}}
+        values: dict[str, dict[str, float]] = {}
+        col = {"point": {p: v for p, v in point}, "seeds": len(rs), "values": values}
         for name in metrics:
             if rs:
                 m, h = mean_ci([total(r, name) for r in rs])
-                col["values"][name] = {"mean": m, "ci95": h}
+                values[name] = {"mean": m, "ci95": h}
         out["columns"].append(col)
     return out
 
