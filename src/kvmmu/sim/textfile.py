@@ -5,21 +5,18 @@ directory, unreadable, too large or not UTF-8 gets the same one-line ScenarioErr
 
 from __future__ import annotations
 
-from typing import Protocol
+from importlib.abc import Traversable
+from pathlib import Path
 
 from ..errors import ScenarioError
 
 
-class Openable(Protocol):
-    def open(self, mode: str = "r") -> object: ...
-
-
-def read_text(path: Openable, where: str, limit: int, too_large: str, expected: str = "a file",
+def read_text(path: Path | Traversable, where: str, limit: int, too_large: str, expected: str = "a file",
               utf8_hint: str = "") -> str:
     """The file's text; reads at most `limit` + 1 bytes, so a huge file costs no memory.
     `where` names the file in messages, `too_large` says what the file evidently is not."""
     try:
-        with path.open("rb") as fh:  # type: ignore[attr-defined]
+        with path.open("rb") as fh:
             raw = fh.read(limit + 1)
     except FileNotFoundError:
         raise ScenarioError(f"{where}: no such file") from None
