@@ -7,6 +7,7 @@ import json
 import pytest
 
 from kvmmu.cli import main
+from tests.clirun import run_cli as _run
 
 TINY = """
 name = "t"
@@ -32,12 +33,6 @@ def tiny(tmp_path):
     p = tmp_path / "tiny.toml"
     p.write_text(TINY)
     return str(p)
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_run_prints_kvm_counters_and_cost(capsys, tiny):

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from kvmmu.cli import main
+from tests.clirun import run_cli as _run
 
 SCENARIO = """
 name = "two"
@@ -47,12 +47,6 @@ def scen(tmp_path):
     p = tmp_path / "two.toml"
     p.write_text(SCENARIO)
     return str(p)
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _run_json(capsys, scen, whole=False):
