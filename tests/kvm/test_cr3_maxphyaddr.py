@@ -22,7 +22,7 @@ from kvmmu.hw.x86cpu import GP, X86Cpu
 from kvmmu.tools.asm import assemble
 from tests.fuzz.test_found_bugs import LONG_MODE, Guest
 
-from ..realdiff.test_x86cpu import CODE, GDT, IDT, STACK, TSS, FlatBus
+from ..hw.test_x86cpu import CODE, GDT, IDT, STACK, TSS, FlatBus
 
 
 def _state(v: object) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ import pytest
 
 from kvmmu.tools.asm import assemble
 
-from .test_x86cpu import CODE, STACK, run
+from ..hw.test_x86cpu import CODE, STACK, run
 
 
 @pytest.mark.parametrize(("src", "encoding"), [

@@ -1,7 +1,7 @@
 """The differential runner: the same guest bytes on the model and on the real /dev/kvm.
 
     kvmmu real-diff tests/realdiff/corpus            # every program of the corpus
-    kvmmu real-diff tests/realdiff/corpus/mmio.py -k dword --verbose
+    kvmmu real-diff tests/realdiff/corpus/mmio_widths.py -k dword --verbose
 
 A program (`kvmmu.guest.runtime.Program`) is laid out once (`runtime.build`) and run by both
 backends with the same memslots, memory image, registers and MMIO device; after each ``hlt`` the

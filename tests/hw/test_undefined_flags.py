@@ -20,7 +20,7 @@ from kvmmu.realdiff import compare, load_programs, run_model
 from .test_x86cpu import run
 
 ARITH = CF | PF | AF | ZF | SF | OF
-CORPUS = Path(__file__).parent / "corpus"
+CORPUS = Path(__file__).parents[1] / "realdiff" / "corpus"
 
 
 @pytest.mark.parametrize(("code", "undefined"), [

@@ -56,7 +56,7 @@ def test_tick_fires_on_its_grid_while_the_vcpu_idles_more_often_than_once_a_peri
 
 def test_scenario_guests_that_idle_often_still_tick():
     """The symptom of the bug: scenarios/tiny.toml reported `ticks 0`."""
-    res = Scenario.load(Path(__file__).parents[2] / "scenarios" / "tiny.toml").run()
+    res = Scenario.load(Path(__file__).parents[3] / "scenarios" / "tiny.toml").run()
     assert res.total("ticks") > 0
-    net = Scenario.load(Path(__file__).parents[2] / "scenarios" / "netperf-rr.toml").scaled(duration_s=0.05).run()
+    net = Scenario.load(Path(__file__).parents[3] / "scenarios" / "netperf-rr.toml").scaled(duration_s=0.05).run()
     assert net.total("ticks") > 0

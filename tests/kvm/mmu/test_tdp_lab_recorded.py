@@ -19,7 +19,7 @@ from kvmmu.kvm.profiles import HostProfile
 from kvmmu.kvm.vm import VM
 from kvmmu.realdiff import load_programs, run_model
 
-LAB = Path(__file__).resolve().parents[1] / "realdiff" / "lab"
+LAB = Path(__file__).resolve().parents[2] / "realdiff" / "lab"
 RECORDED = LAB / "npt.json"
 SCENARIOS = LAB / "scenarios"
 KEYS = ("mmio_exits", "pf_taken", "pf_fixed", "pf_emulate", "pf_mmio_spte_created", "pages_4k", "pf_guest")
