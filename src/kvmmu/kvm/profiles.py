@@ -49,7 +49,6 @@ supervisor accesses.  These profiles are the model's prediction only: no such ho
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -77,16 +76,6 @@ if TYPE_CHECKING:
 _UD2 = ix.Mnemonic.UD2
 _SLOT256 = 0x1FFFF00          # gva >> 39 of PML4 slot 256 (0xffff800000000000..)
 _ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
-
-
-# A measurement of the running machine's CMPS operand order, (forms, source), registered by
-# kvmmu.realdiff.cmps_order (register_cmps_probe).
-_CMPS_PROBE: list[Callable[[], tuple[frozenset[tuple[str, int]], str]]] = []
-
-
-def register_cmps_probe(probe: Callable[[], tuple[frozenset[tuple[str, int]], str]]) -> None:
-    """A host profile with `cmps_source_first=None` asks `probe` from now on."""
-    _CMPS_PROBE[:] = [probe]
 
 
 @dataclass(frozen=True)
@@ -137,9 +126,10 @@ class HostProfile:
     def cmps_source_first_forms(self) -> frozenset[tuple[str, int]]:
         """The CMPS forms this host's CPU reads source first (measured where the profile says None)."""
         if self.cmps_source_first is None:
-            # The probe runs a guest program on /dev/kvm, which the layer above (kvmmu.realdiff)
-            # can do; it registers itself.  Without it: ES:[RDI] first, as plain CMPS on every CPU.
-            return _CMPS_PROBE[0]()[0] if _CMPS_PROBE else frozenset()
+            # Measuring needs a guest program on /dev/kvm, which only the layer above can run:
+            # realdiff's ModelBackend resolves the profile (`replace(..., cmps_source_first=...)`)
+            # before it builds the VM.  Unresolved: ES:[RDI] first, as plain CMPS on every CPU.
+            return frozenset()
         return self.cmps_source_first
 
     def make_vm(self, host_hugepage_level: int = 1) -> VM:

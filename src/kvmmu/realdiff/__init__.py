@@ -57,8 +57,3 @@ __all__ = ["COUNTERS", "EXTRA_COUNTERS", "OBSERVABLES", "REG_NAMES", "VM_COUNTER
            "ProgramReport", "RealBackend", "Stop", "add_cli", "compare", "diff_program", "final_slots",
            "format_report", "load_programs", "observe", "report_json", "run_model", "run_real"]
 
-# kvm-pvm's CMPS order is the running CPU's: measured by a guest program, which this layer can run.
-from ..kvm.profiles import register_cmps_probe  # noqa: E402
-from .cmps_order import host_cmps_source_first  # noqa: E402
-
-register_cmps_probe(host_cmps_source_first)

@@ -162,6 +162,12 @@ class ModelBackend:
         from ..kvm.profiles import get_profile
 
         self.profile = get_profile(profile)
+        if self.profile.cmps_source_first is None:
+            # A profile whose CMPS order is the running CPU's: measured here, once per process.
+            from dataclasses import replace
+
+            from .cmps_order import host_cmps_source_first
+            self.profile = replace(self.profile, cmps_source_first=host_cmps_source_first()[0])
         self.name = f"model:{self.profile.name}"
         self.vm = self.profile.make_vm(host_hugepage_level=2 if program.host_hugepages else 1)
         self.events: list[tuple[str, dict[str, Any]]] = []
