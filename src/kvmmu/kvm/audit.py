@@ -128,10 +128,11 @@ def _check_disallow_lpage(vm: VM) -> None:
 def _check_mmio_caches(vm: VM) -> None:
     """The per-vCPU MMIO cache: page-aligned gva, never a gva for a nested guest."""
     for v in vm.vcpus:
-        if v.mmio_gva & 0xFFF:
-            _fail(f"vcpu{v.id}'s mmio_gva {v.mmio_gva:#x} is not page aligned")
-        if v.mmu_is_nested and v.mmio_gva:
-            _fail(f"vcpu{v.id} caches mmio_gva {v.mmio_gva:#x} while running a nested guest")
+        gva = v.mmio_cache.mmio_gva
+        if gva & 0xFFF:
+            _fail(f"vcpu{v.id}'s mmio_gva {gva:#x} is not page aligned")
+        if v.mmu_is_nested and gva:
+            _fail(f"vcpu{v.id} caches mmio_gva {gva:#x} while running a nested guest")
 
 
 def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:

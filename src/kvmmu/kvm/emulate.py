@@ -19,7 +19,6 @@ from ..arch.bits import (
 )
 from ..arch.permission import permission_fault
 from .exceptions import GuestFault
-from .mmu.mmio import vcpu_match_mmio_gpa, vcpu_match_mmio_gva
 from .mmu.paging import guest_walk
 from .nested import nested_gva_to_gpa
 
@@ -52,7 +51,7 @@ class MmioExit:
 
 
 def vcpu_is_mmio_gpa(vcpu: Vcpu, gpa: int) -> bool:
-    return (gpa & ~0xFFF) == APIC_DEFAULT_PHYS_BASE or vcpu_match_mmio_gpa(vcpu, gpa)
+    return (gpa & ~0xFFF) == APIC_DEFAULT_PHYS_BASE or vcpu.mmio_cache.match_gpa(gpa)
 
 
 def cached_mmio_gpa(vcpu: Vcpu, gva: int, access: int) -> int | None:
@@ -64,21 +63,22 @@ def cached_mmio_gpa(vcpu: Vcpu, gva: int, access: int) -> int | None:
     offers PKU only with TDP, where the gva cache is unused); the model also lets a shadow-paging
     guest set CR4.PKE, so a user page under active protection keys is walked too (its key is not
     cached)."""
-    if access & (PFERR_FETCH_MASK | PFERR_IMPLICIT_ACCESS) or not vcpu_match_mmio_gva(vcpu, gva):
+    cache = vcpu.mmio_cache
+    if access & (PFERR_FETCH_MASK | PFERR_IMPLICIT_ACCESS) or not cache.match_gva(gva):
         return None
     ctx = vcpu.mmu.cpu_role
     if ctx.mode.root_level:
-        if ctx.pkeys_active and vcpu.mmio_access & ACC_USER_MASK:
+        if ctx.pkeys_active and cache.mmio_access & ACC_USER_MASK:
             return None
-        if access & PFERR_WRITE_MASK and not vcpu.mmio_access & ACC_WRITE_MASK and not vcpu.vm.kvm_deviations:
+        if access & PFERR_WRITE_MASK and not cache.mmio_access & ACC_WRITE_MASK and not vcpu.vm.kvm_deviations:
             # The cached rights of a page first reached by a read lack W when its PTE is clean
             # (protect_clean_gpte).  With CR0.WP=0 a supervisor write passes KVM's check anyway and
             # never walks, so the PTE's D bit is never set; the SDM sets it.  Walk instead.
             return None
-        if permission_fault(ctx, access, vcpu.mmio_access, vcpu.ac, vcpu.pkru, 0):
+        if permission_fault(ctx, access, cache.mmio_access, vcpu.ac, vcpu.pkru, 0):
             return None
     vcpu.counters["mmio_cache_hits"] += 1
-    return (vcpu.mmio_gfn << 12) | (gva & 0xFFF)
+    return (cache.mmio_gfn << 12) | (gva & 0xFFF)
 
 
 def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tuple[int, bool] | None:

@@ -52,7 +52,7 @@ from .memslots import Memslot
 from .mmu.context import VcpuMmu
 from .mmu.fault import kvm_mmu_page_fault
 from .mmu.guest_reader import GuestPteReader
-from .mmu.mmio import mmio_info_in_cache
+from .mmu.mmio_cache import MmioCache
 from .mmu.pf import RET_PF_EMULATE
 from .nested import enter_guest_mode, leave_guest_mode, reflect_ept_fault
 from .stats import MODEL_COUNTERS, VCPU_STATS, Stats
@@ -141,10 +141,7 @@ class Vcpu:
         self.pkru = 0
         self.stats = Stats(VCPU_STATS)
         self.counters = Stats(MODEL_COUNTERS)
-        self.mmio_gva = 0
-        self.mmio_gfn = 0
-        self.mmio_access = 0
-        self.mmio_gen = 0
+        self.mmio_cache = MmioCache(self)     # vcpu->arch's, shared by root_mmu and guest_mmu
         self.as_id = 0
         self.mmu_is_nested = False
         self.last_used_slot: list[Memslot | None] = [None]
@@ -173,6 +170,24 @@ class Vcpu:
         self.cpu.load_vmcs(self, self.mmu)     # the vCPU's registers and its MMU context (hw/vmcs.py)
 
     # -- state -----------------------------------------------------------------------------------
+    # Read-only aliases of the MMIO cache's fields, for tests and external users; KVM code goes
+    # through `mmio_cache`.
+    @property
+    def mmio_gva(self) -> int:
+        return self.mmio_cache.mmio_gva
+
+    @property
+    def mmio_gfn(self) -> int:
+        return self.mmio_cache.mmio_gfn
+
+    @property
+    def mmio_access(self) -> int:
+        return self.mmio_cache.mmio_access
+
+    @property
+    def mmio_gen(self) -> int:
+        return self.mmio_cache.mmio_gen
+
     @property
     def ac(self) -> bool:
         return bool(self.rflags & X86_EFLAGS_AC)
@@ -583,7 +598,7 @@ class Vcpu:
         last, self.last_retry = self.last_retry, None
         rip = self.retry_rip
         mmu = self.mmu
-        if rip is None or self.mmu_is_nested or mmio_info_in_cache(self, addr, mmu.direct):
+        if rip is None or self.mmu_is_nested or self.mmio_cache.info_in_cache(addr, mmu.direct):
             return False
         if (rip, addr) == last:
             return False

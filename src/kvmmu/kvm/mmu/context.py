@@ -14,7 +14,7 @@ from ...arch.bits import PT64_ADDR_MASK, PT_PAGE_SIZE_MASK
 from ...arch.modes import PagingContext
 from ...errors import KvmBug
 from .gpte import GuestFormat, guest_format
-from .mmio import MMIO_GVA_ANY, vcpu_clear_mmio_info
+from .mmio_cache import MMIO_GVA_ANY
 from .page import (
     ROLE_ACCESS_SHIFT,
     ROLE_DIRECT,
@@ -242,7 +242,7 @@ class VcpuMmu:
         for _, sp in self.prev_roots:
             self._put_root(sp)
         self.prev_roots.clear()
-        vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
+        self.vcpu.mmio_cache.clear(MMIO_GVA_ANY)
 
     def free_obsolete_roots(self) -> None:
         if self.root_hpa and not self.root_valid:
@@ -260,7 +260,7 @@ class VcpuMmu:
 
         Returns True if a cached root was reused.
         """
-        vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
+        self.vcpu.mmio_cache.clear(MMIO_GVA_ANY)
         reused = False
         if self.root_level >= 4 and self.root_sp is not None and not self.direct:
             current = (self.pgd, self.root_sp)
@@ -345,7 +345,7 @@ class VcpuMmu:
     def sync_roots(self) -> None:
         if self.direct:
             return
-        vcpu_clear_mmio_info(self.vcpu, MMIO_GVA_ANY)
+        self.vcpu.mmio_cache.clear(MMIO_GVA_ANY)
         for sp in self.roots():
             if sp.unsync_children:
                 self.sync_children(sp)
@@ -416,7 +416,7 @@ class VcpuMmu:
         `current_only`, of an injected #PF (kvm_mmu_invalidate_addr on the current root): resync the
         leaf spte for gva where its page is unsync."""
         if not current_only:
-            vcpu_clear_mmio_info(self.vcpu, gva)
+            self.vcpu.mmio_cache.clear(gva)
         if self.direct:
             return
         kvm = self.kvm

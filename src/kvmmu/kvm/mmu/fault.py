@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from ...arch.bits import PFERR_RSVD_MASK
 from .direct import direct_page_fault
-from .mmio import handle_mmio_page_fault, mmio_info_in_cache
+from .mmio import handle_mmio_page_fault
 from .paging import page_fault
 from .pf import (
     RET_PF_EMULATE,
@@ -63,7 +63,7 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
             raise AssertionError("the full fault path must not return RET_PF_INVALID")
     if r == RET_PF_EMULATE:
         # EMULTYPE_ALLOW_RETRY_PF: never for MMIO the vCPU has cached, nor for a nested guest.
-        vcpu.allow_retry_pf = not mmio_info_in_cache(vcpu, addr, direct) and not vcpu.mmu_is_nested
+        vcpu.allow_retry_pf = not vcpu.mmio_cache.info_in_cache(addr, direct) and not vcpu.mmu_is_nested
     if vm.trace.enabled:                 # (emit would return at once, after its arguments were built)
         vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])
     return r

@@ -1,4 +1,5 @@
-"""MMIO page-fault support: the per-vCPU MMIO cache, the no-slot decision and the fast path.
+"""MMIO page-fault support: the no-slot decision and the fast path (the per-vCPU cache they fill
+is `mmio_cache.MmioCache`).
 
 `handle_mmio_page_fault` runs on a fault with PFERR_RSVD (EPT: a misconfiguration).  It never
 takes the MMU lock, allocates no shadow page, walks no guest table and searches no memslot: it
@@ -24,55 +25,11 @@ from .spte import (
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
 
-MMIO_GVA_ANY = ~0
-
-
-# -- the per-vCPU cache (x86.h) --------------------------------------------------------------------
-def vcpu_cache_mmio_info(vcpu: Vcpu, gva: int, gfn: int, access: int) -> None:
-    gen = vcpu.vm.memslots.generation(0)
-    if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
-        return                      # never cache a translation built from a set being replaced
-    vcpu.mmio_gva = 0 if vcpu.mmu_is_nested else gva & ~0xFFF
-    vcpu.mmio_access = access
-    vcpu.mmio_gfn = gfn
-    vcpu.mmio_gen = gen
-
-
-def vcpu_clear_mmio_info(vcpu: Vcpu, gva: int) -> None:
-    if gva == MMIO_GVA_ANY or vcpu.mmio_gva == gva & ~0xFFF:
-        vcpu.mmio_gva = 0
-
-
-def vcpu_match_mmio_gen(vcpu: Vcpu) -> bool:
-    vm = vcpu.vm
-    if vm.mmio_caching == "zap":
-        return True                 # the 2011 cache had no generation (added in 2014)
-    return vcpu.mmio_gen == vm.memslots.spaces[0].generation
-
-
-def vcpu_match_mmio_gva(vcpu: Vcpu, gva: int) -> bool:
-    mmio_gva = vcpu.mmio_gva
-    return bool(mmio_gva) and mmio_gva == gva & ~0xFFF and vcpu_match_mmio_gen(vcpu)
-
-
-def vcpu_match_mmio_gpa(vcpu: Vcpu, gpa: int) -> bool:
-    mmio_gfn = vcpu.mmio_gfn
-    return bool(mmio_gfn) and mmio_gfn == gpa >> 12 and vcpu_match_mmio_gen(vcpu)
-
-
-def mmio_info_in_cache(vcpu: Vcpu, addr: int, direct: bool) -> bool:
-    """A nested guest's fault address is an L2 gpa: the cache (L1 gva/gfn) must not answer it."""
-    if vcpu.mmu_is_nested:
-        return False
-    if direct:
-        return vcpu_match_mmio_gpa(vcpu, addr)
-    return vcpu_match_mmio_gva(vcpu, addr)
-
 
 # -- the slow path's no-slot decision (kvm_handle_noslot_fault) -----------------------------------
 def handle_noslot_fault(vcpu: Vcpu, fault: KvmPageFault, access: int) -> int:
     masks = vcpu.mmu.masks
-    vcpu_cache_mmio_info(vcpu, 0 if fault.is_tdp else fault.addr, fault.gfn, access & masks.mmio_access_mask)
+    vcpu.mmio_cache.cache(0 if fault.is_tdp else fault.addr, fault.gfn, access & masks.mmio_access_mask)
     if not masks.mmio_enabled:
         return RET_PF_EMULATE
     if fault.gfn > masks.mmio_max_gfn:
@@ -106,7 +63,7 @@ def check_mmio_spte(vcpu: Vcpu, spte: int) -> bool:
 
 def handle_mmio_page_fault(vcpu: Vcpu, addr: int, direct: bool) -> int:
     c = vcpu.counters
-    if mmio_info_in_cache(vcpu, addr, direct):
+    if vcpu.mmio_cache.info_in_cache(addr, direct):
         c["mmio_cache_hits"] += 1
         return RET_PF_EMULATE
     reserved, spte = get_mmio_spte(vcpu, addr)
@@ -124,7 +81,7 @@ def handle_mmio_page_fault(vcpu: Vcpu, addr: int, direct: bool) -> int:
         trace = vcpu.vm.trace
         if trace.enabled:
             trace.emit("handle_mmio_page_fault", addr=addr, gfn=gfn, access=access)
-        vcpu_cache_mmio_info(vcpu, addr, gfn, access)
+        vcpu.mmio_cache.cache(addr, gfn, access)
         c["mmio_fastpath"] += 1
         return RET_PF_EMULATE
     return RET_PF_RETRY
