@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from itertools import islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 from ..arch.bits import (
     PFERR_FETCH_MASK,
@@ -25,8 +25,17 @@ from ..errors import InvalidArgument
 from .memory import PACK_INTO, UNPACK_FROM
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import TypeAlias
+
+    from ..arch.modes import PagingContext
     from .memory import SparseMemory
     from .vmcs import GuestRegisters, PagingState
+
+    # A decoded access (DecodedAccesses): (vpn, page offset, size, pfec, CPL-inherit mask, value,
+    # struct function).  The function is a pack_into for a write and an unpack_from otherwise; which
+    # one follows from pfec's W bit, a distinction the type cannot carry.
+    DecodedOp: TypeAlias = tuple[int, int, int, int, int, int | None, Callable[..., Any]]
 
 # The accesses a vCPU performs (Vcpu.access): kinds and sizes in bytes.
 ACCESS_KINDS = ("read", "write", "fetch")
@@ -48,6 +57,9 @@ SHADOW_KINDS = TLB_READ | PFERR_FETCH_MASK
 VM_EXIT = -1        # exit to KVM with (address, error code)
 GUEST_FAULT = -2    # a #PF went straight to the guest (TDP): (GUEST_FAULT, cr2, error code)
 GP_FAULT = -3       # non-canonical address: #GP
+# The walks take EFLAGS.AC as the flag's bit (rflags & X86_EFLAGS_AC), an int, for speed; probe()
+# declares `ac: bool` though it only hands it on to permission_fault(), which takes `bool | int`.
+# Until arch/walker.py says so, each such call carries `type: ignore[arg-type]  # AC bit`.
 
 
 class TlbCpu:
@@ -58,13 +70,27 @@ class TlbCpu:
     decides exactly as `translate()` decides on a TLB hit, and changes nothing but memory and the
     tlb_hits counter, and only when the access completes; anything else (a miss, a permission
     failure, protection keys, memory outside the host) is left to translate().
+
+    The paging contexts in `paging` are None until KVM first computes them (kvm_init_mmu, which
+    kvm_mmu_load runs before it loads a root), and hw_ctx stays None under TDP.  KVM enters the
+    guest only with a valid root, so each one the CPU reads is set: the methods here and in
+    Cpu/TdpCpu take it as a PagingContext (a cast, no run-time check on these paths).
     """
 
     __slots__ = ()
+    # Slots of Cpu and TdpCpu that the methods here read.
+    tlb: dict[int, tuple[int, int, int, int]]
+    regs: GuestRegisters
+    paging: PagingState
+    mem: SparseMemory
+    counters: dict[str, int]
     two_dimensional = False           # True: permissions come from the guest's role (TdpCpu)
     # Whether the last exit was on the final translation rather than a guest page-table access:
     # always, without a 2-D walk (TdpCpu tracks it per exit).
     exit_final = True
+
+    if TYPE_CHECKING:
+        def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int: ...   # Cpu, TdpCpu
 
     def tlb_hit(self, gva: int, pfec: int) -> int:
         """The host physical address if the TLB alone translates this access, else -1."""
@@ -75,7 +101,7 @@ class TlbCpu:
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
         regs = self.regs
-        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
+        ctx = cast("PagingContext", self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx)
         if (ctx.permissions[permission_index(pfec, regs.rflags & X86_EFLAGS_AC)] >> acc) & 1 \
                 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
@@ -92,7 +118,7 @@ class TlbCpu:
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
         regs = self.regs
-        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
+        ctx = cast("PagingContext", self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx)
         if (ctx.permissions[((pfec & _ACCESS_BITS) | (PERMISSION_NOT_SMAP if regs.rflags & X86_EFLAGS_AC else 0)) >> 1]
                 >> acc) & 1 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
@@ -111,7 +137,7 @@ class TlbCpu:
         self.counters["tlb_hits"] += 1
         return value
 
-    def run_decoded(self, batch: DecodedAccesses, i: int, stop: int, cpl: int, values: list | None) -> int:
+    def run_decoded(self, batch: DecodedAccesses, i: int, stop: int, cpl: int, values: list[int | None] | None) -> int:
         """Run the accesses batch[i:stop] while each one is a RAM access that the CPU completes
         without an exit (a TLB hit, or a miss whose walk only reads: `refill`); returns the index of
         the first one that needs more (or stop).
@@ -124,7 +150,7 @@ class TlbCpu:
         tlb_get = self.tlb.get
         refill = self.refill
         regs = self.regs
-        ctx = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx
+        ctx = cast("PagingContext", self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx)
         perms = ctx.permissions
         pkru_mask = ctx.pkru_mask
         ac = regs.rflags & X86_EFLAGS_AC
@@ -231,12 +257,13 @@ def check_access_args(gva: object, size: object, kind: object, value: object = N
         raise InvalidArgument("value", value, "only writes carry a value")
 
 
-def _decode(op: Sequence) -> tuple | None:
+def _decode(op: Sequence) -> DecodedOp | None:
     try:
         k = len(op)
     except TypeError:
         return None
     cpl = implicit = None
+    fn: Callable[..., Any]
     if k == 4:
         gva, size, kind, value = op
     elif k == 5:
@@ -294,7 +321,8 @@ class Cpu(TlbCpu):
         the walk is counted and the TLB filled, and the host page is returned; else -1, and nothing
         changed (translate() will do the whole miss)."""
         mmu = self.paging
-        r = probe(mmu.hw_ctx, self.mem, mmu.root_hpa, gva, pfec, ac, pkru)
+        r = probe(cast("PagingContext", mmu.hw_ctx), self.mem, mmu.root_hpa, gva, pfec,
+                  ac, pkru)  # type: ignore[arg-type]  # AC bit
         if type(r) is not tuple or r[0] + 0x1000 > self.mem.size:
             return -1
         gpa, acc, pkey = r
@@ -307,7 +335,7 @@ class Cpu(TlbCpu):
         """(host physical address, gva, 0), or (VM_EXIT, gva, #PF error code), or (GP_FAULT, ...)."""
         regs = self.regs
         mmu = self.paging
-        ctx = mmu.hw_ctx
+        ctx = cast("PagingContext", mmu.hw_ctx)
         vpn = gva >> 12
         entry = self.tlb.get(vpn)
         write = pfec & PFERR_WRITE_MASK
@@ -319,11 +347,12 @@ class Cpu(TlbCpu):
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]      # a fault through a TLB entry invalidates it; the CPU re-walks
         self.counters["hw_walks"] += 1
-        r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru)
+        r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec,
+                  regs.rflags & X86_EFLAGS_AC, regs.pkru)  # type: ignore[arg-type]  # AC bit
         if r is not None:                # walk()'s answer, where walk() would have written nothing
             if type(r) is int:
                 return VM_EXIT, gva, r | (pfec & PFERR_IMPLICIT_ACCESS)
-            gpa, acc, pkey = r
+            gpa, acc, pkey = cast("tuple[int, int, int]", r)   # (mypy narrows `type(r) is int` one way only)
             self.tlb[vpn] = (gpa & ~0xFFF, acc, SHADOW_KINDS | write, pkey)
             return gpa, gva, 0
         w = walk(ctx, self.mem, mmu.root_hpa, gva, pfec, ac=regs.ac, pkru=regs.pkru)

@@ -9,7 +9,7 @@ walk then faults).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..arch.bits import (
     ACC_USER_MASK,
@@ -153,7 +153,8 @@ class TdpCpu(TlbCpu):
         if r is not None:
             if type(r) is int:
                 raise _TdpExit(gpa, r | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
-            return r[0], _NPT_KINDS[r[1]]
+            t = cast("tuple[int, int, int]", r)    # (mypy narrows `type(r) is int` one way only)
+            return t[0], _NPT_KINDS[t[1]]
         w = walk(ctx, self.mem, root, gpa, kind)
         if w.fault:
             raise _TdpExit(gpa, w.error_code | (PFERR_GUEST_FINAL_MASK if final else PFERR_GUEST_PAGE_MASK))
@@ -183,16 +184,17 @@ class TdpCpu(TlbCpu):
         regs = self.regs
         ctx = self._ctx()
         mmu = self.paging
-        hw_ctx = mmu.hw_guest_ctx
+        hw_ctx = cast("PagingContext", mmu.hw_guest_ctx)       # set while the guest runs (TlbCpu)
         if hw_ctx.mode.root_level == 0:
             if gva >> 32:
                 return -1                 # paging off: 32-bit linear addresses (the vCPU refuses more)
             gpa, acc, pkey = gva, 7, 0
         else:
-            r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec, ac, pkru, self._table_hpa)
+            r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec, ac, pkru,  # type: ignore[arg-type]  # AC bit (hw/cpu.py)
+                      self._table_hpa)
             if r is None:
                 return -1
-            gpa, acc, pkey = r
+            gpa, acc, pkey = cast("tuple[int, int, int]", r)   # with table_hpa, a fault answers None
         if gpa >> (12 + 9 * ctx.mode.root_level):
             return -1
         if self.ept:
@@ -215,7 +217,7 @@ class TdpCpu(TlbCpu):
         vpn = gva >> 12
         write = pfec & PFERR_WRITE_MASK
         entry = self.tlb.get(vpn)
-        ctx = self.paging.cpu_role
+        ctx = cast("PagingContext", self.paging.cpu_role)     # set while the guest runs (TlbCpu)
         if entry is not None:
             # An entry filled by a read never serves a write: the write re-walks (guest D bit, and
             # KVM's TDP spte may be write-protected for dirty logging).  Nor does one serve a kind of
@@ -227,7 +229,7 @@ class TdpCpu(TlbCpu):
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]
         self.counters["hw_walks"] += 1
-        hw_ctx = self.paging.hw_guest_ctx
+        hw_ctx = cast("PagingContext", self.paging.hw_guest_ctx)
         r = None
         try:
             if hw_ctx.mode.root_level == 0:
@@ -236,10 +238,11 @@ class TdpCpu(TlbCpu):
                 # The guest walk without a Walk when it would only read (see walker.probe); its
                 # table reads went through KVM's tables without exit or A/D update, so what follows
                 # is what follows walk().
-                r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru,
+                r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec,
+                          regs.rflags & X86_EFLAGS_AC, regs.pkru,  # type: ignore[arg-type]  # AC bit (hw/cpu.py)
                           self._table_hpa)
                 if r is not None:
-                    gpa, acc, pkey = r
+                    gpa, acc, pkey = cast("tuple[int, int, int]", r)   # with table_hpa, a fault answers None
                 else:
                     pdptrs = self.paging.pdptrs if hw_ctx.mode.pae_pdptes else None
                     self._reader.pages.clear()
@@ -271,7 +274,7 @@ class TdpCpu(TlbCpu):
         free of bookkeeping; probe() only reads, so it is run again here, recording.
         """
         regs = self.regs
-        hw_ctx = self.paging.hw_guest_ctx
+        hw_ctx = cast("PagingContext", self.paging.hw_guest_ctx)
         if hw_ctx.mode.root_level == 0:
             return []                         # paging off: the walk reads no guest tables
         if type(probed) is not tuple:
@@ -284,7 +287,8 @@ class TdpCpu(TlbCpu):
                 pages.append(hpa >> 12)
             return hpa
 
-        probe(hw_ctx, self.mem, regs.cr3, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru, table_hpa)
+        probe(hw_ctx, self.mem, regs.cr3, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru,  # type: ignore[arg-type]  # AC bit (hw/cpu.py)
+              table_hpa)
         return pages
 
 

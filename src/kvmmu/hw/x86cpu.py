@@ -19,7 +19,7 @@ triple fault (the run stops with "shutdown").
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 import iced_x86 as ix
 
@@ -122,9 +122,10 @@ def _canonical(addr: int) -> bool:
 
 def _gpr_table() -> dict[int, tuple[int, int, int]]:
     out: dict[int, tuple[int, int, int]] = {}
-    for name, reg in vars(_R).items():
-        if name.startswith("_") or not isinstance(reg, int) or reg == _R.NONE:
+    for name, member in vars(_R).items():
+        if name.startswith("_") or not isinstance(member, int) or member == _R.NONE:
             continue
+        reg = cast("ix.Register_", member)   # the module's int members are its Register values
         if not ix.RegisterExt.is_gpr(reg):
             continue
         full = ix.RegisterExt.full_register(reg)
@@ -557,11 +558,11 @@ def _mov(cpu: X86Cpu, instr: ix.Instruction) -> None:
     if k1 == _K.REGISTER and ix.RegisterExt.is_cr(instr.op1_register):
         cpu.privileged()
         cr = instr.op1_register - _R.CR0
-        value = {0: cpu.cr0, 2: cpu.cr2, 3: cpu.cr3, 4: cpu.cr4}.get(cr)
-        if value is None:
+        cr_value = {0: cpu.cr0, 2: cpu.cr2, 3: cpu.cr3, 4: cpu.cr4}.get(cr)
+        if cr_value is None:
             raise UnsupportedInstruction(cpu.rip, cpu.text(instr), f"CR{cr} is not modelled")
         cpu.bus.read_cr(cpu, cr)
-        cpu.set(instr.op0_register, value)
+        cpu.set(instr.op0_register, cr_value)
         cpu.advance()
         return
     if (k0 == _K.REGISTER and ix.RegisterExt.is_segment_register(instr.op0_register)) or \
