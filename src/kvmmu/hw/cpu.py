@@ -101,7 +101,7 @@ class TlbCpu:
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
         regs = self.regs
-        ctx = cast("PagingContext", self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx)
+        ctx: PagingContext = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         if (ctx.permissions[permission_index(pfec, regs.rflags & X86_EFLAGS_AC)] >> acc) & 1 \
                 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
@@ -118,7 +118,7 @@ class TlbCpu:
         if not kinds & (pfec & KIND_BITS or TLB_READ):
             return -1
         regs = self.regs
-        ctx = cast("PagingContext", self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx)
+        ctx: PagingContext = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         if (ctx.permissions[((pfec & _ACCESS_BITS) | (PERMISSION_NOT_SMAP if regs.rflags & X86_EFLAGS_AC else 0)) >> 1]
                 >> acc) & 1 or (ctx.pkru_mask and (ctx.pkru_mask >> ((pfec & _ACCESS_BITS) | (acc & 4) << 1)) & 3):
             return -1
@@ -150,7 +150,7 @@ class TlbCpu:
         tlb_get = self.tlb.get
         refill = self.refill
         regs = self.regs
-        ctx = cast("PagingContext", self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx)
+        ctx: PagingContext = self.paging.cpu_role if self.two_dimensional else self.paging.hw_ctx  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         perms = ctx.permissions
         pkru_mask = ctx.pkru_mask
         ac = regs.rflags & X86_EFLAGS_AC
@@ -335,7 +335,7 @@ class Cpu(TlbCpu):
         """(host physical address, gva, 0), or (VM_EXIT, gva, #PF error code), or (GP_FAULT, ...)."""
         regs = self.regs
         mmu = self.paging
-        ctx = cast("PagingContext", mmu.hw_ctx)
+        ctx: PagingContext = mmu.hw_ctx  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         vpn = gva >> 12
         entry = self.tlb.get(vpn)
         write = pfec & PFERR_WRITE_MASK

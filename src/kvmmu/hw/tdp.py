@@ -184,7 +184,7 @@ class TdpCpu(TlbCpu):
         regs = self.regs
         ctx = self._ctx()
         mmu = self.paging
-        hw_ctx = cast("PagingContext", mmu.hw_guest_ctx)       # set while the guest runs (TlbCpu)
+        hw_ctx: PagingContext = mmu.hw_guest_ctx  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         if hw_ctx.mode.root_level == 0:
             if gva >> 32:
                 return -1                 # paging off: 32-bit linear addresses (the vCPU refuses more)
@@ -217,7 +217,7 @@ class TdpCpu(TlbCpu):
         vpn = gva >> 12
         write = pfec & PFERR_WRITE_MASK
         entry = self.tlb.get(vpn)
-        ctx = cast("PagingContext", self.paging.cpu_role)     # set while the guest runs (TlbCpu)
+        ctx: PagingContext = self.paging.cpu_role  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         if entry is not None:
             # An entry filled by a read never serves a write: the write re-walks (guest D bit, and
             # KVM's TDP spte may be write-protected for dirty logging).  Nor does one serve a kind of
@@ -229,7 +229,7 @@ class TdpCpu(TlbCpu):
                 return page | (gva & 0xFFF), gva, 0
             del self.tlb[vpn]
         self.counters["hw_walks"] += 1
-        hw_ctx = cast("PagingContext", self.paging.hw_guest_ctx)
+        hw_ctx: PagingContext = self.paging.hw_guest_ctx  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         r = None
         try:
             if hw_ctx.mode.root_level == 0:
@@ -274,7 +274,7 @@ class TdpCpu(TlbCpu):
         free of bookkeeping; probe() only reads, so it is run again here, recording.
         """
         regs = self.regs
-        hw_ctx = cast("PagingContext", self.paging.hw_guest_ctx)
+        hw_ctx: PagingContext = self.paging.hw_guest_ctx  # type: ignore[assignment]  # set at entry; no cast() call on the hot path
         if hw_ctx.mode.root_level == 0:
             return []                         # paging off: the walk reads no guest tables
         if type(probed) is not tuple:
