@@ -109,8 +109,7 @@ def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:
         child, linked = get_child_sp(mmu, sptep, base_gfn, True, ACC_ALL)
         if not linked:
             kvm.link_shadow_page(sptep, child)
-        it.next()
-        it.okay()
+        it.next_okay()
     if it.level != goal:
         raise KvmBug(f"direct_map for gfn {fault.gfn:#x} ended at level {it.level}, not {goal}")
     sptep = it.sptep

@@ -153,8 +153,7 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int, pkey: int
             if child.unsync_children:
                 mmu.sync_children(child)
             kvm.link_shadow_page(sptep, child)
-        it.next()
-        it.okay()
+        it.next_okay()
     # After the indirect levels: linking them may have shadowed a gfn of the huge frame.
     kvm_mmu_hugepage_adjust(mmu, fault)
     goal = fault.goal_level
@@ -170,8 +169,7 @@ def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int, pkey: int
         child, linked = get_child_sp(mmu, sptep, base_gfn, True, pte_access, pkey)
         if not linked:
             kvm.link_shadow_page(sptep, child)
-        it.next()
-        it.okay()
+        it.next_okay()
     if it.level != goal:
         raise KvmBug(f"FNAME(fetch) for {fault.addr:#x} ended at level {it.level}, not {goal}")
     sptep = it.sptep

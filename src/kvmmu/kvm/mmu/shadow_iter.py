@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ...arch.bits import PG_LEVEL_4K, PT32E_ROOT_LEVEL, PT64_ADDR_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK
-from ...arch.index import pae_root_index, spte_index
+from ...arch.bits import PAGE_SHIFT, PG_LEVEL_4K, PT32E_ROOT_LEVEL, PT64_ADDR_MASK, PT_PAGE_SIZE_MASK, PT_PRESENT_MASK
+from ...arch.index import SPTE_ENT_PER_PAGE, SPTE_LEVEL_BITS, pae_root_index, spte_index
 from .spte import SPTE_MMU_PRESENT_MASK
 
 if TYPE_CHECKING:
@@ -64,6 +64,20 @@ class ShadowWalk:
     def next(self) -> None:
         """shadow_walk_next: descend through the current entry as it is now."""
         self.next_spte(self.read_spte(self.sptep))
+
+    def next_okay(self) -> bool:
+        """shadow_walk_next, then shadow_walk_okay: the fault paths' step, in one call per level
+        (spte_index inlined; the fault paths take it once per level of every fault)."""
+        spte = self.read_spte(self.sptep)
+        level = self.level
+        if not spte & SPTE_MMU_PRESENT_MASK or level == PG_LEVEL_4K or spte & PT_PAGE_SIZE_MASK:
+            self.level = 0
+            return False
+        self.level = level = level - 1
+        self.index = index = (self.addr >> (PAGE_SHIFT + SPTE_LEVEL_BITS * (level - 1))) & (SPTE_ENT_PER_PAGE - 1)
+        self.shadow_addr = table = spte & PT64_ADDR_MASK
+        self.sptep = table + 8 * index
+        return True
 
 
 def for_each_shadow_entry(mmu: VcpuMmu, addr: int, root_hpa: int | None = None) -> Iterator[ShadowWalk]:
