@@ -46,6 +46,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
+from ..arch.index import hpa_to_pfn, pfn_to_hpa
 from ..errors import HostOutOfMemory, InvalidArgument
 from .memory import SparseMemory
 
@@ -122,9 +123,9 @@ class Host:
         self.mem = SparseMemory(1 << maxphyaddr, name="host physical memory")
         self.memory_limit = memory_limit
         self._next_vmm = 0
-        self._next_kernel_pfn = self.kernel_base >> 12
+        self._next_kernel_pfn = hpa_to_pfn(self.kernel_base)
         self._free_kernel_pfns: list[int] = []
-        self._next_dma32_pfn = _DMA32_BASE >> 12
+        self._next_dma32_pfn = hpa_to_pfn(_DMA32_BASE)
         self._free_dma32_pfns: list[int] = []
         self.kernel_pages_in_use = 0
         self.mmu_notifiers: list[MmuNotifier] = []
@@ -157,7 +158,7 @@ class Host:
         else:
             pfn = self._free_kernel_pfns.pop() if self._free_kernel_pfns else self._take_pfn()
         self.kernel_pages_in_use += 1
-        return pfn << 12
+        return pfn_to_hpa(pfn)
 
     def _take_pfn(self) -> int:
         pfn = self._next_kernel_pfn
@@ -165,8 +166,8 @@ class Host:
         return pfn
 
     def free_kernel_page(self, hpa: int) -> None:
-        self.mem.drop_page(hpa >> 12)
-        (self._free_dma32_pfns if hpa < _VMM_BASE else self._free_kernel_pfns).append(hpa >> 12)
+        self.mem.drop_page(hpa_to_pfn(hpa))
+        (self._free_dma32_pfns if hpa < _VMM_BASE else self._free_kernel_pfns).append(hpa_to_pfn(hpa))
         self.kernel_pages_in_use -= 1
 
     # -- host memory pressure -------------------------------------------------------------------------
@@ -216,7 +217,7 @@ class Host:
         self.cows += 1
         for notifier in self.mmu_notifiers:
             for p in pages:
-                notifier.invalidate_range(p << 12, (p + 1) << 12)
+                notifier.invalidate_range(pfn_to_hpa(p), pfn_to_hpa(p + 1))
         return True
 
     def _split_huge_zero(self, pfn: int, pages: range) -> bool:
@@ -225,12 +226,12 @@ class Host:
         self.split_frames.add((2, pfn >> 9))
         for notifier in self.mmu_notifiers:
             for p in pages:
-                notifier.invalidate_range(p << 12, (p + 1) << 12)
+                notifier.invalidate_range(pfn_to_hpa(p), pfn_to_hpa(p + 1))
         self.populated.add(pfn)
         self.zero_mapped.discard(pfn)
         self.cows += 1
         for notifier in self.mmu_notifiers:
-            notifier.invalidate_range(pfn << 12, (pfn + 1) << 12)
+            notifier.invalidate_range(pfn_to_hpa(pfn), pfn_to_hpa(pfn + 1))
         return True
 
     def is_present(self, pfn: int, write: bool) -> bool:
@@ -313,7 +314,7 @@ class Host:
                 break
             if pfn not in looked:
                 looked.add(pfn)
-                if any(notifier.clear_young(pfn << 12, (pfn + 1) << 12) for notifier in self.mmu_notifiers):
+                if any(notifier.clear_young(pfn_to_hpa(pfn), pfn_to_hpa(pfn + 1)) for notifier in self.mmu_notifiers):
                     self.second_chances += 1
                     resident.move_to_end(pfn)
                     continue
@@ -345,7 +346,7 @@ class Host:
         for pfn in pfns:
             if self.memory_limit is None or pfn in self.resident:
                 for notifier in self.mmu_notifiers:
-                    notifier.invalidate_range(pfn << 12, (pfn + 1) << 12)
+                    notifier.invalidate_range(pfn_to_hpa(pfn), pfn_to_hpa(pfn + 1))
                 if self.memory_limit is None:
                     continue           # no residency tracking: nothing to swap
                 del self.resident[pfn]

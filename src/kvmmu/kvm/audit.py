@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..arch.bits import ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
+from ..arch.index import hpa_to_pfn, pages_per_hpage
 from ..errors import AuditError
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index
@@ -84,7 +85,7 @@ def audit_vm(vm: VM) -> None:
                     _fail(f"writable huge spte {spte:#x} in {sp!r}[{i}] covers a shadowed guest table's gfn")
         for parent in sp.parent_ptes:
             pspte = mem.read(parent, 8)
-            if not pspte & SPTE_MMU_PRESENT_MASK or spte_to_pfn(pspte) != sp.hpa >> 12:
+            if not pspte & SPTE_MMU_PRESENT_MASK or spte_to_pfn(pspte) != hpa_to_pfn(sp.hpa):
                 _fail(f"{sp!r} records parent {parent:#x} whose spte {pspte:#x} does not point at it")
     for key, sptes in kvm.rmap.items():
         if rmap_seen.get(key, set()) != sptes:
@@ -141,7 +142,7 @@ def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
     if slot is None:
         _fail(f"spte {spte:#x} in {sp!r}[{i}] maps gfn {gfn:#x}, which no memslot backs")
     pfn = spte_to_pfn(spte)
-    span = 1 << (9 * (sp.level - 1))
+    span = pages_per_hpage(sp.level)
     if slot.invalid or pfn != slot.gfn_to_hva(gfn) >> 12 or gfn + span > slot.end_gfn:
         _fail(f"spte {spte:#x} in {sp!r}[{i}] maps host frame {pfn:#x}, not gfn {gfn:#x}'s memory")
     m = vm.mmu.masks
@@ -170,14 +171,15 @@ def _check_tlbs(vm: VM) -> None:
                          "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"}:
             continue            # flushed before this vCPU can enter the guest again (a new root is flushed too)
         for vpn, entry in v.cpu.tlb.items():
-            page = entry[0] >> 12
+            page = hpa_to_pfn(entry[0])
             if not any(lo <= page < hi for lo, hi in ranges):
                 _fail(f"vcpu{v.id}'s TLB maps page {vpn:#x} to host frame {page:#x}, outside the VM's memslots")
         # The CPU's cached guest-physical mappings (TDP): each is the memslot's own page for that gfn.
         for gfn, hpa in getattr(v.cpu, "gpa_cache", {}).items():
             slot = None if v.mmu_is_nested else vm.memslots.spaces[v.as_id].search(gfn)
             if v.mmu_is_nested:
-                if not any(lo <= hpa >> 12 < hi for lo, hi in ranges):
-                    _fail(f"vcpu{v.id} caches L2 gfn {gfn:#x} at host frame {hpa >> 12:#x}, outside the VM's memslots")
+                if not any(lo <= hpa_to_pfn(hpa) < hi for lo, hi in ranges):
+                    _fail(f"vcpu{v.id} caches L2 gfn {gfn:#x} at host frame {hpa_to_pfn(hpa):#x}, "
+                          "outside the VM's memslots")
             elif slot is None or slot.invalid or slot.gfn_to_hva(gfn) != hpa:
                 _fail(f"vcpu{v.id} caches gfn {gfn:#x} at host address {hpa:#x}, not where its memslot maps it")

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import iced_x86 as ix
 
 from ..arch.bits import PFERR_USER_MASK, PFERR_WRITE_MASK
+from ..arch.index import gpa_to_gfn
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -58,14 +59,14 @@ def retry_instruction(vcpu: Vcpu, cr2_or_gpa: int) -> bool:
     vcpu.last_retry = (eip, cr2_or_gpa)
     kvm = vcpu.vm.mmu
     if vcpu.mmu.direct:
-        gfn = cr2_or_gpa >> 12
+        gfn = gpa_to_gfn(cr2_or_gpa)
     else:
         from .mmu.paging import guest_walk
         # kvm_mmu_gva_to_gpa_write
         w = guest_walk(vcpu.mmu, cr2_or_gpa, PFERR_WRITE_MASK | (PFERR_USER_MASK if vcpu.cpl == 3 else 0))
         if w.fault:
             return True                           # an unmapped gva: nothing to unprotect
-        gfn = w.gpa >> 12
+        gfn = gpa_to_gfn(w.gpa)
     kvm.unprotect_page(gfn)
     return True
 

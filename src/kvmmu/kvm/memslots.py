@@ -12,6 +12,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..arch.index import gfn_to_gpa, gpa_to_gfn
 from ..errors import MemslotError
 
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -147,7 +148,7 @@ class Memslots:
             if old is None:
                 raise MemslotError("slot", slot, "deleting (memory_size 0) a slot that does not exist")
             return "delete", old
-        base_gfn = guest_phys_addr >> 12
+        base_gfn = gpa_to_gfn(guest_phys_addr)
         if old is None:
             change = "create"
         else:
@@ -171,8 +172,8 @@ class Memslots:
             for other in space.by_id.values():
                 if other.id != sid and base_gfn < other.end_gfn and other.base_gfn < base_gfn + npages:
                     raise MemslotError("guest_phys_addr", guest_phys_addr,
-                                       f"overlaps slot {other.id} [{other.base_gfn << 12:#x}, "
-                                       f"{other.end_gfn << 12:#x})", "EEXIST")
+                                       f"overlaps slot {other.id} [{gfn_to_gpa(other.base_gfn):#x}, "
+                                       f"{gfn_to_gpa(other.end_gfn):#x})", "EEXIST")
         return change, old
 
     def apply(self, change: str, slot: int, flags: int, guest_phys_addr: int, memory_size: int,
@@ -195,7 +196,7 @@ class Memslots:
             def publish() -> None:
                 del space.by_id[sid]
         else:
-            new = Memslot(sid, as_id, guest_phys_addr >> 12, memory_size >> 12, userspace_addr, flags,
+            new = Memslot(sid, as_id, gpa_to_gfn(guest_phys_addr), memory_size >> 12, userspace_addr, flags,
                           set() if old is None or change == "move" else old.dirty_bitmap)
             if not flags & KVM_MEM_LOG_DIRTY_PAGES:
                 new.dirty_bitmap = set()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..arch.index import hpa_to_pfn, pfn_to_hpa
 from ..errors import AuditError
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.page import role_smm
@@ -55,7 +56,7 @@ def audit_tdp_mmu(vm: VM) -> list[int]:
         _audit_table(vm, root, None, seen, leaves)
     tdp_pages = {pfn for pfn, sp in kvm.pages_by_pfn.items() if sp.tdp}
     if tdp_pages != seen:
-        _fail(f"TDP MMU pages not reachable from any root: {sorted(hex(p << 12) for p in tdp_pages - seen)}")
+        _fail(f"TDP MMU pages not reachable from any root: {sorted(hex(pfn_to_hpa(p)) for p in tdp_pages - seen)}")
     if tdp.pages != len(seen):
         _fail(f"tdp_mmu_pages says {tdp.pages} but the roots reach {len(seen)} tables")
     for v in vm.vcpus:
@@ -69,9 +70,9 @@ def _audit_table(vm: VM, sp: ShadowPage, parent: int | None, seen: set[int], lea
     kvm = vm.mmu
     m = kvm.masks
     mem = vm.host.mem
-    if sp.hpa >> 12 in seen:
+    if hpa_to_pfn(sp.hpa) in seen:
         _fail(f"TDP MMU table {sp!r} is reached twice")
-    seen.add(sp.hpa >> 12)
+    seen.add(hpa_to_pfn(sp.hpa))
     if parent is not None and parent not in sp.parent_ptes:
         _fail(f"TDP MMU table {sp!r} does not record its parent spte {parent:#x}")
     as_id = role_smm(sp.role)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 
+from ..arch.index import gpa_to_gfn
 from ..errors import InvalidArgument, MemslotError
 from ..hw.host import Host
 from ..hw.vmm_space import VmmAddressSpace
@@ -315,11 +316,11 @@ class VM:
             raise InvalidArgument("length", length, "a length is a non-negative integer")
         out = []
         while length:
-            slot = self.memslots.spaces[0].search(gpa >> 12)
+            slot = self.memslots.spaces[0].search(gpa_to_gfn(gpa))
             if slot is None or slot.invalid:
                 raise InvalidArgument("gpa", gpa, "no memslot backs this guest-physical address")
             n = min(length, 0x1000 - (gpa & 0xFFF))
-            out.append((slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF), n))
+            out.append((slot.gfn_to_hva(gpa_to_gfn(gpa)) | (gpa & 0xFFF), n))
             gpa += n
             length -= n
         return out
@@ -348,10 +349,10 @@ class VM:
 
     def read_guest_quiet(self, gpa: int, size: int) -> int:
         """A read by KVM itself that the model does not count (e.g. re-reading a just-written gpte)."""
-        slot = self.memslots.spaces[0].search(gpa >> 12)
+        slot = self.memslots.spaces[0].search(gpa_to_gfn(gpa))
         if slot is None:
             return 0
-        return self.host.mem.read(slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF), size)
+        return self.host.mem.read(slot.gfn_to_hva(gpa_to_gfn(gpa)) | (gpa & 0xFFF), size)
 
     def host_touch(self, hva: int, write: bool = False) -> bool:
         """KVM (or the VMM) reads or writes host page `hva`, sleeping if it must: a swapped-out page

@@ -28,6 +28,7 @@ from .page import (
     trace_fields,
 )
 from .paging import sync_spte
+from .shadow_iter import for_each_shadow_entry, for_each_shadow_entry_lockless
 from .spte import SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
 
 if TYPE_CHECKING:
@@ -317,29 +318,11 @@ class VcpuMmu:
     # -- walking KVM's own tables ------------------------------------------------------------------
     def shadow_walk(self, addr: int, root_hpa: int | None = None) -> Iterator[tuple[int, int]]:
         """(level, spte) from the root down, following non-leaf sptes (for_each_shadow_entry)."""
-        for level, sptep in self.shadow_walk_ptrs(addr, root_hpa):
-            yield level, self.kvm.read_spte(sptep)
+        return ((it.level, spte) for it, spte in for_each_shadow_entry_lockless(self, addr, root_hpa))
 
     def shadow_walk_ptrs(self, addr: int, root_hpa: int | None = None) -> Iterator[tuple[int, int]]:
-        kvm = self.kvm
-        table = self.root_hpa if root_hpa is None else root_hpa
-        if not table:
-            return
-        level = self.root_level
-        if level == 3:
-            pdpte = kvm.read_spte(table + 8 * ((addr >> 30) & 3))
-            if not pdpte & 1:
-                return
-            table = pdpte & PT64_ADDR_MASK
-            level = 2
-        while True:
-            sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
-            yield level, sptep
-            spte = kvm.read_spte(sptep)
-            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & PT_PAGE_SIZE_MASK:
-                return
-            table = spte & PT64_ADDR_MASK
-            level -= 1
+        """(level, sptep) from the root down; each spte is read after the caller has seen its sptep."""
+        return ((it.level, it.sptep) for it in for_each_shadow_entry(self, addr, root_hpa))
 
     # -- sync (kvm_mmu_sync_roots, mmu_sync_children, kvm_sync_page) ----------------------------------
     def sync_roots(self) -> None:
@@ -424,12 +407,12 @@ class VcpuMmu:
         for root in roots:
             if not root:
                 continue
-            for _level, sptep in self.shadow_walk_ptrs(gva, root):
-                sp = kvm.sptep_to_sp(sptep)
+            for it in for_each_shadow_entry(self, gva, root):
+                sp = kvm.sptep_to_sp(it.sptep)
                 if sp.unsync:
-                    r = sync_spte(self, sp, (sptep & 0xFFF) >> 3)
+                    r = sync_spte(self, sp, it.index)
                     if r < 0:
-                        kvm.mmu_page_zap_pte(sp, sptep, None)
+                        kvm.mmu_page_zap_pte(sp, it.sptep, None)
                     if r:
                         kvm.flush_remote_tlbs()
                 if not sp.unsync_children:

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ...arch.bits import ACC_ALL, PAGE_SHIFT, PG_LEVEL_2M, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
+from ...arch.bits import ACC_ALL, PG_LEVEL_2M, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
+from ...arch.index import gfn_to_gpa, gpa_to_gfn, round_gfn_for_level
+from ...errors import KvmBug
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES
-from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
+from .hugepage import kvm_mmu_hugepage_adjust
 from .install import direct_pte_prefetch, faultin_pfn, get_child_sp, mmu_set_spte
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_RETRY, RET_PF_SPURIOUS, KvmPageFault
+from .shadow_iter import ShadowWalk, for_each_shadow_entry_lockless
 from .spte import SPTE_MMU_PRESENT_MASK
 
 if TYPE_CHECKING:
@@ -23,7 +26,7 @@ if TYPE_CHECKING:
 def direct_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     kvm = mmu.kvm
     vcpu = mmu.vcpu
-    fault.gfn = fault.addr >> 12
+    fault.gfn = gpa_to_gfn(fault.addr)
     fault.slot = vcpu.gfn_to_memslot(fault.gfn)
     if not mmu.vm.tdp_enabled:
         fault.max_level = PG_LEVEL_2M       # nonpaging_page_fault: it builds PAE-format tables
@@ -50,15 +53,13 @@ def fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int | None:
     """
     if fault.rsvd or not fault.present or not fault.write or not mmu.root_hpa:
         return None
-    kvm = mmu.kvm
     last = None
-    for level, sptep in mmu.shadow_walk_ptrs(fault.gfn << PAGE_SHIFT):
-        spte = kvm.read_spte(sptep)
-        last = (sptep, spte)
+    for it, spte in for_each_shadow_entry_lockless(mmu, gfn_to_gpa(fault.gfn)):
+        last = (it.sptep, spte)
         if not spte & SPTE_MMU_PRESENT_MASK:
             break
-        if level == 1 or spte & PT_PAGE_SIZE_MASK:
-            return fast_pf_fix_leaf(mmu, fault, sptep, spte, level)
+        if it.level == 1 or spte & PT_PAGE_SIZE_MASK:
+            return fast_pf_fix_leaf(mmu, fault, it.sptep, spte, it.level)
     if last is not None:
         trace_fast_page_fault(mmu, fault, last[0], last[1], None)
     return None
@@ -97,26 +98,22 @@ def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, l
 
 def direct_map(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     kvm = mmu.kvm
-    addr = fault.gfn << PAGE_SHIFT
     kvm_mmu_hugepage_adjust(mmu, fault)
     goal = fault.goal_level
-    if mmu.root_level == 3:
-        sp = mmu.pae_sps[(addr >> 30) & 3]
-        if sp is None:
-            return RET_PF_RETRY
-        table, level = sp.hpa, 2
-    else:
-        table, level = mmu.root_hpa, mmu.root_level
-    while level > goal:
-        sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
-        base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
+    it = ShadowWalk(mmu, gfn_to_gpa(fault.gfn))
+    if not it.okay():
+        return RET_PF_RETRY             # no shadow page behind the PAE root's entry
+    while it.level > goal:
+        sptep = it.sptep
+        base_gfn = round_gfn_for_level(fault.gfn, it.level)
         child, linked = get_child_sp(mmu, sptep, base_gfn, True, ACC_ALL)
         if not linked:
             kvm.link_shadow_page(sptep, child)
-        table = child.hpa
-        level -= 1
-    sptep = table + 8 * ((addr >> (12 + 9 * (goal - 1))) & 511)
-    gfn = fault.gfn & ~(pages_per_hpage(goal) - 1)
+        it.next_okay()
+    if it.level != goal:
+        raise KvmBug(f"direct_map for gfn {fault.gfn:#x} ended at level {it.level}, not {goal}")
+    sptep = it.sptep
+    gfn = round_gfn_for_level(fault.gfn, goal)
     ret = mmu_set_spte(mmu, fault.slot, sptep, ACC_ALL, gfn, fault.pfn, fault, host_writable=fault.map_writable)
     if ret != RET_PF_SPURIOUS:
         direct_pte_prefetch(mmu, sptep)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...arch.bits import PG_LEVEL_1G, PG_LEVEL_4K
+from ...arch.index import pages_per_hpage
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES, Memslot
 from .pf import KVM_PFN_ERR_RO_FAULT, KVM_PFN_NOSLOT, KvmPageFault
 
@@ -22,11 +23,6 @@ if TYPE_CHECKING:
     from .mmu import KvmMmu
 
 KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
-
-
-def pages_per_hpage(level: int) -> int:
-    """KVM_PAGES_PER_HPAGE: 4 KiB pages in one page of `level`."""
-    return 1 << (9 * (level - 1))
 
 
 def lpage_index(gfn: int, level: int) -> int:

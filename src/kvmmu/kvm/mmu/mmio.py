@@ -14,6 +14,7 @@ from ...arch.bits import PT_PAGE_SIZE_MASK
 from ...errors import KvmBug
 from ..memslots import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS
 from .pf import RET_PF_CONTINUE, RET_PF_EMULATE, RET_PF_INVALID, RET_PF_RETRY, KvmPageFault
+from .shadow_iter import for_each_shadow_entry_lockless
 from .spte import (
     SPTE_MMU_PRESENT_MASK,
     get_mmio_spte_access,
@@ -99,11 +100,9 @@ def get_mmio_spte(vcpu: Vcpu, addr: int) -> tuple[bool, int]:
         walked = kvm.tdp_mmu.get_walk(mmu, addr)        # kvm_tdp_mmu_get_walk
         c["shadow_walk_steps"] += len(walked)
     else:
-        for level, spte in mmu.shadow_walk(addr):
-            c["shadow_walk_steps"] += 1
-            walked.append((level, spte))
-            if not spte & SPTE_MMU_PRESENT_MASK or level == 1 or spte & PT_PAGE_SIZE_MASK:
-                break
+        for it, spte in for_each_shadow_entry_lockless(mmu, addr):
+            walked.append((it.level, spte))
+        c["shadow_walk_steps"] += len(walked)
     if not walked:
         return False, 0
     rsvd0, rsvd1 = mmu.shadow_zero_check.rsvd

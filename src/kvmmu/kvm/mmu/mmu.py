@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ...arch.bits import PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
+from ...arch.index import gpa_to_gfn, hpa_to_pfn
 from ...errors import KvmBug
 from .hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index, pages_per_hpage
 from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, role_quadrant, role_smm, trace_fields
@@ -106,7 +107,7 @@ class KvmMmu:
         hpa = self.host.alloc_kernel_page()
         self.mem.write_bytes(hpa, _NONPRESENT_PAGE)
         sp = ShadowPage(gfn, role, hpa, self.mmu_valid_gen)
-        self.pages_by_pfn[hpa >> 12] = sp
+        self.pages_by_pfn[hpa_to_pfn(hpa)] = sp
         self.page_hash.setdefault(gfn, []).append(sp)
         self.active_mmu_pages[sp] = None
         self.n_used_mmu_pages += 1
@@ -376,7 +377,7 @@ class KvmMmu:
             return
         self.flush_remote_tlbs()
         for sp in invalid_list:
-            self.pages_by_pfn.pop(sp.hpa >> 12, None)
+            self.pages_by_pfn.pop(hpa_to_pfn(sp.hpa), None)
             self.host.free_kernel_page(sp.hpa)
         invalid_list.clear()
 
@@ -480,7 +481,7 @@ class KvmMmu:
         if self.vm.kvm_deviations:
             gpa, nbytes = fetch_gpa, fetch_bytes
         self.stats["mmu_pte_write"] += 1
-        gfn = gpa >> 12
+        gfn = gpa_to_gfn(gpa)
         invalid: list[ShadowPage] = []
         flush = False
         gfns = [gfn] + [g for _, g in self.host_page_aliases(gfn, as_id)]

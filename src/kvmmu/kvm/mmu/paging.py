@@ -14,7 +14,6 @@ from ...arch.bits import (
     ACC_EXEC_MASK,
     ACC_USER_MASK,
     ACC_WRITE_MASK,
-    PAGE_SHIFT,
     PFERR_IMPLICIT_ACCESS,
     PFERR_PK_MASK,
     PFERR_RSVD_MASK,
@@ -23,9 +22,11 @@ from ...arch.bits import (
     PT64_PKEY_SHIFT,
     PT_PAGE_SIZE_MASK,
 )
+from ...arch.index import gfn_to_gpa, gpa_to_gfn, round_gfn_for_level
 from ...arch.walker import Walk, walk
+from ...errors import KvmBug
 from .gpte import EPT_TO_ACC
-from .hugepage import kvm_mmu_hugepage_adjust, pages_per_hpage
+from .hugepage import kvm_mmu_hugepage_adjust
 from .install import (
     build_spte,
     direct_pte_prefetch,
@@ -43,6 +44,7 @@ from .pf import (
     RET_PF_SPURIOUS,
     KvmPageFault,
 )
+from .shadow_iter import ShadowWalk, for_each_shadow_entry
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
@@ -93,7 +95,7 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
             else:
                 vcpu.inject_page_fault(w.error_code, fault.addr)
         return RET_PF_RETRY
-    fault.gfn = w.gpa >> 12
+    fault.gfn = gpa_to_gfn(w.gpa)
     fault.slot = vcpu.gfn_to_memslot(fault.gfn)
     if not fault.rsvd and fault.present and fault.write and kvm.is_write_tracked(fault.gfn):
         _clear_flood_along(mmu, fault.addr)
@@ -134,53 +136,44 @@ def gpte_pkey(mmu: VcpuMmu, gpte: int) -> int:
 
 
 def _clear_flood_along(mmu: VcpuMmu, addr: int) -> None:
-    for _level, sptep in mmu.shadow_walk_ptrs(addr):
-        mmu.kvm.sptep_to_sp(sptep).write_flooding_count = 0
-
-
-def _top_table(mmu: VcpuMmu, addr: int) -> tuple[int, int]:
-    """(table host address, level) where FNAME(fetch) starts below any PAE root."""
-    if mmu.root_level == 3:
-        sp = mmu.pae_sps[(addr >> 30) & 3]
-        return (sp.hpa if sp is not None else 0), 2
-    return mmu.root_hpa, mmu.root_level
+    for it in for_each_shadow_entry(mmu, addr):
+        mmu.kvm.sptep_to_sp(it.sptep).write_flooding_count = 0
 
 
 def fetch(mmu: VcpuMmu, fault: KvmPageFault, w: Walk, pte_access: int, pkey: int = 0) -> int:
     kvm = mmu.kvm
-    addr = fault.addr
-    table, level = _top_table(mmu, addr)
-    if not table:
-        return RET_PF_RETRY
-    while level > w.level:
-        sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
+    it = ShadowWalk(mmu, fault.addr)
+    if not it.okay():
+        return RET_PF_RETRY             # no root, or no shadow page behind the PAE root's entry
+    while it.level > w.level:
+        level, sptep = it.level, it.sptep
         kvm.sptep_to_sp(sptep).write_flooding_count = 0
         child, linked = get_child_sp(mmu, sptep, w.table_gfns[level - 1], False, w.pt_access[level - 1])
         if not linked:
             if child.unsync_children:
                 mmu.sync_children(child)
             kvm.link_shadow_page(sptep, child)
-        table = child.hpa
-        level -= 1
+        it.next_okay()
     # After the indirect levels: linking them may have shadowed a gfn of the huge frame.
     kvm_mmu_hugepage_adjust(mmu, fault)
     goal = fault.goal_level
-    while level > goal:
-        sptep = table + 8 * ((addr >> (12 + 9 * (level - 1))) & 511)
+    while it.level > goal:
+        level, sptep = it.level, it.sptep
         spte = kvm.read_spte(sptep)
         if spte & SPTE_MMU_PRESENT_MASK and not spte & PT_PAGE_SIZE_MASK:
             child = kvm.spte_to_child_sp(spte)
             if (child.role >> ROLE_ACCESS_SHIFT) & ACC_ALL != pte_access or role_pkey(child.role) != pkey:
                 kvm.drop_parent_pte(child, sptep)     # validate_direct_spte
                 kvm.flush_remote_tlbs()
-        base_gfn = fault.gfn & ~((1 << (9 * (level - 1))) - 1)
+        base_gfn = round_gfn_for_level(fault.gfn, level)
         child, linked = get_child_sp(mmu, sptep, base_gfn, True, pte_access, pkey)
         if not linked:
             kvm.link_shadow_page(sptep, child)
-        table = child.hpa
-        level -= 1
-    sptep = table + 8 * ((addr >> (12 + 9 * (goal - 1))) & 511)
-    base_gfn = fault.gfn & ~(pages_per_hpage(goal) - 1)
+        it.next_okay()
+    if it.level != goal:
+        raise KvmBug(f"FNAME(fetch) for {fault.addr:#x} ended at level {it.level}, not {goal}")
+    sptep = it.sptep
+    base_gfn = round_gfn_for_level(fault.gfn, goal)
     ret = mmu_set_spte(mmu, fault.slot, sptep, pte_access, base_gfn, fault.pfn, fault,
                        host_writable=fault.map_writable, pkey=pkey)
     if ret == RET_PF_SPURIOUS:
@@ -201,7 +194,7 @@ def _prefetch_invalid_gpte(mmu: VcpuMmu, gpte: int) -> bool:
 def _first_gpte_gpa(mmu: VcpuMmu, sp: ShadowPage) -> int:
     size = mmu.gfmt.esize
     offset = ((sp.role >> ROLE_QUADRANT_SHIFT) & 3) << 9 if size == 4 else 0
-    return (sp.gfn << PAGE_SHIFT) + offset * size
+    return gfn_to_gpa(sp.gfn) + offset * size
 
 
 def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
@@ -247,10 +240,11 @@ def pte_prefetch(mmu: VcpuMmu, w: Walk, sptep: int) -> None:
 
 
 def _hva_or(vcpu: Vcpu, gpa: int) -> int:
-    slot = vcpu.vm.memslots.spaces[0].search(gpa >> 12)
+    gfn = gpa_to_gfn(gpa)
+    slot = vcpu.vm.memslots.spaces[0].search(gfn)
     if slot is None or slot.invalid:
         return -1
-    return slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
+    return slot.gfn_to_hva(gfn) | (gpa & 0xFFF)
 
 
 def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:

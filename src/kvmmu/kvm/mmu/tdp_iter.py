@@ -16,27 +16,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ...arch.bits import PAGE_SHIFT, PT_PAGE_SIZE_MASK
+from ...arch.bits import PT_PAGE_SIZE_MASK
+from ...arch.index import SPTE_ENT_PER_PAGE, pfn_to_hpa, round_gfn_for_level
+from ...arch.index import gfn_index as spte_index
+from ...arch.index import pages_per_hpage as pages_per_level
 from .spte import SPTE_MMU_PRESENT_MASK, spte_to_pfn
 
 if TYPE_CHECKING:
     from ...hw.memory import Memory
 
-SPTE_ENT_PER_PAGE = 512
-
-
-def pages_per_level(level: int) -> int:
-    """KVM_PAGES_PER_HPAGE: 4 KiB pages one spte at `level` maps."""
-    return 1 << (9 * (level - 1))
-
-
-def round_gfn_for_level(gfn: int, level: int) -> int:
-    return gfn & ~(pages_per_level(level) - 1)
-
-
-def spte_index(gfn: int, level: int) -> int:
-    """SPTE_INDEX: which entry of a level's table covers gfn."""
-    return (gfn >> (9 * (level - 1))) & (SPTE_ENT_PER_PAGE - 1)
+__all__ = ["SPTE_ENT_PER_PAGE", "TdpIter", "for_each_tdp_pte", "pages_per_level", "round_gfn_for_level",
+           "spte_index"]
 
 
 class TdpIter:
@@ -70,7 +60,7 @@ class TdpIter:
         if not spte & SPTE_MMU_PRESENT_MASK or spte & PT_PAGE_SIZE_MASK or self.level == 1:
             return False
         self.level -= 1
-        self.pt_path[self.level] = spte_to_pfn(spte) << PAGE_SHIFT
+        self.pt_path[self.level] = pfn_to_hpa(spte_to_pfn(spte))
         self.gfn = round_gfn_for_level(self.next_last_level_gfn, self.level)
         self._refresh_sptep()
         return True

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...arch.bits import ACC_ALL, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
+from ...arch.index import gpa_to_gfn, hpa_to_pfn
 from ...errors import KvmBug
 from .direct import fast_pf_fix_leaf, trace_fast_page_fault
 from .hugepage import kvm_mmu_hugepage_adjust
@@ -75,13 +76,13 @@ class TdpMmu:
         self.mem.write_bytes(hpa, _NONPRESENT_PAGE)
         sp = ShadowPage(gfn, role, hpa, kvm.mmu_valid_gen)
         sp.tdp = True
-        kvm.pages_by_pfn[hpa >> 12] = sp
+        kvm.pages_by_pfn[hpa_to_pfn(hpa)] = sp
         self.pages += 1
         self.vm.trace.emit("kvm_mmu_get_page", gfn=gfn, role=role, created=True)
         return sp
 
     def _free_sp(self, sp: ShadowPage) -> None:
-        self.kvm.pages_by_pfn.pop(sp.hpa >> 12, None)
+        self.kvm.pages_by_pfn.pop(hpa_to_pfn(sp.hpa), None)
         self.kvm.host.free_kernel_page(sp.hpa)
         self.pages -= 1
 
@@ -192,7 +193,7 @@ class TdpMmu:
     def page_fault(self, mmu: VcpuMmu, fault: KvmPageFault) -> int:
         """direct_page_fault for a TDP MMU root: no page quota, then kvm_tdp_mmu_map."""
         kvm = self.kvm
-        fault.gfn = fault.addr >> 12
+        fault.gfn = gpa_to_gfn(fault.addr)
         fault.slot = mmu.vcpu.gfn_to_memslot(fault.gfn)
         if not fault.rsvd and fault.present and fault.write and kvm.is_write_tracked(fault.gfn):
             return RET_PF_EMULATE
@@ -280,7 +281,7 @@ class TdpMmu:
     def get_walk(self, mmu: VcpuMmu, addr: int) -> list[tuple[int, int]]:
         """kvm_tdp_mmu_get_walk: (level, spte) from the root down to the last spte for addr."""
         root = mmu.root_sp
-        gfn = addr >> 12
+        gfn = gpa_to_gfn(addr)
         return [(it.level, it.old_spte) for it in for_each_tdp_pte(self.mem, root.hpa, root.level, gfn, gfn + 1)]
 
     # -- gfn ranges: MMU notifier, aging, write protection, dirty logging -------------------------------
