@@ -59,6 +59,14 @@ class PteReader(Protocol):
     def cmpxchg_pte(self, addr: int, size: int, old: int, new: int) -> bool: ...
 
 
+class DirectPteReader(PteReader, Protocol):
+    """A PteReader that is plain memory (`direct_pte_reads` true): what probe() and probe_ept() read."""
+
+    direct_pte_reads: bool
+    pages: dict[int, bytearray]
+    size: int
+
+
 class Walk:
     """The outcome of one walk (KVM's `struct guest_walker`, plus the fault it produced).
 
@@ -170,8 +178,9 @@ def _walk_once(plan: tuple, ctx: PagingContext, mem: PteReader, root: int, addr:
     ptes, pte_addrs, pt_access, table_gfns = w.ptes, w.pte_addrs, w.pt_access, w.table_gfns
     # A reader over plain host memory lets the walker read entries itself (see PteReader).
     if getattr(mem, "direct_pte_reads", False):
-        pages_get = mem.pages.get
-        limit = mem.size
+        direct: DirectPteReader = mem  # type: ignore[assignment]  # direct_pte_reads says so; no cast() call per walk
+        pages_get = direct.pages.get
+        limit = direct.size
         unpack = _UNPACK_Q if esize == 8 else _UNPACK_I
     else:
         pages_get = None
@@ -341,7 +350,7 @@ def _probe_plan(ctx: PagingContext) -> tuple:
 _PROBE_PLANS: dict[int, tuple] = {}
 
 
-def probe(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int, ac: bool = False,
+def probe(ctx: PagingContext, mem: DirectPteReader, root: int, addr: int, access: int, ac: bool = False,
           pkru: int = 0, table_hpa: Callable[[int], int] | None = None) -> tuple[int, int, int] | int | None:
     """4- and 5-level paging: (gpa, pte_access, pkey) when walk() would translate, the #PF error code
     (an int) when walk() would raise a #PF, None when walk() must run (it would set an A or D bit or
@@ -416,14 +425,14 @@ def probe(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int,
     return (pte & addr_mask & ~off) | (addr & off), acc, pkey
 
 
-def probe_ept(ctx: PagingContext, mem: PteReader, root: int, gpa: int, access: int) -> int:
+def probe_ept(ctx: PagingContext, mem: DirectPteReader, root: int, gpa: int, access: int) -> int:
     """EPT: the host physical address when walk() would translate, PROBE_MISCONFIG when it would
     report a misconfiguration, PROBE_WALK when walk() must run (an A/D bit to set, a violation, an
     out-of-range gpa, or another mode).  `mem` is plain memory (`direct_pte_reads`)."""
     return probe_ept_rights(ctx, mem, root, gpa, access)[0]
 
 
-def probe_ept_rights(ctx: PagingContext, mem: PteReader, root: int, gpa: int, access: int) -> tuple[int, int]:
+def probe_ept_rights(ctx: PagingContext, mem: DirectPteReader, root: int, gpa: int, access: int) -> tuple[int, int]:
     """probe_ept's answer, with the R/W/X rights of the whole translation (the AND over every level,
     SDM Vol. 3C 29.3.3.2) when it translates, for a TLB that caches combined rights."""
     plan = _PROBE_PLANS.get(id(ctx))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from struct import pack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 from ..arch.bits import (
     EFER_LMA,
@@ -76,23 +76,44 @@ def flat_segments(cpl: int) -> dict[str, Segment]:
     return {"cs": code, "ds": data, "es": data, "fs": data, "gs": data, "ss": data}
 
 
+class LongModeSregs(TypedDict):
+    """The keyword arguments ``flat_long_mode_sregs`` gives ``RealVcpu.set_sregs`` (KVM_SET_SREGS
+    fields), typed so that ``set_sregs(**...)`` is checked field by field."""
+
+    cs: Segment
+    ds: Segment
+    es: Segment
+    fs: Segment
+    gs: Segment
+    ss: Segment
+    tr: Segment
+    gdt: DTable
+    idt: DTable
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+
+
 def flat_long_mode_sregs(gdt_base: int, idt_base: int, tss_base: int, cr3: int, cpl: int = 0,
                          idt_limit: int = 32 * 16 - 1, cr0: int = 0, cr4: int = 0,
-                         efer: int = 0) -> dict[str, object]:
+                         efer: int = 0) -> LongModeSregs:
     """Keyword arguments for ``RealVcpu.set_sregs``: paging on, long mode active, flat segments.
 
     ``cr0``/``cr4``/``efer`` are ORed into the minimum (PG|WP|NE|ET|PE, PAE, LME|LMA).
     """
-    sregs: dict[str, object] = dict(flat_segments(cpl))
-    sregs["tr"] = Segment(base=tss_base, limit=TSS_SIZE - 1, selector=TSS_SEL, type=11, present=1,
-                          dpl=0, db=0, s=0, l=0, g=0)
-    sregs["gdt"] = DTable(gdt_base, GDT_LIMIT)
-    sregs["idt"] = DTable(idt_base, idt_limit)
-    sregs["cr0"] = X86_CR0_PG | X86_CR0_WP | X86_CR0_NE | X86_CR0_ET | X86_CR0_PE | cr0
-    sregs["cr3"] = cr3
-    sregs["cr4"] = X86_CR4_PAE | cr4
-    sregs["efer"] = EFER_LME | EFER_LMA | efer
-    return sregs
+    seg = flat_segments(cpl)
+    return LongModeSregs(
+        cs=seg["cs"], ds=seg["ds"], es=seg["es"], fs=seg["fs"], gs=seg["gs"], ss=seg["ss"],
+        tr=Segment(base=tss_base, limit=TSS_SIZE - 1, selector=TSS_SEL, type=11, present=1,
+                   dpl=0, db=0, s=0, l=0, g=0),
+        gdt=DTable(gdt_base, GDT_LIMIT),
+        idt=DTable(idt_base, idt_limit),
+        cr0=X86_CR0_PG | X86_CR0_WP | X86_CR0_NE | X86_CR0_ET | X86_CR0_PE | cr0,
+        cr3=cr3,
+        cr4=X86_CR4_PAE | cr4,
+        efer=EFER_LME | EFER_LMA | efer,
+    )
 
 
 @dataclass(frozen=True, slots=True)

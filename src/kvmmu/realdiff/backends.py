@@ -246,7 +246,7 @@ class RealBackend:
         self.vcpu = vcpu = self.vm.create_vcpu()
         sregs = flat_long_mode_sregs(img.gdt[0], img.idt[0], img.tss[0], img.cr3, img.cpl, img.idt[1],
                                      img.cr0, img.cr4, img.efer)
-        sregs.update(cr0=img.cr0, cr4=img.cr4, efer=img.efer)
+        sregs["cr0"], sregs["cr4"], sregs["efer"] = img.cr0, img.cr4, img.efer
         vcpu.set_sregs(**sregs)
         regs = dict.fromkeys(REG_NAMES, 0)
         regs.update(rip=img.rip, rsp=img.rsp, rflags=img.rflags)

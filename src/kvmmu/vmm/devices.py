@@ -140,6 +140,11 @@ class VirtioDoorbell(Device):
     def notify_addrs(self) -> list[int]:
         return [self.base + q * self.NOTIFY_OFF_MULTIPLIER for q in range(self.queues)]
 
+    def signal(self, addr: int, length: int, value: int) -> None:
+        """The ioeventfd's `on_signal`: a doorbell write KVM completed in the kernel (an eventfd
+        has no io-bus result to return, unlike `write`)."""
+        self.write(addr, length, value)
+
     def read(self, addr: int, length: int) -> int | None:
         if self.in_kernel:
             return None           # an ioeventfd handles writes only

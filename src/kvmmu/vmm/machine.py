@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from ..errors import InvalidArgument
 from ..hw.host import Host
@@ -47,6 +48,7 @@ from .devices import (
     VirtioDoorbell,
 )
 
+_D = TypeVar("_D", bound=Device)
 MiB = 1 << 20
 GiB = 1 << 30
 FOUR_GIB = 1 << 32
@@ -202,7 +204,7 @@ class Machine:
                                                                 name="pci-testdev-ioeventfd"))
         self.e1000 = self.add_device(E1000(E1000_GPA)) if s.nic == "e1000" else None
 
-    def add_device(self, dev: Device):
+    def add_device(self, dev: _D) -> _D:
         for d in self.devices:
             if dev.base < d.end and d.base < dev.end:
                 raise InvalidArgument(f"machine {self.spec.name}: device {dev.name}", dev.base,
@@ -214,7 +216,7 @@ class Machine:
         self.devices.append(dev)
         if dev.in_kernel and isinstance(dev, VirtioDoorbell):
             for addr in dev.notify_addrs():
-                self.vm.ioeventfd(addr, 0, on_signal=dev.write)
+                self.vm.ioeventfd(addr, 0, on_signal=dev.signal)
         elif dev.in_kernel:
             self.vm.register_io_device(dev.base, dev.size, dev)
         i = bisect_right(self._user_bases, dev.base)
