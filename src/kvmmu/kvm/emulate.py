@@ -5,6 +5,7 @@ io bus in <= 8-byte pieces, then fragments that exit to the VMM 8 bytes at a tim
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -121,11 +122,7 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     if vm.trace.enabled:
         vm.trace.emit("kvm_emulate_insn", csbase=0, rip=vcpu.rip, insn=vcpu.insn_bytes, mode=_emul_mode(vcpu),
                       failed=False)
-    first = 0x1000 - (gva & 0xFFF)
-    if first >= size:
-        pieces: tuple[tuple[int, int], ...] = ((gva, size),)
-    else:
-        pieces = ((gva, first), ((gva + first) & ((1 << 64) - 1), size - first))
+    parts = pieces(gva, size)
     gpa_hint = cr2_or_gpa if direct and not vcpu.mmu_is_nested else None
     out = None if write else bytearray(size)          # (a write never fills it)
     fragments: list[tuple[int, int, int]] = []      # (gpa, offset into data, length)
@@ -136,7 +133,7 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     fetch = bool(access & PFERR_FETCH_MASK)
     interleave = vm.kvm_deviations and not fetch
     translated: list[tuple[int, bool]] = []
-    for pgva, _plen in pieces:
+    for pgva, _off, _plen in parts:
         t = _gva_to_gpa(vcpu, pgva, access, gpa_hint)
         gpa_hint = None
         if t is None:
@@ -144,7 +141,8 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
             return                      # (or a nested exit to L1, which the caller reports)
         translated.append(t)
         if interleave:
-            _perform(vcpu, t, pieces, len(translated) - 1, write, data, out, fragments)
+            _, off, n = parts[len(translated) - 1]
+            perform_piece(vcpu, t, off, n, write, data, out, fragments)
     if fetch and vm.kvm_deviations and _fetch_fails(vcpu, translated):
         # KVM's instruction fetch (kvm_fetch_guest_virt) reads RAM only: emulation fails, which
         # queues #UD and, at CPL0 outside guest mode, exits with KVM_INTERNAL_ERROR_EMULATION.
@@ -154,20 +152,10 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
             result.internal_error = "KVM_INTERNAL_ERROR_EMULATION"
         return
     if not interleave:
-        for i, t in enumerate(translated):
-            _perform(vcpu, t, pieces, i, write, data, out, fragments)
+        for (_, off, n), t in zip(parts, translated, strict=True):
+            perform_piece(vcpu, t, off, n, write, data, out, fragments)
     if fragments:
-        vcpu.stats["mmio_exits"] += 1
-        for gpa, off, length in fragments:
-            pos = 0
-            while pos < length:
-                n = length - pos if length - pos < 8 else 8
-                payload = data[off + pos:off + pos + n] if write else b""
-                exit_ = vm.vmm_mmio(vcpu, gpa + pos, n, write, payload)
-                result.mmio_exit_records.append(exit_)
-                if out is not None:
-                    out[off + pos:off + pos + n] = exit_.data
-                pos += n
+        result.mmio_exit_records.extend(exit_to_vmm(vcpu, fragments, write, data, out))
     if out is not None:
         result.value = int.from_bytes(out, "little")
 
@@ -187,23 +175,38 @@ def _fetch_fails(vcpu: Vcpu, translated: list[tuple[int, bool]]) -> bool:
     return False
 
 
-def _perform(vcpu: Vcpu, t: tuple[int, bool], pieces: tuple[tuple[int, int], ...], i: int, write: bool,
-             data: bytes, out: bytearray | None, fragments: list[tuple[int, int, int]]) -> None:
-    """Do piece i of an emulated access at its gpa: RAM, then in-kernel devices; the rest becomes
-    KVM_EXIT_MMIO fragments."""
+def pieces(gva: int, size: int) -> list[tuple[int, int, int]]:
+    """(gva, offset, length) of each page an access touches (at most two): emulator_read_write
+    splits at the page boundary and handles each page on its own."""
+    first = 0x1000 - (gva & 0xFFF)
+    if first >= size:
+        return [(gva, 0, size)]
+    return [(gva, 0, first), ((gva + first) & ((1 << 64) - 1), first, size - first)]
+
+
+def perform_piece(vcpu: Vcpu, t: tuple[int, bool], offset: int, plen: int, write: bool, data: bytes,
+                  out: bytearray | None, fragments: list[tuple[int, int, int]], tracked: bool = True,
+                  ram_only: bool = False) -> bool:
+    """emulator_read_write_onepage at the piece's (gpa, is_mmio) `t`: RAM, then in-kernel devices;
+    the rest becomes KVM_EXIT_MMIO fragments.  False if the piece is not (writable) RAM and
+    ``ram_only`` (kvm_write_guest_virt_system, which has no MMIO path): nothing is done then.
+    ``tracked``: a RAM write goes through kvm_mmu_track_write (the emulator's writes; not KVM's
+    own event-delivery frames)."""
     gpa, is_mmio = t
-    plen = pieces[i][1]
-    offset = pieces[0][1] if i else 0
     chunk = data[offset:offset + plen] if write else b""
-    if not is_mmio and _ram_access(vcpu, gpa, plen, write, chunk, out, offset):
-        return
+    if not is_mmio and ram_access(vcpu, gpa, plen, write, chunk, out, offset, tracked):
+        return True
+    if ram_only:
+        return False
     # With no in-kernel device registered the io bus handles nothing (_iobus would return 0).
     done = _iobus(vcpu, gpa, plen, write, chunk, out, offset) if vcpu.vm.iobus.ranges else 0
     if done < plen:
         fragments.append((gpa + done, offset + done, plen - done))
+    return True
 
 
-def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> bool:
+def ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int,
+               tracked: bool = True) -> bool:
     """kvm_vcpu_read_guest / write_guest (+ kvm_mmu_track_write); False if no writable RAM is there."""
     vm = vcpu.vm
     slot = vcpu.gfn_to_memslot(gpa >> 12)
@@ -214,10 +217,34 @@ def _ram_access(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: by
     if write:
         vm.host.mem.write_bytes(hva, chunk)
         vm.mark_page_dirty(slot, gpa >> 12)
-        vm.mmu.track_write(gpa, n, pae=bool(vcpu.cr4 & X86_CR4_PAE))
+        if tracked:
+            vm.mmu.track_write(gpa, n, pae=bool(vcpu.cr4 & X86_CR4_PAE))
     else:
+        assert out is not None
         out[at:at + n] = vm.host.mem.read_bytes(hva, n)
     return True
+
+
+def exit_to_vmm(vcpu: Vcpu, fragments: list[tuple[int, int, int]], write: bool, data: bytes,
+                out: bytearray | None, on_exit: Callable[[], None] | None = None) -> list[MmioExit]:
+    """One x86_emulate_instruction ending with mmio_needed: mmio_exits + 1, then one KVM_EXIT_MMIO
+    per <= 8 bytes of each fragment (gpa, offset into data, length); a read's data land in `out`.
+    ``on_exit`` runs before each exit (the software CPU's host profiles end the entry there)."""
+    vcpu.stats["mmio_exits"] += 1
+    records: list[MmioExit] = []
+    for gpa, off, length in fragments:
+        pos = 0
+        while pos < length:
+            n = length - pos if length - pos < 8 else 8
+            if on_exit is not None:
+                on_exit()
+            payload = data[off + pos:off + pos + n] if write else b""
+            exit_ = vcpu.vm.vmm_mmio(vcpu, gpa + pos, n, write, payload)
+            records.append(exit_)
+            if out is not None:
+                out[off + pos:off + pos + n] = exit_.data
+            pos += n
+    return records
 
 
 def _iobus(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:

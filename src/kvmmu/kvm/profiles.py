@@ -65,9 +65,9 @@ from ..arch.walker import walk
 from ..errors import InvalidArgument
 from ..hw.host import Host
 from ..hw.x86cpu import GP, UD, CpuFault, Reexecute, Stop, X86Cpu
-from .emulate import vcpu_is_mmio_gpa
+from .emulate import pieces, vcpu_is_mmio_gpa
 from .emulate_retry import page_table_writing_insn
-from .soft_emulator import Emulator, pieces
+from .soft_emulator import Emulator
 from .vm import VM
 
 if TYPE_CHECKING:

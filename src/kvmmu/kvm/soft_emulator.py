@@ -6,7 +6,7 @@ kvm_{read,write}_guest_virt_system accesses of KVM's own event delivery; KVM_EXI
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from ..arch.bits import (
@@ -16,11 +16,9 @@ from ..arch.bits import (
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
     X86_CR4_LA57,
-    X86_CR4_PAE,
 )
 from ..hw.x86cpu import GP, CpuFault, Stop
-from .emulate import _iobus as _emulator_iobus
-from .emulate import cached_mmio_gpa, vcpu_is_mmio_gpa
+from .emulate import cached_mmio_gpa, exit_to_vmm, perform_piece, pieces, ram_access, vcpu_is_mmio_gpa
 from .mmu.paging import guest_walk
 
 if TYPE_CHECKING:
@@ -64,88 +62,40 @@ class Emulator:
             return ((p, self.translate(p[0], write, False, cpl, implicit)) for p in parts)
         return [(p, self.translate(p[0], write, False, cpl, implicit)) for p in parts]
 
-    def _ram(self, gpa: int, n: int, write: bool) -> int:
-        """Host address of guest RAM at gpa, or -1 if no (writable) memslot is there."""
-        slot = self.vcpu.gfn_to_memslot(gpa >> 12)
-        if slot is None or slot.invalid or (write and slot.readonly):
-            return -1
-        hva = slot.gfn_to_hva(gpa >> 12) | (gpa & 0xFFF)
-        self.vm.host_touch(hva, write)
-        return hva
-
-    def read(self, gva: int, size: int, cpl: int, implicit: bool = False, on_exit: object = None) -> int:
+    def read(self, gva: int, size: int, cpl: int, implicit: bool = False,
+             on_exit: Callable[[], None] | None = None) -> int:
         out = bytearray(size)
         frags: list[tuple[int, int, int]] = []
-        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, False, cpl, implicit):
-            hva = -1 if mmio else self._ram(gpa, n, False)
-            if hva >= 0:
-                out[off:off + n] = self.vm.host.mem.read_bytes(hva, n)
-            else:
-                done = self._iobus(gpa, n, False, b"", out, off)
-                if done < n:
-                    frags.append((gpa + done, off + done, n - done))
+        for (_pgva, off, n), t in self._translated(gva, size, False, cpl, implicit):
+            perform_piece(self.vcpu, t, off, n, False, b"", out, frags)
         if frags:
-            self._exit_to_vmm(frags, False, b"", out, on_exit)
+            exit_to_vmm(self.vcpu, frags, False, b"", out, on_exit)
         return int.from_bytes(out, "little")
 
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False, tracked: bool = True,
-              on_exit: object = None, ram_only: bool = False) -> bool:
+              on_exit: Callable[[], None] | None = None, ram_only: bool = False) -> bool:
         """Returns True when (part of) the write left as KVM_EXIT_MMIO.  ``ram_only``: KVM's own
         event delivery (kvm_write_guest_virt_system) writes guest RAM only; a frame that lands
         on MMIO makes the delivery fail (a fault while delivering: measured, the escalation ends
         in KVM_EXIT_SHUTDOWN with no KVM_EXIT_MMIO)."""
         data = value.to_bytes(size, "little")
         frags: list[tuple[int, int, int]] = []
-        vm = self.vm
-        for (_pgva, off, n), (gpa, mmio) in self._translated(gva, size, True, cpl, implicit):
-            hva = -1 if mmio else self._ram(gpa, n, True)
-            if hva < 0 and ram_only:
+        for (_pgva, off, n), t in self._translated(gva, size, True, cpl, implicit):
+            if not perform_piece(self.vcpu, t, off, n, True, data, None, frags, tracked, ram_only):
                 raise CpuFault(GP, 0)
-            if hva >= 0:
-                vm.host.mem.write_bytes(hva, data[off:off + n])
-                slot = self.vcpu.gfn_to_memslot(gpa >> 12)
-                if slot is not None:
-                    vm.mark_page_dirty(slot, gpa >> 12)
-                if tracked:
-                    vm.mmu.track_write(gpa, n, pae=bool(self.vcpu.cr4 & X86_CR4_PAE))
-            else:
-                done = self._iobus(gpa, n, True, data[off:off + n], None, off)
-                if done < n:
-                    frags.append((gpa + done, off + done, n - done))
         if frags:
-            self._exit_to_vmm(frags, True, data, None, on_exit)
+            exit_to_vmm(self.vcpu, frags, True, data, None, on_exit)
             return True
         return False
 
     def fetch(self, gva: int, n: int, cpl: int) -> bytes:
         """kvm_fetch_guest_virt: instruction bytes from RAM; from MMIO KVM cannot emulate."""
         gpa, mmio = self.translate(gva, False, True, cpl, False)
-        hva = -1 if mmio else self._ram(gpa, n, False)
-        if hva < 0:
+        out = bytearray(n)
+        if mmio or not ram_access(self.vcpu, gpa, n, False, b"", out, 0):
             self.vcpu.stats["insn_emulation_fail"] += 1
             raise Stop("internal_error", f"instruction fetch from MMIO at gva {gva:#x} (gpa {gpa:#x})")
-        return self.vm.host.mem.read_bytes(hva, n)
-
-    def _iobus(self, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:
-        """In-kernel devices (KVM_MMIO_BUS) in <= 8-byte pieces: the emulator's own loop."""
-        return _emulator_iobus(self.vcpu, gpa, n, write, chunk, out, at)
-
-    def _exit_to_vmm(self, frags: list[tuple[int, int, int]], write: bool, data: bytes, out: bytearray | None,
-                     on_exit: object) -> None:
-        """One x86_emulate_instruction ending with mmio_needed: mmio_exits + 1, then <= 8-byte exits."""
-        vcpu = self.vcpu
-        vcpu.stats["mmio_exits"] += 1
-        for gpa, off, length in frags:
-            pos = 0
-            while pos < length:
-                k = min(8, length - pos)
-                if on_exit is not None:
-                    on_exit()  # type: ignore[operator]
-                ex = self.vm.vmm_mmio(vcpu, gpa + pos, k, write, data[off + pos:off + pos + k] if write else b"")
-                if not write:
-                    assert out is not None
-                    out[off + pos:off + pos + k] = ex.data
-                pos += k
+        return bytes(out)
 
 
 def _walker_address(vcpu: Vcpu, gva: int) -> int:
@@ -157,12 +107,4 @@ def _walker_address(vcpu: Vcpu, gva: int) -> int:
     return low | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if low >> (bits - 1) else low
 
 
-def pieces(gva: int, size: int) -> list[tuple[int, int, int]]:
-    """(gva, offset, length) of each page an access touches (at most two)."""
-    first = 0x1000 - (gva & 0xFFF)
-    if first >= size:
-        return [(gva, 0, size)]
-    return [(gva, 0, first), ((gva + first) & ((1 << 64) - 1), first, size - first)]
-
-
-__all__ = ["Emulator", "pieces"]
+__all__ = ["Emulator"]
