@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-full bench lint typecheck fuzz clean lab
+.PHONY: demo test test-full bench lint typecheck fuzz clean lab native pure
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The hot modules compiled with mypyc (docs/performance.md); where that cannot be done it says so and
+# the Python source runs.  Incremental: nothing is rebuilt while the sources match the last build.
+native: $(STAMP)
+	$(BIN)/python -m kvmmu.tools.native build
+
+# Back to the Python source only (KVMMU_PURE=1 does the same for one run).
+pure:
+	$(BIN)/python -m kvmmu.tools.native clean
+
+demo: native
 	$(BIN)/kvmmu demo
 
 lint: $(STAMP)
@@ -21,17 +30,18 @@ lint: $(STAMP)
 # The packages mypy holds clean (pyproject.toml [tool.mypy]); docs/ARCHITECTURE.md lists the rest.
 TYPED := src/kvmmu/report src/kvmmu/sim src/kvmmu/sweep src/kvmmu/lab src/kvmmu/cli.py src/kvmmu/cliargs.py \
          src/kvmmu/errors.py src/kvmmu/bits.py src/kvmmu/vmm \
-         src/kvmmu/real src/kvmmu/arch src/kvmmu/hw
+         src/kvmmu/real src/kvmmu/arch src/kvmmu/hw \
+         src/kvmmu/_native.py src/kvmmu/tools/native.py
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)
 
-test: $(STAMP) lint typecheck
+test: native lint typecheck
 	$(BIN)/python -m pytest -n 2
 
-test-full: $(STAMP)
+test-full: native
 	$(BIN)/python -m pytest -n 2 -m full
 
-bench: $(STAMP)
+bench: native
 	$(BIN)/python -m benchmarks
 
 # The long fuzz profile (docs/reliability.md): FUZZ_SECONDS=600 make fuzz [FUZZ_SEED=n]
@@ -39,6 +49,7 @@ fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz.long $(if $(FUZZ_SEED),--seed $(FUZZ_SEED))
 
 clean:
+	-$(BIN)/python -m kvmmu.tools.native clean
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .ruff_cache
 
 # The nested real-KVM lab (docs/real-kvm.md): QEMU TCG + a stock Debian kernel's KVM.  Not part of

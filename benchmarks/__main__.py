@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"kvmmu benchmarks — CPython {platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores, "
           f"load {load:.1f}; {elapsed:.0f} s; rates are per CPU second; ratio >= 1.00 meets the target")
+    from kvmmu import _native
+    print(f"hot modules: {_native.status()[1]}")
     print(render(figures))
     if args.json:
         with open(args.json, "w") as f:

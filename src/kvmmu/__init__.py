@@ -5,7 +5,8 @@ the errors, guest page-table building, and the x86 bits (`kvmmu.bits`).  The rea
 `kvmmu.real` (it needs /dev/kvm); the layers behind these names are mapped in docs/ARCHITECTURE.md.
 """
 
-from . import bits
+# _native first: it decides whether the hot modules load compiled or from source before any does.
+from . import _native, bits  # noqa: F401
 from .errors import AuditError, HostOutOfMemory, InvalidArgument, KvmBug, KvmmuError, MemslotError, ScenarioError
 from .guest.pagetables import NX, RW, US, GuestPageTables, P, vcpu_writer, vm_writer
 from .hw.host import Host

@@ -27,7 +27,9 @@ from kvmmu.arch.permission import access_fault, ept_violation, permission_fault
 from kvmmu.arch.walker import PROBE_MISCONFIG, PROBE_WALK, probe, probe_ept_rights
 from kvmmu.hw import tdp
 from kvmmu.hw.cpu import TLB_READ, Cpu, DecodedAccesses
+from kvmmu.hw.host import Host
 from kvmmu.hw.memory import SparseMemory
+from kvmmu.hw.vmcs import TdpControls
 from tests.oracle import access_rules as oracle
 
 W, U, F, IMPLICIT = PFERR_WRITE_MASK, PFERR_USER_MASK, PFERR_FETCH_MASK, PFERR_IMPLICIT_ACCESS
@@ -152,32 +154,20 @@ def test_walk_and_probe_ept_follow_the_ept_rule() -> None:
 
 
 # -- the TLB-hit paths: each decides as the rule, or leaves the access to translate() -----------------
-class _Cpu(Cpu):
-    __slots__ = ()
-
-
-class _TdpCpu(tdp.TdpCpu):
-    __slots__ = ()
-
-    def tdp_translate(self, gpa: int, pfec: int, final: bool) -> tuple[int, int]:
-        raise tdp._TdpExit(gpa, 0)                 # a miss exits (what follows a miss is not tested here)
-
-
-def _fake_cpu(cls: type, ctx: PagingContext) -> Cpu:
-    cpu = cls.__new__(cls)
-    mem = SparseMemory(1 << 32)
-    mmu = SimpleNamespace(hw_ctx=ctx, cpu_role=ctx, root_hpa=0x20_0000, hw_guest_ctx=PagingContext("nonpaging"))
-    cpu.regs, cpu.paging = SimpleNamespace(rflags=2, pkru=0, ac=False), mmu
-    cpu.mem = mem
-    cpu.tlb = {}
-    cpu.counters = {"tlb_hits": 0, "hw_walks": 0}
-    if cls is _TdpCpu:
-        cpu.host = SimpleNamespace(memory_limit=None, walk_pins=())
-        cpu.exit_final, cpu.ept, cpu._ctxs, mmu.root_level = True, True, {4: PagingContext("ept4")}, 4
+def _fake_cpu(cls: type, ctx: PagingContext) -> Cpu | tdp.TdpCpu:
+    """A CPU whose VMCS holds `ctx`, the TLB empty, KVM's tables (the shadow root, the EPT root) empty,
+    so that any miss exits.  The real classes: the hot ones may be compiled (kvmmu._native), and a
+    compiled class takes no Python subclass."""
+    paging = SimpleNamespace(hw_ctx=ctx, cpu_role=ctx, root_hpa=0x20_0000, root_level=4,
+                             hw_guest_ctx=PagingContext("nonpaging"))
+    counters = {"tlb_hits": 0, "hw_walks": 0}
+    cpu = tdp.TdpCpu(Host(), counters, TdpControls(ept=True, level=4, ept_ad=False)) if cls is tdp.TdpCpu \
+        else Cpu(SparseMemory(1 << 32), counters)
+    cpu.load_vmcs(SimpleNamespace(rflags=2, pkru=0, ac=False), paging)
     return cpu
 
 
-@pytest.mark.parametrize("cls", [_Cpu, _TdpCpu])
+@pytest.mark.parametrize("cls", [Cpu, tdp.TdpCpu])
 def test_tlb_hits_follow_the_rule(cls: type) -> None:
     gva, page = 0x7000_1000, 0x5000
     for wp, nxe, smep, smap, pke in CONTROLS:

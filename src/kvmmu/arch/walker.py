@@ -114,7 +114,7 @@ def canonical(addr: int, bits: int) -> bool:
 
 
 def walk(ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int = 0, *,
-         ac: bool = False, pkru: int = 0, pdptrs: tuple[int, ...] | None = None) -> Walk:
+         ac: bool | int = False, pkru: int = 0, pdptrs: tuple[int, ...] | None = None) -> Walk:
     """Translate `addr` for an access described by PFERR_* bits (W, U, F, IMPLICIT).
 
     root is CR3 (or the EPTP); `ac` is EFLAGS.AC; `pkru` the PKRU register; `pdptrs` the PAE PDPTEs
@@ -170,7 +170,7 @@ def _plan(ctx: PagingContext) -> tuple:
     return plan
 
 
-def _walk_once(plan: tuple, ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int, ac: bool,
+def _walk_once(plan: tuple, ctx: PagingContext, mem: PteReader, root: int, addr: int, access: int, ac: bool | int,
                pkru: int, pdptrs: tuple[int, ...] | None, w: Walk) -> bool:
     """One attempt; False means an A/D cmpxchg lost a race and the walk must restart."""
     (_, root_level, _, ept, esize, ibits, imask, addr_mask, rsvd0, rsvd1, is_large, hw_ad, a_bit, d_bit, use_ad,
@@ -350,7 +350,7 @@ def _probe_plan(ctx: PagingContext) -> tuple:
 _PROBE_PLANS: dict[int, tuple] = {}
 
 
-def probe(ctx: PagingContext, mem: DirectPteReader, root: int, addr: int, access: int, ac: bool = False,
+def probe(ctx: PagingContext, mem: DirectPteReader, root: int, addr: int, access: int, ac: bool | int = False,
           pkru: int = 0, table_hpa: Callable[[int], int] | None = None) -> tuple[int, int, int] | int | None:
     """4- and 5-level paging: (gpa, pte_access, pkey) when walk() would translate, the #PF error code
     (an int) when walk() would raise a #PF, None when walk() must run (it would set an A or D bit or

@@ -57,9 +57,8 @@ SHADOW_KINDS = TLB_READ | PFERR_FETCH_MASK
 VM_EXIT = -1        # exit to KVM with (address, error code)
 GUEST_FAULT = -2    # a #PF went straight to the guest (TDP): (GUEST_FAULT, cr2, error code)
 GP_FAULT = -3       # non-canonical address: #GP
-# The walks take EFLAGS.AC as the flag's bit (rflags & X86_EFLAGS_AC), an int, for speed; probe()
-# declares `ac: bool` though it only hands it on to permission_fault(), which takes `bool | int`.
-# Until arch/walker.py says so, each such call carries `type: ignore[arg-type]  # AC bit`.
+# The walks take EFLAGS.AC as the flag's bit (rflags & X86_EFLAGS_AC), an int, for speed: the
+# walker's `ac` parameters are `bool | int` (they only reach permission_fault's index).
 
 
 class TlbCpu:
@@ -89,8 +88,8 @@ class TlbCpu:
     # always, without a 2-D walk (TdpCpu tracks it per exit).
     exit_final = True
 
-    if TYPE_CHECKING:
-        def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int: ...   # Cpu, TdpCpu
+    def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int:
+        raise NotImplementedError     # Cpu and TdpCpu: a TLB miss that a walk which only reads completes
 
     def tlb_hit(self, gva: int, pfec: int) -> int:
         """The host physical address if the TLB alone translates this access, else -1."""
@@ -108,7 +107,7 @@ class TlbCpu:
         self.counters["tlb_hits"] += 1
         return page | (gva & 0xFFF)
 
-    def tlb_access(self, gva: int, size: int, pfec: int, value: int) -> int:
+    def tlb_access(self, gva: int, size: int, pfec: int, value: int | None) -> int:
         """A 1/2/4/8-byte access inside one page, completed from the TLB: the value read (0 for a
         write), or -1 if translate() must run.  pfec has no IMPLICIT bit; a write's value fits."""
         entry = self.tlb.get(gva >> 12)
@@ -322,7 +321,7 @@ class Cpu(TlbCpu):
         changed (translate() will do the whole miss)."""
         mmu = self.paging
         r = probe(cast("PagingContext", mmu.hw_ctx), self.mem, mmu.root_hpa, gva, pfec,
-                  ac, pkru)  # type: ignore[arg-type]  # AC bit
+                  ac, pkru)
         if type(r) is not tuple or r[0] + 0x1000 > self.mem.size:
             return -1
         gpa, acc, pkey = r
@@ -348,7 +347,7 @@ class Cpu(TlbCpu):
             del self.tlb[vpn]      # a fault through a TLB entry invalidates it; the CPU re-walks
         self.counters["hw_walks"] += 1
         r = probe(ctx, self.mem, mmu.root_hpa, gva, pfec,
-                  regs.rflags & X86_EFLAGS_AC, regs.pkru)  # type: ignore[arg-type]  # AC bit
+                  regs.rflags & X86_EFLAGS_AC, regs.pkru)
         if r is not None:                # walk()'s answer, where walk() would have written nothing
             if type(r) is int:
                 return VM_EXIT, gva, r | (pfec & PFERR_IMPLICIT_ACCESS)

@@ -190,7 +190,7 @@ class TdpCpu(TlbCpu):
                 return -1                 # paging off: 32-bit linear addresses (the vCPU refuses more)
             gpa, acc, pkey = gva, 7, 0
         else:
-            r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec, ac, pkru,  # type: ignore[arg-type]  # AC bit (hw/cpu.py)
+            r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec, ac, pkru,
                       self._table_hpa)
             if r is None:
                 return -1
@@ -239,7 +239,7 @@ class TdpCpu(TlbCpu):
                 # table reads went through KVM's tables without exit or A/D update, so what follows
                 # is what follows walk().
                 r = probe(hw_ctx, self.mem, regs.cr3, gva, pfec,
-                          regs.rflags & X86_EFLAGS_AC, regs.pkru,  # type: ignore[arg-type]  # AC bit (hw/cpu.py)
+                          regs.rflags & X86_EFLAGS_AC, regs.pkru,
                           self._table_hpa)
                 if r is not None:
                     gpa, acc, pkey = cast("tuple[int, int, int]", r)   # with table_hpa, a fault answers None
@@ -287,7 +287,7 @@ class TdpCpu(TlbCpu):
                 pages.append(hpa >> 12)
             return hpa
 
-        probe(hw_ctx, self.mem, regs.cr3, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru,  # type: ignore[arg-type]  # AC bit (hw/cpu.py)
+        probe(hw_ctx, self.mem, regs.cr3, gva, pfec, regs.rflags & X86_EFLAGS_AC, regs.pkru,
               table_hpa)
         return pages
 
