@@ -87,7 +87,7 @@ def assert_unchanged(before: dict[str, object], after: dict[str, object], what: 
         f"{k}: {before[k]!r} -> {after[k]!r}"[:300] for k in changed)
 
 
-# The parameters whose values are addresses, registers or bit masks (docs/cli.md, "Error messages"):
+# The parameters whose values are addresses, registers or bit masks (docs/cli.md, "Errors"):
 # an error shows them in hex; every other integer (counts, sizes in MiB, levels, slots) in decimal.
 HEX_PARAMETERS = {"gva", "gpa", "guest_phys_addr", "userspace_addr", "memory_size", "address", "addr", "flags",
                   "cr0", "cr3", "cr4", "efer", "eptp", "pkru", "value", "data", "pool", "pool_end", "pte_in",

@@ -4,7 +4,7 @@ The rule (SDM Vol. 3A 4.6.2): with CR4.PKE=1 in 4- or 5-level paging, a data acc
 page is checked against PKRU for the key in bits 62:59 of the leaf entry: AD denies every data
 access, WD denies writes at CPL3 and supervisor writes when CR0.WP=1.  The #PF error code then has
 P and PK (bit 5) with the usual W/U bits.  Under shadow paging the modelled CPU walks KVM's sptes,
-so they must carry the guest leaf's key (docs/ARCHITECTURE.md, "Protection keys").
+so they must carry the guest leaf's key (docs/architecture/kvm-mmu.md, "Protection keys").
 
 The regression cases are the issue's reproducers; the property test draws PKRU, keys, CPL,
 CR0.WP, SMAP/AC, page sizes, a prior access and the access kind, and compares every outcome with

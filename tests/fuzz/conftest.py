@@ -1,4 +1,4 @@
-"""Open model bugs the fuzzer found (docs/reliability.md, "Bugs the fuzzer found").
+"""Open model bugs the fuzzer found (docs/reliability.md, "Bugs the fuzzers found").
 
 A new bug's minimised reproducer goes into test_found_bugs.py at once; while the bug is open, its
 test name goes here with the reason, so it runs as an expected failure (a fix shows up as XPASS and

@@ -1,4 +1,4 @@
-"""Guest-visible KVM departures from the SDM, measured on the real /dev/kvm (docs/ARCHITECTURE.md,
+"""Guest-visible KVM departures from the SDM, measured on the real /dev/kvm (docs/architecture/deviations.md,
 "Where KVM lets a guest tell").  On this kvm_pvm host CPL0 code runs in KVM's emulator and CPL3 code
 on the CPU over KVM's shadow MMU, so one program at both rings shows both sides:
 

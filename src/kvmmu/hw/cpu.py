@@ -358,7 +358,7 @@ class Cpu(TlbCpu):
         if w.fault:
             if w.fault == 13:
                 return GP_FAULT, gva, 0
-            # The real error code cannot say "implicit"; the model tells KVM (docs/ARCHITECTURE.md).
+            # The real error code cannot say "implicit"; the model tells KVM (docs/architecture/deviations.md).
             return VM_EXIT, gva, w.error_code | (pfec & PFERR_IMPLICIT_ACCESS)
         self.tlb[vpn] = (w.gpa & ~0xFFF, w.pte_access, SHADOW_KINDS | write, w.pkey)
         return w.gpa, gva, 0

@@ -77,12 +77,12 @@ class VM:
         MMU; `params` gives the same choices as KVM's module parameters (kvmmu.KvmParams).
 
         `kvm_deviations=True` reproduces the places where KVM knowingly departs from the SDM in a way
-        a guest can see (docs/ARCHITECTURE.md, "Where KVM lets a guest tell"); by default the model
+        a guest can see (docs/architecture/deviations.md, "Where KVM lets a guest tell"); by default the model
         follows the SDM there, so that a guest can never tell.
 
         `pku`: whether the vCPUs have protection keys (CPUID.7.0:ECX.PKU); without them CR4.PKE is a
         reserved bit.  None: they have, except under shadow paging with `kvm_deviations`, because
-        KVM's kvm_set_cpu_caps offers PKU only with TDP (docs/ARCHITECTURE.md).
+        KVM's kvm_set_cpu_caps offers PKU only with TDP (docs/architecture/kvm-mmu.md, "Protection keys").
 
         `retry_pf_emulation=True` is KVM before 6.12: an instruction the fault path would emulate
         (a write to a read-only memslot, say) is first unprotected and retried once unless it is

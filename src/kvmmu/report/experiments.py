@@ -22,6 +22,7 @@ from ..sim.cost import CostModel
 
 if TYPE_CHECKING:
     from ..kvm.emulate import MmioExit
+    from ..kvm.vcpu import Vcpu
     from ..scenario import Scenario
 
 
@@ -84,6 +85,26 @@ def driver_program(vm: VM, iterations: int, seed: int) -> Iterator[tuple[Any, ..
         yield ("read", IOREMAP + 0x1004, 4)
 
 
+def driver_page_tables(write: Callable[[int, int, int], None], read: Callable[[int, int], int]) -> GuestPageTables:
+    """The driver's kernel-like address space: RAM direct-mapped with 2 MiB pages, the device's two
+    register pages ioremap'd uncached."""
+    pt = GuestPageTables("4level", write, read, pool=0x100000)
+    for off in range(0, RAM, 2 << 20):
+        pt.map(DIRECT_MAP + off, off, 2 << 20, P | RW)
+    pt.map(IOREMAP, DOORBELL_GPA, 4096, P | RW | PCD)
+    pt.map(IOREMAP + 0x1000, DOORBELL_GPA + 0x1000, 4096, P | RW | PCD)
+    return pt
+
+
+def driver_result(flavour: str, policy: str, vm: VM, vcpu: Vcpu, iterations: int,
+                  cost: CostModel | None = None) -> RunResult:
+    """A finished driver loop's counters, after the MMU's audit; two device accesses per iteration."""
+    vm.audit()
+    stats, counters = vcpu.stats.snapshot(), vcpu.counters.snapshot()
+    return RunResult(flavour, policy, stats, counters, vm.stats.snapshot(), 2 * iterations,
+                     (cost or CostModel()).cycles(stats, counters))
+
+
 def driver_loop(flavour: str, policy: str, iterations: int = 2000, seed: int = 1,
                 cost: CostModel | None = None) -> RunResult:
     vm = VM(mmu=flavour, mmio_caching=policy)
@@ -96,20 +117,11 @@ def driver_loop(flavour: str, policy: str, iterations: int = 2000, seed: int = 1
             return None
         return status["value"]
     vm.mmio_handler = vmm
-    write, read = vm_writer(vm)
-    pt = GuestPageTables("4level", write, read, pool=0x100000)
-    for off in range(0, RAM, 2 << 20):
-        pt.map(DIRECT_MAP + off, off, 2 << 20, P | RW)
-    pt.map(IOREMAP, DOORBELL_GPA, 4096, P | RW | PCD)
-    pt.map(IOREMAP + 0x1000, DOORBELL_GPA + 0x1000, 4096, P | RW | PCD)
+    pt = driver_page_tables(*vm_writer(vm))
     vcpu = vm.create_vcpu()
     vcpu.set_sregs(cr0=X86_CR0_PG | X86_CR0_PE | X86_CR0_WP, cr3=pt.cr3, cr4=X86_CR4_PAE, efer=EFER_LME | EFER_NX)
     run_program(vcpu, driver_program(vm, iterations, seed))
-    vm.audit()
-    model = cost or CostModel()
-    stats, counters = vcpu.stats.snapshot(), vcpu.counters.snapshot()
-    return RunResult(flavour, policy, stats, counters, vm.stats.snapshot(), 2 * iterations,
-                     model.cycles(stats, counters))
+    return driver_result(flavour, policy, vm, vcpu, iterations, cost)
 
 
 def policy_matrix(flavours: tuple[str, ...] = ("shadow", "ept"),

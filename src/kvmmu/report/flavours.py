@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
-from ..guest.pagetables import PCD, RW, GuestPageTables, P, vm_writer
+from ..guest.pagetables import GuestPageTables, vm_writer
 from ..guest.program import run_program
 from ..kvm.vm import VM
-from ..sim.cost import CostModel
-from .experiments import DIRECT_MAP, DOORBELL_GPA, IOREMAP, RAM, RunResult, driver_program
+from .experiments import DOORBELL_GPA, RAM, RunResult, driver_page_tables, driver_program, driver_result
 
 FLAVOURS = ("shadow", "ept", "npt", "nested-ept")
 L2_BASE = 64 << 20
@@ -36,11 +35,7 @@ def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000
 
     def r2(gpa: int, size: int) -> int:
         return read(offset + gpa, size)
-    pt = GuestPageTables("4level", w2, r2, pool=0x100000)
-    for off in range(0, RAM, 2 << 20):
-        pt.map(DIRECT_MAP + off, off, 2 << 20, P | RW)
-    pt.map(IOREMAP, DOORBELL_GPA, 4096, P | RW | PCD)
-    pt.map(IOREMAP + 0x1000, DOORBELL_GPA + 0x1000, 4096, P | RW | PCD)
+    pt = driver_page_tables(w2, r2)
     vcpu = vm.create_vcpu()
     if nested:
         ept = GuestPageTables("ept4", write, read, pool=0x200000)
@@ -55,10 +50,7 @@ def run_flavour(flavour: str, policy: str = "generation", iterations: int = 1000
     result = run_program(vcpu, driver_program(vm, iterations, seed))
     if any(r.l1_exit is not None for r in result.faults):
         raise AssertionError("the nested workload exited to L1")
-    vm.audit()
-    stats, counters = vcpu.stats.snapshot(), vcpu.counters.snapshot()
-    return RunResult(flavour, policy, stats, counters, vm.stats.snapshot(), 2 * iterations,
-                     CostModel().cycles(stats, counters))
+    return driver_result(flavour, policy, vm, vcpu, iterations)
 
 
 def flavour_matrix(policy: str = "generation", iterations: int = 1000, seed: int = 1,

@@ -1,4 +1,4 @@
-"""Page-crossing stores whose second page faults (docs/ARCHITECTURE.md, "Where KVM lets a guest tell").
+"""Page-crossing stores whose second page faults (docs/architecture/deviations.md, "Where KVM lets a guest tell").
 
 On the hardware a faulting store has no effect.  KVM's emulator (emulator_read_write) writes the
 first page before it translates the second, so where KVM emulates the store -- at CPL0 on this

@@ -1,4 +1,4 @@
-"""A #PF that KVM injects from its emulator with P=0 does not invalidate the page (docs/ARCHITECTURE.md,
+"""A #PF that KVM injects from its emulator with P=0 does not invalidate the page (docs/architecture/deviations.md,
 "Where KVM lets a guest tell").  The guest clears the P bit of a PTE it has used, twice through its own
 writable mapping of the table (so KVM lets the shadowed table go unsync), without INVLPG; a load that
 crosses into an MMIO page is emulated, the emulator's walk finds P=0 and injects #PF.  The SDM says

@@ -131,7 +131,7 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
 
 def gpte_pkey(mmu: VcpuMmu, gpte: int) -> int:
     """The protection key of a guest leaf (bits 62:59, 4- and 5-level paging), which the model copies
-    into the spte for the CPU to check (docs/ARCHITECTURE.md; KVM has no PKU with shadow paging)."""
+    into the spte for the CPU to check (docs/architecture/kvm-mmu.md; KVM has no PKU with shadow paging)."""
     return (gpte >> PT64_PKEY_SHIFT) & 15 if mmu.walk_ctx.mode.has_pkeys else 0
 
 

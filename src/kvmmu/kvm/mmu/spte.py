@@ -202,7 +202,7 @@ def make_spte(m: SpteMasks, level: int, pte_access: int, pfn: int, host_writable
 
     `pkey` is the guest leaf's protection key, which the CPU checks in the spte's bits 62:59 when it
     walks KVM's tables with CR4.PKE (a model choice: KVM offers no PKU with shadow paging, its sptes
-    carry no key; docs/ARCHITECTURE.md)."""
+    carry no key; docs/architecture/kvm-mmu.md)."""
     spte = SPTE_MMU_PRESENT_MASK | m.present | m.memtype | (pkey << PT64_PKEY_SHIFT)
     if not prefetch:
         spte |= m.accessed
