@@ -44,7 +44,7 @@ from typing import Any
 
 from .errors import InvalidArgument, KvmmuError, ScenarioError
 from .guest.os import GuestOS, OsParams
-from .guest.trace import vcpu_totals
+from .guest.vcpu_stats import vcpu_totals
 from .guest.workloads import WORKLOADS, Workload, make_workload
 from .hw.host import Host
 from .kvm.params import KvmParams

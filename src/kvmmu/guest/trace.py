@@ -25,6 +25,7 @@ from .trace_format import (
     trace_text,
     write_trace,
 )
+from .vcpu_stats import vcpu_totals
 
 if TYPE_CHECKING:
     from ..kvm.emulate import MmioExit
@@ -149,18 +150,6 @@ class ReplayResult:
             if p.phase == name:
                 return p
         raise KeyError(name)
-
-
-def vcpu_totals(vcpus: Iterable[Vcpu]) -> tuple[dict[str, int], dict[str, int]]:
-    """KVM's vCPU stats and the model's counters, each summed over `vcpus`."""
-    stats: dict[str, int] = {}
-    counters: dict[str, int] = {}
-    for v in vcpus:
-        for k, n in v.stats.items():
-            stats[k] = stats.get(k, 0) + n
-        for k, n in v.counters.items():
-            counters[k] = counters.get(k, 0) + n
-    return stats, counters
 
 
 def _totals(setup: ReplaySetup) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
@@ -298,5 +287,5 @@ def _apply_regs(vcpu: Vcpu, rec: TraceRecord) -> None:
 __all__ = [
     "ACCESS_OPS", "FIELDS", "OPS", "SIZES", "TRACE_FORMAT", "TRACE_VERSION", "ControlRegs", "PhaseResult",
     "RecordedValues", "ReplayResult", "ReplaySetup", "TraceError", "TraceRecord", "parse_record", "read_trace",
-    "replay", "trace_text", "vcpu_totals", "write_trace",
+    "replay", "trace_text", "write_trace",
 ]
