@@ -3,10 +3,11 @@
 GuestOS is built from mixins by concern (kmem, drivers, mm, process, sched, syscalls) that read and
 write one kernel's state and call each other (the scheduler sends IPIs through the APIC driver, the
 driver wakes processes through the scheduler...).  `KernelState` declares that state once, so each
-part is checked against the same types; `kernel.GuestOS.__init__` and `boot` assign it.  The
-routines one mixin calls in another are declared here for the type checker only (they do not exist
-at run time, so method lookup is what it was): the real definition must match, which mypy checks
-where GuestOS inherits both.
+part is checked against the same types; `kernel.GuestOS.__init__` and `boot` assign it.  kmem's
+memory primitives are the base the other parts inherit (`KernelMemory(KernelState)`); the routines
+those parts call across each other, a cycle no base order could express, are declared below for
+the type checker only: they do not exist at run time (nothing is looked up in them), and mypy
+checks that each real definition matches where GuestOS inherits both.
 """
 
 from __future__ import annotations
