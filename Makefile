@@ -30,7 +30,7 @@ lint: $(STAMP)
 # The packages mypy holds clean (pyproject.toml [tool.mypy]); docs/ARCHITECTURE.md lists the rest.
 TYPED := src/kvmmu/report src/kvmmu/sim src/kvmmu/sweep src/kvmmu/lab src/kvmmu/cli.py src/kvmmu/cliargs.py \
          src/kvmmu/errors.py src/kvmmu/bits.py src/kvmmu/vmm \
-         src/kvmmu/real src/kvmmu/arch src/kvmmu/hw \
+         src/kvmmu/real src/kvmmu/arch src/kvmmu/hw src/kvmmu/guest src/kvmmu/scenario.py \
          src/kvmmu/_native.py src/kvmmu/tools/native.py
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)

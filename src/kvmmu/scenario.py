@@ -44,6 +44,7 @@ from typing import Any
 
 from .errors import InvalidArgument, KvmmuError, ScenarioError
 from .guest.os import GuestOS, OsParams
+from .guest.vcpu_stats import vcpu_totals
 from .guest.workloads import WORKLOADS, Workload, make_workload
 from .hw.host import Host
 from .kvm.params import KvmParams
@@ -272,9 +273,8 @@ class Scenario:
             raise ScenarioError(f"--policy {mmio_caching!r}: the MMIO policies are {list(MMIO_POLICIES)}")
         out = dataclasses.replace(self, vms=[])
         for v in self.vms:
-            spec = dataclasses.replace(v.spec, **({"mmu": mmu} if mmu else {}),
-                                       **({"mmio_caching": mmio_caching} if mmio_caching else {}),
-                                       **({"tdp_mmu": tdp_mmu} if tdp_mmu is not None else {}))
+            spec = dataclasses.replace(v.spec, mmu=mmu or v.spec.mmu, mmio_caching=mmio_caching or v.spec.mmio_caching,
+                                       tdp_mmu=v.spec.tdp_mmu if tdp_mmu is None else tdp_mmu)
             out.vms.append(VmPlan(spec, v.os, v.workload_kind, dict(v.workload_params)))
         return out
 
@@ -403,13 +403,7 @@ class ScenarioResult:
                 series: list[dict[str, Any]]) -> ScenarioResult:
         vms = []
         for m, o, w in zip(machines, oses, workloads, strict=True):
-            stats: dict[str, int] = {}
-            counters: dict[str, int] = {}
-            for v in m.vcpus:
-                for k, n in v.stats.items():
-                    stats[k] = stats.get(k, 0) + n
-                for k, n in v.counters.items():
-                    counters[k] = counters.get(k, 0) + n
+            stats, counters = vcpu_totals(m.vcpus)
             vm_stats = dict(m.vm.stats)
             vms.append(VmResult(m.spec.name, m.spec.mmu, m.spec.mmio_caching, m.spec.vcpus, stats, counters,
                                 vm_stats, o.summary(), w.result(o), m.device_counts(),

@@ -1,5 +1,5 @@
 """The kvmmu trace format (JSON Lines): what a valid record is, and that every kind of bad line is refused
-with a ScenarioError naming the line, the field and the rule (kvmmu.guest.trace module docstring)."""
+with a ScenarioError naming the line, the field and the rule (kvmmu.guest.trace_format module docstring)."""
 
 from __future__ import annotations
 
@@ -91,6 +91,8 @@ GOOD = '{"vcpu": 0, "op": "read", "gva": "0x1000", "size": 4}\n'
     ('{"vcpu": 0, "op": "read", "gva": "0x1000"}', "size", "needs a size"),
     ('{"vcpu": 0, "op": "load", "gva": "0x1000", "size": 4}', "op", "read, write, fetch, invlpg"),
     ('{"vcpu": 0, "gva": "0x1000", "size": 4}', "op", "required"),
+    ('{"vcpu": null, "op": "read", "gva": "0x1000", "size": 4}', "vcpu", "required"),
+    ('{"vcpu": 0, "op": "read", "gva": null, "size": 4}', "gva", "required"),
     ('{"vcpu": -1, "op": "read", "gva": "0x1000", "size": 4}', "vcpu", "integer from 0 to 1023"),
     ('{"vcpu": true, "op": "read", "gva": "0x1000", "size": 4}', "vcpu", "integer from 0 to 1023"),
     ('{"vcpu": 1024, "op": "read", "gva": "0x1000", "size": 4}', "vcpu", "integer from 0 to 1023"),

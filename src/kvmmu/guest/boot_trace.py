@@ -25,11 +25,12 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib.abc import Traversable
 from pathlib import Path
+from typing import TypedDict
 
 from ..errors import ScenarioError
 from ..kvm.memslots import KVM_MEM_READONLY
 from ..sim.textfile import read_text
-from .trace import SIZES
+from .trace_format import SIZES
 
 TRACE_FILES = ("mmio_trace.csv.gz", "mmio_trace.csv")
 MEMORY_MAP, IOMEM, DESCRIPTION = "mtree_flat.txt", "guest_iomem.txt", "README.md"
@@ -188,7 +189,17 @@ def _decfield(where: str, line: int, name: str, text: str, lo: int, hi: int) -> 
     return int(text)
 
 
-def read_rows(text: io.TextIOBase, where: str = "mmio_trace.csv") -> tuple[dict, list[Access]]:
+class RowCounts(TypedDict):
+    """What `read_rows` counted: every row, by kind, by vCPU and by phase and kind; split MMIO rows merged."""
+
+    rows: int
+    kind: Counter[str]
+    vcpu: Counter[int]
+    phase_kind: dict[str, Counter[str]]
+    merged: int
+
+
+def read_rows(text: io.TextIOBase, where: str = "mmio_trace.csv") -> tuple[RowCounts, list[Access]]:
     """Counts per kind / vCPU / phase and the CPU accesses of the mmio rows (split rows merged)."""
     try:
         return _read_rows(text, where)
@@ -200,14 +211,14 @@ def read_rows(text: io.TextIOBase, where: str = "mmio_trace.csv") -> tuple[dict,
         raise ScenarioError(f"{where}: damaged or truncated ({exc})") from None
 
 
-def _read_rows(text: io.TextIOBase, where: str) -> tuple[dict, list[Access]]:
+def _read_rows(text: io.TextIOBase, where: str) -> tuple[RowCounts, list[Access]]:
     reader = csv.reader(text)
     header = next(reader, None)
     if header != HEADER:
         shown = header if header is None or len(str(header)) < 200 else str(header)[:200] + "..."
         raise ScenarioError(f"{where}: the header is {shown}, expected {HEADER}")
-    counts = {"rows": 0, "kind": Counter(), "vcpu": Counter(), "phase_kind": {}, "merged": 0}
-    phase_kind: dict[str, Counter] = counts["phase_kind"]
+    counts: RowCounts = {"rows": 0, "kind": Counter(), "vcpu": Counter(), "phase_kind": {}, "merged": 0}
+    phase_kind = counts["phase_kind"]
     accesses: list[Access] = []
     pending: dict[int, Access] = {}
     for line, row in enumerate(reader, 2):

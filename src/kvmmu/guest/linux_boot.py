@@ -38,10 +38,12 @@ import functools
 import json
 import os
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 from ..arch.bits import (
     EFER_LMA,
@@ -79,7 +81,7 @@ from .boot_trace import (
     read_text_file,
 )
 from .pagetables import NX, PCD, RW, A, D, G, GuestPageTables, P
-from .trace import RecordedValues, ReplayResult, ReplaySetup, TraceRecord, replay
+from .trace import ControlRegs, RecordedValues, ReplayResult, ReplaySetup, TraceRecord, replay
 
 DATASET = "linux-boot-mmio-pc-smp2"
 FIRMWARE_PHASE = "firmware"
@@ -90,7 +92,7 @@ IOAPIC_BASE, IOAPIC_SIZE = 0xFEC00000, 0x100         # KVM's in-kernel IOAPIC (I
 VGA_WINDOW, VGA_WINDOW_SIZE = 0xA0000, 0x20000       # QEMU's coalesced "vga-lowmem"
 PROFILES = ("irqchip", "qemu")
 
-FIRMWARE_REGS = {"cr0": X86_CR0_PE | X86_CR0_ET, "cr3": 0, "cr4": 0, "efer": 0}
+FIRMWARE_REGS: ControlRegs = {"cr0": X86_CR0_PE | X86_CR0_ET, "cr3": 0, "cr4": 0, "efer": 0}
 KERNEL_CR0 = X86_CR0_PG | X86_CR0_AM | X86_CR0_WP | X86_CR0_NE | X86_CR0_ET | X86_CR0_MP | X86_CR0_PE
 KERNEL_CR4 = X86_CR4_PGE | X86_CR4_PAE | X86_CR4_PSE
 KERNEL_EFER = EFER_NX | EFER_LMA | EFER_LME | EFER_SCE
@@ -272,15 +274,16 @@ class LinuxBootWorkload:
                     out[i] = replace(rec, **self._regs(rec.phase != FIRMWARE_PHASE))
         return out
 
-    def _regs(self, paging: bool) -> dict[str, int]:
+    def _regs(self, paging: bool) -> ControlRegs:
         if not paging:
-            return dict(FIRMWARE_REGS)
+            return FIRMWARE_REGS.copy()
         return {"cr0": KERNEL_CR0, "cr3": self.page_tables.cr3, "cr4": KERNEL_CR4, "efer": KERNEL_EFER}
 
     # -- the machine -----------------------------------------------------------------------------
     def setup(self, flavour: str = "shadow", policy: str = "generation", profile: str = "irqchip",
-              **vm_options: object) -> ReplaySetup:
-        """A fresh VM for this workload: memslots, page tables in RAM, devices, the recorded machine's vCPUs."""
+              **vm_options: Any) -> ReplaySetup:
+        """A fresh VM for this workload: memslots, page tables in RAM, devices, the recorded machine's vCPUs.
+        `vm_options` are more keywords of `kvm.vm.VM` (which checks them)."""
         if profile not in PROFILES:
             raise ScenarioError(f"profile={profile!r}: the device profile is one of {PROFILES}")
         vm = VM(mmu=flavour, mmio_caching=policy, **vm_options)
@@ -301,7 +304,8 @@ class LinuxBootWorkload:
         return ReplaySetup(vm, vcpus, values)
 
     def replay(self, flavour: str = "shadow", policy: str = "generation", limit: int | None = None,
-               profile: str = "irqchip", progress=None, **vm_options: object) -> ReplayResult:
+               profile: str = "irqchip", progress: Callable[[float], None] | None = None,
+               **vm_options: Any) -> ReplayResult:
         """Replay the first `limit` MMIO accesses (all if None) on a fresh VM."""
         return replay(self.setup(flavour, policy, profile, **vm_options), self.records_upto(limit),
                       progress=progress)
@@ -382,7 +386,8 @@ def _build(root: Source, machine: str, source: str) -> LinuxBootWorkload:
     if len(direct_bases) > 1:
         problems.append(f"direct-map accesses disagree on the direct map's base: {sorted(direct_bases)}")
     direct_map = direct_bases.most_common(1)[0][0] if direct_bases else DIRECT_MAP_RANGE[0]
-    conflicts = [MappingConflict(g, tuple(tuple(x) for x in h)) for g, h in sorted(history.items()) if len(h) > 1]
+    conflicts = [MappingConflict(g, tuple((pa, first, last) for pa, first, last in h))
+                 for g, h in sorted(history.items()) if len(h) > 1]
     initial = {g: h[0][0] for g, h in history.items()}
     try:
         tables = _build_page_tables(initial, direct_map)
@@ -407,13 +412,13 @@ def _records(accesses: list[Access], tables: PageTables, where: str) -> tuple[li
     mode: dict[int, bool] = {}                 # vCPU -> paging on?
     wide = 0
     current: dict[int, int] = {}
-    kernel = {"cr0": KERNEL_CR0, "cr3": tables.cr3, "cr4": KERNEL_CR4, "efer": KERNEL_EFER}
+    kernel: ControlRegs = {"cr0": KERNEL_CR0, "cr3": tables.cr3, "cr4": KERNEL_CR4, "efer": KERNEL_EFER}
 
-    def regs(vcpu: int, paging: bool) -> dict[str, int]:
+    def regs(vcpu: int, paging: bool) -> ControlRegs:
         if mode.get(vcpu) == paging:
             return {}
         mode[vcpu] = paging
-        return dict(kernel) if paging else dict(FIRMWARE_REGS)
+        return kernel.copy() if paging else FIRMWARE_REGS.copy()
 
     for acc in accesses:
         paging = acc.phase != FIRMWARE_PHASE

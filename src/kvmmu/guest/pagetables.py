@@ -8,9 +8,14 @@ vCPU (`vcpu_writer`), so that shadow paging sees every write to a write-protecte
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..arch.bits import PT64_NX_MASK
 from ..errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from ..kvm.vcpu import Vcpu
+    from ..kvm.vm import VM
 
 P, RW, US, PWT, PCD, A, D, PS, G = 1, 2, 4, 8, 16, 32, 64, 128, 256
 NX = PT64_NX_MASK
@@ -71,7 +76,7 @@ class GuestPageTables:
             return (gva >> 30) & 3
         return (gva >> (12 + self.bits * (level - 1))) & ((1 << self.bits) - 1)
 
-    def _check_gva(self, gva: object) -> None:
+    def _check_gva(self, gva: object) -> int:
         """gva is an address this mode translates: 32 bits for 32-bit and PAE paging, canonical for
         4- and 5-level paging, below 2^48 / 2^57 for EPT (a guest-physical address)."""
         bits = {2: 32, 3: 32, 4: 48, 5: 57}[self.levels]
@@ -82,6 +87,7 @@ class GuestPageTables:
                 raise InvalidArgument("gva", gva, f"{self.mode} tables translate {bits}-bit addresses")
         elif (gva >> (bits - 1)) not in (0, (1 << (65 - bits)) - 1):
             raise InvalidArgument("gva", gva, f"{self.mode} tables translate canonical {bits}-bit addresses")
+        return gva
 
     def _check_entry_bits(self, name: str, value: object) -> None:
         if value is not None and (type(value) is not int or value < 0 or value >> (8 * self.esize)):
@@ -125,18 +131,19 @@ class GuestPageTables:
     def _check_map(self, gva: object, gpa: object, page_size: object, flags: object, upper: object,
                    pkey: object) -> int:
         """Every argument of map() before anything is written; returns the leaf level."""
-        level = _PAGE_LEVEL.get(page_size) if type(page_size) is int else None
+        size = page_size if type(page_size) is int else 0
+        level = _PAGE_LEVEL.get(size)
         if level is None or (page_size == 4 << 20) != (self.mode == "32bit" and level == 2) and level == 2 \
                 or level > self.levels or (level == 3 and self.mode == "pae"):
             raise InvalidArgument("page_size", page_size, f"{self.mode} paging has no such page size")
-        self._check_gva(gva)
+        va = self._check_gva(gva)
         # A 4 KiB page's gpa goes in bits 31:12 of a 32-bit entry; a 4 MiB one adds PSE-36's bits 35:32.
         gpa_bits = 52 if self.esize == 8 else 36 if level == 2 else 32
         if type(gpa) is not int or gpa < 0 or gpa >> gpa_bits:
             raise InvalidArgument("gpa", gpa, f"a {self.mode} entry maps a gpa below 2^{gpa_bits}")
-        if gva % page_size:  # type: ignore[operator]
+        if va % size:
             raise InvalidArgument("gva", gva, f"a {page_size}-byte page must be aligned to its size")
-        if gpa % page_size:  # type: ignore[operator]
+        if gpa % size:
             raise InvalidArgument("gpa", gpa, f"a {page_size}-byte page must be aligned to its size")
         self._check_entry_bits("flags", flags)
         self._check_entry_bits("upper", upper)
@@ -151,34 +158,35 @@ class GuestPageTables:
             raise InvalidArgument("length", length, "a length is a non-negative integer")
         self._check_map(gva, gpa, page_size, flags, None, 0)
         if length:
-            last = (length - 1) // page_size * page_size  # type: ignore[operator]
+            last = (length - 1) // page_size * page_size
             self._check_map(gva + last, gpa + last, page_size, flags, None, 0)
         for off in range(0, length, page_size):
             self.map(gva + off, gpa + off, page_size, flags)
 
 
-def vm_writer(vm: object) -> tuple[Writer, Reader]:
+def vm_writer(vm: VM) -> tuple[Writer, Reader]:
     """Write through the VMM's mapping of guest RAM (KVM does not see these writes)."""
     def write(gpa: int, size: int, value: int) -> None:
-        vm.write_phys(gpa, value.to_bytes(size, "little"))  # type: ignore[attr-defined]
+        vm.write_phys(gpa, value.to_bytes(size, "little"))
 
     def read(gpa: int, size: int) -> int:
-        return int.from_bytes(vm.read_phys(gpa, size), "little")  # type: ignore[attr-defined]
+        return int.from_bytes(vm.read_phys(gpa, size), "little")
     return write, read
 
 
-def vcpu_writer(vcpu: object, gpa_to_gva: Callable[[int], int] = lambda gpa: gpa) -> tuple[Writer, Reader]:
+def vcpu_writer(vcpu: Vcpu, gpa_to_gva: Callable[[int], int] = lambda gpa: gpa) -> tuple[Writer, Reader]:
     """Write as the guest kernel does: a CPL0 store through the vCPU (shadow paging traps it)."""
     # Besides a fault, an access may end in a VM exit to L1 (a vCPU running a nested guest) or a KVM
     # internal error: either way nothing was read or written.
     def write(gpa: int, size: int, value: int) -> None:
-        r = vcpu.access(gpa_to_gva(gpa), size, "write", value, cpl=0)  # type: ignore[attr-defined]
+        r = vcpu.access(gpa_to_gva(gpa), size, "write", value, cpl=0)
         if not r.ok or r.l1_exit is not None:
             raise InvalidArgument("page-table write", gpa, f"the guest's own store failed: {r}")
 
     def read(gpa: int, size: int) -> int:
-        r = vcpu.access(gpa_to_gva(gpa), size, "read", cpl=0)  # type: ignore[attr-defined]
-        if not r.ok or r.l1_exit is not None:
+        r = vcpu.access(gpa_to_gva(gpa), size, "read", cpl=0)
+        value = r.value
+        if not r.ok or r.l1_exit is not None or value is None:
             raise InvalidArgument("page-table read", gpa, f"the guest's own load failed: {r}")
-        return r.value
+        return value
     return write, read

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from struct import pack
 
 from ..arch import bits
@@ -48,9 +48,11 @@ from ..arch.descriptors import (
     tss_image,
 )
 from ..errors import InvalidArgument
-from ..kvm.memslots import KVM_MEM_READONLY
 from ..tools.asm import Assembled, assemble
 from .pagetables import GuestPageTables
+from .runtime_program import Action, Demand, Map, Program, Slot, WritePhys, both_rings, default_mmio_read
+
+Symbol = int | Callable[..., int]     # an assembler symbol: a constant, or a function the code calls: pte(gva)
 
 # -- layout -------------------------------------------------------------------------------------
 RT_GDT = 0x1000
@@ -83,158 +85,9 @@ CR4_SMAP = bits.X86_CR4_SMAP
 EFER_LME, EFER_LMA, EFER_NXE = bits.EFER_LME, bits.EFER_LMA, bits.EFER_NX
 RFLAGS_FIXED, RFLAGS_IF = bits.X86_EFLAGS_FIXED, bits.X86_EFLAGS_IF
 
-PTE_P, PTE_RW, PTE_US = bits.PT_PRESENT_MASK, bits.PT_WRITABLE_MASK, bits.PT_USER_MASK
-PTE_A, PTE_D, PTE_PS = bits.PT_ACCESSED_MASK, bits.PT_DIRTY_MASK, bits.PT_PAGE_SIZE_MASK
-PTE_NX = bits.PT64_NX_MASK
-_FLAG_TOKENS = {"r": 0, "ro": 0, "w": PTE_RW, "rw": PTE_RW, "u": PTE_US, "user": PTE_US, "a": PTE_A,
-                "d": PTE_D, "nx": PTE_NX}
-
 # Exceptions that push an error code.
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 VECTOR_NAMES = {"de": 0, "db": 1, "bp": 3, "ud": 6, "df": 8, "np": 11, "ss": 12, "gp": 13, "pf": 14}
-
-
-# -- the description ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Map:
-    """Map [gva, gva+size) to [gpa, ...) (identity when gpa is None) with 4 KiB or 2 MiB pages.
-
-    ``flags``: tokens ``rw``/``w`` (writable; else read-only), ``u``/``user``, ``nx``, ``a``, ``d``
-    (preset accessed/dirty), ``np`` (build the tables but leave the PTEs not present), ``2m``.
-    """
-
-    gva: int
-    size: int = 0x1000
-    gpa: int | str | None = None
-    flags: str = "rw"
-
-    @property
-    def alias(self) -> tuple[int, int] | None:
-        """For ``gpa="pt:GVA"`` (``"pt1:GVA"`` for address space 1...): (space, GVA) — the page is
-        the level-1 table that maps GVA, so the program can edit PTEs through this mapping."""
-        if not isinstance(self.gpa, str):
-            return None
-        m = re.fullmatch(r"pt(\d*):(.+)", self.gpa.strip())
-        if not m:
-            raise InvalidArgument("Map.gpa", self.gpa, 'a page-table alias is written "pt:GVA" or "ptN:GVA"')
-        return int(m.group(1) or 0), int(m.group(2), 0)
-
-    @property
-    def tokens(self) -> set[str]:
-        return set(self.flags.lower().replace(",", " ").split())
-
-    @property
-    def page_size(self) -> int:
-        return 2 << 20 if "2m" in self.tokens else 4096
-
-    @property
-    def present(self) -> bool:
-        return "np" not in self.tokens
-
-    def pte_flags(self) -> int:
-        bits = PTE_P
-        for t in self.tokens:
-            if t in ("np", "2m", "p"):
-                continue
-            if t not in _FLAG_TOKENS:
-                raise InvalidArgument("Map.flags", self.flags,
-                                      f"unknown token {t!r}; tokens are {sorted(_FLAG_TOKENS)} + np, 2m")
-            bits |= _FLAG_TOKENS[t]
-        return bits
-
-
-@dataclass(frozen=True)
-class Slot:
-    """A memslot: KVM_SET_USER_MEMORY_REGION(slot, flags, guest_phys_addr, memory_size).  Size 0
-    deletes; re-issuing a live slot id with another gpa moves it (its memory goes along)."""
-
-    slot: int
-    gpa: int
-    size: int
-    flags: int = 0
-
-    @property
-    def readonly(self) -> bool:
-        return bool(self.flags & KVM_MEM_READONLY)
-
-
-@dataclass(frozen=True)
-class WritePhys:
-    """The host (VMM) writes guest memory through its mapping between two runs (KVM does not see it)."""
-
-    gpa: int
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Demand:
-    """The "demand" #PF action maps a faulting page of [gva, gva+size) to gpa + offset, with flags."""
-
-    gva: int
-    size: int
-    gpa: int
-    flags: str = "rw u"
-
-
-def default_mmio_read(addr: int, length: int, seq: int) -> int:
-    """The default device: a value that depends on the address, the length and the exit number."""
-    v = (0x5A17_C0DE_0000_0000 | (addr & 0xFFFF_FFFF)) ^ ((seq + 1) * 0x0101_0101_0101_0101)
-    return v & ((1 << (8 * length)) - 1)
-
-
-Action = Slot | WritePhys
-
-
-@dataclass(frozen=True)
-class Program:
-    """One test guest.  ``code`` runs at ``cpl``; each ``hlt`` ends a run, after which the host
-    applies ``between[i]`` (memslot changes, memory writes) and resumes it; the program is over
-    after the last run.
-
-    ``spaces`` adds address spaces for CR3 switches: each has the runtime's and the text's mappings
-    plus its own maps; the code sees ``CR3_0`` (the first, ``maps``), ``CR3_1``... and ``pte(gva)``,
-    ``pte_in(space, gva)``, ``pde(gva)`` for entry addresses.  ``expect`` documents an understood
-    difference between the model and the real host, by observable name (see kvmmu.realdiff).
-
-    ``prefault``: the real VMM writes every guest page the program can reach (what its maps and
-    demand window point at, the runtime's pages) when it creates a memslot, so the host has no
-    lazily allocated or zero-page-backed guest memory there — the model's host (every page
-    resident) — and KVM's fault path never meets a COW.  Turn it off to see those effects."""
-
-    name: str
-    code: str
-    cpl: int = 0
-    doc: str = ""
-    maps: tuple[Map, ...] = ()
-    slots: tuple[Slot, ...] = (Slot(0, 0, 8 << 20),)
-    data: Mapping[int, bytes] = field(default_factory=dict)
-    faults: Mapping[int | str, str] = field(default_factory=dict)
-    demand: Demand | None = None
-    fixup: str | int | None = None
-    between: tuple[tuple[Action, ...], ...] = ()
-    symbols: Mapping[str, int] = field(default_factory=dict)
-    spaces: tuple[tuple[Map, ...], ...] = ()
-    mmio_read: Callable[[int, int, int], int] = default_mmio_read
-    nx: bool = False                 # EFER.NXE (also set when a map uses "nx")
-    cr0_wp: bool = True              # CR0.WP
-    cr4: int = 0                     # extra CR4 bits, e.g. SMEP (1 << 20), SMAP (1 << 21)
-    prefault: bool = True            # the VMM populates guest RAM up front (like QEMU -mem-prealloc)
-    host_hugepages: bool = False     # guest RAM on 2 MiB host pages (transparent huge pages)
-    max_steps: int = 200_000
-    expect: Mapping[str, str] = field(default_factory=dict)   # documented differences, by observable
-
-    def at_cpl(self, cpl: int, suffix: str | None = None) -> Program:
-        """The same program at another ring (name gets ``_cpl0`` / ``_cpl3`` unless ``suffix``)."""
-        return replace(self, cpl=cpl, name=f"{self.name}{suffix if suffix is not None else f'_cpl{cpl}'}")
-
-    @property
-    def runs(self) -> int:
-        return len(self.between) + 1
-
-
-def both_rings(program: Program) -> list[Program]:
-    """The CPL0 and CPL3 versions of a program."""
-    return [program.at_cpl(0), program.at_cpl(3)]
 
 
 # -- the result of the layout ---------------------------------------------------------------------
@@ -416,6 +269,11 @@ rt_svc_bad:
     if program.demand is not None:
         d = program.demand
         flags = Map(d.gva, d.size, d.gpa, d.flags).pte_flags()
+        # Down the tables from CR3 to the PTE's address (rbx): one index per level, the PML4 first;
+        # above the PTE, the entry is loaded and masked to the next table's address.
+        down = "mov rbx, [rbx+rcx*8]\n    and rbx, rdx"
+        walk = "".join(f"\n    mov rcx, rax\n    shr rcx, {shift}\n    and ecx, 511\n    {step}"
+                       for shift, step in ((39, down), (30, down), (21, down), (12, "lea rbx, [rbx+rcx*8]")))
         lines.append(f"""
 rt_demand:
     mov rax, cr2
@@ -427,26 +285,7 @@ rt_demand:
     jae rt_stop
     mov rdx, 0x000ffffffffff000
     mov rbx, cr3
-    and rbx, rdx
-    mov rcx, rax
-    shr rcx, 39
-    and ecx, 511
-    mov rbx, [rbx+rcx*8]
-    and rbx, rdx
-    mov rcx, rax
-    shr rcx, 30
-    and ecx, 511
-    mov rbx, [rbx+rcx*8]
-    and rbx, rdx
-    mov rcx, rax
-    shr rcx, 21
-    and ecx, 511
-    mov rbx, [rbx+rcx*8]
-    and rbx, rdx
-    mov rcx, rax
-    shr rcx, 12
-    and ecx, 511
-    lea rbx, [rbx+rcx*8]
+    and rbx, rdx{walk}
     mov rcx, {d.gva:#x}
     sub rax, rcx
     and rax, -4096
@@ -495,8 +334,9 @@ def build(program: Program) -> GuestImage:
     view = 0 if program.cpl == 0 else RT_ULOG - RT_LOG
     ring_symbols = {"RT_LOG": RT_LOG + view, "RT_FIXUP": RT_FIXUP + view, "RT_SCRATCH": RT_SCRATCH + view,
                     "RT_LOG_ENTRIES": RT_LOG_ENTRIES + view}
-    symbols = {**base_symbols, **ring_symbols, **{k: v for k, v in handlers.labels.items() if k.startswith("rt_")},
-               **program.symbols}
+    symbols: dict[str, Symbol] = {**base_symbols, **ring_symbols,
+                                  **{k: v for k, v in handlers.labels.items() if k.startswith("rt_")},
+                                  **program.symbols}
     # Page tables first (program maps in order, then the runtime's), so pte() works in the code.
     runtime_maps = [
         Map(RT_GDT, 0x3000, flags="rw"), Map(RT_LOG, 0x1000, flags="rw"), Map(RT_ULOG, 0x1000, RT_LOG, "rw u"),
@@ -510,7 +350,7 @@ def build(program: Program) -> GuestImage:
     code_text = expand_svc(program.code, program.cpl)
     cr3_syms = {f"CR3_{i}": 0 for i in range(1 + len(program.spaces))}
     probe_syms = {**symbols, **cr3_syms, "pte": _probe_fn, "pde": _probe_fn, "pte_in": _probe_fn}
-    probe = assemble(code_text, text_base, probe_syms)
+    probe = _assemble(code_text, text_base, probe_syms)
     text_size = max((max(a + len(b) for a, b in probe.segments) - text_base + 0xFFF) & ~0xFFF, 0x1000)
     text_map = Map(text_base, text_size, flags="rw" if program.cpl == 0 else "rw u")
     reserved = [(m.gva, m.gva + m.size) for m in (text_map, *runtime_maps)]
@@ -547,8 +387,8 @@ def build(program: Program) -> GuestImage:
         return tables[space].entry_addr(gva, 1, create=False)
 
     symbols.update({f"CR3_{i}": t.cr3 for i, t in enumerate(tables)})
-    symbols["pte_in"] = pte_in  # type: ignore[assignment]
-    code = assemble(code_text, text_base, {**symbols, "pte": pte, "pde": pde})
+    symbols["pte_in"] = pte_in
+    code = _assemble(code_text, text_base, {**symbols, "pte": pte, "pde": pde})
     if max(a + len(b) for a, b in code.segments) > text_base + text_size:
         raise InvalidArgument("code", program.name, "the code grew between layout passes (an expression "
                               "that changes instruction sizes); use constants of a fixed size")
@@ -579,6 +419,11 @@ def build(program: Program) -> GuestImage:
         pagetables=pt, code=code, handlers=handlers)
 
 
+def _assemble(source: str, base: int, symbols: Mapping[str, Symbol]) -> Assembled:
+    """tools.asm.assemble, given function symbols too (its `evaluate` calls them)."""
+    return assemble(source, base, symbols)  # type: ignore[arg-type]  # its annotation names int symbols only
+
+
 def _probe_fn(*args: int) -> int:
     return 0
 
@@ -596,8 +441,10 @@ def _apply_map(pt: GuestPageTables, m: Map, tables: list[GuestPageTables] | None
         gpa = tables[space].entry_addr(target, 1, create=False) & ~0xFFF
         if m.size != 0x1000 or size != 0x1000:
             raise InvalidArgument("Map", m, "a page-table alias maps exactly one 4 KiB page")
+    elif isinstance(m.gpa, int):
+        gpa = m.gpa
     else:
-        gpa = m.gva if m.gpa is None else m.gpa
+        gpa = m.gva                   # identity (a str gpa is the alias above)
     if m.gva % size or m.size % size or gpa % size:
         raise InvalidArgument("Map", m, f"gva, gpa and size must be multiples of the page size {size:#x}")
     flags = m.pte_flags()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InvalidArgument
 from ..kvm.memslots import KVM_MEM_LOG_DIRTY_PAGES
-from .os import DIRECT_MAP, FIXMAP_APIC, USER_DATA, USER_HEAP, USER_STACK_TOP, USER_TEXT, Image
+from .os import DIRECT_MAP, FIXMAP_APIC, USER_DATA, USER_HEAP, USER_STACK_TOP, USER_TEXT, GuestPanic, Image, Program
 
 if TYPE_CHECKING:
     from .os import Cpu, GuestOS, Process
@@ -47,13 +47,14 @@ def _check_num(name: str, value: Any, lo: float, hi: float) -> None:
         raise InvalidArgument(f"workload.{name}", value, f"a finite number from {lo:g} to {hi:g}")
 
 
+@dataclass
 class Workload:
     kind: ClassVar[str] = ""
     # parameter -> (lo, hi): its stated range (docs/cli.md); others: INT_RANGE / FLOAT_RANGE
     RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def validate(self) -> None:
-        for f in fields(self):  # type: ignore[arg-type]
+        for f in fields(self):
             v = getattr(self, f.name)
             if isinstance(f.default, bool):
                 if not isinstance(v, bool):
@@ -113,7 +114,7 @@ class KernelCompile(Workload):
         rng = random.Random(f"kvmmu-kcompile:{os_.rng.random()}")
         os_.spawn("make", self._make(os_, rng, jobs), image=self.make_img)
 
-    def _make(self, os_: GuestOS, rng: random.Random, jobs: int):
+    def _make(self, os_: GuestOS, rng: random.Random, jobs: int) -> Program:
         yield ("brk", self.make_pages)
         for i in range(self.make_pages):
             yield ("access", USER_HEAP + (i << 12), 8, "write", i)
@@ -134,7 +135,7 @@ class KernelCompile(Workload):
         os_.done = True
         yield ("exit",)
 
-    def _job(self, os_: GuestOS, rng: random.Random, n: int):
+    def _job(self, os_: GuestOS, rng: random.Random, n: int) -> Program:
         img = Image("cc1", self.cc1, 1024, self.data_pages, self.bss_pages, self.stack_pages)
         yield ("exec", img)
         chunks = 4
@@ -200,7 +201,7 @@ class NetperfRR(Workload):
         for s in range(n):
             os_.spawn(f"netperf{s}", self._stream(os_, s), pin=s % len(os_.cpus))
 
-    def _stream(self, os_: GuestOS, s: int):
+    def _stream(self, os_: GuestOS, s: int) -> Program:
         buf = yield ("mmap", 1)
         yield ("access", buf, 8, "write", 0)
         stack = os_.p.cycles(self.stack_us * 1e-6)
@@ -298,7 +299,7 @@ class MmioBench(Workload):
         for c in range(len(os_.cpus)):
             os_.spawn(f"vmexit{c}", self._loop(os_, gva, c), pin=c, kernel_thread=True)
 
-    def _loop(self, os_: GuestOS, gva: int, c: int):
+    def _loop(self, os_: GuestOS, gva: int, c: int) -> Program:
         cpu = os_.cpus[c]
         start = None
         for i in range(self.iterations):
@@ -385,6 +386,8 @@ class MemslotChurn(Workload):
             self._moved = not self._moved
         elif act == "dirty-log" and os_.machine.spec.framebuffer_mib:
             slot = vm.memslots.slot(SLOT_FB)
+            if slot is None:
+                raise GuestPanic(f"{self.kind}: the framebuffer's memslot {SLOT_FB} is gone")
             vm.set_user_memory_region(slot=SLOT_FB, guest_phys_addr=slot.base_gfn << 12,
                                       memory_size=slot.npages << 12, flags=slot.flags ^ KVM_MEM_LOG_DIRTY_PAGES)
         if not os_.done:
@@ -397,7 +400,7 @@ class MemslotChurn(Workload):
         if not os_.done:
             os_.vmm_at(t + period, lambda t2: self._refresh(os_, t2, period))
 
-    def _loop(self, os_: GuestOS, pages: list[int], c: int):
+    def _loop(self, os_: GuestOS, pages: list[int], c: int) -> Program:
         rng = random.Random(f"kvmmu-churn:{c}")
         bell = os_.ioremaps["virtio-net-notify"]
         status = os_.ioremaps["virtio-net-cfg"] + 0x10

@@ -201,7 +201,7 @@ def experiment_b(iterations: int = 200, seed: int = 1, progress: PartProgress | 
             progress.part(n, len(combos), f"(b) {flavour}/{policy}")
         host = Host(memory_limit=8 << 30)
         m = Machine(MachineSpec(name="b", ram_mib=256, vcpus=1, mmu=flavour, mmio_caching=policy), host)
-        os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=seed)  # type: ignore[arg-type]  # Platform.spec: invariant member
+        os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=seed)
         os_.boot()
         vcpu = m.vcpus[0]
         regs = [os_.ioremaps["virtio-net-cfg"] + 0x10, os_.ioremaps["pci-testdev"] + 0x10]

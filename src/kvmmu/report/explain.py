@@ -136,7 +136,7 @@ def explain(mmu: str = "shadow", policy: str = "generation", target: str = "door
         raise ScenarioError(f"--warm {warm}: between 0 and 1000 warm-up accesses")
     host = Host(memory_limit=4 << 30) if swap_tables else Host()
     m = Machine(MachineSpec(name="explain", ram_mib=256, vcpus=1, mmu=mmu, mmio_caching=policy), host)
-    os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=1)  # type: ignore[arg-type]  # Platform.spec: invariant member
+    os_ = GuestOS(m, OsParams(boot_console_bytes=0), seed=1)
     os_.boot()
     vcpu = m.vcpus[0]
     cpl = 0

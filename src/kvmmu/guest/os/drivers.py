@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..pagetables import NX, PCD, PWT, RW, G, P
+from .kmem import KernelMemory
 from .layout import FIXMAP_APIC, PAGE
 from .structs import Cpu, Process
 
@@ -13,8 +14,8 @@ if TYPE_CHECKING:
     from ...kvm.vcpu import Vcpu
 
 
-class Drivers:
-    """GuestOS's device drivers (a mixin: the state lives in kernel.GuestOS)."""
+class Drivers(KernelMemory):
+    """GuestOS's device drivers (a mixin: state.KernelState)."""
 
     def apic_init(self, cpu: Cpu) -> None:
         if self.p.apic != "xapic":

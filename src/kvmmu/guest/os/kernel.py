@@ -1,36 +1,34 @@
 """GuestOS: the kernel of one machine, its state, boot and report; its parts are mixins by concern
-(kmem, drivers, mm, process, sched, syscalls)."""
+(kmem, drivers, mm, process, sched, syscalls) over the state that state.KernelState declares."""
 
 from __future__ import annotations
 
 import random
 from collections import OrderedDict, deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...arch.bits import EFER_LME, EFER_NX, X86_CR0_PE, X86_CR0_PG, X86_CR0_WP, X86_CR4_PAE
-from ...sim.clock import Clock, EventQueue
+from ...sim.clock import Clock
 from ...sim.cost import CostModel
 from ..pagetables import NX, PCD, PS, PWT, RW, G, P
 from .drivers import Drivers
-from .kmem import KernelMemory
 from .layout import DIRECT_MAP, FIXMAP_APIC, FIXMAP_HPET, FIXMAP_IOAPIC, KTEXT, KTEXT_GPA, KTEXT_SIZE, PAGE, VMALLOC
 from .mm import MemoryManager
 from .params import OS_COUNTERS, OsParams
 from .process import Processes
 from .sched import Scheduler
-from .structs import MM, Cpu, File, Frames, Process
+from .structs import Cpu, File, Frames
 from .syscalls import Syscalls
 
 if TYPE_CHECKING:
     from ..platform import Platform
 
 
-class GuestOS(KernelMemory, Drivers, MemoryManager, Processes, Scheduler, Syscalls):
+class GuestOS(Drivers, MemoryManager, Processes, Scheduler, Syscalls):
     """The kernel of one machine."""
 
     def __init__(self, machine: Platform, params: OsParams | None = None, seed: int = 1,
-                 cost: Any = None, clock: Clock | None = None) -> None:
+                 cost: CostModel | None = None, clock: Clock | None = None) -> None:
         self.machine = machine
         self.vm = machine.vm
         self.p = params or OsParams()
@@ -41,26 +39,26 @@ class GuestOS(KernelMemory, Drivers, MemoryManager, Processes, Scheduler, Syscal
         self._vm_cost = self.cost.vm_cost_fn()
         self.vm_last_cost = 0
         self.frames = Frames(machine.ram_ranges())
-        self.page_cache: OrderedDict[tuple[int, int], int] = OrderedDict()
-        self.files: list[File] = []
-        self.procs: dict[int, Process] = {}
+        self.page_cache = OrderedDict()
+        self.files = []
+        self.procs = {}
         self.next_pid = 1
-        self.global_rq: deque[Process] = deque()
+        self.global_rq = deque()
         self.clock = clock if clock is not None else Clock()     # one event order for every queue
         self.cpus = [Cpu(i, v, events=self.clock.queue()) for i, v in enumerate(machine.vcpus)]
         self.tick_period = self.p.cycles(1 / self.p.hz)
-        self.ktables: dict[tuple[int, int], int] = {}
-        self.ioremaps: dict[str, int] = {}
+        self.ktables = {}
+        self.ioremaps = {}
         self._vmalloc_next = VMALLOC
-        self.wake_requests: list[tuple[int, int]] = []     # (cpu index, time): the host must run it then
-        self.vmm_timers: EventQueue = self.clock.queue()   # fn(when), run by the VMM thread
-        self.counters: dict[str, int] = dict.fromkeys(OS_COUNTERS, 0)
+        self.wake_requests = []     # (cpu index, time): the host must run it then
+        self.vmm_timers = self.clock.queue()   # fn(when), run by the VMM thread
+        self.counters = dict.fromkeys(OS_COUNTERS, 0)
         self.cr0 = X86_CR0_PG | X86_CR0_PE | X86_CR0_WP
         self.done = False
         self.booted = False
-        self.irq_handlers: dict[str, Callable[[Cpu, int], int]] = {}
-        self.workload: Any = None
-        self.mms: dict[int, MM] = {}          # PGD gfn -> mm, until the PGD is freed
+        self.irq_handlers = {}
+        self.workload = None
+        self.mms = {}          # PGD gfn -> mm, until the PGD is freed
 
     # -- boot --------------------------------------------------------------------------------------
     def boot(self) -> None:

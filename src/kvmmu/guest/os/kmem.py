@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING
 from ..pagetables import RW, US, G, P
 from .layout import DIRECT_MAP, PAGE
 from .params import GuestPanic
+from .state import KernelState
 from .structs import MM
 
 if TYPE_CHECKING:
     from ...kvm.vcpu import Vcpu
 
 
-class KernelMemory:
-    """GuestOS's memory primitives (a mixin: the state lives in kernel.GuestOS)."""
+class KernelMemory(KernelState):
+    """GuestOS's memory primitives, which the other parts build on (a mixin: state.KernelState)."""
 
     # -- low-level kernel memory access (always through a vCPU) ------------------------------------
     def kwrite(self, vcpu: Vcpu, gpa: int, value: int, size: int = 8) -> None:
@@ -26,9 +27,11 @@ class KernelMemory:
 
     def kread(self, vcpu: Vcpu, gpa: int, size: int = 8) -> int:
         r = vcpu.access(DIRECT_MAP + gpa, size, "read", cpl=0)
-        if r.fault is not None:
-            raise GuestPanic(f"kernel load from the direct map at gpa {gpa:#x} faulted: {r.fault}")
-        return r.value
+        value = r.value
+        if value is None or r.fault is not None:
+            raise GuestPanic(f"kernel load from the direct map at gpa {gpa:#x} "
+                             f"{'returned no value' if r.fault is None else f'faulted: {r.fault}'}")
+        return value
 
     def mmio(self, vcpu: Vcpu, gva: int, size: int, kind: str, value: int | None = None) -> int | None:
         """A driver's access to an ioremap'd / fixmap'd device register."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..pagetables import NX, RW, US, P
+from .kmem import KernelMemory
 from .layout import (
     KERNEL_PGD_SLOTS,
     PF_FETCH,
@@ -16,14 +17,15 @@ from .layout import (
     USER_STACK_TOP,
     USER_TEXT,
 )
+from .params import GuestPanic
 from .structs import MM, Cpu, File, Image, Process, UserPage, Vma
 
 if TYPE_CHECKING:
     from ...kvm.vcpu import GuestFault, Vcpu
 
 
-class MemoryManager:
-    """GuestOS's memory management (a mixin: the state lives in kernel.GuestOS)."""
+class MemoryManager(KernelMemory):
+    """GuestOS's memory management (a mixin: state.KernelState)."""
 
     def _new_mm(self, vcpu: Vcpu) -> MM:
         """pgd_alloc: a zeroed PGD with the kernel's entries copied from init_mm."""
@@ -45,9 +47,11 @@ class MemoryManager:
         self.counters["page_faults"] += 1
         proc.stats["faults"] += 1
         self._charge(cpu, self.p.cost_fault)
+        if va is None:
+            raise GuestPanic(f"process {proc.name}[{proc.pid}]: a #PF without CR2: {fault}")
         vma = mm.find_vma(va) if mm is not None else None
         write, fetch = bool(ec & PF_WRITE), bool(ec & PF_FETCH)
-        if vma is None or (write and not vma.writable) or (fetch and not vma.executable):
+        if mm is None or vma is None or (write and not vma.writable) or (fetch and not vma.executable):
             self.counters["segfaults"] += 1
             return "segv"
         self.kread(vcpu, (self.slab[proc.pid % len(self.slab)] << 12) + 8 * (proc.pid % 512))   # the mm / VMA
@@ -60,12 +64,15 @@ class MemoryManager:
                 self.clear_page(vcpu, gfn)
                 page = UserPage(gfn, vma.writable)
             else:
+                file = vma.file
+                if file is None:
+                    raise GuestPanic(f"process {proc.name}[{proc.pid}]: a file VMA without a file at {va:#x}")
                 idx = vma.file_page + ((base - vma.start) >> 12)
-                cached = self.page_cache.get((vma.file.fid, idx))
+                cached = self.page_cache.get((file.fid, idx))
                 if cached is None:
-                    self._page_cache_fill(cpu, proc, vma.file, [idx], now)
+                    self._page_cache_fill(cpu, proc, file, [idx], now)
                     return "blocked"
-                self.page_cache.move_to_end((vma.file.fid, idx))
+                self.page_cache.move_to_end((file.fid, idx))
                 if vma.private and write:
                     gfn = self.frames.alloc()
                     self.copy_page(vcpu, cached, gfn)
@@ -178,7 +185,7 @@ class MemoryManager:
 
     def do_munmap(self, cpu: Cpu, proc: Process, start: int, npages: int) -> None:
         vcpu = cpu.vcpu
-        mm = proc.mm
+        mm = proc.user_mm("munmap")
         self.counters["munmaps"] += 1
         end = start + (npages << 12)
         cleared = []
@@ -211,7 +218,7 @@ class MemoryManager:
 
     def do_mmap(self, proc: Process, npages: int, writable: bool = True, file: File | None = None,
                 file_page: int = 0) -> int:
-        mm = proc.mm
+        mm = proc.user_mm("mmap")
         start = mm.mmap_next
         mm.mmap_next += (npages + 1) << 12
         flags = P | US | NX | (RW if writable else 0)
@@ -220,7 +227,7 @@ class MemoryManager:
         return start
 
     def do_brk(self, proc: Process, npages: int) -> int:
-        mm = proc.mm
+        mm = proc.user_mm("brk")
         heap = next(v for v in mm.vmas if v.start == USER_HEAP)
         old = heap.end
         heap.end += npages << 12

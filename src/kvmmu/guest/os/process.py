@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from ...arch.bits import PT_ACCESSED_MASK, PT_DIRTY_MASK
 from ..pagetables import RW
-from .params import Program
+from .kmem import KernelMemory
+from .params import GuestPanic, Program
 from .structs import Cpu, Image, Process, UserPage, Vma
 
 
-class Processes:
-    """GuestOS's process management (a mixin: the state lives in kernel.GuestOS)."""
+class Processes(KernelMemory):
+    """GuestOS's process management (a mixin: state.KernelState)."""
 
     def spawn(self, name: str, program: Program, pin: int | None = None, kernel_thread: bool = False,
               parent: Process | None = None, image: Image | None = None) -> Process:
@@ -31,7 +32,7 @@ class Processes:
         self.counters["forks"] += 1
         self._charge(cpu, self.p.cost_fork)
         mm = self._new_mm(vcpu)
-        pmm = parent.mm
+        pmm = parent.user_mm("fork")
         mm.vmas = [Vma(v.start, v.end, v.pte_flags, v.kind, v.file, v.file_page, v.private) for v in pmm.vmas]
         mm.brk, mm.mmap_next = pmm.brk, pmm.mmap_next
         wrprotected = False
@@ -40,6 +41,8 @@ class Processes:
             va = vpn << 12
             pte = self.read_user_pte(vcpu, pmm, va)                  # copy_pte_range reads the parent's PTE
             vma = pmm.find_vma(va)
+            if vma is None:
+                raise GuestPanic(f"fork of {parent.name}[{parent.pid}]: page {va:#x} lies in no VMA")
             if vma.private and vma.writable and page.writable:
                 pte &= ~RW
                 self.set_user_pte(vcpu, pmm, va, pte)                 # ptep_set_wrprotect

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .kmem import KernelMemory
 from .layout import FIXMAP_APIC, FIXMAP_HPET
 from .params import GuestPanic
 from .structs import MM, Cpu, Process
 
 
-class Scheduler:
-    """GuestOS's scheduler and clock (a mixin: the state lives in kernel.GuestOS)."""
+class Scheduler(KernelMemory):
+    """GuestOS's scheduler and clock (a mixin: state.KernelState)."""
 
     # -- wake-ups and timed events -----------------------------------------------------------------
     def _enqueue(self, proc: Process, now: int | None, src: Cpu | None = None) -> None:

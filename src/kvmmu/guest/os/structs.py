@@ -4,6 +4,7 @@ processes and the per-CPU state."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,13 @@ class Process:
     started: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"faults": 0, "cow": 0, "ops": 0})
 
+    def user_mm(self, what: str) -> MM:
+        """The address space `what` works on; a kernel thread has none, so it may not ask."""
+        mm = self.mm
+        if mm is None:
+            raise GuestPanic(f"process {self.name}[{self.pid}]: {what}: a kernel thread has no address space")
+        return mm
+
 
 @dataclass
 class Cpu:
@@ -150,8 +158,9 @@ class Cpu:
     ticking: bool = False
     slice_ticks: int = 0
     need_resched: bool = False
-    events: EventQueue = field(default_factory=EventQueue)   # interrupts due: fn(cpu, now) -> cycles
-    runqueue: deque = field(default_factory=deque)
+    # interrupts due: fn(cpu, now) -> the native cycles it used
+    events: EventQueue[Callable[[Cpu, int], int]] = field(default_factory=EventQueue)
+    runqueue: deque[Process] = field(default_factory=deque)
     idle: bool = True
     last_cost: int = 0
     last_exits: int = -1

@@ -3,16 +3,17 @@ munmap, brk, fork, exec, exit, wait, file reads and writes, sleep, and a workloa
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
+from .kmem import KernelMemory
 from .layout import FIXMAP_HPET, VMALLOC
 from .params import GuestPanic, Op
+from .state import OpHandler
 from .structs import Cpu, Process
 
 
-class Syscalls:
-    """GuestOS's system calls (a mixin: the state lives in kernel.GuestOS)."""
+class Syscalls(KernelMemory):
+    """GuestOS's system calls (a mixin: state.KernelState)."""
 
     def _op_compute(self, cpu: Cpu, proc: Process, op: Op, end: int) -> tuple[bool, Any]:
         limit = min(end, cpu.next_tick if cpu.ticking else end, cpu.events.next_time if cpu.events else end)
@@ -155,7 +156,7 @@ class Syscalls:
         """("call", fn, *args): a workload's kernel routine fn(os, cpu, proc, *args) -> (done, reply)."""
         return op[1](self, cpu, proc, *op[2:])
 
-    _ops: dict[str, Callable] = {
+    _ops: ClassVar[dict[str, OpHandler]] = {
         "compute": _op_compute, "access": _op_access, "kaccess": _op_kaccess, "mmap": _op_mmap,
         "munmap": _op_munmap, "brk": _op_brk, "fork": _op_fork, "exec": _op_exec, "exit": _op_exit,
         "wait": _op_wait, "read_file": _op_read_file, "write_file": _op_write_file, "sleep": _op_sleep,
