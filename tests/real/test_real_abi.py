@@ -11,8 +11,8 @@ import pytest
 
 from kvmmu.arch.descriptors import TSS_SEL, USER_CS, USER_DS, gdt_image, idt_gate, tss_image
 from kvmmu.real import available, identity_map_2m, stats_delta, unavailable_reason
+from kvmmu.real import device as device_module
 from kvmmu.real import ioctls as K
-from kvmmu.real import vm as vm_module
 from kvmmu.real.stats import StatsReader
 
 # Linux include/uapi/asm-generic/ioctl.h: nr 8 bits at 0, type 8 bits at 8, size 14 bits at 16,
@@ -66,8 +66,8 @@ def test_available_returns_a_bool() -> None:
 
 def test_available_is_false_without_dev_kvm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where /dev/kvm is absent, available() is False and the reason names the device."""
-    monkeypatch.setattr(vm_module, "KVM_DEVICE", "/nonexistent/kvm")
-    monkeypatch.setattr(vm_module, "_probe_result", [])
+    monkeypatch.setattr(device_module, "KVM_DEVICE", "/nonexistent/kvm")
+    monkeypatch.setattr(device_module, "_probe_result", [])
     assert available() is False
     reason = unavailable_reason()
     assert reason is not None and "/nonexistent/kvm" in reason

@@ -76,8 +76,8 @@ class TlbCpu:
     Cpu/TdpCpu take it as a PagingContext (a cast, no run-time check on these paths).
     """
 
-    __slots__ = ()
-    # Slots of Cpu and TdpCpu that the methods here read.
+    # The state of Cpu and TdpCpu that the methods here read (each sets tlb, mem and counters).
+    __slots__ = ("regs", "paging", "tlb", "mem", "counters")
     tlb: dict[int, tuple[int, int, int, int]]
     regs: GuestRegisters
     paging: PagingState
@@ -90,6 +90,11 @@ class TlbCpu:
 
     def refill(self, gva: int, pfec: int, ac: int, pkru: int) -> int:
         raise NotImplementedError     # Cpu and TdpCpu: a TLB miss that a walk which only reads completes
+
+    def load_vmcs(self, regs: GuestRegisters, paging: PagingState) -> None:
+        """VMPTRLD: the guest registers and the MMU context the CPU reads from now on (hw/vmcs.py)."""
+        self.regs = regs
+        self.paging = paging
 
     def tlb_hit(self, gva: int, pfec: int) -> int:
         """The host physical address if the TLB alone translates this access, else -1."""
@@ -297,17 +302,12 @@ def _decode(op: Sequence) -> DecodedOp | None:
 
 
 class Cpu(TlbCpu):
-    __slots__ = ("regs", "paging", "tlb", "mem", "counters")
+    __slots__ = ()
 
     def __init__(self, mem: SparseMemory, counters: dict[str, int]) -> None:
         self.tlb: dict[int, tuple[int, int, int, int]] = {}    # vpn -> (host page, ACC, kinds, pkey)
         self.mem = mem
         self.counters = counters
-
-    def load_vmcs(self, regs: GuestRegisters, paging: PagingState) -> None:
-        """VMPTRLD: the guest registers and the MMU context the CPU reads from now on (hw/vmcs.py)."""
-        self.regs = regs
-        self.paging = paging
 
     def flush(self) -> None:
         self.tlb.clear()

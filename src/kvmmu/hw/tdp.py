@@ -31,7 +31,7 @@ from .cpu import GP_FAULT, GUEST_FAULT, KIND_BITS, TLB_READ, VM_EXIT, TlbCpu
 
 if TYPE_CHECKING:
     from .host import Host
-    from .vmcs import GuestRegisters, PagingState, TdpControls
+    from .vmcs import TdpControls
 
 # The TLB kinds (hw/cpu.py) that the rights of a TDP translation allow, by the second-stage rules
 # (arch/permission.py): EPT's R/W/X; NPT's ACC bits for a user access with WP and NX in force (every
@@ -70,8 +70,7 @@ def _unmapped_code(ept: bool, pfec: int, final: bool) -> int:
 class TdpCpu(TlbCpu):
     """A vCPU's CPU under EPT/NPT: TLB of combined translations, and the 2-D walk on a miss."""
 
-    __slots__ = ("regs", "paging", "tlb", "gpa_cache", "mem", "host", "counters", "ept", "ept_ad", "tdp_ctx",
-                 "_ctxs", "_reader", "exit_final")
+    __slots__ = ("gpa_cache", "host", "ept", "ept_ad", "tdp_ctx", "_ctxs", "_reader", "exit_final")
     two_dimensional = True
 
     def __init__(self, host: Host, counters: dict[str, int], controls: TdpControls) -> None:
@@ -97,11 +96,6 @@ class TdpCpu(TlbCpu):
         # misconfiguration does not say so in its error code (VMX reports nothing); KVM then takes
         # the fault address as the data's gpa, which only the kvm_deviations mode does.
         self.exit_final = True
-
-    def load_vmcs(self, regs: GuestRegisters, paging: PagingState) -> None:
-        """VMPTRLD: the guest registers and the MMU context the CPU reads from now on (hw/vmcs.py)."""
-        self.regs = regs
-        self.paging = paging
 
     def flush(self) -> None:
         self.tlb.clear()

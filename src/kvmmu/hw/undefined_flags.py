@@ -106,14 +106,14 @@ class UndefinedFlags:
     def _operands(self, cpu: X86Cpu, instr: ix.Instruction) -> None:
         """Find undefined images among the instruction's inputs: a move carries them to its
         destination, anything else consumes them (a use); remember the destinations to update."""
-        from .x86cpu import _GPR
+        from .x86cpu.constants import GPR_SLICES
         mn = instr.mnemonic
         move = mn in _MOVES or mn in _BITWISE
         info = self._factory.info(instr)
         carried = 0
         reg_dst: list[tuple[int, int, int]] = []
         for r in info.used_registers():
-            gpr = _GPR.get(r.register)
+            gpr = GPR_SLICES.get(r.register)
             if gpr is None:
                 continue
             idx, size, shift = gpr

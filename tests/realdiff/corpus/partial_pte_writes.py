@@ -9,15 +9,22 @@ synced, so neither resyncs it).  A 2-byte store is "misaligned" and zaps the who
 At CPL0 every access is emulated and walks the guest tables: the new PTEs are seen at once.
 """
 
+import sys
+from pathlib import Path
+
 from kvmmu.guest.runtime import Map, Program
+
+if (_here := str(Path(__file__).parent)) not in sys.path:
+    sys.path.append(_here)          # corpus files are loaded by path: _snippets.py is beside this one
+from _snippets import invlpg, load_cr3, results  # noqa: E402
 
 VA1, VA2 = 0x70_0000, 0x70_1000
 A, B, C = 0x64_0000, 0x64_1000, 0x64_2000
 DATA = 0x60_0000
 MAPS = (Map(DATA, 0x1000, flags="rw u"), Map(VA1, 0x1000, A, "rw u"), Map(VA2, 0x1000, B, "rw u"))
 INIT = {DATA: bytes(64), A: b"\xaa" * 8, B: b"\xbb" * 8, C: b"\xcc" * 8}
-INVLPG2 = f"mov rdi, {VA2:#x}\n        mov eax, 1\n        svc"
-RELOAD = "mov rdi, CR3_0\n        mov eax, 2\n        svc"
+INVLPG2 = invlpg(VA2)
+RELOAD = load_cr3("CR3_0")
 
 
 def partial(name: str, doc: str, offset: int, store: str, value: int) -> list[Program]:
@@ -42,11 +49,7 @@ def partial(name: str, doc: str, offset: int, store: str, value: int) -> list[Pr
         mov r9, [rdx]
         mov rdx, {VA1:#x}
         mov r10, [rdx]
-        mov rsi, {DATA:#x}
-        mov [rsi], rcx
-        mov [rsi + 8], r8
-        mov [rsi + 16], r9
-        mov [rsi + 24], r10
+        {results(DATA, "rcx", "r8", "r9", "r10")}
         hlt
     """
     return [

@@ -7,7 +7,14 @@ to an *unsync* shadow page (a level-1 table is not write-protected) and stays in
 INVLPG; an edit made by the host between runs is never seen by KVM until INVLPG.
 """
 
+import sys
+from pathlib import Path
+
 from kvmmu.guest.runtime import Map, Program, WritePhys, both_rings
+
+if (_here := str(Path(__file__).parent)) not in sys.path:
+    sys.path.append(_here)          # corpus files are loaded by path: _snippets.py is beside this one
+from _snippets import invlpg, kernel_store, results  # noqa: E402
 
 VA = 0x70_0000
 A, B = 0x64_0000, 0x64_1000
@@ -15,7 +22,8 @@ ALIAS = 0x7F_0000
 DATA = 0x60_0000
 MAPS = (Map(DATA, 0x1000, flags="rw u"), Map(VA, 0x1000, A, "rw u"), Map(ALIAS, 0x1000, f"pt:{VA:#x}", "rw u"))
 INIT = {DATA: bytes(64), A: b"\xaa" * 4096, B: b"\xbb" * 4096}
-INVLPG = f"mov rdi, {VA:#x}\n    mov eax, 1\n    svc"
+INVLPG = invlpg(VA)
+RESULTS = results(DATA, "rbx", "rcx", "r8")
 
 
 def remap(name: str, doc: str, edit: str, invlpg: bool, **kw: object) -> Program:
@@ -29,15 +37,12 @@ def remap(name: str, doc: str, edit: str, invlpg: bool, **kw: object) -> Program
             {INVLPG if invlpg else "nop"}
             mov rdx, {VA:#x}
             mov r8, [rdx]
-            mov rsi, {DATA:#x}
-            mov [rsi], rbx
-            mov [rsi + 8], rcx
-            mov [rsi + 16], r8
+            {RESULTS}
             hlt
         """, **kw)
 
 
-KERNEL_EDIT = f"mov rdi, pte({VA:#x})\n    mov rsi, {B | 7:#x}\n    mov eax, 3\n    svc"
+KERNEL_EDIT = kernel_store(f"pte({VA:#x})", B | 7)
 ALIAS_EDIT = f"mov rdi, {ALIAS:#x} + (pte({VA:#x}) & 0xfff)\n    mov qword [rdi], {B | 7:#x}"
 
 PROGRAMS = [
@@ -60,10 +65,7 @@ PROGRAMS = [
             {INVLPG}
             mov rdx, {VA:#x}
             mov r8, [rdx]
-            mov rsi, {DATA:#x}
-            mov [rsi], rbx
-            mov [rsi + 8], rcx
-            mov [rsi + 16], r8
+            {RESULTS}
             hlt
         """)),
     *both_rings(Program(
@@ -72,23 +74,14 @@ PROGRAMS = [
         code=f"""
             mov rdx, {VA:#x}
             mov rbx, [rdx]
-            mov rdi, pte({VA:#x})
-            mov rsi, {A | 6:#x}
-            mov eax, 3
-            svc
+            {kernel_store(f"pte({VA:#x})", A | 6)}
             mov qword [RT_FIXUP], after
             mov rcx, [rdx]
             mov rcx, 1
         after:
-            mov rdi, pte({VA:#x})
-            mov rsi, {A | 7:#x}
-            mov eax, 3
-            svc
+            {kernel_store(f"pte({VA:#x})", A | 7)}
             mov r8, [rdx]
-            mov rsi, {DATA:#x}
-            mov [rsi], rbx
-            mov [rsi + 8], rcx
-            mov [rsi + 16], r8
+            {RESULTS}
             hlt
         """)),
     *both_rings(Program(
@@ -97,17 +90,11 @@ PROGRAMS = [
         code=f"""
             mov rdx, {VA:#x}
             mov qword [rdx], 1
-            mov rdi, pte({VA:#x})
-            mov rsi, {A | 5:#x}
-            mov eax, 3
-            svc
+            {kernel_store(f"pte({VA:#x})", A | 5)}
             mov qword [RT_FIXUP], after
             mov qword [rdx + 8], 2
         after:
-            mov rdi, pte({VA:#x})
-            mov rsi, {A | 7:#x}
-            mov eax, 3
-            svc
+            {kernel_store(f"pte({VA:#x})", A | 7)}
             mov qword [rdx + 16], 3
             hlt
         """)),

@@ -8,13 +8,20 @@ by INVLPG.  Effects: clear RW (a write #PF), move the frame (bits 12-23), set NX
 dword (a fetch #PF), clear P.
 """
 
+import sys
+from pathlib import Path
+
 from kvmmu.guest.runtime import Map, Program, both_rings
+
+if (_here := str(Path(__file__).parent)) not in sys.path:
+    sys.path.append(_here)          # corpus files are loaded by path: _snippets.py is beside this one
+from _snippets import invlpg  # noqa: E402
 
 VA = 0x70_0000
 A, B = 0x64_0000, 0x64_1000
 ALIAS = 0x7F_0000
 DATA = 0x60_0000
-INVLPG = f"mov rdi, {VA:#x}\n    mov eax, 1\n    svc"
+INVLPG = invlpg(VA)
 PTE = f"{ALIAS:#x} + (pte({VA:#x}) & 0xfff)"
 
 PROGRAMS = both_rings(Program(
