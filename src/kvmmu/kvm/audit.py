@@ -7,7 +7,7 @@ with the guest's entries.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..arch.bits import ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
 from ..arch.index import hpa_to_pfn, pages_per_hpage
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 _ACC_XU = ACC_EXEC_MASK | ACC_USER_MASK
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     raise AuditError(msg)
 
 

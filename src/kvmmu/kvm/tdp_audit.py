@@ -14,7 +14,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..arch.index import hpa_to_pfn, pfn_to_hpa
 from ..errors import AuditError
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .vm import VM
 
 
-def _fail(msg: str) -> None:
+def _fail(msg: str) -> NoReturn:
     raise AuditError(msg)
 
 
