@@ -31,7 +31,9 @@ lint: $(STAMP)
 TYPED := src/kvmmu/report src/kvmmu/sim src/kvmmu/sweep src/kvmmu/lab src/kvmmu/cli.py src/kvmmu/cliargs.py \
          src/kvmmu/errors.py src/kvmmu/bits.py src/kvmmu/vmm \
          src/kvmmu/real src/kvmmu/arch src/kvmmu/hw src/kvmmu/guest src/kvmmu/scenario.py \
-         src/kvmmu/_native.py src/kvmmu/tools/native.py
+         src/kvmmu/_native.py src/kvmmu/realdiff src/kvmmu/tools \
+         $(addprefix src/kvmmu/kvm/,__init__.py audit.py audit_walk.py exceptions.py exits.py iobus.py \
+           ioeventfd.py memslots.py mmu_notifier.py params.py stats.py tdp_audit.py trace.py tracepoints.py vm.py)
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)
 

@@ -27,6 +27,19 @@ def test_memory_operands_use_modrm_encodings() -> None:
     assert code("mov qword [rsp - 8], rax") == bytes.fromhex("48894424f8")
 
 
+def test_scaled_index_is_written_either_way_round() -> None:
+    """MOV r32, r/m32 is 8B /r; [rbx + rcx*4] is ModRM 04 (SIB follows), SIB 8B (scale 4, index rcx,
+    base rbx), whichever side of the * the register stands on."""
+    assert code("mov eax, [rbx + rcx*4]") == code("mov eax, [rbx + 4*rcx]") == bytes.fromhex("8b048b")
+
+
+@pytest.mark.parametrize("operand", ["[rbx - 4*rcx]", "[rbx + 4*cx]", "[rbx + 2*xmm0]"])
+def test_a_scaled_index_is_an_added_64_or_32_bit_gpr(operand: str) -> None:
+    """x86 addressing adds base + index*scale: a subtracted, 16-bit or non-GPR index has no encoding."""
+    with pytest.raises(AsmError, match="address registers are 32/64-bit and added"):
+        assemble(f"mov eax, {operand}", 0x1000)
+
+
 def test_the_shortest_encoding_wins() -> None:
     """ADD r/m64, imm8 (REX.W 83 /0 ib) is chosen over the imm32 form when the value fits."""
     assert code("add rax, 1") == bytes.fromhex("4883c001")

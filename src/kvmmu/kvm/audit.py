@@ -1,6 +1,9 @@
 """vm.audit(): the invariants of a healthy KVM MMU, checked from the tables themselves.
 
-Raises AuditError naming the spte, the shadow page and the rule.  An unsync page may legitimately
+Raises AuditError naming the spte, the shadow page and the rule.  The TDP MMU's pages are checked
+by tdp_audit.py; the rules every spte obeys in either MMU by the walk in audit_walk.py.  Here: the
+shadow MMU's own (rmap, unsync pages, write protection of shadowed guest tables, the guest's and the
+role's access) and the VM-wide ones (statistics, TLBs, MMIO caches).  An unsync page may legitimately
 lag behind the guest's tables (the guest has not flushed yet), so only synced pages are compared
 with the guest's entries.
 """
@@ -10,106 +13,88 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..arch.bits import ACC_ALL, ACC_EXEC_MASK, ACC_USER_MASK, ACC_WRITE_MASK
-from ..arch.index import hpa_to_pfn, pages_per_hpage
-from ..errors import AuditError
+from ..arch.index import hpa_to_pfn
+from .audit_walk import TableAudit, fail
 from .memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .mmu.hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index
-from .mmu.page import ROLE_CR0_WP, ShadowPage, role_access, role_smm
-from .mmu.spte import (
-    SPTE_MMU_PRESENT_MASK,
-    is_large_pte,
-    is_mmio_spte,
-    is_writable_pte,
-    spte_access,
-    spte_to_pfn,
-)
+from .mmu.page import ROLE_CR0_WP, role_access, role_smm
+from .mmu.spte import SPTE_MMU_PRESENT_MASK, is_writable_pte, spte_access, spte_to_pfn
 from .tdp_audit import audit_tdp_mmu
 
 if TYPE_CHECKING:
+    from .memslots import Memslot
+    from .mmu.page import ShadowPage
     from .vm import VM
 
 # What a guest grant must bound besides W (W has the CR0.WP=0 exception below).
 _ACC_XU = ACC_EXEC_MASK | ACC_USER_MASK
 
 
-def _fail(msg: str) -> None:
-    raise AuditError(msg)
-
-
 def audit_vm(vm: VM) -> None:
     kvm = vm.mmu
-    m = kvm.masks
     mem = vm.host.mem
-    pages = {0: 0, 1: 0, 2: 0}
-    rmap_seen: dict[tuple[int, int], set[int]] = {}
-    writable_gfns: set[tuple[int, int]] = set()
+    leaves = audit_tdp_mmu(vm)
+    walk = _ShadowAudit(vm, leaves)
     unsync = 0
-    tdp_leaves = audit_tdp_mmu(vm)
     for sp in list(kvm.pages_by_pfn.values()):
         if sp.tdp:
             continue                    # checked by audit_tdp_mmu
         if sp.unsync:
             unsync += 1
             if sp.level != 1:
-                _fail(f"{sp!r} is unsync but not a 4 KiB page table")
-        for i in range(512):
-            sptep = sp.sptep(i)
-            spte = mem.read(sptep, 8)
-            if not m.mmio_enabled and spte & m.present and not spte & SPTE_MMU_PRESENT_MASK and spte & (1 << 51):
-                _fail(f"spte {spte:#x} in {sp!r}[{i}] looks like an MMIO spte while MMIO caching is off")
-            if is_mmio_spte(m, spte):
-                if m.gen is not None and (spte & ~m.gen.spte_mask) >> 52:
-                    _fail(f"MMIO spte {spte:#x} has bits above 51 outside the generation field")
-                if sp.level != 1:
-                    _fail(f"MMIO spte {spte:#x} at level {sp.level} of {sp!r} (MMIO sptes are 4 KiB leaves)")
-                if spte & SPTE_MMU_PRESENT_MASK:
-                    _fail(f"MMIO spte {spte:#x} has SPTE_MMU_PRESENT set")
-                continue
-            if not spte & SPTE_MMU_PRESENT_MASK:
-                continue
-            if sp.level > 1 and not is_large_pte(spte):
-                child = kvm.pages_by_pfn.get(spte_to_pfn(spte))
-                if child is None:
-                    _fail(f"non-leaf spte {spte:#x} in {sp!r}[{i}] points at no shadow page")
-                if sptep not in child.parent_ptes:
-                    _fail(f"{child!r} lacks the parent pointer {sptep:#x} from {sp!r}[{i}]")
-                continue
-            level = sp.level
-            pages[level - 1] += 1
-            gfn = sp.gfn_at(i)
-            rmap_seen.setdefault((role_smm(sp.role), gfn), set()).add(sptep)
-            _check_leaf(vm, sp, i, spte, gfn)
-            if is_writable_pte(spte):
-                writable_gfns.add((role_smm(sp.role), gfn))
-                if level > 1 and (role_smm(sp.role), level, lpage_index(gfn, level)) in kvm.disallow_lpage:
-                    _fail(f"writable huge spte {spte:#x} in {sp!r}[{i}] covers a shadowed guest table's gfn")
+                fail(f"{sp!r} is unsync but not a 4 KiB page table")
+        walk.audit_table(sp)
         for parent in sp.parent_ptes:
             pspte = mem.read(parent, 8)
             if not pspte & SPTE_MMU_PRESENT_MASK or spte_to_pfn(pspte) != hpa_to_pfn(sp.hpa):
-                _fail(f"{sp!r} records parent {parent:#x} whose spte {pspte:#x} does not point at it")
+                fail(f"{sp!r} records parent {parent:#x} whose spte {pspte:#x} does not point at it")
+    rmap_seen = walk.rmap_seen
     for key, sptes in kvm.rmap.items():
         if rmap_seen.get(key, set()) != sptes:
-            _fail(f"rmap of gfn {key[1]:#x} holds {sorted(map(hex, sptes))}, the tables map it from "
-                  f"{sorted(map(hex, rmap_seen.get(key, set())))}")
+            fail(f"rmap of gfn {key[1]:#x} holds {sorted(map(hex, sptes))}, the tables map it from "
+                 f"{sorted(map(hex, rmap_seen.get(key, set())))}")
     for key in rmap_seen:
         if key not in kvm.rmap:
-            _fail(f"gfn {key[1]:#x} is mapped but has no rmap entry")
-    for as_id, gfn in writable_gfns:
+            fail(f"gfn {key[1]:#x} is mapped but has no rmap entry")
+    for as_id, gfn in walk.writable_gfns:
         gfns = [gfn] + [g for _, g in kvm.host_page_aliases(gfn, as_id)]    # [] under kvm_deviations
         for sp in [sp for g in gfns for sp in kvm.indirect_pages_for_gfn(g)]:
             if sp.level > 1 or not sp.unsync:
-                _fail(f"gfn {gfn:#x} is shadowed by {sp!r} yet mapped writable")
-    for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), (pages[0] + tdp_leaves[0], pages[1] + tdp_leaves[1],
-                                                              pages[2] + tdp_leaves[2]), strict=True):
+                fail(f"gfn {gfn:#x} is shadowed by {sp!r} yet mapped writable")
+    for name, n in zip(("pages_4k", "pages_2m", "pages_1g"), leaves, strict=True):
         if vm.stats[name] != n:
-            _fail(f"{name} says {vm.stats[name]} but the tables hold {n} such leaf sptes")
+            fail(f"{name} says {vm.stats[name]} but the tables hold {n} such leaf sptes")
     _check_disallow_lpage(vm)
     if vm.stats["mmu_unsync"] != unsync:
-        _fail(f"mmu_unsync says {vm.stats['mmu_unsync']} but {unsync} shadow pages are unsync")
+        fail(f"mmu_unsync says {vm.stats['mmu_unsync']} but {unsync} shadow pages are unsync")
     if kvm.n_used_mmu_pages != len(kvm.active_mmu_pages):
-        _fail(f"n_used_mmu_pages {kvm.n_used_mmu_pages} != {len(kvm.active_mmu_pages)} active pages")
+        fail(f"n_used_mmu_pages {kvm.n_used_mmu_pages} != {len(kvm.active_mmu_pages)} active pages")
     _check_tlbs(vm)
     _check_mmio_caches(vm)
+
+
+class _ShadowAudit(TableAudit):
+    """Each shadow page on its own (the VM's page list holds them all); collects the rmap the tables
+    imply and the gfns they map writable."""
+
+    def __init__(self, vm: VM, leaves: list[int]) -> None:
+        super().__init__(vm, leaves)
+        self.rmap_seen: dict[tuple[int, int], set[int]] = {}
+        self.writable_gfns: set[tuple[int, int]] = set()
+
+    def mmio(self, sp: ShadowPage, i: int, spte: int) -> None:
+        m = self.vm.mmu.masks
+        if m.gen is not None and (spte & ~m.gen.spte_mask) >> 52:
+            fail(f"MMIO spte {spte:#x} has bits above 51 outside the generation field")
+
+    def leaf(self, sp: ShadowPage, i: int, sptep: int, spte: int, gfn: int, slot: Memslot) -> None:
+        key = (role_smm(sp.role), gfn)
+        self.rmap_seen.setdefault(key, set()).add(sptep)
+        _check_access(self.vm, sp, i, spte, gfn, slot)
+        if is_writable_pte(spte):
+            self.writable_gfns.add(key)
+            if sp.level > 1 and (key[0], sp.level, lpage_index(gfn, sp.level)) in self.vm.mmu.disallow_lpage:
+                fail(f"writable huge spte {spte:#x} in {sp!r}[{i}] covers a shadowed guest table's gfn")
 
 
 def _check_disallow_lpage(vm: VM) -> None:
@@ -123,7 +108,7 @@ def _check_disallow_lpage(vm: VM) -> None:
                 want[key] = want.get(key, 0) + 1
     if want != kvm.disallow_lpage:
         bad = sorted(set(want.items()) ^ set(kvm.disallow_lpage.items()))[:4]
-        _fail(f"disallow_lpage counts disagree with the shadowed guest tables: {bad}")
+        fail(f"disallow_lpage counts disagree with the shadowed guest tables: {bad}")
 
 
 def _check_mmio_caches(vm: VM) -> None:
@@ -131,35 +116,25 @@ def _check_mmio_caches(vm: VM) -> None:
     for v in vm.vcpus:
         gva = v.mmio_cache.mmio_gva
         if gva & 0xFFF:
-            _fail(f"vcpu{v.id}'s mmio_gva {gva:#x} is not page aligned")
+            fail(f"vcpu{v.id}'s mmio_gva {gva:#x} is not page aligned")
         if v.mmu_is_nested and gva:
-            _fail(f"vcpu{v.id} caches mmio_gva {gva:#x} while running a nested guest")
+            fail(f"vcpu{v.id} caches mmio_gva {gva:#x} while running a nested guest")
 
 
-def _check_leaf(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int) -> None:
-    """A present leaf maps this VM's memory for gfn, with no more rights than slot and guest allow."""
-    slot = vm.memslots.spaces[role_smm(sp.role)].search(gfn)
-    if slot is None:
-        _fail(f"spte {spte:#x} in {sp!r}[{i}] maps gfn {gfn:#x}, which no memslot backs")
-    pfn = spte_to_pfn(spte)
-    span = pages_per_hpage(sp.level)
-    if slot.invalid or pfn != slot.gfn_to_hva(gfn) >> 12 or gfn + span > slot.end_gfn:
-        _fail(f"spte {spte:#x} in {sp!r}[{i}] maps host frame {pfn:#x}, not gfn {gfn:#x}'s memory")
-    m = vm.mmu.masks
-    acc = spte_access(m, spte)
-    if slot.readonly and acc & ACC_WRITE_MASK:
-        _fail(f"spte {spte:#x} makes gfn {gfn:#x} of read-only slot {slot.id} writable")
+def _check_access(vm: VM, sp: ShadowPage, i: int, spte: int, gfn: int, slot: Memslot) -> None:
+    """A present leaf grants no more than the dirty log, the role and the guest's own entry allow."""
+    acc = spte_access(vm.mmu.masks, spte)
     if acc & ACC_WRITE_MASK and sp.level > 1 and slot.flags & KVM_MEM_LOG_DIRTY_PAGES:
         # make_spte marks one gfn dirty per writable spte (its WARN: "enforced by hugepage_adjust").
-        _fail(f"spte {spte:#x} in {sp!r}[{i}] is a writable {sp.level}-level leaf in dirty-logged slot {slot.id}")
+        fail(f"spte {spte:#x} in {sp!r}[{i}] is a writable {sp.level}-level leaf in dirty-logged slot {slot.id}")
     role_acc = role_access(sp.role)
     wp_trick = not sp.role & ROLE_CR0_WP and not acc & ACC_USER_MASK      # CR0.WP=0: kernel-only writable
     if acc & ~role_acc & _ACC_XU or (acc & ACC_WRITE_MASK and not role_acc & ACC_WRITE_MASK and not wp_trick):
-        _fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the role's {role_acc:03b}")
+        fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the role's {role_acc:03b}")
     if sp.shadowed_translation is not None and not sp.unsync:
         recorded = sp.shadowed_translation[i] & ACC_ALL
         if acc & ~recorded & _ACC_XU or (acc & ACC_WRITE_MASK and not recorded & ACC_WRITE_MASK and not wp_trick):
-            _fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the guest's {recorded:03b}")
+            fail(f"spte {spte:#x} in {sp!r}[{i}] grants {acc:03b}, more than the guest's {recorded:03b}")
 
 
 def _check_tlbs(vm: VM) -> None:
@@ -173,13 +148,13 @@ def _check_tlbs(vm: VM) -> None:
         for vpn, entry in v.cpu.tlb.items():
             page = hpa_to_pfn(entry[0])
             if not any(lo <= page < hi for lo, hi in ranges):
-                _fail(f"vcpu{v.id}'s TLB maps page {vpn:#x} to host frame {page:#x}, outside the VM's memslots")
+                fail(f"vcpu{v.id}'s TLB maps page {vpn:#x} to host frame {page:#x}, outside the VM's memslots")
         # The CPU's cached guest-physical mappings (TDP): each is the memslot's own page for that gfn.
         for gfn, hpa in getattr(v.cpu, "gpa_cache", {}).items():
             slot = None if v.mmu_is_nested else vm.memslots.spaces[v.as_id].search(gfn)
             if v.mmu_is_nested:
                 if not any(lo <= hpa_to_pfn(hpa) < hi for lo, hi in ranges):
-                    _fail(f"vcpu{v.id} caches L2 gfn {gfn:#x} at host frame {hpa_to_pfn(hpa):#x}, "
+                    fail(f"vcpu{v.id} caches L2 gfn {gfn:#x} at host frame {hpa_to_pfn(hpa):#x}, "
                           "outside the VM's memslots")
             elif slot is None or slot.invalid or slot.gfn_to_hva(gfn) != hpa:
-                _fail(f"vcpu{v.id} caches gfn {gfn:#x} at host address {hpa:#x}, not where its memslot maps it")
+                fail(f"vcpu{v.id} caches gfn {gfn:#x} at host address {hpa:#x}, not where its memslot maps it")

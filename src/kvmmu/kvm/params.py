@@ -83,15 +83,16 @@ def resolve(mmu: str, mmio_caching: str, tdp_mmu: bool | None,
         return str(mmu) if mmu is DEFAULT_MMU else mmu, \
             str(mmio_caching) if mmio_caching is DEFAULT_MMIO_CACHING else mmio_caching, \
             True if tdp_mmu is None else tdp_mmu
-    mmu = None if mmu is DEFAULT_MMU else mmu
-    mmio_caching = None if mmio_caching is DEFAULT_MMIO_CACHING else mmio_caching
+    asked_mmu = None if mmu is DEFAULT_MMU else mmu
+    asked_mmio = None if mmio_caching is DEFAULT_MMIO_CACHING else mmio_caching
     if not isinstance(params, KvmParams):
         raise InvalidArgument("params", params, "params is a kvmmu.KvmParams (or None)")
-    if mmu is not None and mmu != params.mmu:
-        raise InvalidArgument("mmu", mmu, f"contradicts the module parameters ({params.header()} means {params.mmu!r})")
-    if mmio_caching is not None and (mmio_caching == "off") == params.mmio_caching:
-        raise InvalidArgument("mmio_caching", mmio_caching,
+    if asked_mmu is not None and asked_mmu != params.mmu:
+        raise InvalidArgument("mmu", asked_mmu,
+                              f"contradicts the module parameters ({params.header()} means {params.mmu!r})")
+    if asked_mmio is not None and (asked_mmio == "off") == params.mmio_caching:
+        raise InvalidArgument("mmio_caching", asked_mmio,
                               f"contradicts kvm.mmio_caching={'Y' if params.mmio_caching else 'N'}")
     if tdp_mmu is not None and tdp_mmu != params.tdp_mmu:
         raise InvalidArgument("tdp_mmu", tdp_mmu, f"contradicts kvm.tdp_mmu={'Y' if params.tdp_mmu else 'N'}")
-    return params.mmu, mmio_caching if mmio_caching is not None else params.mmio_policy, params.tdp_mmu
+    return params.mmu, asked_mmio if asked_mmio is not None else params.mmio_policy, params.tdp_mmu

@@ -113,7 +113,7 @@ def _userspace_exit(f: Fields) -> str:
 
 def _emulate_insn(f: Fields) -> str:
     insn = " ".join(f"{b:02x}" for b in f.get("insn", b""))
-    return (f"{f.get('csbase', 0):x}:{f.get('rip', 0):x}:{insn} ({_EMUL_MODES.get(f.get('mode'), 'prot64')})"
+    return (f"{f.get('csbase', 0):x}:{f.get('rip', 0):x}:{insn} ({_EMUL_MODES.get(f.get('mode', 'prot64'), 'prot64')})"
             f"{' failed' if f.get('failed') else ''}")
 
 

@@ -201,7 +201,7 @@ class VM:
             raise InvalidArgument("during_update", during_update, "must be a callable (or None)")
         fresh = userspace_addr is None
         space = self._vmm_space
-        if fresh:
+        if userspace_addr is None:
             old = None
             if isinstance(slot, int) and not isinstance(slot, bool) and slot >= 0:
                 old = self.memslots.slot(slot & 0xFFFF, min(slot >> 16, self.memslots.nr_as - 1))
@@ -229,18 +229,18 @@ class VM:
         # A racing vCPU cannot abort the ioctl: if `during_update` raises, the update still completes
         # (generation, zaps, write protection) and only then is its exception passed on.
         raised: list[BaseException] = []
-
-        def during() -> None:
-            try:
-                during_update()  # type: ignore[misc]
-            except BaseException as err:
-                raised.append(err)
-        new = self.memslots.apply(change, slot, flags, guest_phys_addr, memory_size, userspace_addr, old,
-                                  during if during_update is not None else None)
+        during: Callable[[], None] | None = None
+        if during_update is not None:
+            def during() -> None:
+                try:
+                    during_update()
+                except BaseException as err:
+                    raised.append(err)
+        new = self.memslots.apply(change, slot, flags, guest_phys_addr, memory_size, userspace_addr, old, during)
         if policy_zap:
             # 2011: no generation in MMIO sptes, so any new or moved slot zaps every shadow page.
             self.mmu.zap_all()
-        if change == "flags" and new is not None and new.flags & KVM_MEM_LOG_DIRTY_PAGES and \
+        if change == "flags" and new is not None and old is not None and new.flags & KVM_MEM_LOG_DIRTY_PAGES and \
                 not old.flags & KVM_MEM_LOG_DIRTY_PAGES:
             self._write_protect_slot(new)
         self.trace.emit("memslot_update", slot=slot, flags=flags, guest_phys_addr=guest_phys_addr,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..guest.runtime import RT_LOG, GuestImage, Program, Slot, WritePhys, build
-from ..real.stats import stats_delta
+from ..real.stats import StatValue, stats_delta
 from . import undefined_mask
 from .observation import (
     _VM_EXTRA,
@@ -68,7 +68,11 @@ class Backend(Protocol):
 
     name: str                  # Observation.backend
     binary_stats: bool         # whether every moving statistic is kept in Observation.stats
-    vm: GuestVM
+
+    @property
+    def vm(self) -> GuestVM:
+        """The backend's own VM type (read-only here, so `kvmmu.VM` and `RealVM` both qualify)."""
+        ...
 
     def start(self, image: GuestImage, device: Device) -> None:
         """Create the vCPU, load the image's entry state, make ``device`` the MMIO handler."""
@@ -89,6 +93,14 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def _counter(stats: Mapping[str, StatValue], name: str) -> int:
+    """One of COUNTERS in a statistics delta: a plain count (a histogram's buckets are no counter)."""
+    value = stats.get(name, 0)
+    if not isinstance(value, int):
+        raise TypeError(f"statistic {name!r} is a histogram, not a counter: {value!r}")
+    return value
 
 
 def observe(program: Program, backend: Backend, image: GuestImage) -> Observation:
@@ -124,7 +136,7 @@ def observe(program: Program, backend: Backend, image: GuestImage) -> Observatio
                 obs.error = stop.error
                 break
             dv, dm = stats_delta(v0, backend.vcpu_stats()), stats_delta(m0, vm.stats)
-            obs.per_run.append({n: int((dm if n in VM_COUNTERS else dv).get(n, 0)) for n in COUNTERS})
+            obs.per_run.append({n: _counter(dm if n in VM_COUNTERS else dv, n) for n in COUNTERS})
             if stop.note is not None:
                 obs.notes.append(stop.note)
             if stop.reason != "hlt":

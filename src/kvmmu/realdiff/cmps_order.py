@@ -13,6 +13,10 @@ maps the RAM page before KVM takes the instruction over (``repe_cmps_cross`` in 
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..guest.runtime import Program
 
 PREFIXES = ("", "repe", "repne")
 SIZES = {1: "b", 2: "w", 4: "d", 8: "q"}
@@ -22,7 +26,7 @@ _lock = threading.Lock()
 _cache: list[tuple[frozenset[tuple[str, int]], str]] = []
 
 
-def probe_program() -> object:
+def probe_program() -> Program:
     """The CPL3 program: every (prefix, size) form with RSI on one not-present page, RDI on another."""
     from ..guest.runtime import Map, Program
     lines = []
@@ -59,7 +63,7 @@ def _measure() -> tuple[frozenset[tuple[str, int]], str]:
     from ..errors import KvmmuError
     from .backends import run_real
     try:
-        obs = run_real(probe_program())        # type: ignore[arg-type]
+        obs = run_real(probe_program())
     except (OSError, KvmmuError):
         return frozenset(), "default (no /dev/kvm)"
     try:

@@ -87,10 +87,18 @@ class MmioRecord(Protocol):
     """One KVM_EXIT_MMIO as the VMM's handler gets it: the model's `kvmmu.MmioExit` and the real
     backend's `kvmmu.real.MmioAccess` both have these fields."""
 
-    phys_addr: int
-    len: int
-    is_write: bool
-    data: bytes | None
+    # Read-only (properties), so a record whose data is always bytes (MmioExit) is one too.
+    @property
+    def phys_addr(self) -> int: ...
+
+    @property
+    def len(self) -> int: ...
+
+    @property
+    def is_write(self) -> bool: ...
+
+    @property
+    def data(self) -> bytes | None: ...
 
 
 # The VMM's KVM_EXIT_MMIO handler, the same for `VM.mmio_handler` and `RealVcpu.run(mmio_handler=)`:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..errors import KvmBug
+
 if TYPE_CHECKING:
     from ..hw.x86cpu import X86Cpu
     from ..kvm.vcpu import Vcpu
@@ -35,7 +37,10 @@ def collect(cpu: X86Cpu, vcpu: Vcpu) -> tuple[dict[int, int], dict[str, int], li
     for gva, bits in track.mem.items():
         page = gva & ~0xFFF
         if page not in pages:
-            w = walk(vcpu.mmu.cpu_role, reader, vcpu.cr3, page)
+            ctx = vcpu.mmu.cpu_role
+            if ctx is None:
+                raise KvmBug(f"undefined flags were stored at gva {gva:#x}, but vcpu{vcpu.id} has no paging context")
+            w = walk(ctx, reader, vcpu.cr3, page)
             pages[page] = None if w.fault else w.gpa & ~0xFFF
         base = pages[page]
         if base is not None:

@@ -99,9 +99,11 @@ def test_trace_buffer_is_bounded() -> None:
     assert len(vm.trace.events) == 10 and vm.trace.dropped > 0
 
 
-@pytest.mark.parametrize("corruption", ["writable", "rmap", "gauge"])
+@pytest.mark.parametrize("corruption", ["writable", "rmap", "gauge", "frame", "parent"])
 def test_audit_catches_corruption(corruption: str) -> None:
-    """vm.audit() names the broken invariant."""
+    """vm.audit() names the broken invariant: a leaf granting more than the guest's entry, an rmap
+    that lost the leaf, a wrong pages_4k, a leaf pointing at the neighbouring host frame, a table
+    that forgot the parent spte linking it (KVM's sp->parent_ptes)."""
     vm, pt = _vm()
     pt.map(0x400000, 0x200000, flags=P | US)             # read-only for the guest
     v = _vcpu(vm, pt)
@@ -114,6 +116,13 @@ def test_audit_catches_corruption(corruption: str) -> None:
     elif corruption == "rmap":
         vm.mmu.rmap.clear()
         match = "rmap"
+    elif corruption == "frame":
+        vm.host.mem.write(sptep, 8, vm.host.mem.read(sptep, 8) ^ (1 << 12))
+        match = "not gfn"
+    elif corruption == "parent":
+        _, pde = list(v.mmu.shadow_walk_ptrs(0x400000))[-2]
+        vm.mmu.pages_by_pfn[(vm.host.mem.read(pde, 8) >> 12) & ((1 << 40) - 1)].parent_ptes.discard(pde)
+        match = "lacks the parent pointer"
     else:
         vm.stats["pages_4k"] += 1
         match = "pages_4k"

@@ -37,6 +37,7 @@ def _corrupt(vm: kvmmu.VM, sptep: int, fn) -> None:  # noqa: ANN001
     ("stat", "pages_4k says"),
     ("leak", "not reachable"),
     ("mmio current gen over a slot", "covers gfn"),
+    ("parent", "lacks the parent pointer"),
 ])
 def test_audit_names_the_broken_rule(what: str, match: str) -> None:
     vm, vcpu, ram, ro = _vm()
@@ -50,6 +51,9 @@ def test_audit_names_the_broken_rule(what: str, match: str) -> None:
         pml4e = list(vcpu.mmu.shadow_walk_ptrs(0x100000))[0][1]
         _corrupt(vm, pml4e, lambda s: 1 << 63)       # unlink the first 512 GiB's tables without freeing them
         vm.stats["pages_4k"] -= 3
+    elif what == "parent":
+        _, pde = list(vcpu.mmu.shadow_walk_ptrs(0x100000))[-2]
+        vm.mmu.pages_by_pfn[(vm.host.mem.read(pde, 8) >> 12) & ((1 << 40) - 1)].parent_ptes.discard(pde)
     else:
         mmio = _leaf_sptep(vm, vcpu, 0xD0000000)
         vm.set_user_memory_region(slot=2, guest_phys_addr=0xD0000000, memory_size=1 << 20)
