@@ -54,10 +54,12 @@ from .mmu.fault import kvm_mmu_page_fault
 from .mmu.guest_reader import GuestPteReader
 from .mmu.mmio_cache import MmioCache
 from .mmu.pf import RET_PF_EMULATE
-from .nested import enter_guest_mode, leave_guest_mode, reflect_ept_fault
+from .nested import enter_guest_mode, leave_guest_mode
 from .stats import MODEL_COUNTERS, VCPU_STATS, Stats
 
 if TYPE_CHECKING:
+    from .mmu.nested_ept import NestedMmu, ShadowEptMmu
+    from .nested import NestedExit
     from .vm import VM
 
 _CR0_ROLE_BITS = X86_CR0_PG | X86_CR0_WP
@@ -148,7 +150,7 @@ class Vcpu:
         # kvm_vcpu_reset flushes the guest TLB: the real /dev/kvm shows tlb_flush=1 on a first run.
         self.requests: set[str] = {"KVM_REQ_TLB_FLUSH_GUEST"}
         self.pending_exception: GuestFault | None = None
-        self.pending_nested_exit = None                 # NestedExit for L1, while L2 runs
+        self.pending_nested_exit: NestedExit | None = None      # for L1, while L2 runs
         # A CPU model that runs the instruction in its own emulator when KVM would emulate it sets
         # this: RET_PF_EMULATE then returns AccessResult.emulate instead of emulating the access.
         self.defer_emulation = False
@@ -158,11 +160,17 @@ class Vcpu:
         self.emul_insn: tuple[int, bool] | None = None
         self.allow_retry_pf = False
         self.last_retry = (0, 0)
-        self.guest_mmu: VcpuMmu | None = None           # shadows L1's EPT (nested TDP)
+        self.guest_mmu: ShadowEptMmu | None = None      # shadows L1's EPT (nested TDP)
+        self.nested_mmu: NestedMmu | None = None        # the emulator's walks of L2's tables
         self.l1_state: tuple = ()
         self.pte_reader = GuestPteReader(self)
-        self.mmu = VcpuMmu(self)
-        if vm.tdp_enabled:
+        self.mmu = VcpuMmu(self)                        # root_mmu, or guest_mmu while L2 runs
+        self.walk_mmu = self.mmu                        # what the emulator translates with
+        # VMX/SVM intercepts, set once when the vCPU is created (vmx_exec_control, init_vmcb and the
+        # exception bitmap): with EPT/NPT the CPU loads CR3, executes INVLPG and delivers a guest #PF
+        # itself, for L1 and for L2.
+        self.cr3_load_exiting = self.invlpg_exiting = self.pf_exiting = not vm.tdp_enabled
+        if vm.tdp_enabled:        # the CPU model of the VM's MMU (kvm_configure_mmu's tdp_enabled)
             self.cpu: Cpu | TdpCpu = TdpCpu(vm.host, self.counters, TdpControls(
                 ept=vm.flavour == "ept", level=vm.tdp_level, ept_ad=bool(vm.mmu.masks.accessed)))
         else:
@@ -273,6 +281,8 @@ class Vcpu:
         """kvm_mmu_reset_context: drop every root; the next entry builds them for the new role."""
         self.mmu.unload()
         self.mmu.init_context()
+        if self.walk_mmu is not self.mmu:    # kvm_init_mmu: init_kvm_nested_mmu when mmu_is_nested
+            self.walk_mmu.init_context()
         self.cpu.flush()
 
     # -- guest-side control-register writes (intercepted under shadow paging) -----------------------
@@ -321,7 +331,7 @@ class Vcpu:
             value &= ~(1 << 63)      # X86_CR3_PCID_NOFLUSH is an operand bit, never part of CR3
         if value != self.cr3 or pae_legacy:
             self._check_cr3(value, "MOV to CR3 is a #GP (kvm_set_cr3)")
-        if self.vm.tdp_enabled:
+        if not self.cr3_load_exiting:
             # With EPT/NPT (L1's or L2's), MOV CR3 does not exit: the CPU loads it (and PAE PDPTEs) and flushes.
             if pae_legacy:
                 self.mmu.pdptrs = self._load_pdptrs(value)
@@ -352,7 +362,7 @@ class Vcpu:
         """INVLPG: under shadow paging KVM intercepts it and resyncs the spte if its page is unsync."""
         if not isinstance(gva, int) or gva < 0 or gva >> 64:
             raise InvalidArgument("gva", gva, "an address is an unsigned 64-bit integer")
-        if self.vm.tdp_enabled:
+        if not self.invlpg_exiting:
             self.cpu.flush_gva(gva)          # not intercepted with TDP: the CPU handles it
             return
         if exit:
@@ -379,10 +389,10 @@ class Vcpu:
         # kvm_inject_emulated_page_fault.  SDM 4.10.4.1: a #PF invalidates the TLB entries of its
         # page, and under shadow paging KVM's sptes are part of that TLB (an unsync spte may still
         # map it).  KVM invalidates only for P=1, non-RSVD faults (the P=0 case leaves a stale unsync
-        # spte, a guest-visible departure kept behind kvm_deviations).
-        if not self.mmu_is_nested and (not self.vm.kvm_deviations
-                                       or error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK) == PFERR_PRESENT_MASK):
-            self.mmu.invalidate_addr(cr2, current_only=True)
+        # spte, a guest-visible departure kept behind kvm_deviations).  It is walk_mmu's fault (L2's
+        # #PF is nested_mmu's, which has nothing to sync).
+        if not self.vm.kvm_deviations or error_code & (PFERR_PRESENT_MASK | PFERR_RSVD_MASK) == PFERR_PRESENT_MASK:
+            self.walk_mmu.invalidate_addr(cr2, current_only=True)
         self.cpu.flush_gva(cr2)              # a #PF invalidates the TLB entries for its address
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
@@ -393,9 +403,6 @@ class Vcpu:
         """A #PF the CPU delivered to the guest by itself (TDP; it flushed the address): KVM never sees it."""
         self.pending_exception = GuestFault(PF_VECTOR, error_code & 0xFFFF, cr2)
         self.cr2 = cr2
-
-    def reflect_nested_ept_fault(self, ngpa: int, w: object) -> None:
-        reflect_ept_fault(self, ngpa, w)
 
     def enter_guest_mode(self, eptp: int, *, cr0: int, cr3: int, cr4: int, efer: int) -> None:
         """Run L2 (nested EPT rooted at `eptp`, which L1 keeps in its memory) from now on."""
@@ -485,13 +492,15 @@ class Vcpu:
                 sp = mmu.root_sp
                 if (gva & 0xFFF) + size <= 0x1000 and not self.requests and sp is not None and mmu.root_hpa \
                         and not sp.invalid and sp.mmu_valid_gen == mmu.kvm.mmu_valid_gen:
-                    v = self.cpu.tlb_access(gva, size, pfec, value)
+                    v = self.cpu.tlb_access(gva, size, pfec, value)  # type: ignore[arg-type]  # None: a read
                     if v >= 0:
                         self.vm.trace.current_vcpu = self.id
                         return AccessResult() if write else AccessResult(v)
                 saved_cpl, self.cpl = self.cpl, c
                 try:
-                    return self._access(gva, size, write, value.to_bytes(size, "little") if write else b"", pfec)
+                    # (`valid` made a write's value an int)
+                    data = value.to_bytes(size, "little") if write else b""  # type: ignore[union-attr]
+                    return self._access(gva, size, write, data, pfec)
                 finally:
                     self.cpl = saved_cpl
         return self._access_full(gva, size, kind, value, cpl, implicit)
@@ -541,6 +550,7 @@ class Vcpu:
                 self.stats["exits"] += 1
                 if vm.trace.enabled:
                     trace_page_fault_exit(self, addr, err)
+                # handle_ept_misconfig's !is_guest_mode(): L2's ngpa is not an address of L1's bus.
                 if err == PFERR_RSVD_MASK and vm.fast_mmio and not self.mmu_is_nested \
                         and vm.fast_mmio_bus.ranges and vm.fast_mmio_bus.write(addr, 0, 0):
                     # handle_ept_misconfig: a length-0 ioeventfd took it; the instruction is skipped.
@@ -589,36 +599,11 @@ class Vcpu:
         self._do_access(pieces, hpas, write, data, result)
         return result
 
-    def _retry_instruction(self, addr: int) -> bool:
-        """retry_instruction (x86.c), for a fault that returned RET_PF_EMULATE: KVM decodes the
-        instruction (insn_emulation) and, when it may (EMULTYPE_ALLOW_RETRY_PF: not an MMIO address
-        the per-vCPU cache knows, not L2) and the instruction is not one that writes page tables,
-        unprotects the gfn and re-enters the guest — once per (RIP, address): the second fault on
-        the same pair is emulated.  A write to a read-only memslot therefore faults twice."""
-        last, self.last_retry = self.last_retry, None
-        rip = self.retry_rip
-        mmu = self.mmu
-        if rip is None or self.mmu_is_nested or self.mmio_cache.info_in_cache(addr, mmu.direct):
-            return False
-        if (rip, addr) == last:
-            return False
-        self.stats["insn_emulation"] += 1         # the decode before retry_instruction
-        self.last_retry = (rip, addr)
-        gpa = addr
-        if not mmu.direct:
-            from .mmu.paging import guest_walk
-            w = guest_walk(mmu, addr, PFERR_WRITE_MASK)
-            if w.fault:
-                return True
-            gpa = w.gpa
-        mmu.kvm.unprotect_page(gpa >> 12)
-        return True
-
     def _gpa_available(self, err: int) -> bool:
         """x86_emulate_instruction: may the emulator take a direct MMU's fault address as the gpa of
         the data?  Mainline KVM always does; that is wrong when the fault was on a guest page-table
         access (the address is the table's), which only kvm_deviations reproduces."""
-        if not self.mmu.direct:
+        if not self.mmu.direct:          # x86_emulate_instruction tests root_role.direct too
             return False
         if self.vm.kvm_deviations:
             return True
@@ -651,7 +636,10 @@ class Vcpu:
             cpl = self.cpl
         write = kind == "write"
         if write:
-            data = bytes(value) if isinstance(value, (bytes, bytearray)) else value.to_bytes(size, "little")
+            if isinstance(value, (bytes, bytearray)):
+                data = bytes(value)
+            else:
+                data = value.to_bytes(size, "little")  # type: ignore[union-attr]  # check_access_args: an int
         else:
             data = b""
         pfec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if kind == "fetch" else 0)

@@ -303,6 +303,8 @@ class KvmMmu:
                 child = self.spte_to_child_sp(spte)
                 self.drop_parent_pte(child, sptep)
                 sp.unsync_children.discard((sptep & 0xFFF) >> 3)
+                # mmu_page_zap_pte's own tdp_enabled test: an orphaned guest_mode (shadow EPT) child
+                # is zapped at once.
                 if (invalid_list is not None and child.role & (1 << 17) and not child.parent_ptes
                         and self.vm.tdp_enabled):
                     self.prepare_zap_page(child, invalid_list)
