@@ -22,7 +22,7 @@ lint: $(STAMP)
 TYPED := src/kvmmu/report src/kvmmu/sim src/kvmmu/sweep src/kvmmu/lab src/kvmmu/cli.py src/kvmmu/cliargs.py \
          src/kvmmu/errors.py src/kvmmu/bits.py src/kvmmu/vmm \
          src/kvmmu/real src/kvmmu/arch src/kvmmu/hw \
-         src/kvmmu/kvm/mmu src/kvmmu/kvm/vcpu.py src/kvmmu/kvm/nested.py
+         src/kvmmu/kvm/mmu src/kvmmu/kvm/vcpu.py src/kvmmu/kvm/vcpu_regs.py src/kvmmu/kvm/nested.py
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)
 
