@@ -33,7 +33,8 @@ TYPED := src/kvmmu/report src/kvmmu/sim src/kvmmu/sweep src/kvmmu/lab src/kvmmu/
          src/kvmmu/real src/kvmmu/arch src/kvmmu/hw src/kvmmu/guest src/kvmmu/scenario.py \
          src/kvmmu/_native.py src/kvmmu/realdiff src/kvmmu/tools \
          $(addprefix src/kvmmu/kvm/,__init__.py audit.py audit_walk.py exceptions.py exits.py iobus.py \
-           ioeventfd.py memslots.py mmu_notifier.py params.py stats.py tdp_audit.py trace.py tracepoints.py vm.py)
+           ioeventfd.py memslots.py mmu_notifier.py params.py stats.py tdp_audit.py trace.py tracepoints.py vm.py) \
+         src/kvmmu/kvm/mmu src/kvmmu/kvm/vcpu.py src/kvmmu/kvm/vcpu_regs.py src/kvmmu/kvm/nested.py
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)
 

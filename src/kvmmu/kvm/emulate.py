@@ -20,8 +20,6 @@ from ..arch.bits import (
 )
 from ..arch.permission import permission_fault
 from .exceptions import GuestFault
-from .mmu.paging import guest_walk
-from .nested import nested_gva_to_gpa
 
 if TYPE_CHECKING:
     from .vcpu import AccessResult, Vcpu
@@ -87,26 +85,17 @@ def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tupl
     `access`); None if a #PF was injected."""
     if gpa_hint is not None and (gpa_hint & 0xFFF) == (gva & 0xFFF):
         return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
-    mmu = vcpu.mmu
-    if vcpu.mmu_is_nested:
-        gpa = nested_gva_to_gpa(vcpu, gva, access)
-        if gpa is None:
-            return None
-        return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
+    # (While L2 runs the cache holds no gva: vcpu_cache_mmio_info stores 0 for a nested MMU.)
     gpa = cached_mmio_gpa(vcpu, gva, access)
     if gpa is not None:
         trace = vcpu.vm.trace
         if trace.enabled:
             trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=bool(access & PFERR_WRITE_MASK), gpa_match=False)
         return gpa, True
-    if mmu.cpu_role.mode.root_level == 0:
-        gpa = gva
-    else:
-        w = guest_walk(mmu, gva, access)
-        if w.fault:
-            vcpu.inject_page_fault(w.error_code, gva)
-            return None
-        gpa = w.gpa
+    mmu = vcpu.walk_mmu
+    gpa = mmu.gva_to_gpa(mmu, gva, access)      # None: the fault was injected
+    if gpa is None:
+        return None
     return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
 
 

@@ -58,7 +58,7 @@ def retry_instruction(vcpu: Vcpu, cr2_or_gpa: int) -> bool:
         return False
     vcpu.last_retry = (eip, cr2_or_gpa)
     kvm = vcpu.vm.mmu
-    if vcpu.mmu.direct:
+    if vcpu.mmu.direct:             # retry_instruction tests root_role.direct too
         gfn = gpa_to_gfn(cr2_or_gpa)
     else:
         from .mmu.paging import guest_walk

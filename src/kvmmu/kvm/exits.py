@@ -49,7 +49,7 @@ def trace_exit(vcpu: Vcpu, reason: int, info1: int = 0, info2: int = 0, intr_inf
 def trace_page_fault_exit(vcpu: Vcpu, addr: int, err: int) -> None:
     """kvm_exit (+ kvm_page_fault) for a fault on KVM's tables at `addr` with PFERR bits `err`."""
     trace = vcpu.vm.trace
-    if not vcpu.vm.tdp_enabled and not vcpu.mmu_is_nested:
+    if vcpu.pf_exiting:
         # An intercepted #PF: the qualification is CR2, the interruption info carries the error code.
         trace_exit(vcpu, EXIT_EXCEPTION_NMI, info1=addr, intr_info=_PF_INTR_INFO, error_code=err & 0xFFFF_FFFF)
         trace.emit("kvm_page_fault", fault_address=addr, error_code=err & 0xFFFF_FFFF)

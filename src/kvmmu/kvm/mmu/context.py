@@ -7,12 +7,14 @@ four quadrants), 4- and 5-level guests on a root of the same depth.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from ...arch.bits import PT64_ADDR_MASK, PT_PAGE_SIZE_MASK
 from ...arch.modes import PagingContext
+from ...arch.walker import Walk
 from ...errors import KvmBug
+from .direct import kvm_tdp_page_fault, nonpaging_gva_to_gpa, nonpaging_page_fault
 from .gpte import GuestFormat, guest_format
 from .mmio_cache import MMIO_GVA_ANY
 from .page import (
@@ -27,12 +29,13 @@ from .page import (
     role_smm,
     trace_fields,
 )
-from .paging import sync_spte
+from .paging import page_fault, paging_gva_to_gpa, sync_spte
 from .shadow_iter import for_each_shadow_entry, for_each_shadow_entry_lockless
 from .spte import SHADOW_NONPRESENT_VALUE, SPTE_MMU_PRESENT_MASK
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
+    from .pf import KvmPageFault
 
 KVM_MMU_NUM_PREV_ROOTS = 3
 # Role bits that may differ between an unsync page and the MMU syncing it (kvm_sync_page_check).
@@ -40,12 +43,44 @@ _SYNC_ROLE_IGNORE = (ROLE_LEVEL_MASK | (7 << ROLE_ACCESS_SHIFT) | (3 << ROLE_QUA
                      | ROLE_INVALID | ROLE_PASSTHROUGH)
 
 
-class VcpuMmu:
-    """root_mmu of one vCPU for shadow paging or TDP (direct)."""
+def get_guest_cr3(mmu: VcpuMmu) -> int:
+    """get_guest_cr3: the root of the guest's own page tables."""
+    return mmu.vcpu.cr3
 
-    def __init__(self, vcpu: Vcpu, nested_eptp: int | None = None) -> None:
+
+def kvm_inject_page_fault(mmu: VcpuMmu, addr: int, w: Walk) -> None:
+    """kvm_inject_page_fault: a failed walk of the guest's tables is the guest's #PF."""
+    mmu.vcpu.inject_page_fault(w.error_code, addr)
+
+
+class VcpuMmu:
+    """root_mmu of one vCPU for shadow paging or TDP (direct); kvm/mmu/nested_ept.py's ShadowEptMmu
+    is the guest_mmu that shadows L1's EPT.
+
+    The flavour is chosen once, where the context is built (`init_context`): it assigns struct
+    kvm_mmu's ops, and callers call them instead of asking which MMU this is.  Like KVM's, each op
+    takes the MMU as its first argument.
+    """
+
+    # What the MMU's fault address means and how a fault is fixed (ept_page_fault, paging64_page_fault,
+    # nonpaging_page_fault, kvm_tdp_page_fault).
+    page_fault: Callable[[VcpuMmu, KvmPageFault], int]
+    # The emulator's translation through this MMU's guest tables (mmu->gva_to_gpa); None when it
+    # faulted and the fault was delivered (inject_page_fault).
+    gva_to_gpa: Callable[[VcpuMmu, int, int], int | None]
+    # Re-reading one gpte of an unsync page; None for a direct MMU, which has no gptes.
+    sync_spte: Callable[[VcpuMmu, ShadowPage, int], int] | None
+    # Delivering a failed walk of the shadowed tables: a #PF to the guest, or an EPT exit to L1.
+    inject_page_fault: Callable[[VcpuMmu, int, Walk], None]
+    # The root of the tables this MMU shadows: CR3, or L1's EPTP.
+    get_guest_pgd: Callable[[VcpuMmu], int]
+    # The tables this MMU shadows (the guest's, or L1's EPT) and their gpte format, set by init_context,
+    # which runs before anything walks them.
+    walk_ctx: PagingContext
+    gfmt: GuestFormat
+
+    def __init__(self, vcpu: Vcpu) -> None:
         self.vcpu = vcpu
-        self.nested_eptp = nested_eptp          # set: this is guest_mmu, shadowing L1's EPT for L2
         self.vm = vcpu.vm
         self.kvm = vcpu.vm.mmu
         self.masks = self.kvm.masks
@@ -63,10 +98,14 @@ class VcpuMmu:
         self._pdptrs: tuple[int, ...] = (0, 0, 0, 0)
         self.hw_ctx: PagingContext | None = None         # the CPU's view of KVM's shadow tables
         self.hw_guest_ctx: PagingContext | None = None   # the CPU's view of the guest's tables (TDP)
-        self.walk_ctx: PagingContext | None = None       # the tables this MMU shadows (guest or L1 EPT)
-        self.gfmt: GuestFormat | None = None
         self.shadow_zero_check = PagingContext(
             "ept4" if self.masks.ept else "4level", maxphyaddr=self.vm.host.maxphyaddr, nxe=True)
+        # Until the first init_context, an indirect MMU over the guest's tables (direct is False).
+        self.page_fault = page_fault
+        self.gva_to_gpa = paging_gva_to_gpa
+        self.sync_spte = sync_spte
+        self.inject_page_fault = kvm_inject_page_fault
+        self.get_guest_pgd = get_guest_cr3
 
     @property
     def pdptrs(self) -> tuple[int, ...]:
@@ -89,37 +128,23 @@ class VcpuMmu:
         self.cpu_role = ctx
         self.cpu_key = ctx.key
         self.walk_ctx = ctx
-        if self.nested_eptp is not None:
-            self._init_nested_ept(ctx)
-        elif self.vm.tdp_enabled:
+        # kvm_init_mmu makes the same choice (the nested MMU is ShadowEptMmu's, which overrides this).
+        if self.vm.tdp_enabled:
             self._init_tdp(ctx)
         else:
             self._init_shadow(ctx)
         self.gfmt = guest_format(self.walk_ctx)
 
-    def walk_root(self) -> int:
-        return self.nested_eptp if self.nested_eptp is not None else self.vcpu.cr3
-
-    def _init_nested_ept(self, ctx: PagingContext) -> None:
-        """guest_mmu: an indirect MMU over L1's EPT; faults arrive with an L2 physical address."""
-        eptp = self.nested_eptp
-        levels = ((eptp >> 3) & 7) + 1
-        ad = bool(eptp & (1 << 6))
-        self.walk_ctx = PagingContext(f"ept{levels}", maxphyaddr=self.vm.guest_maxphyaddr, ept_ad=ad,
-                                      gbpages=self.vm.guest_gbpages, ad_policy="kvm")
-        self.direct = False
-        self.root_level = levels
-        self.root_role = make_role(levels, direct=False, guest_mode=True, cr0_wp=True, ad_disabled=not ad)
-        self.hw_ctx = None
-        v = self.vcpu
-        self.hw_guest_ctx = PagingContext.from_regs(v.cr0, v.cr4, v.efer, maxphyaddr=self.vm.guest_maxphyaddr,
-                                                    gbpages=self.vm.guest_gbpages, ad_policy="hardware")
-
     def _init_shadow(self, ctx: PagingContext) -> None:
+        """init_kvm_softmmu: shadow the guest's tables (a direct MMU while guest paging is off)."""
         mode = ctx.mode
         nonpaging = mode.root_level == 0
         level = max(mode.root_level, 3)
         self.direct = nonpaging
+        if nonpaging:
+            self.page_fault, self.gva_to_gpa, self.sync_spte = nonpaging_page_fault, nonpaging_gva_to_gpa, None
+        else:
+            self.page_fault, self.gva_to_gpa, self.sync_spte = page_fault, paging_gva_to_gpa, sync_spte
         self.root_level = level
         # KVM sets root_role.efer_nx=1 for every shadow MMU (the CPU runs the guest with EFER.NX=1), so
         # vCPUs whose EFER.NXE differ share shadow pages and one can use an spte built by a walk in
@@ -141,7 +166,10 @@ class VcpuMmu:
                                     ad_policy="hardware")
 
     def _init_tdp(self, ctx: PagingContext) -> None:
+        """init_kvm_tdp_mmu: a direct MMU over gpas; the guest's tables are walked only to emulate."""
         self.direct = True
+        self.page_fault, self.sync_spte = kvm_tdp_page_fault, None
+        self.gva_to_gpa = nonpaging_gva_to_gpa if ctx.mode.root_level == 0 else paging_gva_to_gpa
         self.root_level = self.vm.tdp_level
         self.root_role = make_role(self.root_level, direct=True, cr0_wp=True,
                                    ad_disabled=not self.masks.accessed)
@@ -168,47 +196,57 @@ class VcpuMmu:
         if self.cpu_role is None:
             self.init_context()
         self.kvm.make_mmu_pages_available()
-        v = self.vcpu
-        if self.nested_eptp is not None:
-            self.root_sp = self._get_root((self.nested_eptp & PT64_ADDR_MASK) >> 12, self.root_role)
-            self.root_hpa = self.root_sp.hpa
-            self.pgd = self.nested_eptp
-            self.sync_roots()
-            return
-        if self.vm.tdp_enabled:
-            tdp_mmu = self.kvm.tdp_mmu
-            self.root_sp = tdp_mmu.get_vcpu_root(self) if tdp_mmu is not None else self._get_root(0, self.root_role)
-            self.root_hpa = self.root_sp.hpa
-            self.pgd = 0
-            return
-        mode = self.cpu_role.mode
-        self.pgd = v.cr3
-        if self.root_level >= 4:
-            gfn = (v.cr3 & PT64_ADDR_MASK) >> 12
-            self.root_sp = self._get_root(gfn, self.root_role)
-            self.root_hpa = self.root_sp.hpa
+        # kvm_mmu_load chooses by root_role.direct too.
+        if self.direct:
+            self._alloc_direct_roots()
         else:
-            if not self.pae_root:
-                self.pae_root = self.vm.host.alloc_kernel_page(dma32=True)
-            for i in range(4):
-                if self.direct:
-                    gfn, role = i << 18, (self.root_role & ~ROLE_LEVEL_MASK) | 2
-                elif mode.name == "32bit":
-                    gfn = (v.cr3 & 0xFFFFF000) >> 12
-                    role = (self.root_role & ~ROLE_LEVEL_MASK) | 2 | (i << ROLE_QUADRANT_SHIFT)
-                else:
-                    pdpte = self.pdptrs[i]
-                    if not pdpte & 1:
-                        self.pae_sps[i] = None
-                        self.kvm.write_spte(self.pae_root + 8 * i, 0)
-                        continue
-                    gfn = (pdpte & PT64_ADDR_MASK) >> 12
-                    role = (self.root_role & ~ROLE_LEVEL_MASK) | 2
-                sp = self._get_root(gfn, role)
-                self.pae_sps[i] = sp
-                self.kvm.write_spte(self.pae_root + 8 * i, sp.hpa | 1)
-            self.root_hpa = self.pae_root
+            self._alloc_shadow_roots()
         self.sync_roots()
+
+    def _alloc_direct_roots(self) -> None:
+        """mmu_alloc_direct_roots: gfn-indexed roots (TDP, or shadow paging with guest paging off)."""
+        self.pgd = 0
+        tdp_mmu = self.kvm.tdp_mmu
+        if tdp_mmu is not None:
+            self._set_root(tdp_mmu.get_vcpu_root(self))
+        elif self.root_level >= 4:
+            self._set_root(self._get_root(0, self.root_role))
+        else:
+            role = (self.root_role & ~ROLE_LEVEL_MASK) | 2
+            self._alloc_pae_root([(i << 18, role) for i in range(4)])
+
+    def _alloc_shadow_roots(self) -> None:
+        """mmu_alloc_shadow_roots: roots that shadow the guest's top-level table (or L1's EPT)."""
+        pgd = self.pgd = self.get_guest_pgd(self)
+        if self.root_level >= 4:
+            self._set_root(self._get_root((pgd & PT64_ADDR_MASK) >> 12, self.root_role))
+            return
+        role = (self.root_role & ~ROLE_LEVEL_MASK) | 2
+        roots: list[tuple[int, int] | None]
+        if self.cpu_role is not None and self.cpu_role.mode.name == "32bit":
+            # Four level-2 shadow pages, one per quadrant of the guest's 4 KiB page directory.
+            roots = [((pgd & 0xFFFFF000) >> 12, role | (i << ROLE_QUADRANT_SHIFT)) for i in range(4)]
+        else:
+            roots = [((pdpte & PT64_ADDR_MASK) >> 12, role) if pdpte & 1 else None for pdpte in self.pdptrs]
+        self._alloc_pae_root(roots)
+
+    def _set_root(self, sp: ShadowPage) -> None:
+        self.root_sp = sp
+        self.root_hpa = sp.hpa
+
+    def _alloc_pae_root(self, roots: list[tuple[int, int] | None]) -> None:
+        """The 4-entry PAE root: entry i points at a level-2 shadow page for roots[i] (gfn, role)."""
+        if not self.pae_root:
+            self.pae_root = self.vm.host.alloc_kernel_page(dma32=True)
+        for i, root in enumerate(roots):
+            if root is None:
+                self.pae_sps[i] = None
+                self.kvm.write_spte(self.pae_root + 8 * i, 0)
+                continue
+            sp = self._get_root(*root)
+            self.pae_sps[i] = sp
+            self.kvm.write_spte(self.pae_root + 8 * i, sp.hpa | 1)
+        self.root_hpa = self.pae_root
 
     def _get_root(self, gfn: int, role: int) -> ShadowPage:
         sp = self.get_shadow_page(gfn, role)
@@ -221,8 +259,9 @@ class VcpuMmu:
         return [sp for sp in self.pae_sps if sp is not None]
 
     def _put_root(self, sp: ShadowPage) -> None:
-        if sp.tdp:
-            self.kvm.tdp_mmu.put_root(sp)
+        tdp_mmu = self.kvm.tdp_mmu
+        if sp.tdp and tdp_mmu is not None:
+            tdp_mmu.put_root(sp)
             return
         sp.root_count -= 1
         if sp.root_count == 0 and sp.invalid:
@@ -326,7 +365,7 @@ class VcpuMmu:
 
     # -- sync (kvm_mmu_sync_roots, mmu_sync_children, kvm_sync_page) ----------------------------------
     def sync_roots(self) -> None:
-        if self.direct:
+        if self.direct:             # kvm_mmu_sync_roots tests root_role.direct too
             return
         self.vcpu.mmio_cache.clear(MMIO_GVA_ANY)
         for sp in self.roots():
@@ -381,12 +420,13 @@ class VcpuMmu:
 
     def sync_page(self, sp: ShadowPage, invalid: list[ShadowPage]) -> int:
         """kvm_sync_page: re-read every gpte of an unsync page; <0 means 'zap it', >0 'flush'."""
-        if sp.direct or (sp.role ^ self.root_role) & ~_SYNC_ROLE_IGNORE:
-            return -1
+        sync = self.sync_spte
+        if sp.direct or sync is None or (sp.role ^ self.root_role) & ~_SYNC_ROLE_IGNORE:
+            return -1               # kvm_sync_page_check
         flush = 0
         # sync_spte does nothing for an spte that is neither present nor MMIO, and writes only its own.
         for i in self.kvm.live_spte_indices(sp):
-            r = sync_spte(self, sp, i)
+            r = sync(self, sp, i)
             if r < 0:
                 return -1
             flush |= r
@@ -400,7 +440,8 @@ class VcpuMmu:
         leaf spte for gva where its page is unsync."""
         if not current_only:
             self.vcpu.mmio_cache.clear(gva)
-        if self.direct:
+        sync = self.sync_spte
+        if sync is None:
             return
         kvm = self.kvm
         roots = [self.root_hpa] if current_only else [self.root_hpa] + [sp.hpa for _, sp in self.prev_roots]
@@ -410,7 +451,7 @@ class VcpuMmu:
             for it in for_each_shadow_entry(self, gva, root):
                 sp = kvm.sptep_to_sp(it.sptep)
                 if sp.unsync:
-                    r = sync_spte(self, sp, it.index)
+                    r = sync(self, sp, it.index)
                     if r < 0:
                         kvm.mmu_page_zap_pte(sp, it.sptep, None)
                     if r:

@@ -21,15 +21,35 @@ from .spte import SPTE_MMU_PRESENT_MASK
 if TYPE_CHECKING:
     from .context import VcpuMmu
 
+_FAST_PF_RET: dict[int | None, str] = {RET_PF_SPURIOUS: "SPURIOUS", RET_PF_FIXED: "FIXED"}
+
+
+def kvm_tdp_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
+    """kvm_tdp_page_fault: the TDP MMU's fault path when the VM has one, else the shadow MMU's."""
+    tdp_mmu = mmu.kvm.tdp_mmu
+    if tdp_mmu is not None:             # KVM's tdp_mmu_enabled
+        return tdp_mmu.page_fault(mmu, fault)
+    return direct_page_fault(mmu, fault)
+
+
+def nonpaging_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
+    """nonpaging_page_fault: shadow paging with guest paging off maps gpas in PAE-format tables,
+    whose largest page is 2 MiB."""
+    fault.max_level = PG_LEVEL_2M
+    return direct_page_fault(mmu, fault)
+
+
+def nonpaging_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | None:
+    """nonpaging_gva_to_gpa: with guest paging off, a linear address is the physical one."""
+    return gva
 
 
 def direct_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
+    """direct_page_fault: map the gpa of a fault on a direct MMU (the shadow MMU's tables)."""
     kvm = mmu.kvm
     vcpu = mmu.vcpu
     fault.gfn = gpa_to_gfn(fault.addr)
     fault.slot = vcpu.gfn_to_memslot(fault.gfn)
-    if not mmu.vm.tdp_enabled:
-        fault.max_level = PG_LEVEL_2M       # nonpaging_page_fault: it builds PAE-format tables
     if not fault.rsvd and fault.present and fault.write and kvm.is_write_tracked(fault.gfn):
         return RET_PF_EMULATE
     r = fast_page_fault(mmu, fault)
@@ -70,7 +90,7 @@ def trace_fast_page_fault(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, old_spt
     mmu.vm.trace.emit("fast_page_fault", vcpu_id=mmu.vcpu.id, cr2_or_gpa=fault.addr,
                       error_code=fault.error_code, sptep=sptep, old_spte=old_spte,
                       new_spte=mmu.kvm.read_spte(sptep),
-                      ret={RET_PF_SPURIOUS: "SPURIOUS", RET_PF_FIXED: "FIXED"}.get(ret, "INVALID"))
+                      ret=_FAST_PF_RET.get(ret, "INVALID"))
 
 
 def fast_pf_fix_leaf(mmu: VcpuMmu, fault: KvmPageFault, sptep: int, spte: int, level: int) -> int | None:

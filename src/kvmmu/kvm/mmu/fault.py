@@ -7,9 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...arch.bits import PFERR_RSVD_MASK
-from .direct import direct_page_fault
+from .direct import kvm_tdp_page_fault
 from .mmio import handle_mmio_page_fault
-from .paging import page_fault
 from .pf import (
     RET_PF_EMULATE,
     RET_PF_FIXED,
@@ -19,7 +18,6 @@ from .pf import (
     RET_PF_WRITE_PROTECTED,
     KvmPageFault,
 )
-from .tdp_mmu import is_tdp_mmu, kvm_tdp_mmu_page_fault
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
@@ -27,13 +25,8 @@ if TYPE_CHECKING:
 
 def kvm_mmu_do_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
     mmu = vcpu.mmu
-    fault = KvmPageFault(addr, error_code, is_tdp=vcpu.vm.tdp_enabled and not vcpu.mmu_is_nested)
-    if is_tdp_mmu(mmu):
-        r = kvm_tdp_mmu_page_fault(mmu, fault)
-    elif mmu.direct:
-        r = direct_page_fault(mmu, fault)
-    else:
-        r = page_fault(mmu, fault)
+    op = mmu.page_fault
+    r = op(mmu, KvmPageFault(addr, error_code, is_tdp=op is kvm_tdp_page_fault))
     if r == RET_PF_WRITE_PROTECTED:
         r = RET_PF_EMULATE
     stats = vcpu.stats
@@ -62,7 +55,8 @@ def kvm_mmu_page_fault(vcpu: Vcpu, addr: int, error_code: int) -> int:
         if r == RET_PF_INVALID:
             raise AssertionError("the full fault path must not return RET_PF_INVALID")
     if r == RET_PF_EMULATE:
-        # EMULTYPE_ALLOW_RETRY_PF: never for MMIO the vCPU has cached, nor for a nested guest.
+        # EMULTYPE_ALLOW_RETRY_PF: never for MMIO the vCPU has cached, nor for a nested guest
+        # (kvm_mmu_page_fault's is_guest_mode test, a fact of the vCPU).
         vcpu.allow_retry_pf = not vcpu.mmio_cache.info_in_cache(addr, direct) and not vcpu.mmu_is_nested
     if vm.trace.enabled:                 # (emit would return at once, after its arguments were built)
         vm.trace.emit("page_fault_done", addr=addr, ret=RET_PF_NAMES[r])

@@ -25,6 +25,7 @@ from .spte import (
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
+    from .spte import MmioGenLayout
 
 
 # -- the slow path's no-slot decision (kvm_handle_noslot_fault) -----------------------------------
@@ -53,7 +54,8 @@ def check_mmio_spte(vcpu: Vcpu, spte: int) -> bool:
         ok = False
     else:
         masks = vcpu.mmu.masks
-        ok = (gen & masks.gen.mask) == get_mmio_spte_generation(masks, spte)
+        layout: MmioGenLayout = masks.gen  # type: ignore[assignment]  # None only with mmio_caching="zap"
+        ok = (gen & layout.mask) == get_mmio_spte_generation(masks, spte)
     if vm.trace.enabled:
         # kvm_gen is the generation as the spte field holds it (check_mmio_spte compares the two).
         mask = vcpu.mmu.masks.gen.mask if vcpu.mmu.masks.gen else 0
@@ -96,8 +98,9 @@ def get_mmio_spte(vcpu: Vcpu, addr: int) -> tuple[bool, int]:
     c["shadow_walks"] += 1
     walked: list[tuple[int, int]] = []
     sp = mmu.root_sp
-    if sp is not None and sp.tdp:
-        walked = kvm.tdp_mmu.get_walk(mmu, addr)        # kvm_tdp_mmu_get_walk
+    tdp_mmu = kvm.tdp_mmu
+    if sp is not None and sp.tdp and tdp_mmu is not None:
+        walked = tdp_mmu.get_walk(mmu, addr)        # kvm_tdp_mmu_get_walk
         c["shadow_walk_steps"] += len(walked)
     else:
         for it, spte in for_each_shadow_entry_lockless(mmu, addr):

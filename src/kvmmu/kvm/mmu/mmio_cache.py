@@ -35,6 +35,7 @@ class MmioCache:
         gen = self.vm.memslots.generation(0)
         if gen & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
             return                      # never cache a translation built from a set being replaced
+        # vcpu_cache_mmio_info tests mmu_is_nested too: L2's "gva" is an ngpa, not worth caching.
         self.mmio_gva = 0 if self.vcpu.mmu_is_nested else gva & ~0xFFF
         self.mmio_access = access
         self.mmio_gfn = gfn
@@ -64,7 +65,7 @@ class MmioCache:
 
     def info_in_cache(self, addr: int, direct: bool) -> bool:
         """mmio_info_in_cache.  A nested guest's fault address is an L2 gpa: the cache (L1 gva/gfn)
-        must not answer it."""
+        must not answer it (KVM's mmio_info_in_cache tests mmu_is_nested the same way)."""
         if self.vcpu.mmu_is_nested:
             return False
         if direct:

@@ -9,10 +9,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ...arch.bits import PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
-from ...arch.index import gpa_to_gfn, hpa_to_pfn
+from ...arch.index import hpa_to_pfn
 from ...errors import KvmBug
 from .hugepage import KVM_MAX_HUGEPAGE_LEVEL, lpage_index, pages_per_hpage
-from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, role_quadrant, role_smm, trace_fields
+from .page import ROLE_INVALID, ROLE_PASSTHROUGH, ShadowPage, role_smm, trace_fields
+from .page_track import kvm_mmu_track_write
 from .spte import (
     SHADOW_NONPRESENT_VALUE,
     SPTE_MMU_PRESENT_MASK,
@@ -303,6 +304,8 @@ class KvmMmu:
                 child = self.spte_to_child_sp(spte)
                 self.drop_parent_pte(child, sptep)
                 sp.unsync_children.discard((sptep & 0xFFF) >> 3)
+                # mmu_page_zap_pte's own tdp_enabled test: an orphaned guest_mode (shadow EPT) child
+                # is zapped at once.
                 if (invalid_list is not None and child.role & (1 << 17) and not child.parent_ptes
                         and self.vm.tdp_enabled):
                     self.prepare_zap_page(child, invalid_list)
@@ -460,86 +463,12 @@ class KvmMmu:
         self.stats["mmu_recycled"] += zapped
         self.commit_zap_page(invalid)
 
-    # -- emulated writes to shadowed guest tables (kvm_mmu_track_write) --------------------------------
+    # -- emulated writes to shadowed guest tables (kvm/mmu/page_track.py) ------------------------------
     def track_write(self, gpa: int, nbytes: int, as_id: int = 0, pae: bool = False) -> None:
-        """kvm_mmu_track_write: an emulated write of `nbytes` at `gpa` by a vCPU with CR4.PAE = `pae`.
-
-        KVM widens a 4-byte write by a PAE vCPU to the aligned 8-byte gpte around it before judging it
-        (mmu_pte_write_fetch_gpte: "a 32-bit guest writing two halves of a 64-bit gpte"), so a dword
-        that straddles two gptes passes detect_write_misaligned and only the first gpte's spte is zapped;
-        the second keeps its old translation, and no INVLPG or CR3 reload fixes it (the page is synced,
-        not unsync).  That is what `kvm_deviations` does.  By default the write is judged as it was
-        made: it spans two gptes, so the whole page is zapped and the new gptes are used (SDM 4.10.4).
-        """
-        if not self.indirect_shadow_pages:
-            return
-        fetch_gpa, fetch_bytes = gpa, nbytes
-        if pae and nbytes == 4:
-            fetch_gpa, fetch_bytes = gpa & ~7, 8
-        # The gpte KVM reads back: only for 4- and 8-byte writes (it decides mmu_pde_zapped).
-        gentry = self.vm.read_guest_quiet(fetch_gpa, fetch_bytes) if fetch_bytes in (4, 8) else 0
-        if self.vm.kvm_deviations:
-            gpa, nbytes = fetch_gpa, fetch_bytes
-        self.stats["mmu_pte_write"] += 1
-        gfn = gpa_to_gfn(gpa)
-        invalid: list[ShadowPage] = []
-        flush = False
-        gfns = [gfn] + [g for _, g in self.host_page_aliases(gfn, as_id)]
-        for sp in [sp for g in gfns for sp in self.indirect_pages_for_gfn(g)]:
-            if sp.invalid:
-                continue
-            if _write_misaligned(sp, gpa, nbytes) or _write_flooding(sp):
-                self.prepare_zap_page(sp, invalid)
-                self.stats["mmu_flooded"] += 1
-                continue
-            for sptep in _written_sptes(sp, gpa):
-                entry = self.read_spte(sptep)
-                self.mmu_page_zap_pte(sp, sptep, None)
-                if gentry and sp.level != 1:
-                    self.stats["mmu_pde_zapped"] += 1
-                if entry & SPTE_MMU_PRESENT_MASK:
-                    flush = True
-        self.vm.trace.emit("write_tracked_gpte", gpa=gpa, bytes=nbytes)
-        if invalid:
-            self.commit_zap_page(invalid)
-        elif flush:
-            self.flush_remote_tlbs()
+        """kvm_mmu_track_write (see kvm/mmu/page_track.py)."""
+        kvm_mmu_track_write(self, gpa, nbytes, as_id, pae)
 
     def flush_remote_tlbs(self) -> None:
         self.stats["remote_tlb_flush_requests"] += 1
         self.stats["remote_tlb_flush"] += 1
         self.vm.request_all("KVM_REQ_TLB_FLUSH")
-
-
-def _write_misaligned(sp: ShadowPage, gpa: int, nbytes: int) -> bool:
-    """A write that is not one whole gpte (single-byte writes at a gpte start are allowed)."""
-    offset = gpa & 0xFFF
-    pte_size = 4 if sp.role & (1 << 4) else 8
-    if not offset & (pte_size - 1) and nbytes == 1:
-        return False
-    return bool((offset ^ (offset + nbytes - 1)) & ~(pte_size - 1)) or nbytes < 4
-
-
-def _write_flooding(sp: ShadowPage) -> bool:
-    """Three emulated writes to an upper-level table without a fault through it: stop shadowing it."""
-    if sp.level == 1:
-        return False
-    sp.write_flooding_count += 1
-    return sp.write_flooding_count >= 3
-
-
-def _written_sptes(sp: ShadowPage, gpa: int) -> list[int]:
-    """The sptes of sp that shadow the gpte at gpa (two for a 32-bit PDE: it maps 4 MiB)."""
-    offset = gpa & 0xFFF
-    n = 1
-    if sp.role & (1 << 4):
-        offset <<= 1
-        if sp.level == 2:
-            offset = (offset & ~7) << 1
-            n = 2
-        quadrant = offset >> 12
-        offset &= 0xFFF
-        if quadrant != role_quadrant(sp.role):
-            return []
-    first = sp.hpa + (offset & ~7)
-    return [first + 8 * i for i in range(n)]

@@ -67,7 +67,7 @@ def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
     vcpu.counters["guest_walks"] += 1
     ctx = mmu.walk_ctx
     pdptrs = mmu.pdptrs if ctx.mode.pae_pdptes else None
-    w = walk(ctx, vcpu.pte_reader, mmu.walk_root(), addr, access, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
+    w = walk(ctx, vcpu.pte_reader, mmu.get_guest_pgd(mmu), addr, access, ac=vcpu.ac, pkru=vcpu.pkru, pdptrs=pdptrs)
     trace = vcpu.vm.trace
     if trace.enabled:
         trace.emit("kvm_mmu_pagetable_walk", addr=addr, pferr=access & 0xFFFF_FFFF)
@@ -82,6 +82,15 @@ def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
     return w
 
 
+def paging_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | None:
+    """FNAME(gva_to_gpa) for the emulator, with the fault delivered (kvm_inject_emulated_page_fault)."""
+    w = guest_walk(mmu, gva, access)
+    if w.fault:
+        mmu.inject_page_fault(mmu, gva, w)
+        return None
+    return w.gpa
+
+
 def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     """FNAME(page_fault) for an indirect (shadow) MMU."""
     vcpu = mmu.vcpu
@@ -90,10 +99,7 @@ def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     w = guest_walk(mmu, fault.addr, access)
     if w.fault:
         if not fault.prefetch:
-            if mmu.nested_eptp is not None:
-                vcpu.reflect_nested_ept_fault(fault.addr, w)     # L1's EPT says no: L1 handles it
-            else:
-                vcpu.inject_page_fault(w.error_code, fault.addr)
+            mmu.inject_page_fault(mmu, fault.addr, w)      # the guest's #PF, or L1's EPT exit
         return RET_PF_RETRY
     fault.gfn = gpa_to_gfn(w.gpa)
     fault.slot = vcpu.gfn_to_memslot(fault.gfn)
@@ -279,7 +285,8 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
     if gfn != sp.gfn_at(i):
         kvm.drop_spte(sptep)
         return 1
-    sp.shadowed_translation[i] = (gfn << 12) | access
+    translations: list[int] = sp.shadowed_translation  # type: ignore[assignment]  # an unsync page is indirect
+    translations[i] = (gfn << 12) | access
     slot = mmu.vcpu.gfn_to_memslot(gfn)
     host_writable = bool(spte & mmu.masks.host_writable)
     new, _ = build_spte(mmu, sp, slot, access, gfn, (spte >> 12) & ((1 << 40) - 1), spte, False, True,
@@ -290,4 +297,4 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
     return 1 if (spte & ~new) & 0x7 or (new & ~spte) & (1 << 63) or (spte ^ new) & PT64_PKEY_MASK else 0
 
 
-__all__ = ["RET_PF_EMULATE", "fetch", "guest_walk", "page_fault", "pte_prefetch", "sync_spte"]
+__all__ = ["RET_PF_EMULATE", "fetch", "guest_walk", "page_fault", "paging_gva_to_gpa", "pte_prefetch", "sync_spte"]

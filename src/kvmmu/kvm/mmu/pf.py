@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ...arch.bits import (
     PFERR_FETCH_MASK,
     PFERR_PRESENT_MASK,
@@ -18,6 +20,9 @@ RET_PF_INVALID = 4
 RET_PF_FIXED = 5
 RET_PF_SPURIOUS = 6
 RET_PF_NAMES = ("CONTINUE", "RETRY", "EMULATE", "WRITE_PROTECTED", "INVALID", "FIXED", "SPURIOUS")
+
+if TYPE_CHECKING:
+    from ..memslots import Memslot
 
 KVM_PFN_NOSLOT = 1 << 63
 KVM_PFN_ERR_RO_FAULT = (0x7FF << 52) | 2
@@ -38,7 +43,7 @@ class KvmPageFault:
         self.user = bool(error_code & PFERR_USER_MASK)
         self.is_tdp = is_tdp
         self.gfn = 0
-        self.slot = None
+        self.slot: Memslot | None = None
         self.pfn = 0
         self.map_writable = False
         self.max_level = 3

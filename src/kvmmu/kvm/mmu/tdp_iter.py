@@ -23,7 +23,7 @@ from ...arch.index import pages_per_hpage as pages_per_level
 from .spte import SPTE_MMU_PRESENT_MASK, spte_to_pfn
 
 if TYPE_CHECKING:
-    from ...hw.memory import Memory
+    from ...hw.memory import SparseMemory as Memory
 
 __all__ = ["SPTE_ENT_PER_PAGE", "TdpIter", "for_each_tdp_pte", "pages_per_level", "round_gfn_for_level",
            "spte_index"]

@@ -17,6 +17,7 @@ no table).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ...arch.bits import ACC_ALL, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
@@ -49,12 +50,6 @@ _PAGE_STATS = ("pages_4k", "pages_2m", "pages_1g")
 
 def _is_leaf(spte: int, level: int) -> bool:
     return bool(spte & SPTE_MMU_PRESENT_MASK) and (level == 1 or bool(spte & PT_PAGE_SIZE_MASK))
-
-
-def is_tdp_mmu(mmu: VcpuMmu) -> bool:
-    """is_tdp_mmu(): the vCPU's current root is a TDP MMU page."""
-    sp = mmu.root_sp
-    return sp is not None and sp.tdp
 
 
 class TdpMmu:
@@ -213,7 +208,7 @@ class TdpMmu:
         if fault.rsvd or not fault.present or not fault.write:
             return None
         last = None
-        root = mmu.root_sp
+        root: ShadowPage = mmu.root_sp  # type: ignore[assignment]  # faults are taken on a loaded root
         for it in for_each_tdp_pte(self.mem, root.hpa, root.level, fault.gfn, fault.gfn + 1):
             last = (it.sptep, it.old_spte, it.level)
         if last is None:
@@ -230,7 +225,7 @@ class TdpMmu:
         kvm_mmu_hugepage_adjust(mmu, fault)
         goal = fault.goal_level
         self.vm.trace.emit("kvm_mmu_spte_requested", gfn=fault.gfn, pfn=fault.pfn, level=goal)
-        root = mmu.root_sp
+        root: ShadowPage = mmu.root_sp  # type: ignore[assignment]  # faults are taken on a loaded root
         masks = self.kvm.masks
         reached = None
         for it in for_each_tdp_pte(self.mem, root.hpa, root.level, fault.gfn, fault.gfn + 1, as_id=role_smm(root.role)):
@@ -280,7 +275,7 @@ class TdpMmu:
     # -- the lockless walk of the MMIO fast path --------------------------------------------------------
     def get_walk(self, mmu: VcpuMmu, addr: int) -> list[tuple[int, int]]:
         """kvm_tdp_mmu_get_walk: (level, spte) from the root down to the last spte for addr."""
-        root = mmu.root_sp
+        root: ShadowPage = mmu.root_sp  # type: ignore[assignment]  # the caller found a TDP root
         gfn = gpa_to_gfn(addr)
         return [(it.level, it.old_spte) for it in for_each_tdp_pte(self.mem, root.hpa, root.level, gfn, gfn + 1)]
 
@@ -288,7 +283,7 @@ class TdpMmu:
     def _roots(self, as_id: int, only_valid: bool) -> list[ShadowPage]:
         return [r for r in self.roots if role_smm(r.role) == as_id and not (only_valid and r.invalid)]
 
-    def _leaves(self, root: ShadowPage, start: int, end: int, min_level: int = 1):  # noqa: ANN202
+    def _leaves(self, root: ShadowPage, start: int, end: int, min_level: int = 1) -> Iterator[TdpIter]:
         for it in for_each_tdp_pte(self.mem, root.hpa, root.level, start, end, min_level, as_id=role_smm(root.role)):
             if _is_leaf(it.old_spte, it.level):
                 yield it
@@ -351,7 +346,3 @@ class TdpMmu:
                         self._set_spte(it, it.old_spte & ~PT_WRITABLE_MASK, record_dirty=False)
                         changed = True
         return changed
-
-
-def kvm_tdp_mmu_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
-    return mmu.kvm.tdp_mmu.page_fault(mmu, fault)
