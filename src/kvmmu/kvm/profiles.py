@@ -291,8 +291,17 @@ class ModelBus:
 
     def fetch(self, gva: int, n: int, cpl: int) -> bytes:
         if self._in_emulator(cpl):
+            failed = self.stats["insn_emulation_fail"]
             try:
                 return self.emu.fetch(gva, n, cpl)
+            except CpuFault as fault:
+                if self.stats["insn_emulation_fail"] == failed:
+                    raise                       # a #PF of the fetch
+                self.kvm_fault = True           # the #UD of handle_emulation_failure
+                if not self.profile.emulation_failure_exits:
+                    raise
+                self._userspace_exit()
+                raise Stop("internal_error", f"KVM could not emulate the fetch at gva {gva:#x}") from fault
             except Stop:
                 self._userspace_exit()          # KVM_EXIT_INTERNAL_ERROR ends the entry
                 raise
