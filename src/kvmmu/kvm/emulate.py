@@ -156,12 +156,13 @@ def emulation_failure(vcpu: Vcpu, cpl: int) -> tuple[GuestFault, str | None]:
     return GuestFault(UD_VECTOR, 0, None), internal
 
 
-def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_or_gpa: int,
+def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, write: bool, data: bytes, cr2_or_gpa: int,
                    direct: bool, result: AccessResult) -> None:
     """Emulate one access (PFERR_* bits `pfec`) that faulted with RET_PF_EMULATE; fills
-    result.value / exits / fault."""
-    write = bool(pfec & PFERR_WRITE_MASK)
-    access = pfec & _EMULATOR_ACCESS
+    result.value / exits / fault.  A read with W in `pfec` is the load of a read-modify-write (access
+    kind "rmw"): the CPU faulted on it for writing, but KVM's emulator reads the operand with a read
+    translation (the store follows as an access of its own)."""
+    access = pfec & _EMULATOR_ACCESS if write else pfec & _EMULATOR_ACCESS & ~PFERR_WRITE_MASK
     vm = vcpu.vm
     vcpu.stats["insn_emulation"] += 1
     vcpu.counters["emulated_accesses"] += 1

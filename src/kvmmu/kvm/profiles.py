@@ -61,11 +61,10 @@ from ..arch.bits import (
     PFERR_WRITE_MASK,
     X86_EFLAGS_RF,
 )
-from ..arch.walker import walk
 from ..errors import InvalidArgument
 from ..hw.host import Host
 from ..hw.x86cpu import GP, UD, CpuFault, Reexecute, Stop, X86Cpu
-from .emulate import pieces, vcpu_is_mmio_gpa
+from .emulate import pieces
 from .emulate_retry import page_table_writing_insn
 from .soft_emulator import Emulator
 from .vm import VM
@@ -190,22 +189,6 @@ def get_profile(name: str | HostProfile) -> HostProfile:
     return PROFILES[name]
 
 
-class _QuietReader:
-    """Guest page-table reads through the memslots with no side effect (no A/D update, no count)."""
-
-    def __init__(self, vm: VM) -> None:
-        self.vm = vm
-
-    def read_pte(self, gpa: int, size: int) -> int:
-        slot = self.vm.memslots.spaces[0].search(gpa >> 12)
-        if slot is None or slot.invalid:
-            return -1
-        return self.vm.read_guest_quiet(gpa, size)
-
-    def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
-        return True
-
-
 def _fault(vector: int, error_code: int, cr2: int | None) -> CpuFault:
     return CpuFault(vector, error_code if vector in _ERROR_CODE_VECTORS else None, cr2)
 
@@ -320,45 +303,12 @@ class ModelBus:
             if self._in_emulator(cpl):
                 raise Reexecute()
             return self._hw(gva, size, "read", None, cpl, implicit, restart=True)
-        if rmw and not self._in_emulator(cpl):
-            self._write_intent(gva, size, cpl)      # may hand the instruction to KVM's emulator
         if self._in_emulator(cpl):
             return self.emu.read(gva, size, cpl, implicit, self._userspace_exit)
-        return self._hw(gva, size, "read", None, cpl, implicit)
-
-    def _write_intent(self, gva: int, size: int, cpl: int) -> None:
-        """The read of a read-modify-write is translated for writing: it faults with W=1 and KVM maps
-        the page writable (and sets D) before the load.  ``vcpu.access`` has no such access kind, so
-        a page that is not writable yet gets a write of its current bytes first (found through the
-        guest tables without side effects: exactly what KVM's fault path is about to map); if KVM
-        emulates that write (a write-protected page table), the emulator does the rest of the
-        instruction, as it would after the real write fault.  MMIO and read-only slots are left to
-        the read, which KVM emulates with the whole instruction."""
-        vcpu = self.vcpu
-        pfec = PFERR_WRITE_MASK | (PFERR_USER_MASK if cpl == 3 else 0)
-        for pgva, _off, n in pieces(gva, size):
-            if self.profile.mmu == "shadow":
-                vcpu.process_requests()          # as vcpu.access does before the CPU translates
-                hpa, _, _ = vcpu.cpu.translate(pgva, pfec)
-                if hpa >= 0:
-                    continue                     # already writable: the RMW hits the TLB
-            ctx = vcpu.mmu.cpu_role
-            w = walk(ctx, _QuietReader(vcpu.vm), vcpu.cr3, pgva, pfec, ac=vcpu.ac, pkru=vcpu.pkru)
-            if w.fault:
-                current = 0                      # the write-intent access faults before writing
-            else:
-                slot = vcpu.vm.memslots.spaces[0].search(w.gpa >> 12)
-                if slot is None or slot.invalid or slot.readonly or vcpu_is_mmio_gpa(vcpu, w.gpa):
-                    continue
-                current = int.from_bytes(vcpu.vm.read_phys(w.gpa, n), "little")
-            # A piece of a split access may be 3, 5, 6 or 7 bytes: write it as access-sized chunks.
-            at = 0
-            while at < n:
-                k = 8 if n - at >= 8 else 4 if n - at >= 4 else 2 if n - at >= 2 else 1
-                self._hw(pgva + at, k, "write", (current >> (8 * at)) & ((1 << (8 * k)) - 1), cpl, False)
-                if self.emulating:
-                    return
-                at += k
+        # The load of a read-modify-write is translated for writing: it faults with W=1 and KVM maps
+        # the page writable (and sets D) before the load; if KVM emulates it, its emulator does the
+        # rest of the instruction (x86_emulate_instruction runs it from the start).
+        return self._hw(gva, size, "rmw" if rmw else "read", None, cpl, implicit)
 
     def write(self, gva: int, size: int, value: int, cpl: int, implicit: bool = False) -> None:
         if self._in_emulator(cpl):
@@ -508,7 +458,7 @@ class PvmBus(ModelBus):
         without EFER.NXE (the host adds P|RSVD on some runs)."""
         self.stats["exits"] += 1
         self.stats["insn_emulation_fail"] += 1
-        err = PFERR_USER_MASK | (PFERR_WRITE_MASK if kind == "write" else 0) \
+        err = PFERR_USER_MASK | (PFERR_WRITE_MASK if kind in ("write", "rmw") else 0) \
             | (PFERR_FETCH_MASK if kind == "fetch" else 0)
         raise CpuFault(PF_VECTOR, err, gva)
 
