@@ -21,7 +21,9 @@ lint: $(STAMP)
 # The packages mypy holds clean (pyproject.toml [tool.mypy]); docs/ARCHITECTURE.md lists the rest.
 TYPED := src/kvmmu/report src/kvmmu/sim src/kvmmu/sweep src/kvmmu/lab src/kvmmu/cli.py src/kvmmu/cliargs.py \
          src/kvmmu/errors.py src/kvmmu/bits.py src/kvmmu/vmm \
-         src/kvmmu/real src/kvmmu/arch src/kvmmu/hw
+         src/kvmmu/real src/kvmmu/arch src/kvmmu/hw \
+         src/kvmmu/kvm/emulate.py src/kvmmu/kvm/soft_emulator.py src/kvmmu/kvm/emulate_retry.py \
+         src/kvmmu/kvm/profiles.py src/kvmmu/kvm/profiles_svm.py src/kvmmu/kvm/cpu_bus.py
 typecheck: $(STAMP)
 	$(BIN)/mypy $(TYPED)
 
