@@ -11,7 +11,6 @@ import pytest
 from kvmmu.guest.runtime import Map, Program, Slot
 from kvmmu.kvm.emulate_retry import page_table_writing_insn
 from kvmmu.kvm.profiles import PROFILES
-from kvmmu.kvm.profiles_svm import SvmProfile
 from kvmmu.realdiff import run_model
 
 RO = 0x80_0000
@@ -44,23 +43,13 @@ def _ro_write(insn: str) -> Program:
                    code=f"mov rsi, {RO:#x}\nmov rax, [rsi]\n{insn}\nhlt")
 
 
-@dataclasses.dataclass(frozen=True)
-class _NoRetry(SvmProfile):
-    """svm-shadow on a KVM that emulates at once (VM(retry_pf_emulation=False), as from Linux 6.12)."""
-
-    def make_vm(self, host_hugepage_level: int = 1):  # noqa: ANN201
-        vm = super().make_vm(host_hugepage_level)
-        vm.retry_pf_emulation = False
-        return vm
-
-
 @pytest.mark.parametrize(("insn", "faults"), [("add qword [rsi + 8], 7", 2), ("mov qword [rsi + 8], 7", 1)])
 def test_readonly_slot_write_is_retried_once_unless_page_table_writing(insn: str, faults: int) -> None:
     """retry_instruction (6.1): the first RET_PF_EMULATE fault of a non-PageTable instruction is
     retried (its decode counts in insn_emulation), the second on the same RIP and address emulated."""
     c = run_model(_ro_write(insn), "svm-shadow").counters
-    p = PROFILES["svm-shadow"]
-    base = run_model(_ro_write(insn), _NoRetry(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)})).counters
+    # svm-shadow on a KVM that emulates at once (as from Linux 6.12)
+    base = run_model(_ro_write(insn), dataclasses.replace(PROFILES["svm-shadow"], retry_pf_emulation=False)).counters
     assert c["pf_emulate"] == faults and base["pf_emulate"] == 1
     assert c["insn_emulation"] - base["insn_emulation"] == faults - 1
     assert c["exits"] - base["exits"] == faults - 1

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     DecodedOp: TypeAlias = tuple[int, int, int, int, int, int | None, Callable[..., Any]]
 
 # The accesses a vCPU performs (Vcpu.access): kinds and sizes in bytes.
-ACCESS_KINDS = ("read", "write", "fetch")
+# "rmw": the read of a read-modify-write, which the CPU translates for writing (a fault has W=1, the
+# walk sets D) although it only loads; its store is a "write" of its own.
+ACCESS_KINDS = ("read", "write", "fetch", "rmw")
 ACCESS_SIZES = (1, 2, 4, 8, 16)
 
 # The TLB-hit paths read the context's tables (arch/permission.py) inline, and leave to translate()

@@ -16,12 +16,15 @@ from ..arch.bits import (
     PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
+    X86_CR4_LA57,
     X86_CR4_PAE,
 )
 from ..arch.permission import permission_fault
 from .exceptions import GuestFault
+from .mmu.paging import guest_walk
 
 if TYPE_CHECKING:
+    from ..arch.modes import PagingContext
     from .vcpu import AccessResult, Vcpu
 
 UD_VECTOR = 6
@@ -65,7 +68,7 @@ def cached_mmio_gpa(vcpu: Vcpu, gva: int, access: int) -> int | None:
     cache = vcpu.mmio_cache
     if access & (PFERR_FETCH_MASK | PFERR_IMPLICIT_ACCESS) or not cache.match_gva(gva):
         return None
-    ctx = vcpu.mmu.cpu_role
+    ctx: PagingContext = vcpu.mmu.cpu_role  # type: ignore[assignment]  # built before any access; no cast() call
     if ctx.mode.root_level:
         if ctx.pkeys_active and cache.mmio_access & ACC_USER_MASK:
             return None
@@ -80,31 +83,88 @@ def cached_mmio_gpa(vcpu: Vcpu, gva: int, access: int) -> int | None:
     return (cache.mmio_gfn << 12) | (gva & 0xFFF)
 
 
-def _gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None) -> tuple[int, bool] | None:
-    """vcpu_mmio_gva_to_gpa (kvm_fetch_guest_virt / the system accesses for fetch and implicit
-    `access`); None if a #PF was injected."""
+def gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None = None,
+               inject: bool = True) -> tuple[int, bool] | int:
+    """The emulator's gva -> gpa for one page of an access with PFERR_* bits `access`: (gpa, is_mmio),
+    or, when the translation faults, the #PF error code (-1 when the nested MMU sent the fault to
+    L2 or L1 itself).  This is the one translation of both emulators: emulator_read_write_onepage's
+    steps, then mmu->gva_to_gpa as kvm_mmu_gva_to_gpa_{read,write,fetch,system} call it.
+
+    ``gpa_hint``: the fault address a direct MMU hands the emulator (x86_emulate_instruction's
+    gpa_available): taken for the page with the same offset, without a walk or the gva cache.
+    With L2 running, mmu->gva_to_gpa is the nested MMU's: L2's tables through L1's EPT, and never
+    the gva cache (it caches L1 addresses).  Otherwise the MMIO gva cache (data accesses only), then
+    the guest walk.  ``inject``: a failed walk queues the #PF (kvm_inject_emulated_page_fault);
+    False while KVM delivers an event itself, where the failure escalates instead (#DF)."""
     if gpa_hint is not None and (gpa_hint & 0xFFF) == (gva & 0xFFF):
         return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
-    # (While L2 runs the cache holds no gva: vcpu_cache_mmio_info stores 0 for a nested MMU.)
+    mmu = vcpu.walk_mmu
+    if mmu is not vcpu.mmu:
+        # L2 runs: nested_mmu's gva_to_gpa (L2's tables through L1's EPT), never the gva cache (it
+        # caches L1 addresses); it delivers its own faults, to L2 or as an EPT exit to L1.
+        ngpa = mmu.gva_to_gpa(mmu, gva, access)
+        if ngpa is None:
+            return -1
+        return ngpa, vcpu_is_mmio_gpa(vcpu, ngpa)
     gpa = cached_mmio_gpa(vcpu, gva, access)
     if gpa is not None:
         trace = vcpu.vm.trace
         if trace.enabled:
             trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=bool(access & PFERR_WRITE_MASK), gpa_match=False)
         return gpa, True
-    mmu = vcpu.walk_mmu
-    gpa = mmu.gva_to_gpa(mmu, gva, access)      # None: the fault was injected
-    if gpa is None:
-        return None
+    ctx: PagingContext = mmu.cpu_role  # type: ignore[assignment]  # (as in cached_mmio_gpa)
+    if ctx.mode.root_level == 0:
+        gpa = gva                                   # nonpaging_gva_to_gpa
+    else:
+        # paging_gva_to_gpa, with the fault handed back: KVM's callers decide whether to inject.
+        w = guest_walk(mmu, walker_address(vcpu, gva), access)
+        if w.fault:
+            if inject:
+                mmu.inject_page_fault(mmu, gva, w)
+            return w.error_code
+        gpa = w.gpa
     return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
 
 
-def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_or_gpa: int,
+def walker_address(vcpu: Vcpu, gva: int) -> int:
+    """KVM's walker indexes the guest tables with bits 47:0 (56:0 with LA57) and never looks above
+    them; the arch walker wants the canonical address with the same indices.  Only the second page
+    of an access straddling the canonical boundary gets here non-canonical (noncanonical_tail)."""
+    bits = 57 if vcpu.cr4 & X86_CR4_LA57 else 48
+    low = gva & ((1 << bits) - 1)
+    return low | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if low >> (bits - 1) else low
+
+
+def fetch_fails(vcpu: Vcpu, translated: list[tuple[int, bool]]) -> bool:
+    """kvm_fetch_guest_virt reads instruction bytes with kvm_vcpu_read_guest_page, which knows guest
+    RAM only: a page of the fetch that is MMIO (or no usable memslot) makes it fail, and with it the
+    decode (X86EMUL_IO_NEEDED -> EMULATION_FAILED).  Hardware fetches from MMIO, so only
+    kvm_deviations keeps KVM's failure."""
+    if not vcpu.vm.kvm_deviations:
+        return False
+    for gpa, is_mmio in translated:
+        slot = None if is_mmio else vcpu.gfn_to_memslot(gpa >> 12)
+        if slot is None or slot.invalid:
+            return True
+    return False
+
+
+def emulation_failure(vcpu: Vcpu, cpl: int) -> tuple[GuestFault, str | None]:
+    """handle_emulation_failure: insn_emulation_fail + 1 and #UD queued for the guest, with
+    KVM_EXIT_INTERNAL_ERROR (suberror KVM_INTERNAL_ERROR_EMULATION) as well at CPL0 outside guest
+    mode; returns the #UD and that suberror (None: the guest just takes the #UD)."""
+    vcpu.stats["insn_emulation_fail"] += 1
+    internal = "KVM_INTERNAL_ERROR_EMULATION" if cpl == 0 and not vcpu.mmu_is_nested else None
+    return GuestFault(UD_VECTOR, 0, None), internal
+
+
+def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, write: bool, data: bytes, cr2_or_gpa: int,
                    direct: bool, result: AccessResult) -> None:
     """Emulate one access (PFERR_* bits `pfec`) that faulted with RET_PF_EMULATE; fills
-    result.value / exits / fault."""
-    write = bool(pfec & PFERR_WRITE_MASK)
-    access = pfec & _EMULATOR_ACCESS
+    result.value / exits / fault.  A read with W in `pfec` is the load of a read-modify-write (access
+    kind "rmw"): the CPU faulted on it for writing, but KVM's emulator reads the operand with a read
+    translation (the store follows as an access of its own)."""
+    access = pfec & _EMULATOR_ACCESS if write else pfec & _EMULATOR_ACCESS & ~PFERR_WRITE_MASK
     vm = vcpu.vm
     vcpu.stats["insn_emulation"] += 1
     vcpu.counters["emulated_accesses"] += 1
@@ -123,22 +183,17 @@ def emulate_access(vcpu: Vcpu, gva: int, size: int, pfec: int, data: bytes, cr2_
     interleave = vm.kvm_deviations and not fetch
     translated: list[tuple[int, bool]] = []
     for pgva, _off, _plen in parts:
-        t = _gva_to_gpa(vcpu, pgva, access, gpa_hint)
+        t = gva_to_gpa(vcpu, pgva, access, gpa_hint)
         gpa_hint = None
-        if t is None:
+        if isinstance(t, int):
             result.fault = vcpu.take_exception()
             return                      # (or a nested exit to L1, which the caller reports)
         translated.append(t)
         if interleave:
             _, off, n = parts[len(translated) - 1]
             perform_piece(vcpu, t, off, n, write, data, out, fragments)
-    if fetch and vm.kvm_deviations and _fetch_fails(vcpu, translated):
-        # KVM's instruction fetch (kvm_fetch_guest_virt) reads RAM only: emulation fails, which
-        # queues #UD and, at CPL0 outside guest mode, exits with KVM_INTERNAL_ERROR_EMULATION.
-        vcpu.stats["insn_emulation_fail"] += 1
-        result.fault = GuestFault(UD_VECTOR, 0, None)
-        if vcpu.cpl == 0 and not vcpu.mmu_is_nested:
-            result.internal_error = "KVM_INTERNAL_ERROR_EMULATION"
+    if fetch and fetch_fails(vcpu, translated):
+        result.fault, result.internal_error = emulation_failure(vcpu, vcpu.cpl)
         return
     if not interleave:
         for (_, off, n), t in zip(parts, translated, strict=True):
@@ -154,14 +209,6 @@ def _emul_mode(vcpu: Vcpu) -> str:
     if not vcpu.cr0 & 1:
         return "real"
     return "prot64" if vcpu.efer & 0x400 else "prot32"
-
-
-def _fetch_fails(vcpu: Vcpu, translated: list[tuple[int, bool]]) -> bool:
-    for gpa, is_mmio in translated:
-        slot = None if is_mmio else vcpu.gfn_to_memslot(gpa >> 12)
-        if slot is None or slot.invalid:
-            return True
-    return False
 
 
 def pieces(gva: int, size: int) -> list[tuple[int, int, int]]:
@@ -239,6 +286,7 @@ def exit_to_vmm(vcpu: Vcpu, fragments: list[tuple[int, int, int]], write: bool, 
 def _iobus(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearray | None, at: int) -> int:
     """vcpu_mmio_read/write: in-kernel devices in <= 8-byte pieces; stops at the first unhandled one."""
     vm = vcpu.vm
+    buf = out if out is not None else bytearray()      # (a read always passes `out`)
     done = 0
     while done < n:
         k = min(8, n - done)
@@ -249,11 +297,11 @@ def _iobus(vcpu: Vcpu, gpa: int, n: int, write: bool, chunk: bytes, out: bytearr
             v = vm.iobus.read(gpa + done, k)
             if v is None:
                 break
-            out[at + done:at + done + k] = (v & ((1 << (8 * k)) - 1)).to_bytes(k, "little")
+            buf[at + done:at + done + k] = (v & ((1 << (8 * k)) - 1)).to_bytes(k, "little")
         vcpu.counters["iobus_handled"] += 1
         if vm.trace.enabled:
             vm.trace.emit("kvm_mmio", type=2 if write else 1, len=k, gpa=gpa + done,
                           val=int.from_bytes(chunk[done:done + k], "little") if write
-                          else int.from_bytes(out[at + done:at + done + k], "little"))
+                          else int.from_bytes(buf[at + done:at + done + k], "little"))
         done += k
     return done

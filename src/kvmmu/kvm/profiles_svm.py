@@ -50,13 +50,13 @@ from ..arch.bits import (
     X86_CR0_WP,
     X86_EFLAGS_RF,
 )
-from ..hw.host import Host
 from ..hw.x86cpu import CpuFault, Stop
-from .profiles import PROFILES, HostProfile, NativeBus
-from .vm import VM
+from .cpu_bus import NativeBus
+from .profiles import PROFILES, HostProfile
 
 if TYPE_CHECKING:
     from ..hw.x86cpu import X86Cpu
+    from .vcpu import Vcpu
 
 # QEMU's TCG: the qemu64 CPU's 40 physical-address bits (KVM_GET_SUPPORTED_CPUID in L1 passes them on);
 # 1 GiB pages are offered to the guest only under shadow paging (measured in L1).
@@ -69,12 +69,11 @@ TCG_MAXPHYADDR = 40
 L1_ANON_OFFSET = 0x80000
 
 
-
 class SvmTcgBus(NativeBus):
     """SVM as QEMU's TCG emulates it (see the module docstring)."""
 
-    def __init__(self, profile: HostProfile, vcpu: object) -> None:
-        super().__init__(profile, vcpu)   # type: ignore[arg-type]
+    def __init__(self, profile: HostProfile, vcpu: Vcpu) -> None:
+        super().__init__(profile, vcpu)
         self._exits_seen = -1
         self._rf = 0
 
@@ -171,30 +170,9 @@ class SvmTcgBus(NativeBus):
         super().halt(cpu)
 
 
-
 def _cr0_differs(cr0: int) -> bool:
     """The shadow-paging CR0 (svm_set_cr0: PG and WP set, CD and NW clear) differs from the guest's."""
     return (cr0 & (X86_CR0_PG | X86_CR0_WP)) != (X86_CR0_PG | X86_CR0_WP) or bool(cr0 & (X86_CR0_CD | X86_CR0_NW))
-
-
-class SvmProfile(HostProfile):
-    """A HostProfile with KVM's ``tdp_mmu`` module parameter (from the name) and TCG's SVM bus.
-
-    L1's memory management is Linux 6.1's with THP "always": guest RAM is lazily allocated, every
-    2 MiB frame wholly inside a mapping becomes one huge page on its first write (the huge zero page
-    on a read), a write to the huge zero page splits it, and mappings are not 2 MiB aligned
-    (`Host(huge_zero_wp="split", anon_offset=L1_ANON_OFFSET)`)."""
-
-    def make_vm(self, host_hugepage_level: int = 1) -> VM:
-        width, gb = self.guest_paging()
-        tdp_mmu = self.name.startswith("svm-npt-tdp") if self.mmu != "shadow" else None
-        return VM(mmu=self.mmu, mmio_caching=self.mmio_caching, guest_maxphyaddr=width, guest_gbpages=gb,
-                  kvm_deviations=self.kvm_deviations, host_hugepage_level=max(2, host_hugepage_level),
-                  host=Host(prealloc=False, huge_zero_wp="split", anon_offset=L1_ANON_OFFSET), tdp_mmu=tdp_mmu,
-                  retry_pf_emulation=True)
-
-    def make_bus(self, vcpu: object) -> SvmTcgBus:   # type: ignore[override]
-        return SvmTcgBus(self, vcpu)
 
 
 _QUIRKS = (
@@ -207,12 +185,17 @@ _QUIRKS = (
 )
 
 
-def _profile(name: str, mmu: str, caching: bool, summary: str) -> SvmProfile:
-    return SvmProfile(name=name if caching else f"{name}-nommio",
-                      summary=summary + ("" if caching else ", mmio_caching=0"),
-                      mmu=mmu, mmio_caching="generation" if caching else "off", cpl0="native",
-                      delivery="hardware", guest_maxphyaddr=TCG_MAXPHYADDR,
-                      guest_gbpages=mmu == "shadow", quirks=_QUIRKS)
+def _profile(name: str, mmu: str, caching: bool, summary: str) -> HostProfile:
+    # L1's memory management is Linux 6.1's with THP "always": guest RAM is lazily allocated, every
+    # 2 MiB frame wholly inside a mapping becomes one huge page on its first write (the huge zero page
+    # on a read), a write to the huge zero page splits it, and mappings are not 2 MiB aligned.
+    return HostProfile(name=name if caching else f"{name}-nommio",
+                       summary=summary + ("" if caching else ", mmio_caching=0"),
+                       mmu=mmu, mmio_caching="generation" if caching else "off", cpl0="native",
+                       delivery="hardware", bus=SvmTcgBus, guest_maxphyaddr=TCG_MAXPHYADDR,
+                       guest_gbpages=mmu == "shadow", quirks=_QUIRKS,
+                       tdp_mmu=name == "svm-npt-tdp" if mmu != "shadow" else None, retry_pf_emulation=True,
+                       min_host_hugepage_level=2, host_huge_zero_wp="split", host_anon_offset=L1_ANON_OFFSET)
 
 
 SVM_PROFILES: dict[str, HostProfile] = {
@@ -225,4 +208,4 @@ SVM_PROFILES: dict[str, HostProfile] = {
 
 PROFILES.update(SVM_PROFILES)
 
-__all__ = ["SVM_PROFILES", "SvmProfile", "SvmTcgBus", "TCG_MAXPHYADDR"]
+__all__ = ["SVM_PROFILES", "SvmTcgBus", "TCG_MAXPHYADDR"]

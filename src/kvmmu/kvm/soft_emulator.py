@@ -15,11 +15,9 @@ from ..arch.bits import (
     PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
-    X86_CR4_LA57,
 )
-from ..hw.x86cpu import GP, CpuFault, Stop
-from .emulate import cached_mmio_gpa, exit_to_vmm, perform_piece, pieces, ram_access, vcpu_is_mmio_gpa
-from .mmu.paging import guest_walk
+from ..hw.x86cpu import GP, UD, CpuFault, Stop
+from .emulate import emulation_failure, exit_to_vmm, fetch_fails, gva_to_gpa, perform_piece, pieces
 
 if TYPE_CHECKING:
     from .vcpu import Vcpu
@@ -35,23 +33,19 @@ class Emulator:
         self.inject = True         # a failed walk injects #PF (pf_guest); not while delivering an event
 
     def translate(self, gva: int, write: bool, fetch: bool, cpl: int, implicit: bool) -> tuple[int, bool]:
-        """vcpu_mmio_gva_to_gpa / kvm_mmu_gva_to_gpa_*: (gpa, is_mmio); a #PF is injected on failure."""
-        vcpu = self.vcpu
+        """kvm_mmu_gva_to_gpa_* for one page (emulate.gva_to_gpa): (gpa, is_mmio); a failed walk is
+        raised as the CPU's #PF, queued by KVM first unless KVM is delivering an event itself."""
         access = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if fetch else 0)
-        if cpl == 3 and not implicit:
-            access |= PFERR_USER_MASK
         if implicit:
             access |= PFERR_IMPLICIT_ACCESS
-        gpa = cached_mmio_gpa(vcpu, gva, access)
-        if gpa is not None:
-            return gpa, True
-        w = guest_walk(vcpu.mmu, _walker_address(vcpu, gva), access)
-        if w.fault:
+        elif cpl == 3:
+            access |= PFERR_USER_MASK
+        t = gva_to_gpa(self.vcpu, gva, access, inject=self.inject)
+        if isinstance(t, int):
             if self.inject:
-                vcpu.inject_page_fault(w.error_code, gva)
-                vcpu.take_exception()
-            raise CpuFault(PF_VECTOR, w.error_code & 0xFFFF, gva)
-        return w.gpa, vcpu_is_mmio_gpa(vcpu, w.gpa)
+                self.vcpu.take_exception()
+            raise CpuFault(PF_VECTOR, t & 0xFFFF, gva)
+        return t
 
     def _translated(self, gva: int, size: int, write: bool, cpl: int,
                     implicit: bool) -> Iterable[tuple[tuple[int, int, int], tuple[int, bool]]]:
@@ -89,22 +83,24 @@ class Emulator:
         return False
 
     def fetch(self, gva: int, n: int, cpl: int) -> bytes:
-        """kvm_fetch_guest_virt: instruction bytes from RAM; from MMIO KVM cannot emulate."""
-        gpa, mmio = self.translate(gva, False, True, cpl, False)
+        """kvm_fetch_guest_virt: every page translated, then the bytes read; a fetch from MMIO fails
+        the emulation as in emulate_access (emulate.fetch_fails / emulation_failure): the CPU's #UD,
+        or Stop("internal_error") when KVM exits with KVM_INTERNAL_ERROR_EMULATION."""
+        vcpu = self.vcpu
+        parts = pieces(gva, n)
+        translated = [self.translate(p[0], False, True, cpl, False) for p in parts]
+        if fetch_fails(vcpu, translated):
+            _ud, internal = emulation_failure(vcpu, cpl)
+            if internal is not None:
+                raise Stop("internal_error", f"instruction fetch from MMIO at gva {gva:#x} ({internal})")
+            raise CpuFault(UD)
         out = bytearray(n)
-        if mmio or not ram_access(self.vcpu, gpa, n, False, b"", out, 0):
-            self.vcpu.stats["insn_emulation_fail"] += 1
-            raise Stop("internal_error", f"instruction fetch from MMIO at gva {gva:#x} (gpa {gpa:#x})")
+        frags: list[tuple[int, int, int]] = []
+        for (_pgva, off, k), t in zip(parts, translated, strict=True):
+            perform_piece(vcpu, t, off, k, False, b"", out, frags)
+        if frags:
+            exit_to_vmm(vcpu, frags, False, b"", out)
         return bytes(out)
-
-
-def _walker_address(vcpu: Vcpu, gva: int) -> int:
-    """KVM's walker indexes the guest tables with bits 47:0 (56:0 with LA57) and never looks above
-    them; the arch walker wants the canonical address with the same indices.  Only the second page
-    of an access straddling the canonical boundary gets here non-canonical (noncanonical_tail)."""
-    bits = 57 if vcpu.cr4 & X86_CR4_LA57 else 48
-    low = gva & ((1 << bits) - 1)
-    return low | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if low >> (bits - 1) else low
 
 
 __all__ = ["Emulator"]

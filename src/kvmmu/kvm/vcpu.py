@@ -365,7 +365,7 @@ class Vcpu(ControlRegisters):
                     result.emulate = True
                     return result
                 if r == RET_PF_EMULATE:
-                    emulate_access(self, gva, size, pfec, data, addr, self._gpa_available(err), result)
+                    emulate_access(self, gva, size, pfec, write, data, addr, self._gpa_available(err), result)
                     if vm.trace.enabled:
                         vm.trace.emit("kvm_entry", vcpu_id=self.id, rip=self.rip)
                     if self.pending_nested_exit is not None:
@@ -425,7 +425,7 @@ class Vcpu(ControlRegisters):
                 data = value.to_bytes(size, "little")  # type: ignore[union-attr]  # check_access_args: an int
         else:
             data = b""
-        pfec = (PFERR_WRITE_MASK if write else 0) | (PFERR_FETCH_MASK if kind == "fetch" else 0)
+        pfec = (PFERR_WRITE_MASK if write or kind == "rmw" else 0) | (PFERR_FETCH_MASK if kind == "fetch" else 0)
         if cpl == 3 and not implicit:
             pfec |= PFERR_USER_MASK
         if implicit:

@@ -17,6 +17,7 @@ from ..errors import KvmBug
 if TYPE_CHECKING:
     from ..hw.x86cpu import X86Cpu
     from ..kvm.vcpu import Vcpu
+    from ..kvm.vm import VM
 
 _X86_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9", "r10", "r11", "r12",
               "r13", "r14", "r15")
@@ -25,7 +26,6 @@ _X86_ORDER = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi", "r8", "r9"
 def collect(cpu: X86Cpu, vcpu: Vcpu) -> tuple[dict[int, int], dict[str, int], list[str]]:
     """(gpa byte -> undefined bits, register -> undefined bits, uses) at the end of a model run."""
     from ..arch.walker import walk
-    from ..kvm.profiles import _QuietReader
 
     track = cpu.undefined
     regs = {_X86_ORDER[i]: bits for i, bits in track.regs.items() if bits}
@@ -46,6 +46,22 @@ def collect(cpu: X86Cpu, vcpu: Vcpu) -> tuple[dict[int, int], dict[str, int], li
         if base is not None:
             mem[base | (gva & 0xFFF)] = bits
     return mem, regs, list(track.uses)
+
+
+class _QuietReader:
+    """Guest page-table reads through the memslots with no side effect (no A/D update, no count)."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+
+    def read_pte(self, gpa: int, size: int) -> int:
+        slot = self.vm.memslots.spaces[0].search(gpa >> 12)
+        if slot is None or slot.invalid:
+            return -1
+        return self.vm.read_guest_quiet(gpa, size)
+
+    def cmpxchg_pte(self, gpa: int, size: int, old: int, new: int) -> bool:
+        return True
 
 
 def mask_memory(memory: dict[int, bytes], undefined: dict[int, int]) -> dict[int, bytes]:
