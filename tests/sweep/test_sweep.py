@@ -180,3 +180,18 @@ def test_bad_store_path_is_one_line(tmp_path, capsys) -> None:
     assert main(["sweep", str(p), "--results", str(blocker / "sub"), "-q"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--results" in err and Path(blocker).is_file()
+
+
+def test_a_cell_is_stored_whole_and_a_killed_write_leaves_no_cell(tmp_path: Path) -> None:
+    # What a kill mid-write leaves (the temporary file) must never look like a stored cell, and it
+    # is gone when the store is opened again.
+    from kvmmu.sweep.engine import Store
+    from kvmmu.sweep.spec import Cell
+    store = Store(tmp_path)
+    cell = Cell(point=(("vm.mmu", "ept"),), seed=1, scenario={"x": 1})
+    (store.cells / ".tmp-killed.part").write_text('{"point": [[')
+    store.save(cell, {"answer": 42})
+    assert [p.name for p in store.cells.glob("*.json")] == [f"{cell.key}.json"]
+    assert store.has(cell) and store.load(cell) == {"answer": 42}
+    Store(tmp_path)
+    assert sorted(p.name for p in store.cells.iterdir()) == [f"{cell.key}.json"]

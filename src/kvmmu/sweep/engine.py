@@ -44,6 +44,9 @@ class Store:
             self.cells.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ScenarioError(f"--results {str(root)!r}: cannot create it ({e.strerror})") from None
+        # A sweep killed while writing a cell leaves its temporary file: never a cell, removed here.
+        for stale in self.cells.glob(".tmp-*.part"):
+            stale.unlink(missing_ok=True)
 
     def path(self, cell: Cell) -> Path:
         return self.cells / f"{cell.key}.json"
@@ -57,7 +60,7 @@ class Store:
     def save(self, cell: Cell, result: dict[str, Any]) -> None:
         doc = {"point": [[p, v] for p, v in cell.point], "seed": cell.seed, "scenario": cell.scenario,
                "result": result}
-        fd, tmp = tempfile.mkstemp(dir=self.cells, prefix=".tmp-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=self.cells, prefix=".tmp-", suffix=".part")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f)
         os.replace(tmp, self.path(cell))
