@@ -27,11 +27,20 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-# The modules compiled by `kvmmu.tools.native`: the paths a fault, a walk and a TLB hit run through.
-# They are mypy-clean (Makefile TYPED); mypyc checks at run time the types mypy checks statically.
+# The modules compiled by `kvmmu.tools.native`: the paths a fault, a walk and a TLB hit run through
+# (the SDM's rules, the modelled CPU, KVM's MMU and emulator).  They are mypy-clean, and mypyc checks
+# at run time the types mypy checks statically.  Modules whose public functions validate what a user
+# passes (hw/host.py, kvm/memslots.py, kvm/vm.py, kvm/vcpu.py) stay interpreted: a compiled signature
+# would refuse a wrong type with a TypeError before the check that names the value and the rule.
 NATIVE_MODULES = (
     "kvmmu.arch.bits", "kvmmu.arch.index", "kvmmu.arch.modes", "kvmmu.arch.permission", "kvmmu.arch.walker",
     "kvmmu.hw.memory", "kvmmu.hw.vmcs", "kvmmu.hw.cpu", "kvmmu.hw.tdp",
+    "kvmmu.kvm.emulate",
+    "kvmmu.kvm.mmu.context", "kvmmu.kvm.mmu.direct", "kvmmu.kvm.mmu.fault", "kvmmu.kvm.mmu.gpte",
+    "kvmmu.kvm.mmu.guest_reader", "kvmmu.kvm.mmu.hugepage", "kvmmu.kvm.mmu.install", "kvmmu.kvm.mmu.mmio",
+    "kvmmu.kvm.mmu.mmio_cache", "kvmmu.kvm.mmu.mmu", "kvmmu.kvm.mmu.nested_ept", "kvmmu.kvm.mmu.page",
+    "kvmmu.kvm.mmu.page_track", "kvmmu.kvm.mmu.paging", "kvmmu.kvm.mmu.pf", "kvmmu.kvm.mmu.shadow_iter",
+    "kvmmu.kvm.mmu.spte", "kvmmu.kvm.mmu.tdp_iter", "kvmmu.kvm.mmu.tdp_mmu",
 )
 GROUP_NAME = "kvmmu_native"          # mypyc's shared library: src/kvmmu_native__mypyc.<abi>.so
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -78,12 +87,27 @@ def extension_path(module: str) -> Path | None:
     return None
 
 
+def built_extensions() -> dict[str, Path]:
+    """Every extension module inside the package (kvmmu has none but mypyc's), by module name."""
+    found: dict[str, Path] = {}
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES        # the most specific first, as import tries them
+    for path in PACKAGE_DIR.rglob("*"):
+        suffix = next((s for s in suffixes if path.name.endswith(s)), None)
+        if suffix is not None and path.is_file():
+            rel = path.relative_to(PACKAGE_DIR.parent)
+            found[".".join((*rel.parent.parts, path.name[: -len(suffix)]))] = path
+    return found
+
+
 class _SourceFirst(importlib.abc.MetaPathFinder):
-    """Imports the group's modules from their .py files even where an extension module sits beside."""
+    """Imports the named modules from their .py files even where an extension module sits beside."""
+
+    def __init__(self, modules: set[str]) -> None:
+        self.modules = modules
 
     def find_spec(self, fullname: str, path: object = None, target: ModuleType | None = None
                   ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in NATIVE_MODULES:
+        if fullname not in self.modules:
             return None
         src = source_path(fullname)
         return importlib.util.spec_from_file_location(
@@ -99,7 +123,8 @@ def install() -> None:
     global COMPILED, STATUS
     if STATUS:
         return
-    extensions = {m for m in NATIVE_MODULES if extension_path(m) is not None}
+    built = built_extensions()
+    extensions = set(built) & set(NATIVE_MODULES)
     manifest = None
     if extensions and MANIFEST.exists():
         try:
@@ -108,8 +133,11 @@ def install() -> None:
             manifest = None
     digests = {m: source_digest(source_path(m)) for m in NATIVE_MODULES} if manifest else {}
     COMPILED, STATUS = decide(manifest, digests, os.environ, extensions)
-    if not COMPILED and extensions:
-        sys.meta_path.insert(0, _SourceFirst())
+    # An extension left by an older build of another module list is never loaded: its code was
+    # compiled against a shared library that no longer holds it.
+    source_first = set(built) - (set(NATIVE_MODULES) if COMPILED else set())
+    if source_first:
+        sys.meta_path.insert(0, _SourceFirst({m for m in source_first if source_path(m).exists()}))
 
 
 install()

@@ -104,3 +104,9 @@ def test_compiled_and_source_compute_the_same() -> None:
     compiled = _run(_SCENARIOS, pure=False)
     source = _run(_SCENARIOS, pure=True)
     assert compiled.strip() and compiled == source
+
+
+@needs_build
+def test_a_build_leaves_no_extension_outside_the_group() -> None:
+    # An extension of a module that left the list would be compiled against another shared library.
+    assert set(_native.built_extensions()) == set(NATIVE_MODULES)

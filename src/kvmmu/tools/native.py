@@ -59,10 +59,9 @@ def up_to_date() -> bool:
 def clean() -> int:
     """Remove every extension module, the shared library and the manifest: the source runs again."""
     removed = 0
-    for module in NATIVE_MODULES:
-        while (path := extension_path(module)) is not None:
-            path.unlink()
-            removed += 1
+    for path in _native.built_extensions().values():
+        path.unlink()
+        removed += 1
     for lib in SRC_ROOT.glob(f"{GROUP_NAME}__mypyc*"):
         lib.unlink()
         removed += 1
