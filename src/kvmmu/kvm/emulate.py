@@ -16,12 +16,11 @@ from ..arch.bits import (
     PFERR_IMPLICIT_ACCESS,
     PFERR_USER_MASK,
     PFERR_WRITE_MASK,
-    X86_CR4_LA57,
     X86_CR4_PAE,
 )
 from ..arch.permission import permission_fault
+from ..arch.walker import Walk
 from .exceptions import GuestFault
-from .mmu.paging import guest_walk
 
 if TYPE_CHECKING:
     from ..arch.modes import PagingContext
@@ -99,40 +98,23 @@ def gva_to_gpa(vcpu: Vcpu, gva: int, access: int, gpa_hint: int | None = None,
     if gpa_hint is not None and (gpa_hint & 0xFFF) == (gva & 0xFFF):
         return gpa_hint, vcpu_is_mmio_gpa(vcpu, gpa_hint)
     mmu = vcpu.walk_mmu
-    if mmu is not vcpu.mmu:
-        # L2 runs: nested_mmu's gva_to_gpa (L2's tables through L1's EPT), never the gva cache (it
-        # caches L1 addresses); it delivers its own faults, to L2 or as an EPT exit to L1.
-        ngpa = mmu.gva_to_gpa(mmu, gva, access)
-        if ngpa is None:
-            return -1
-        return ngpa, vcpu_is_mmio_gpa(vcpu, ngpa)
-    gpa = cached_mmio_gpa(vcpu, gva, access)
-    if gpa is not None:
-        trace = vcpu.vm.trace
-        if trace.enabled:
-            trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=bool(access & PFERR_WRITE_MASK), gpa_match=False)
-        return gpa, True
-    ctx: PagingContext = mmu.cpu_role  # type: ignore[assignment]  # (as in cached_mmio_gpa)
-    if ctx.mode.root_level == 0:
-        gpa = gva                                   # nonpaging_gva_to_gpa
-    else:
-        # paging_gva_to_gpa, with the fault handed back: KVM's callers decide whether to inject.
-        w = guest_walk(mmu, walker_address(vcpu, gva), access)
-        if w.fault:
-            if inject:
-                mmu.inject_page_fault(mmu, gva, w)
-            return w.error_code
-        gpa = w.gpa
-    return gpa, vcpu_is_mmio_gpa(vcpu, gpa)
-
-
-def walker_address(vcpu: Vcpu, gva: int) -> int:
-    """KVM's walker indexes the guest tables with bits 47:0 (56:0 with LA57) and never looks above
-    them; the arch walker wants the canonical address with the same indices.  Only the second page
-    of an access straddling the canonical boundary gets here non-canonical (noncanonical_tail)."""
-    bits = 57 if vcpu.cr4 & X86_CR4_LA57 else 48
-    low = gva & ((1 << bits) - 1)
-    return low | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if low >> (bits - 1) else low
+    if mmu is vcpu.mmu:
+        # (While L2 runs, never the gva cache: it caches L1 addresses.)
+        gpa = cached_mmio_gpa(vcpu, gva, access)
+        if gpa is not None:
+            trace = vcpu.vm.trace
+            if trace.enabled:
+                trace.emit("vcpu_match_mmio", gva=gva, gpa=gpa, write=bool(access & PFERR_WRITE_MASK),
+                           gpa_match=False)
+            return gpa, True
+    t = mmu.gva_to_gpa(mmu, gva, access)
+    if t is None:
+        return -1                       # nested_mmu delivered the fault (to L2, or an EPT exit to L1)
+    if isinstance(t, Walk):
+        if inject:
+            mmu.inject_page_fault(mmu, gva, t)
+        return t.error_code
+    return t, vcpu_is_mmio_gpa(vcpu, t)
 
 
 def fetch_fails(vcpu: Vcpu, translated: list[tuple[int, bool]]) -> bool:

@@ -65,9 +65,10 @@ class VcpuMmu:
     # What the MMU's fault address means and how a fault is fixed (ept_page_fault, paging64_page_fault,
     # nonpaging_page_fault, kvm_tdp_page_fault).
     page_fault: Callable[[VcpuMmu, KvmPageFault], int]
-    # The emulator's translation through this MMU's guest tables (mmu->gva_to_gpa); None when it
-    # faulted and the fault was delivered (inject_page_fault).
-    gva_to_gpa: Callable[[VcpuMmu, int, int], int | None]
+    # The emulator's translation through this MMU's guest tables (mmu->gva_to_gpa): the gpa, or the
+    # failed walk for the caller to deliver (inject_page_fault); None when the MMU delivered the
+    # fault itself (nested_mmu: to L2, or as an EPT exit to L1).
+    gva_to_gpa: Callable[[VcpuMmu, int, int], int | Walk | None]
     # Re-reading one gpte of an unsync page; None for a direct MMU, which has no gptes.
     sync_spte: Callable[[VcpuMmu, ShadowPage, int], int] | None
     # Delivering a failed walk of the shadowed tables: a #PF to the guest, or an EPT exit to L1.

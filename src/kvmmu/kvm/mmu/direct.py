@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ...arch.bits import ACC_ALL, PG_LEVEL_2M, PT_PAGE_SIZE_MASK, PT_WRITABLE_MASK
 from ...arch.index import gfn_to_gpa, gpa_to_gfn, round_gfn_for_level
+from ...arch.walker import Walk
 from ...errors import KvmBug
 from ..memslots import KVM_MEM_LOG_DIRTY_PAGES
 from .hugepage import kvm_mmu_hugepage_adjust
@@ -39,7 +40,7 @@ def nonpaging_page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
     return direct_page_fault(mmu, fault)
 
 
-def nonpaging_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | None:
+def nonpaging_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | Walk:
     """nonpaging_gva_to_gpa: with guest paging off, a linear address is the physical one."""
     return gva
 

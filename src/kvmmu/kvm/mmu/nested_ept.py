@@ -122,7 +122,7 @@ class _L2TableReader:
         return self.reader.cmpxchg_pte(w.gpa, size, old, new)
 
 
-def nested_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | None:
+def nested_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | Walk | None:
     """nested_mmu's gva_to_gpa: L2 gva -> L1 gpa; None when a fault went to L2 (#PF) or to L1 (an EPT
     exit, through guest_mmu's inject_page_fault: translate_nested_gpa's nested_page_fault)."""
     vcpu = mmu.vcpu

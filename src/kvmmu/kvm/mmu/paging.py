@@ -21,6 +21,7 @@ from ...arch.bits import (
     PT64_PKEY_MASK,
     PT64_PKEY_SHIFT,
     PT_PAGE_SIZE_MASK,
+    X86_CR4_LA57,
 )
 from ...arch.index import gfn_to_gpa, gpa_to_gfn, round_gfn_for_level
 from ...arch.walker import Walk, walk
@@ -82,13 +83,20 @@ def guest_walk(mmu: VcpuMmu, addr: int, access: int) -> Walk:
     return w
 
 
-def paging_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | None:
-    """FNAME(gva_to_gpa) for the emulator, with the fault delivered (kvm_inject_emulated_page_fault)."""
-    w = guest_walk(mmu, gva, access)
-    if w.fault:
-        mmu.inject_page_fault(mmu, gva, w)
-        return None
-    return w.gpa
+def paging_gva_to_gpa(mmu: VcpuMmu, gva: int, access: int) -> int | Walk:
+    """FNAME(gva_to_gpa) for the emulator: the gpa, or the failed walk (KVM's x86_exception), which
+    the caller delivers or not (kvm_inject_emulated_page_fault)."""
+    w = guest_walk(mmu, walker_address(mmu.vcpu.cr4, gva), access)
+    return w if w.fault else w.gpa
+
+
+def walker_address(cr4: int, gva: int) -> int:
+    """KVM's walker indexes the guest tables with bits 47:0 (56:0 with LA57) and never looks above
+    them; the arch walker wants the canonical address with the same indices.  Only the second page
+    of an emulated access straddling the canonical boundary is non-canonical (noncanonical_tail)."""
+    bits = 57 if cr4 & X86_CR4_LA57 else 48
+    low = gva & ((1 << bits) - 1)
+    return low | (((1 << 64) - 1) ^ ((1 << bits) - 1)) if low >> (bits - 1) else low
 
 
 def page_fault(mmu: VcpuMmu, fault: KvmPageFault) -> int:
@@ -297,4 +305,5 @@ def sync_spte(mmu: VcpuMmu, sp: ShadowPage, i: int) -> int:
     return 1 if (spte & ~new) & 0x7 or (new & ~spte) & (1 << 63) or (spte ^ new) & PT64_PKEY_MASK else 0
 
 
-__all__ = ["RET_PF_EMULATE", "fetch", "guest_walk", "page_fault", "paging_gva_to_gpa", "pte_prefetch", "sync_spte"]
+__all__ = ["RET_PF_EMULATE", "fetch", "guest_walk", "page_fault", "paging_gva_to_gpa", "pte_prefetch", "sync_spte",
+           "walker_address"]
