@@ -87,16 +87,17 @@ def extension_path(module: str) -> Path | None:
     return None
 
 
-def built_extensions() -> dict[str, Path]:
-    """Every extension module inside the package (kvmmu has none but mypyc's), by module name."""
-    found: dict[str, Path] = {}
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES        # the most specific first, as import tries them
-    for path in PACKAGE_DIR.rglob("*"):
-        suffix = next((s for s in suffixes if path.name.endswith(s)), None)
-        if suffix is not None and path.is_file():
-            rel = path.relative_to(PACKAGE_DIR.parent)
-            found[".".join((*rel.parent.parts, path.name[: -len(suffix)]))] = path
-    return found
+def compiled_modules(modules: tuple[str, ...] | set[str] = NATIVE_MODULES) -> set[str]:
+    """Those of `modules` that have an extension module beside their source."""
+    return {m for m in modules if extension_path(m) is not None}
+
+
+def read_manifest() -> dict | None:
+    """The manifest the last build wrote, or None (never built, removed, or unreadable)."""
+    try:
+        return json.loads(MANIFEST.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 class _SourceFirst(importlib.abc.MetaPathFinder):
@@ -123,21 +124,17 @@ def install() -> None:
     global COMPILED, STATUS
     if STATUS:
         return
-    built = built_extensions()
-    extensions = set(built) & set(NATIVE_MODULES)
-    manifest = None
-    if extensions and MANIFEST.exists():
-        try:
-            manifest = json.loads(MANIFEST.read_text())
-        except (OSError, ValueError):
-            manifest = None
+    extensions = compiled_modules()
+    manifest = read_manifest() if extensions else None
     digests = {m: source_digest(source_path(m)) for m in NATIVE_MODULES} if manifest else {}
     COMPILED, STATUS = decide(manifest, digests, os.environ, extensions)
-    # An extension left by an older build of another module list is never loaded: its code was
-    # compiled against a shared library that no longer holds it.
-    source_first = set(built) - (set(NATIVE_MODULES) if COMPILED else set())
-    if source_first:
-        sys.meta_path.insert(0, _SourceFirst({m for m in source_first if source_path(m).exists()}))
+    if not COMPILED:
+        # Every extension of the group, and of the module list the last build had (one that has
+        # left the list was compiled against a shared library that will no longer hold it).
+        recorded = set(manifest.get("modules", {})) if manifest else set()
+        source_first = extensions | compiled_modules({m for m in recorded if source_path(m).exists()})
+        if source_first:
+            sys.meta_path.insert(0, _SourceFirst(source_first))
 
 
 install()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.machinery
 import importlib.util
 import io
 import json
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from kvmmu import _native
-from kvmmu._native import GROUP_NAME, MANIFEST, NATIVE_MODULES, extension_path, source_digest, source_path
+from kvmmu._native import GROUP_NAME, MANIFEST, NATIVE_MODULES, compiled_modules, source_digest, source_path
 
 SRC_ROOT = _native.PACKAGE_DIR.parent
 
@@ -45,21 +46,21 @@ def current_digests() -> dict[str, str]:
 
 
 def up_to_date() -> bool:
-    if not MANIFEST.exists():
-        return False
-    try:
-        manifest = json.loads(MANIFEST.read_text())
-    except ValueError:
-        return False
-    ok, _ = _native.decide(manifest, current_digests(), {},
-                           {m for m in NATIVE_MODULES if extension_path(m) is not None})
-    return ok
+    manifest = _native.read_manifest()
+    return manifest is not None and _native.decide(manifest, current_digests(), {}, compiled_modules())[0]
+
+
+def built_extensions() -> list[Path]:
+    """Every extension module inside the package: kvmmu has none but mypyc's, of this build or an
+    older one."""
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    return [p for p in _native.PACKAGE_DIR.rglob("*") if p.is_file() and p.name.endswith(tuple(suffixes))]
 
 
 def clean() -> int:
     """Remove every extension module, the shared library and the manifest: the source runs again."""
     removed = 0
-    for path in _native.built_extensions().values():
+    for path in built_extensions():
         path.unlink()
         removed += 1
     for lib in SRC_ROOT.glob(f"{GROUP_NAME}__mypyc*"):
